@@ -1,0 +1,119 @@
+//! `#[repr(C)]` types and map names shared by tpbpf's kernel programs
+//! (`bpf/ebpf`) and its userspace loader.
+//!
+//! Rules, so both sides agree byte for byte:
+//! - every struct is `#[repr(C)]` with explicit padding fields;
+//! - flags are `u32`, never `bool`;
+//! - a field's byte order is in its name: `_be` is network order as the
+//!   kernel stores it, no suffix is host order.
+#![no_std]
+
+/// Map names, defined once for both sides.
+pub mod maps {
+    /// `Array<Config>` with one entry: where redirected sockets go.
+    pub const CONFIG: &str = "TPBPF_CONFIG";
+    /// `LpmTrie<u32 (addr, network order), u32 (action)>`: IPv4 ranges.
+    pub const CIDRS4: &str = "TPBPF_CIDRS4";
+    /// `LruHashMap<u64 (socket cookie), OrigDst>`: filled on connect, read by
+    /// getpeername and by the sock_ops re-keying.
+    pub const COOKIE_ORIG: &str = "TPBPF_COOKIE_ORIG";
+    /// `LruHashMap<SockKey, OrigDst>`: the original destination keyed by the
+    /// client's local address, which the listener sees as the peer address of
+    /// the accepted connection.
+    pub const CONN_ORIG: &str = "TPBPF_CONN_ORIG";
+}
+
+/// Program names (the function names in `bpf/ebpf`). A program function must
+/// not share its name with its ELF section.
+pub mod programs {
+    pub const CONNECT4: &str = "tpbpf_connect4";
+    pub const GETPEERNAME4: &str = "tpbpf_getpeername4";
+    pub const SOCK_OPS: &str = "tpbpf_sock_ops";
+}
+
+/// Values of the CIDR maps.
+pub mod action {
+    /// Destination is in a bridged range: redirect it.
+    pub const PROXY: u32 = 1;
+    /// Destination is excluded (`--never-proxy`): leave it alone.
+    pub const NEVER: u32 = 2;
+}
+
+/// `AF_INET`, as the kernel numbers it.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as the kernel numbers it.
+pub const AF_INET6: u16 = 10;
+
+/// Maximum entries of the connection maps. LRU maps: the oldest entries go
+/// first when full, so a flood of connections cannot fail new ones.
+pub const CONN_MAP_ENTRIES: u32 = 65536;
+/// Maximum entries of each CIDR map.
+pub const CIDR_MAP_ENTRIES: u32 = 1024;
+
+/// Where redirected connections go: tpbpfd's multiplexer listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// IPv4 address of the listener, network order (as `bpf_sock_addr.user_ip4`).
+    pub proxy_ip4_be: u32,
+    /// Listener port, network order in the low 16 bits (as `bpf_sock_addr.user_port`).
+    pub proxy_port_be: u32,
+    /// Non-zero once userspace has filled the entry; until then nothing is redirected.
+    pub enabled: u32,
+    pub _pad: u32,
+}
+
+/// An original destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Address, network order. IPv4 uses `[0]` and leaves the rest zero.
+    pub ip_be: [u32; 4],
+    /// Port, network order in the low 16 bits (as `bpf_sock_addr.user_port`).
+    pub port_be: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// A socket's endpoint as one side sees it: used to find a redirected
+/// connection's original destination from the accepted socket's peer address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// Network namespace cookie of the socket (`SO_NETNS_COOKIE`), so two
+    /// namespaces with the same addresses never collide.
+    pub netns_cookie: u64,
+    /// Address, network order. IPv4 uses `[0]` and leaves the rest zero.
+    pub ip_be: [u32; 4],
+    /// Port, host order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` integers with explicit padding: every bit
+    // pattern is valid and there are no implicit holes.
+    unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn shared_types_have_the_sizes_the_kernel_side_expects() {
+        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<OrigDst>(), 24);
+        assert_eq!(size_of::<SockKey>(), 32);
+    }
+}

@@ -1,0 +1,24 @@
+//! The maps, named once in `tpbpf_common::maps`.
+use aya_ebpf::{
+    macros::map,
+    maps::{lpm_trie::LpmTrie, Array, LruHashMap},
+};
+use tpbpf_common::{Config, OrigDst, SockKey, CIDR_MAP_ENTRIES, CONN_MAP_ENTRIES};
+
+#[map(name = "TPBPF_CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// BPF_F_NO_PREALLOC: LPM tries must be created with it.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "TPBPF_CIDRS4")]
+pub static CIDRS4: LpmTrie<u32, u32> =
+    LpmTrie::with_max_entries(CIDR_MAP_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "TPBPF_COOKIE_ORIG")]
+pub static COOKIE_ORIG: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
+
+#[map(name = "TPBPF_CONN_ORIG")]
+pub static CONN_ORIG: LruHashMap<SockKey, OrigDst> =
+    LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);

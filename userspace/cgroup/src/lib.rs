@@ -1,0 +1,291 @@
+//! cgroup v2 for tpbpf: where the hierarchy is mounted, which cgroup a
+//! process is in, and child cgroups that tpbpf creates to scope its programs
+//! (`tpbpf run`) and removes again, even when the process that made them is
+//! killed (see [`reaper`]).
+//!
+//! The hierarchy is found from `/proc/self/mountinfo`, not assumed: systems
+//! with the unified layout mount it at `/sys/fs/cgroup`, hybrid systems at
+//! `/sys/fs/cgroup/unified`, and cgroup v1-only systems (some WSL2 setups)
+//! have none.
+
+pub mod reaper;
+
+use std::{
+    fs,
+    io::{self, ErrorKind},
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CgroupError {
+    #[error(
+        "no cgroup v2 hierarchy is mounted (checked /proc/self/mountinfo): tpbpf attaches its \
+         programs to a cgroup v2. Mount one (`mount -t cgroup2 none /sys/fs/cgroup`) or boot \
+         with `systemd.unified_cgroup_hierarchy=1`; on WSL2 set `kernelCommandLine = \
+         cgroup_no_v1=all` in .wslconfig"
+    )]
+    NoCgroup2,
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating cgroup {path}: {source} (tpbpf needs root to create cgroups)")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("moving process {pid} into cgroup {path}: {source}")]
+    Move {
+        pid: u32,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("removing cgroup {path}: {source}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cgroup {path} is not inside the cgroup v2 hierarchy at {root}")]
+    Outside { path: PathBuf, root: PathBuf },
+}
+
+pub type Result<T, E = CgroupError> = std::result::Result<T, E>;
+
+/// Where the cgroup v2 hierarchy is mounted, from `/proc/self/mountinfo`.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.into(),
+        source,
+    })?;
+    parse_cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2)
+}
+
+/// Finds the first `cgroup2` mount in mountinfo text.
+///
+/// A mountinfo line is `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [TAGS...] - FSTYPE SOURCE SUPER_OPTS`.
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        let mountpoint = left.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_mountinfo(mountpoint)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let digits = &bytes[i + 1..i + 4];
+            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
+                out.push(digits.iter().fold(0u8, |v, d| v.wrapping_mul(8) + (d - b'0')));
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup v2 path (relative to the hierarchy's root) of a process, from
+/// the `0::` line of `/proc/PID/cgroup`.
+pub fn cgroup_of(pid: Option<u32>) -> Result<PathBuf> {
+    let path = match pid {
+        Some(pid) => PathBuf::from(format!("/proc/{pid}/cgroup")),
+        None => PathBuf::from("/proc/self/cgroup"),
+    };
+    let text = fs::read_to_string(&path).map_err(|source| CgroupError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| PathBuf::from(p.trim_start_matches('/')))
+        .ok_or(CgroupError::NoCgroup2)
+}
+
+/// The absolute path of the cgroup the calling process is in.
+pub fn current_cgroup_dir() -> Result<PathBuf> {
+    Ok(cgroup2_mount()?.join(cgroup_of(None)?))
+}
+
+/// The processes in a cgroup (not its descendants).
+pub fn procs(dir: &Path) -> Result<Vec<u32>> {
+    let path = dir.join("cgroup.procs");
+    let text = fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source })?;
+    Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
+/// Moves a process into the cgroup at `dir`.
+pub fn move_pid(dir: &Path, pid: u32) -> Result<()> {
+    let path = dir.join("cgroup.procs");
+    fs::write(&path, pid.to_string()).map_err(|source| CgroupError::Move {
+        pid,
+        path: dir.into(),
+        source,
+    })
+}
+
+/// Empties the cgroup at `dir` into its parent (the processes keep running)
+/// and removes it, retrying while the kernel finishes moving them. Child
+/// cgroups are removed first. A cgroup that is already gone is not an error.
+pub fn evacuate_and_remove(dir: &Path, timeout: Duration) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                evacuate_and_remove(&entry.path(), timeout)?;
+            }
+        }
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(pids) = procs(dir) {
+            for pid in pids {
+                // A process may exit between read and write: ESRCH is fine.
+                match move_pid(parent, pid) {
+                    Ok(()) => {}
+                    Err(CgroupError::Move { source, .. })
+                        if source.raw_os_error() == Some(libc::ESRCH) => {}
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        }
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(source) => {
+                return Err(CgroupError::Remove {
+                    path: dir.into(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// A cgroup created by tpbpf. Dropping it moves any process still inside to
+/// the parent and removes it.
+#[derive(Debug)]
+pub struct ChildCgroup {
+    path: PathBuf,
+    removed: bool,
+}
+
+impl ChildCgroup {
+    /// Creates `parent/name`. `parent` must be inside the cgroup v2 hierarchy.
+    pub fn create(parent: &Path, name: &str) -> Result<Self> {
+        let root = cgroup2_mount()?;
+        if !parent.starts_with(&root) {
+            return Err(CgroupError::Outside {
+                path: parent.into(),
+                root,
+            });
+        }
+        let path = parent.join(name);
+        fs::create_dir(&path).map_err(|source| CgroupError::Create {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            path,
+            removed: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the cgroup directory, as the kernel wants it for attaching programs.
+    pub fn open(&self) -> Result<fs::File> {
+        fs::File::open(&self.path).map_err(|source| CgroupError::Read {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    pub fn add(&self, pid: u32) -> Result<()> {
+        move_pid(&self.path, pid)
+    }
+
+    /// Removes the cgroup now, reporting failure (drop only logs it).
+    pub fn remove(mut self) -> Result<()> {
+        self.removed = true;
+        evacuate_and_remove(&self.path, Duration::from_secs(2))
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        if !self.removed {
+            if let Err(e) = evacuate_and_remove(&self.path, Duration::from_secs(2)) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_hybrid_unified_mount() {
+        let text = "\
+24 1 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+30 24 0:26 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+32 30 0:28 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,name=systemd
+";
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn finds_unified_mount_with_optional_fields() {
+        let text = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 master:2 - cgroup2 cgroup2 rw\n";
+        assert_eq!(parse_cgroup2_mount(text), Some(PathBuf::from("/sys/fs/cgroup")));
+    }
+
+    #[test]
+    fn v1_only_system_has_no_cgroup2() {
+        let text = "\
+30 24 0:26 / /sys/fs/cgroup rw shared:9 - tmpfs tmpfs rw
+32 30 0:28 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu
+";
+        assert_eq!(parse_cgroup2_mount(text), None);
+    }
+
+    #[test]
+    fn unescapes_spaces_in_mountpoints() {
+        let text = "31 30 0:27 / /mnt/cg\\040two rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(parse_cgroup2_mount(text), Some(PathBuf::from("/mnt/cg two")));
+    }
+}

@@ -1,0 +1,82 @@
+//! Removes a child cgroup when the process that created it is gone, however
+//! it went: a helper process holds the read end of a pipe whose write end
+//! only the creator holds. When the creator exits, or is killed with SIGKILL,
+//! the kernel closes the write end; the helper reads EOF, moves any process
+//! still in the cgroup to its parent (they keep running, no longer bridged)
+//! and removes it.
+use std::{
+    io::{self, Read},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    time::Duration,
+};
+
+use crate::evacuate_and_remove;
+
+/// The creator's end of the watch. Dropping it lets the helper finish.
+#[derive(Debug)]
+pub struct Reaper {
+    stdin: Option<ChildStdin>,
+    child: Child,
+}
+
+impl Reaper {
+    /// Starts `exe args... PATH` as the helper. The helper must call
+    /// [`run_reaper`] with `PATH`. It runs in a session of its own, so a
+    /// Ctrl-C aimed at the creator does not reach it.
+    pub fn spawn(exe: &Path, args: &[&str], cgroup: &Path) -> io::Result<Self> {
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .arg(cgroup)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        // SAFETY: setsid is async-signal-safe and touches no memory.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let stdin = child.stdin.take();
+        Ok(Self { stdin, child })
+    }
+
+    /// Lets the helper go (after the creator removed the cgroup itself) and
+    /// waits for it, so no zombie is left.
+    pub fn finish(mut self) {
+        self.stdin.take();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.stdin.take();
+    }
+}
+
+/// The helper's side: waits for EOF on stdin, then removes `cgroup`.
+/// Termination signals are ignored so the cleanup always runs.
+pub fn run_reaper(cgroup: PathBuf) -> io::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
+        // SAFETY: installing SIG_IGN has no preconditions.
+        unsafe {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
+    let mut buf = [0u8; 64];
+    let mut stdin = io::stdin().lock();
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    evacuate_and_remove(&cgroup, Duration::from_secs(5)).map_err(io::Error::other)
+}

@@ -1,0 +1,78 @@
+//! `tpbpf`: the command line.
+mod cmd;
+mod netns;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "tpbpf", version, about = "Bridge this machine and a Kubernetes cluster with eBPF")]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `tpbpf_loader=trace`.
+    #[arg(long, global = true, env = "TPBPF_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check that this machine can run tpbpf: kernel, program types, BTF, cgroup v2, privileges.
+    Doctor {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Debugging tools.
+    #[command(subcommand)]
+    Debug(DebugCommand),
+    /// Internal: removes a cgroup once its creator is gone.
+    #[command(name = "__reap-cgroup", hide = true)]
+    ReapCgroup { path: std::path::PathBuf },
+}
+
+#[derive(Subcommand)]
+enum DebugCommand {
+    /// Redirect TCP connections to the given ranges, made by processes in a
+    /// fresh child cgroup, to a local listener that answers each with the
+    /// original destination it recovered (HTTP, so curl can show it).
+    Redirect(cmd::redirect::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    let result = match cli.command {
+        Command::Doctor { output } => Ok(cmd::doctor::run(output)),
+        Command::Debug(DebugCommand::Redirect(args)) => cmd::redirect::run(args),
+        Command::ReapCgroup { path } => tpbpf_cgroup::reaper::run_reaper(path)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tpbpf: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let _ = tracing_log::LogTracer::init();
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true)
+        .try_init();
+}

@@ -1,0 +1,70 @@
+//! Loads tpbpf's kernel programs (built from `bpf/ebpf` by `build.rs` and
+//! embedded in this crate) and attaches them to a cgroup through `bpf_link`s
+//! owned by this process: when the process exits, however it exits, the
+//! kernel detaches them and the machine is as it was.
+//!
+//! Minimum kernel: 5.15 (bpf_link for cgroup programs 5.7, `getpeername4`
+//! 5.8, `bpf_get_netns_cookie` from sock_ops 5.15). `tpbpf doctor` checks
+//! each of these on the running kernel.
+
+mod cidr;
+mod redirect;
+
+pub use cidr::{Cidr, CidrParseError};
+pub use redirect::{AttachedIds, OrigDstTable, Redirector};
+
+use thiserror::Error;
+
+/// The kernel programs, as built by `build.rs`. Empty when the crate was
+/// built with `TPBPF_SKIP_EBPF=1`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tpbpf.bpf.o"));
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error(
+        "this tpbpf binary was built without its kernel programs (TPBPF_SKIP_EBPF was set): \
+         rebuild it without TPBPF_SKIP_EBPF"
+    )]
+    NotEmbedded,
+    #[error("loading tpbpf's kernel programs into the kernel: {0} (run `tpbpf doctor` to see what this kernel supports)")]
+    Object(#[source] aya::EbpfError),
+    #[error("kernel program `{name}` is missing from the embedded object: the build is inconsistent, rebuild tpbpf")]
+    MissingProgram { name: &'static str },
+    #[error("map `{name}` is missing from the embedded object: the build is inconsistent, rebuild tpbpf")]
+    MissingMap { name: &'static str },
+    #[error("loading kernel program `{name}`: {source}{}", verifier_hint(.source))]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching kernel program `{name}` to cgroup {cgroup}: {source} (tpbpf needs root, or CAP_BPF + CAP_NET_ADMIN)")]
+    Attach {
+        name: &'static str,
+        cgroup: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// aya puts the verifier log in the error's `Debug` form; show it.
+fn verifier_hint(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError { verifier_log, .. } => {
+            format!("\nverifier log:\n{verifier_log}")
+        }
+        _ => String::new(),
+    }
+}

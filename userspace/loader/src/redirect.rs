@@ -1,0 +1,302 @@
+//! The outbound redirect: `connect4` + `sock_ops` + `getpeername4` on one
+//! cgroup, and the table that tells the listener where each accepted
+//! connection was going.
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::{AsFd, AsRawFd},
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    maps::{lpm_trie::{Key, LpmTrie}, Array, HashMap, MapData},
+    programs::{loaded_links, CgroupAttachMode, CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
+};
+use tpbpf_common::{action, maps, programs, Config, OrigDst, SockKey, AF_INET, AF_INET6};
+use tracing::debug;
+
+use crate::{Cidr, LoadError, EBPF_OBJECT};
+
+/// The kernel's ids of what [`Redirector::attach`] attached, so tests and
+/// `tpbpf status` can check them against the kernel's own listings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttachedIds {
+    pub program_ids: Vec<u32>,
+    pub link_ids: Vec<u32>,
+}
+
+/// Loaded programs and their maps. Dropping it detaches and unloads
+/// everything.
+pub struct Redirector {
+    ebpf: Ebpf,
+    table: OrigDstTable,
+    attached: AttachedIds,
+}
+
+impl std::fmt::Debug for Redirector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redirector").field("attached", &self.attached).finish_non_exhaustive()
+    }
+}
+
+impl Redirector {
+    /// Loads the embedded object and its programs into the kernel (not yet
+    /// attached anywhere). Kernel log records (aya-log) are forwarded to
+    /// `tracing` when a tokio runtime is running.
+    pub fn load() -> Result<Self, LoadError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoadError::NotEmbedded);
+        }
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(LoadError::Object)?;
+        forward_kernel_logs(&mut ebpf);
+        for name in [programs::CONNECT4, programs::GETPEERNAME4] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|source| LoadError::Program { name, source })?;
+        }
+        let prog: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
+        prog.load().map_err(|source| LoadError::Program {
+            name: programs::SOCK_OPS,
+            source,
+        })?;
+        let conn_orig = ebpf
+            .take_map(maps::CONN_ORIG)
+            .ok_or(LoadError::MissingMap { name: maps::CONN_ORIG })?;
+        let conn_orig = HashMap::try_from(conn_orig).map_err(|source| LoadError::Map {
+            name: maps::CONN_ORIG,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            table: OrigDstTable(Arc::new(Mutex::new(conn_orig))),
+            attached: AttachedIds::default(),
+        })
+    }
+
+    /// Sends redirected connections to `listener` (tpbpfd's multiplexer).
+    /// Until this is called nothing is redirected.
+    pub fn set_proxy(&mut self, listener: SocketAddrV4) -> Result<(), LoadError> {
+        let name = maps::CONFIG;
+        let map = self.ebpf.map_mut(name).ok_or(LoadError::MissingMap { name })?;
+        let mut config: Array<_, Config> =
+            Array::try_from(map).map_err(|source| LoadError::Map { name, source })?;
+        let value = Config {
+            proxy_ip4_be: u32::from_ne_bytes(listener.ip().octets()),
+            proxy_port_be: u32::from(listener.port().to_be()),
+            enabled: 1,
+            _pad: 0,
+        };
+        config.set(0, value, 0).map_err(|source| LoadError::Map { name, source })
+    }
+
+    /// Adds a range to redirect (`proxy`) or to leave alone (`!proxy`,
+    /// `--never-proxy`). The most specific range wins.
+    pub fn add_range(&mut self, cidr: Cidr, proxy: bool) -> Result<(), LoadError> {
+        let IpAddr::V4(addr) = cidr.addr() else {
+            return Err(LoadError::Io {
+                what: format!("adding range {cidr}"),
+                source: io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "IPv6 ranges are not redirected yet; pass IPv4 ranges",
+                ),
+            });
+        };
+        let name = maps::CIDRS4;
+        let map = self.ebpf.map_mut(name).ok_or(LoadError::MissingMap { name })?;
+        let mut trie: LpmTrie<_, u32, u32> =
+            LpmTrie::try_from(map).map_err(|source| LoadError::Map { name, source })?;
+        let key = Key::new(u32::from(cidr.prefix_len()), u32::from_ne_bytes(addr.octets()));
+        let value = if proxy { action::PROXY } else { action::NEVER };
+        trie.insert(&key, value, 0).map_err(|source| LoadError::Map { name, source })
+    }
+
+    /// Attaches the programs to the cgroup open at `cgroup` through
+    /// `bpf_link`s owned by this process.
+    pub fn attach(&mut self, cgroup: &File, cgroup_name: &str) -> Result<AttachedIds, LoadError> {
+        let attach_err = |name, source| LoadError::Attach {
+            name,
+            cgroup: cgroup_name.to_string(),
+            source,
+        };
+        let mut program_ids = Vec::new();
+        for name in [programs::CONNECT4, programs::GETPEERNAME4] {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                .map_err(|e| attach_err(name, e))?;
+            program_ids.push(prog.info().map_err(|e| attach_err(name, e))?.id());
+        }
+        let name = programs::SOCK_OPS;
+        let prog: &mut SockOps = program(&mut self.ebpf, name)?;
+        prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+            .map_err(|e| attach_err(name, e))?;
+        program_ids.push(prog.info().map_err(|e| attach_err(name, e))?.id());
+
+        let link_ids = loaded_links()
+            .filter_map(Result::ok)
+            .filter(|l| program_ids.contains(&l.program_id()))
+            .map(|l| l.id())
+            .collect();
+        self.attached = AttachedIds { program_ids, link_ids };
+        debug!(cgroup = cgroup_name, ids = ?self.attached, "attached");
+        Ok(self.attached.clone())
+    }
+
+    pub fn attached(&self) -> &AttachedIds {
+        &self.attached
+    }
+
+    /// A handle on the original-destination table, for the listener's tasks.
+    pub fn table(&self) -> OrigDstTable {
+        self.table.clone()
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(LoadError::MissingProgram { name })?;
+    prog.try_into().map_err(|source| LoadError::Program { name, source })
+}
+
+/// Forwards aya-log records from the kernel programs to `log` (and from
+/// there to `tracing`), if a tokio runtime is there to poll them.
+fn forward_kernel_logs(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            debug!("kernel program logs unavailable: {e}");
+            return;
+        }
+    };
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        debug!("no tokio runtime: kernel program logs are not forwarded");
+        return;
+    };
+    handle.spawn(async move {
+        // SAFETY: the logger owns its ring buffer's fd, which stays open and
+        // the same for as long as the logger lives inside the AsyncFd.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let Ok(mut fd) = registered else { return };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else { return };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// Where each redirected connection was going, keyed by what the listener
+/// sees: the accepted socket's peer address and network namespace.
+#[derive(Clone)]
+pub struct OrigDstTable(Arc<Mutex<HashMap<MapData, SockKey, OrigDst>>>);
+
+impl OrigDstTable {
+    /// The original destination of a connection accepted on tpbpfd's
+    /// listener, or `None` if it was not redirected by tpbpf. The entry is
+    /// removed: each connection is looked up once.
+    pub fn take<S: AsFd>(&self, accepted: &S, peer: SocketAddr) -> io::Result<Option<SocketAddr>> {
+        let key = sock_key(netns_cookie(accepted)?, peer);
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let orig = match map.get(&key, 0) {
+            Ok(v) => v,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        let _ = map.remove(&key);
+        Ok(orig_to_socket_addr(&orig))
+    }
+}
+
+fn sock_key(netns_cookie: u64, peer: SocketAddr) -> SockKey {
+    // An IPv4 client on a dual-stack listener shows up as ::ffff:a.b.c.d.
+    let peer = match peer {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => peer,
+        },
+        v4 => v4,
+    };
+    let (ip_be, family) = match peer.ip() {
+        IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], AF_INET),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], AF_INET6)
+        }
+    };
+    SockKey {
+        netns_cookie,
+        ip_be,
+        port: peer.port(),
+        family,
+        _pad: 0,
+    }
+}
+
+fn orig_to_socket_addr(orig: &OrigDst) -> Option<SocketAddr> {
+    let port = u16::from_be(orig.port_be as u16);
+    match orig.family {
+        AF_INET => Some(SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(orig.ip_be[0].to_ne_bytes()),
+            port,
+        ))),
+        AF_INET6 => {
+            let mut o = [0u8; 16];
+            for (i, w) in orig.ip_be.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            Some(SocketAddr::new(IpAddr::from(o), port))
+        }
+        _ => None,
+    }
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): the network namespace a socket lives in.
+fn netns_cookie<S: AsFd>(sock: &S) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a u64-sized out buffer whose length is passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_ipv4_peer_keys_like_plain_ipv4() {
+        let a = sock_key(7, "127.0.0.1:40000".parse().unwrap());
+        let b = sock_key(7, "[::ffff:127.0.0.1]:40000".parse().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(a.port, 40000);
+        assert_eq!(a.ip_be[0].to_ne_bytes(), [127, 0, 0, 1]);
+    }
+
+    #[test]
+    fn original_destination_round_trips_from_kernel_layout() {
+        let orig = OrigDst {
+            ip_be: [u32::from_ne_bytes([10, 96, 0, 10]), 0, 0, 0],
+            port_be: u32::from(80u16.to_be()),
+            family: AF_INET,
+            _pad: 0,
+        };
+        assert_eq!(orig_to_socket_addr(&orig), Some("10.96.0.10:80".parse().unwrap()));
+    }
+}

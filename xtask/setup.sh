@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Installs what building and testing tpbpf needs on a Debian 12 machine.
+# Idempotent: every step checks first and says what it does.
+# Usage: bash xtask/setup.sh            (run as root)
+set -euo pipefail
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    die "tpbpf's set-up installs Debian packages and loads eBPF programs, so it needs root. Run it again with sudo: sudo bash $0"
+fi
+if ! command -v apt-get >/dev/null; then
+    die "apt-get not found: this set-up supports Debian 12 (bookworm). On other systems install the packages listed in docs/building.md by hand."
+fi
+
+# Debian packages, and why:
+#  rustc-web cargo-web rust-web-src  rustc 1.96 with LLVM 22 and the library source,
+#                                    so `-Z build-std=core` can build for bpfel-unknown-none
+#  rust-web-clippy                   lints the eBPF crate with the same compiler
+#  llvm-22-dev libpolly-22-dev       bpf-linker links against LLVM 22, the same as rustc-web's
+#  zlib1g-dev libzstd-dev            libraries LLVM's link line names
+#  build-essential pkg-config        C toolchain for -sys crates
+#  bpftool                           the kernel's own view of programs, links and cgroups (tests)
+#  iproute2                          network namespaces and veth pairs (tests, demo)
+#  curl                              a real client for the demo
+PKGS=(rustc-web cargo-web rust-web-src rust-web-clippy llvm-22-dev libpolly-22-dev
+      zlib1g-dev libzstd-dev build-essential pkg-config bpftool iproute2 curl)
+
+missing=()
+for p in "${PKGS[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$p")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null || die "apt-get update failed: check the machine's Debian mirrors (/etc/apt/sources.list*)"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+        || die "apt-get install ${missing[*]} failed: see the output above; rustc-web and llvm-22 come from bookworm-security"
+else
+    say "Debian packages present"
+fi
+
+# cargo for the host (userspace) build: rustup's, or Debian's as a fallback.
+if ! command -v cargo >/dev/null; then
+    if [ -x /root/.cargo/bin/cargo ]; then
+        export PATH="/root/.cargo/bin:$PATH"
+    else
+        die "cargo not found on PATH: install Rust (rustup, or Debian's cargo-web) and run again"
+    fi
+fi
+
+# bpf-linker, built against Debian's LLVM 22.
+BPF_LINKER_VERSION=0.13.0
+bpf_linker_ok() {
+    command -v bpf-linker >/dev/null && bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"
+}
+if bpf_linker_ok; then
+    say "bpf-linker $BPF_LINKER_VERSION present"
+else
+    say "building bpf-linker $BPF_LINKER_VERSION against LLVM 22 (about a minute)"
+    LLVM_PREFIX=/usr/lib/llvm-22 LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 \
+        cargo install bpf-linker --version "$BPF_LINKER_VERSION" --locked \
+        --no-default-features --features llvm-22 \
+        || die "building bpf-linker failed: see the output above (it needs llvm-22-dev)"
+    bpf_linker_ok || die "bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH"
+fi
+
+say "ready: $(/usr/bin/rustc --version), $(bpf-linker --version | head -1), kernel $(uname -r)"
