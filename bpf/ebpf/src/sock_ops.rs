@@ -2,6 +2,7 @@
 //! original destination by the client's local address and port, which is
 //! what the listener sees as the peer of the accepted socket.
 use aya_ebpf::{
+    bindings::bpf_sock_ops,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
@@ -30,19 +31,52 @@ fn rekey_established(ctx: &SockOpsContext) {
     let orig = *orig;
     // SAFETY: as above.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-    let family = ctx.family() as u16;
-    let ip_be = match family {
-        AF_INET => [ctx.local_ip4(), 0, 0, 0],
-        AF_INET6 => ctx.local_ip6(),
-        _ => return,
-    };
-    let key = SockKey {
-        netns_cookie,
-        ip_be,
-        // `local_port` is in host order (unlike `remote_port`).
-        port: ctx.local_port() as u16,
-        family,
-        _pad: 0,
-    };
-    let _ = CONN_ORIG.insert(&key, &orig, 0);
+    // `local_port` is in host order (unlike `remote_port`).
+    let port = ctx.local_port() as u16;
+    // Each family builds and stores its key on its own path: the verifier
+    // refuses a context pointer that two branches computed differently.
+    match ctx.family() as u16 {
+        AF_INET => {
+            let key = SockKey {
+                netns_cookie,
+                ip_be: [ctx_u32(&ctx_ref(ctx).local_ip4), 0, 0, 0],
+                port,
+                family: AF_INET,
+                _pad: 0,
+            };
+            let _ = CONN_ORIG.insert(&key, &orig, 0);
+        }
+        AF_INET6 => {
+            let key = SockKey {
+                netns_cookie,
+                ip_be: {
+                    let ops = ctx_ref(ctx);
+                    [
+                        ctx_u32(&ops.local_ip6[0]),
+                        ctx_u32(&ops.local_ip6[1]),
+                        ctx_u32(&ops.local_ip6[2]),
+                        ctx_u32(&ops.local_ip6[3]),
+                    ]
+                },
+                port,
+                family: AF_INET6,
+                _pad: 0,
+            };
+            let _ = CONN_ORIG.insert(&key, &orig, 0);
+        }
+        _ => {}
+    }
+}
+
+fn ctx_ref(ctx: &SockOpsContext) -> &bpf_sock_ops {
+    // SAFETY: the kernel hands the program a valid context for the call.
+    unsafe { &*ctx.ops }
+}
+
+/// Reads one context field with a single load at a constant offset: the
+/// verifier rejects context accesses through a pointer the compiler moved.
+#[inline(always)]
+fn ctx_u32(field: &u32) -> u32 {
+    // SAFETY: `field` points into the live context.
+    unsafe { core::ptr::read_volatile(field) }
 }

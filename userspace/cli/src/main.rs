@@ -60,7 +60,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tpbpf: error: {e:#}");
+            eprintln!("tpbpf: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -75,4 +75,20 @@ fn init_tracing(filter: &str) {
         .with_writer(std::io::stderr)
         .with_target(true)
         .try_init();
+}
+
+/// The error and its causes, each cause shown only if the message before it
+/// does not already include it.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }

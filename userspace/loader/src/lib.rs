@@ -32,7 +32,7 @@ pub enum LoadError {
     MissingProgram { name: &'static str },
     #[error("map `{name}` is missing from the embedded object: the build is inconsistent, rebuild tpbpf")]
     MissingMap { name: &'static str },
-    #[error("loading kernel program `{name}`: {source}{}", verifier_hint(.source))]
+    #[error("loading kernel program `{name}`: {source}")]
     Program {
         name: &'static str,
         #[source]
@@ -57,14 +57,4 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// aya puts the verifier log in the error's `Debug` form; show it.
-fn verifier_hint(e: &aya::programs::ProgramError) -> String {
-    match e {
-        aya::programs::ProgramError::LoadError { verifier_log, .. } => {
-            format!("\nverifier log:\n{verifier_log}")
-        }
-        _ => String::new(),
-    }
 }
