@@ -1,1 +1,77 @@
-fn main(){}
+//! A test client for the privileged tests: joins a network namespace and a
+//! cgroup (before anything else runs), then opens TCP connections and prints
+//! one JSON line per connection with what the application saw:
+//! the peer address from getpeername(), the response, or the error.
+//!
+//! Usage: tpbpf-testclient [--netns NAME] [--cgroup DIR] ADDR [COUNT]
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut take = |flag: &str| -> Option<String> {
+        let i = args.iter().position(|a| a == flag)?;
+        let v = args.get(i + 1).cloned();
+        args.drain(i..(i + 2).min(args.len()));
+        v
+    };
+    let netns = take("--netns");
+    let cgroup = take("--cgroup");
+    if let Some(ns) = netns {
+        tpbpf_vm_tests::enter_netns(&ns).unwrap_or_else(|e| die(&format!("entering netns {ns}: {e}")));
+    }
+    if let Some(dir) = cgroup {
+        std::fs::write(format!("{dir}/cgroup.procs"), std::process::id().to_string())
+            .unwrap_or_else(|e| die(&format!("joining cgroup {dir}: {e}")));
+    }
+    let addr: SocketAddr = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| die("usage: tpbpf-testclient [--netns NAME] [--cgroup DIR] ADDR [COUNT]"));
+    let count: usize = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(1);
+    let threads: Vec<_> = (0..count)
+        .map(|_| std::thread::spawn(move || connect(addr)))
+        .collect();
+    for t in threads {
+        let line = t.join().unwrap_or_else(|_| serde_json::json!({"ok": false, "error": "thread panicked"}));
+        println!("{line}");
+    }
+}
+
+fn connect(addr: SocketAddr) -> serde_json::Value {
+    let start = Instant::now();
+    let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            return serde_json::json!({
+                "ok": false,
+                "error": e.to_string(),
+                "errno": e.raw_os_error(),
+                "elapsed_ms": start.elapsed().as_millis() as u64,
+            })
+        }
+    };
+    let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    let local = stream.local_addr().map(|p| p.to_string()).unwrap_or_default();
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut response = String::new();
+    let result = stream
+        .write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .and_then(|()| stream.read_to_string(&mut response));
+    serde_json::json!({
+        "ok": result.is_ok(),
+        "error": result.err().map(|e| e.to_string()),
+        "peer": peer,
+        "local": local,
+        "response": response,
+        "elapsed_ms": start.elapsed().as_millis() as u64,
+    })
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("tpbpf-testclient: {msg}");
+    std::process::exit(2);
+}
