@@ -17,14 +17,14 @@ fi
 # Debian packages, and why:
 #  rustc-web cargo-web rust-web-src  rustc 1.96 with LLVM 22 and the library source,
 #                                    so `-Z build-std=core` can build for bpfel-unknown-none
-#  rust-web-clippy                   lints the eBPF crate with the same compiler
+#  rust-web-clippy rustfmt-web       lint the eBPF crate with the same compiler (and userspace without rustup)
 #  llvm-22-dev libpolly-22-dev       bpf-linker links against LLVM 22, the same as rustc-web's
 #  zlib1g-dev libzstd-dev            libraries LLVM's link line names
 #  build-essential pkg-config        C toolchain for -sys crates
 #  bpftool                           the kernel's own view of programs, links and cgroups (tests)
 #  iproute2                          network namespaces and veth pairs (tests, demo)
 #  curl                              a real client for the demo
-PKGS=(rustc-web cargo-web rust-web-src rust-web-clippy llvm-22-dev libpolly-22-dev
+PKGS=(rustc-web cargo-web rust-web-src rust-web-clippy rustfmt-web llvm-22-dev libpolly-22-dev
       zlib1g-dev libzstd-dev build-essential pkg-config bpftool iproute2 curl)
 
 missing=()

@@ -27,13 +27,18 @@ fn main() {
     for path in ["src", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", ebpf_dir.join(path).display());
     }
-    println!("cargo:rerun-if-changed={}", root.join("bpf/common/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("bpf/common/src").display()
+    );
     for var in ["TPBPF_SKIP_EBPF", "TPBPF_EBPF_CARGO", "TPBPF_EBPF_RUSTC"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
     if env::var_os("TPBPF_SKIP_EBPF").is_some_and(|v| !v.is_empty() && v != "0") {
-        println!("cargo:warning=TPBPF_SKIP_EBPF is set: the kernel programs are not built or embedded");
+        println!(
+            "cargo:warning=TPBPF_SKIP_EBPF is set: the kernel programs are not built or embedded"
+        );
         fs::write(&object, b"").unwrap();
         return;
     }
@@ -58,7 +63,13 @@ fn main() {
         cmd.arg(format!("+{t}"));
     }
     cmd.current_dir(&ebpf_dir)
-        .args(["build", "--release", "--locked", "--target", "bpfel-unknown-none"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     // Do not let the outer cargo's settings leak into the inner build.
@@ -71,8 +82,16 @@ fn main() {
             || key.starts_with("DEP_")
             || matches!(
                 key,
-                "RUSTFLAGS" | "MAKEFLAGS" | "MFLAGS" | "OUT_DIR" | "TARGET" | "HOST" | "NUM_JOBS"
-                    | "OPT_LEVEL" | "DEBUG" | "PROFILE"
+                "RUSTFLAGS"
+                    | "MAKEFLAGS"
+                    | "MFLAGS"
+                    | "OUT_DIR"
+                    | "TARGET"
+                    | "HOST"
+                    | "NUM_JOBS"
+                    | "OPT_LEVEL"
+                    | "DEBUG"
+                    | "PROFILE"
             )
         {
             cmd.env_remove(key);
@@ -94,8 +113,13 @@ fn main() {
         ));
     }
     let built = target_dir.join("bpfel-unknown-none/release/tpbpf");
-    fs::copy(&built, &object)
-        .unwrap_or_else(|e| fail(&format!("copying {} to {}: {e}", built.display(), object.display())));
+    fs::copy(&built, &object).unwrap_or_else(|e| {
+        fail(&format!(
+            "copying {} to {}: {e}",
+            built.display(),
+            object.display()
+        ))
+    });
 }
 
 struct Toolchain {
@@ -124,10 +148,7 @@ fn find_toolchain() -> Result<Toolchain, String> {
     }
     let debian = Path::new("/usr/bin/cargo");
     let debian_rustc = Path::new("/usr/bin/rustc");
-    if debian.exists()
-        && debian_rustc.exists()
-        && sysroot_has_src(&Command::new(debian_rustc))
-    {
+    if debian.exists() && debian_rustc.exists() && sysroot_has_src(&Command::new(debian_rustc)) {
         return Ok(Toolchain {
             cargo: debian.into(),
             rustc: Some(debian_rustc.into()),
@@ -145,13 +166,15 @@ fn find_toolchain() -> Result<Toolchain, String> {
             });
         }
     }
-    Err("no Rust compiler with its library source was found, which building the kernel \
+    Err(
+        "no Rust compiler with its library source was found, which building the kernel \
          programs for bpfel-unknown-none needs (-Z build-std=core). On Debian 12 run `sudo bash \
          xtask/setup.sh` (installs rustc-web, cargo-web, rust-web-src); elsewhere `rustup \
          toolchain install nightly --component rust-src`. Or set TPBPF_EBPF_CARGO and \
          TPBPF_EBPF_RUSTC to such a toolchain, or TPBPF_SKIP_EBPF=1 to build without the kernel \
          programs."
-        .into())
+            .into(),
+    )
 }
 
 /// Does `<rustc> --print sysroot` have `lib/rustlib/src/rust/library`?

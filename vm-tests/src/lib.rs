@@ -3,8 +3,7 @@
 //! tests run in parallel, the kernel's own view of programs and links, and
 //! skips with a printed reason where the machine cannot run a test.
 use std::{
-    fs,
-    io,
+    fs, io,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
@@ -16,14 +15,20 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test (or test run) uses at the same time.
 pub fn unique_name(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Returns false, after printing why, when the test cannot run here.
 pub fn require_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIP {test}: needs root (eBPF, cgroups, network namespaces); run the tests as root");
+        println!(
+            "SKIP {test}: needs root (eBPF, cgroups, network namespaces); run the tests as root"
+        );
         return false;
     }
     if tpbpf_cgroup_mount().is_none() {
@@ -104,7 +109,9 @@ impl Default for NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -175,7 +182,9 @@ pub fn enter_netns(name: &str) -> io::Result<()> {
 
 /// Runs a command, panicking with its output if it fails.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -202,7 +211,8 @@ pub fn cgroup_prog_ids(dir: &Path) -> Vec<u64> {
 
 fn bpftool_ids(args: &[&str]) -> Vec<u64> {
     let out = run(Command::new("bpftool").args(args));
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bpftool {args:?} gave non-JSON ({e}): {out}"));
+    let v: serde_json::Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("bpftool {args:?} gave non-JSON ({e}): {out}"));
     v.as_array()
         .map(|a| a.iter().filter_map(|e| e["id"].as_u64()).collect())
         .unwrap_or_default()

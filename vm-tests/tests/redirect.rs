@@ -37,7 +37,11 @@ impl Loader {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let ready = read_event(&mut stdout);
         assert_eq!(ready["event"], "ready", "first event: {ready}");
-        Self { child, stdout, ready }
+        Self {
+            child,
+            stdout,
+            ready,
+        }
     }
 
     fn cgroup(&self) -> PathBuf {
@@ -45,7 +49,12 @@ impl Loader {
     }
 
     fn ids(&self, key: &str) -> Vec<u64> {
-        self.ready[key].as_array().unwrap().iter().filter_map(Value::as_u64).collect()
+        self.ready[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect()
     }
 
     fn next_event(&mut self) -> Value {
@@ -80,13 +89,18 @@ fn client(ns: &NetNs, cgroup: Option<&std::path::Path>, addr: &str, count: usize
     }
     cmd.arg(addr).arg(count.to_string());
     let out = run(&mut cmd);
-    out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn assert_redirected(results: &[Value], dst: &str) {
     for r in results {
         assert_eq!(r["ok"], true, "connection failed: {r}");
-        assert_eq!(r["peer"], dst, "getpeername() must show the dialled address: {r}");
+        assert_eq!(
+            r["peer"], dst,
+            "getpeername() must show the dialled address: {r}"
+        );
         let response = r["response"].as_str().unwrap();
         assert!(
             response.contains(&format!("original destination {dst}")),
@@ -98,14 +112,26 @@ fn assert_redirected(results: &[Value], dst: &str) {
 fn assert_unreachable(results: &[Value]) {
     for r in results {
         assert_eq!(r["ok"], false, "must not be redirected: {r}");
-        assert_eq!(r["errno"], libc::ENETUNREACH, "must fail as without tpbpf: {r}");
-        assert!(r["elapsed_ms"].as_u64().unwrap() < 1000, "must fail at once: {r}");
+        assert_eq!(
+            r["errno"],
+            libc::ENETUNREACH,
+            "must fail as without tpbpf: {r}"
+        );
+        assert!(
+            r["elapsed_ms"].as_u64().unwrap() < 1000,
+            "must fail at once: {r}"
+        );
     }
 }
 
 fn assert_gone(loader_ready: &Value, cgroup: &std::path::Path) {
     let ids = |key: &str| -> Vec<u64> {
-        loader_ready[key].as_array().unwrap().iter().filter_map(Value::as_u64).collect()
+        loader_ready[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect()
     };
     let (progs, links) = (ids("program_ids"), ids("link_ids"));
     assert!(
@@ -145,7 +171,11 @@ fn connect4_redirect_recovers_original_destination_and_leaves_nothing() {
     let progs = loader.ids("program_ids");
     assert_eq!(progs.len(), 3);
     for p in &progs {
-        assert!(attached.contains(p), "program {p} not attached to {}: {attached:?}", child_cgroup.display());
+        assert!(
+            attached.contains(p),
+            "program {p} not attached to {}: {attached:?}",
+            child_cgroup.display()
+        );
     }
     let live_links = kernel_link_ids();
     let links = loader.ids("link_ids");
@@ -173,7 +203,11 @@ fn connect4_redirect_recovers_original_destination_and_leaves_nothing() {
     // Normal exit (SIGTERM): everything detached, the cgroup removed.
     let ready = loader.ready.clone();
     loader.signal(libc::SIGTERM);
-    let status = loader.child.wait_timeout(Duration::from_secs(5)).unwrap().expect("loader did not exit on SIGTERM");
+    let status = loader
+        .child
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("loader did not exit on SIGTERM");
     assert!(status.success(), "loader exit status {status}");
     assert_gone(&ready, &child_cgroup);
 
@@ -194,7 +228,10 @@ fn sigkill_of_the_loader_detaches_everything_and_removes_its_cgroup() {
     let parent = TestCgroup::new();
     let mut loader = Loader::start(&ns, &parent);
     let child_cgroup = loader.cgroup();
-    assert_redirected(&client(&ns, Some(&child_cgroup), "10.96.0.10:80", 1), "10.96.0.10:80");
+    assert_redirected(
+        &client(&ns, Some(&child_cgroup), "10.96.0.10:80", 1),
+        "10.96.0.10:80",
+    );
 
     // A long-running process in the bridged cgroup: it must survive the
     // loader's death, moved out of the cgroup, no longer bridged.
@@ -203,13 +240,23 @@ fn sigkill_of_the_loader_detaches_everything_and_removes_its_cgroup() {
 
     let ready = loader.ready.clone();
     loader.signal(libc::SIGKILL);
-    let status = loader.child.wait_timeout(Duration::from_secs(5)).unwrap().expect("loader did not die");
+    let status = loader
+        .child
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("loader did not die");
     assert!(!status.success());
     assert_gone(&ready, &child_cgroup);
 
-    assert!(sleeper.try_wait().unwrap().is_none(), "a process of the bridged cgroup died with the loader");
+    assert!(
+        sleeper.try_wait().unwrap().is_none(),
+        "a process of the bridged cgroup died with the loader"
+    );
     let procs = std::fs::read_to_string(parent.path().join("cgroup.procs")).unwrap();
-    assert!(procs.lines().any(|p| p == sleeper.id().to_string()), "the process was not moved to the parent cgroup");
+    assert!(
+        procs.lines().any(|p| p == sleeper.id().to_string()),
+        "the process was not moved to the parent cgroup"
+    );
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 

@@ -1,1 +1,140 @@
-fn main() {}
+//! tpbpf's tasks: `cargo xtask test | lint | demo`.
+//!
+//! `bash xtask/dev.sh TASK` installs what is missing first (xtask/setup.sh)
+//! and then runs the task; that is what the README and CI use.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "tpbpf's build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Format check, clippy (userspace, then the eBPF crate on its own
+    /// target), unit tests, then the privileged tests (root).
+    Test,
+    /// Format check and clippy only.
+    Lint,
+    /// The main job: `tpbpf doctor`, then a real redirected connection.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Test => test(),
+        Task::Lint => lint(),
+        Task::Demo => demo::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn step(what: &str) {
+    println!("\n\x1b[1m==> {what}\x1b[0m");
+}
+
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root_dir());
+    cmd
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // /proc/self/status: "Uid: real effective saved fs"
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn lint() -> Result<()> {
+    step("rustfmt --check (workspace, then the eBPF crate)");
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["fmt", "--check"]).current_dir(root_dir().join("bpf/ebpf")))?;
+
+    step("clippy -D warnings (userspace)");
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+
+    step("clippy -D warnings (eBPF crate, bpfel-unknown-none)");
+    run(&mut ebpf_clippy()?)?;
+    Ok(())
+}
+
+/// Clippy for the kernel crate needs the same compiler that builds it:
+/// Debian's rustc-web clippy, or rustup nightly's.
+fn ebpf_clippy() -> Result<Command> {
+    let dir = root_dir().join("bpf/ebpf");
+    let target_dir = root_dir().join("target/ebpf");
+    let debian = Path::new("/usr/bin/cargo-clippy");
+    let mut cmd = if debian.exists() && Path::new("/usr/lib/rustlib/src/rust/library").exists() {
+        let mut c = Command::new(debian);
+        c.arg("clippy")
+            .env("RUSTC", "/usr/bin/rustc")
+            .env("CARGO", "/usr/bin/cargo")
+            .env("PATH", format!("/usr/bin:{}", env::var("PATH").unwrap_or_default()));
+        c
+    } else {
+        let mut c = Command::new("cargo");
+        c.args(["+nightly", "clippy"]);
+        c
+    };
+    cmd.current_dir(&dir)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_TARGET_DIR")
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args(["--release", "--locked", "--target", "bpfel-unknown-none", "--target-dir"])
+        .arg(target_dir)
+        .args(["--", "-D", "warnings"]);
+    Ok(cmd)
+}
+
+fn test() -> Result<()> {
+    lint()?;
+
+    step("build (workspace, with the embedded kernel programs)");
+    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+
+    step("unit tests");
+    run(cargo().args(["test", "--workspace", "--exclude", "tpbpf-vm-tests"]))?;
+
+    step("privileged tests (vm-tests: real programs in this kernel, cgroups, network namespaces)");
+    if !is_root() {
+        println!("not root: the privileged tests will print SKIP; run `sudo bash xtask/dev.sh test` to run them");
+    }
+    run(cargo().args(["test", "-p", "tpbpf-vm-tests"]))?;
+    Ok(())
+}

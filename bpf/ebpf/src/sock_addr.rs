@@ -2,9 +2,7 @@
 //! bridged range to tpbpfd and remembers where they were going;
 //! `getpeername4` shows the application the address it dialled.
 use aya_ebpf::{
-    helpers::bpf_get_socket_cookie,
-    macros::cgroup_sock_addr,
-    maps::lpm_trie::Key,
+    helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
@@ -31,7 +29,7 @@ fn redirect_connect4(ctx: &SockAddrContext) {
     }
     let dst_be = sa.user_ip4;
     let key = Key::new(32, dst_be);
-    match CIDRS4.get(&key) {
+    match CIDRS4.get(key) {
         Some(&action::PROXY) => {}
         _ => return,
     }
@@ -47,7 +45,7 @@ fn redirect_connect4(ctx: &SockAddrContext) {
         family: AF_INET,
         _pad: 0,
     };
-    if COOKIE_ORIG.insert(&cookie, &orig, 0).is_err() {
+    if COOKIE_ORIG.insert(cookie, orig, 0).is_err() {
         // Without the record the listener could not tell where to go:
         // better to leave the connection alone.
         return;
@@ -69,7 +67,7 @@ pub fn tpbpf_getpeername4(ctx: SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // SAFETY: the value is copied out at once; a concurrent update of the
     // same entry can only replace it with another complete record.
-    if let Some(orig) = unsafe { COOKIE_ORIG.get(&cookie) } {
+    if let Some(orig) = unsafe { COOKIE_ORIG.get(cookie) } {
         if orig.family == AF_INET {
             // SAFETY: as in `redirect_connect4`.
             let sa = unsafe { &mut *ctx.sock_addr };

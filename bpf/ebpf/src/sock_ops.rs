@@ -25,7 +25,7 @@ fn rekey_established(ctx: &SockOpsContext) {
     // SAFETY: `ops` is the context pointer the helpers expect.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: copied out at once, see `tpbpf_getpeername4`.
-    let Some(orig) = (unsafe { COOKIE_ORIG.get(&cookie) }) else {
+    let Some(orig) = (unsafe { COOKIE_ORIG.get(cookie) }) else {
         return;
     };
     let orig = *orig;
@@ -44,7 +44,7 @@ fn rekey_established(ctx: &SockOpsContext) {
                 family: AF_INET,
                 _pad: 0,
             };
-            let _ = CONN_ORIG.insert(&key, &orig, 0);
+            let _ = CONN_ORIG.insert(key, orig, 0);
         }
         AF_INET6 => {
             let key = SockKey {
@@ -62,7 +62,7 @@ fn rekey_established(ctx: &SockOpsContext) {
                 family: AF_INET6,
                 _pad: 0,
             };
-            let _ = CONN_ORIG.insert(&key, &orig, 0);
+            let _ = CONN_ORIG.insert(key, orig, 0);
         }
         _ => {}
     }

@@ -94,7 +94,11 @@ fn unescape_mountinfo(s: &str) -> String {
         if bytes[i] == b'\\' && i + 4 <= bytes.len() {
             let digits = &bytes[i + 1..i + 4];
             if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                out.push(digits.iter().fold(0u8, |v, d| v.wrapping_mul(8) + (d - b'0')));
+                out.push(
+                    digits
+                        .iter()
+                        .fold(0u8, |v, d| v.wrapping_mul(8) + (d - b'0')),
+                );
                 i += 4;
                 continue;
             }
@@ -271,7 +275,10 @@ mod tests {
     #[test]
     fn finds_unified_mount_with_optional_fields() {
         let text = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 master:2 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(text), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
     }
 
     #[test]
@@ -286,6 +293,9 @@ mod tests {
     #[test]
     fn unescapes_spaces_in_mountpoints() {
         let text = "31 30 0:27 / /mnt/cg\\040two rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(text), Some(PathBuf::from("/mnt/cg two")));
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/mnt/cg two"))
+        );
     }
 }

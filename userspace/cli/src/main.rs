@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "tpbpf", version, about = "Bridge this machine and a Kubernetes cluster with eBPF")]
+#[command(
+    name = "tpbpf",
+    version,
+    about = "Bridge this machine and a Kubernetes cluster with eBPF"
+)]
 struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `tpbpf_loader=trace`.
     #[arg(long, global = true, env = "TPBPF_LOG", default_value = "info")]

@@ -12,7 +12,10 @@ pub fn enter(name: &str) -> Result<()> {
         PathBuf::from("/run/netns").join(name)
     };
     let file = File::open(&path).with_context(|| {
-        format!("opening network namespace {} (create it with `ip netns add {name}`)", path.display())
+        format!(
+            "opening network namespace {} (create it with `ip netns add {name}`)",
+            path.display()
+        )
     })?;
     // SAFETY: a valid namespace fd; setns affects only this thread.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };

@@ -61,7 +61,12 @@ impl Attr {
         self
     }
     fn get_u32(&self, off: usize) -> u32 {
-        u32::from_ne_bytes([self.0[off], self.0[off + 1], self.0[off + 2], self.0[off + 3]])
+        u32::from_ne_bytes([
+            self.0[off],
+            self.0[off + 1],
+            self.0[off + 2],
+            self.0[off + 3],
+        ])
     }
 }
 
@@ -83,7 +88,10 @@ fn fd(rc: libc::c_long) -> OwnedFd {
 
 pub fn create_array_map() -> io::Result<OwnedFd> {
     let mut attr = Attr::new();
-    attr.u32(0, BPF_MAP_TYPE_ARRAY).u32(4, 4).u32(8, 8).u32(12, 1);
+    attr.u32(0, BPF_MAP_TYPE_ARRAY)
+        .u32(4, 4)
+        .u32(8, 8)
+        .u32(12, 1);
     sys_bpf(BPF_MAP_CREATE, &mut attr).map(fd)
 }
 
@@ -138,7 +146,10 @@ pub fn query_tcx_ingress_lo() -> io::Result<u32> {
 /// Creates an empty scratch cgroup, attaches a `connect4` test program to it
 /// through a bpf_link, closes the link and removes the cgroup.
 pub fn attach_in_scratch_cgroup(mount: &Path) -> io::Result<PathBuf> {
-    let prog = load_trivial(ProgType::CgroupSockAddr, Some(AttachType::CgroupInet4Connect))?;
+    let prog = load_trivial(
+        ProgType::CgroupSockAddr,
+        Some(AttachType::CgroupInet4Connect),
+    )?;
     let scratch = mount.join(format!("tpbpf-doctor-{}", std::process::id()));
     fs::create_dir(&scratch)?;
     let result = (|| -> io::Result<()> {

@@ -15,7 +15,8 @@ use aya::{
 };
 use bpf::{AttachType, ProgType};
 
-const ROOT_REMEDY: &str = "run tpbpf as root (sudo tpbpf ...), or give it CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN";
+const ROOT_REMEDY: &str =
+    "run tpbpf as root (sudo tpbpf ...), or give it CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN";
 
 /// Runs every probe and returns the report.
 pub fn run() -> Report {
@@ -64,24 +65,32 @@ fn capabilities() -> Vec<Check> {
             .find_map(|l| l.strip_prefix("CapEff:"))
             .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
     });
-    [("CAP_BPF", 39u32), ("CAP_NET_ADMIN", 12), ("CAP_SYS_ADMIN", 21)]
-        .into_iter()
-        .map(|(cap, bit)| {
-            let name = format!("capability {cap}");
-            match eff {
-                Some(eff) if eff & (1 << bit) != 0 => Check::ok(name, "effective"),
-                Some(_) => Check::fail(name, "missing from the effective set", ROOT_REMEDY),
-                None => Check::warn(name, "could not read /proc/self/status", ROOT_REMEDY),
-            }
-        })
-        .collect()
+    [
+        ("CAP_BPF", 39u32),
+        ("CAP_NET_ADMIN", 12),
+        ("CAP_SYS_ADMIN", 21),
+    ]
+    .into_iter()
+    .map(|(cap, bit)| {
+        let name = format!("capability {cap}");
+        match eff {
+            Some(eff) if eff & (1 << bit) != 0 => Check::ok(name, "effective"),
+            Some(_) => Check::fail(name, "missing from the effective set", ROOT_REMEDY),
+            None => Check::warn(name, "could not read /proc/self/status", ROOT_REMEDY),
+        }
+    })
+    .collect()
 }
 
 fn bpf_syscall() -> Check {
     let name = "bpf() syscall";
     match bpf::create_array_map() {
         Ok(_) => Check::ok(name, "map created"),
-        Err(e) => Check::fail(name, bpf::describe(&e), remedy_for(&e, "the kernel needs CONFIG_BPF_SYSCALL=y")),
+        Err(e) => Check::fail(
+            name,
+            bpf::describe(&e),
+            remedy_for(&e, "the kernel needs CONFIG_BPF_SYSCALL=y"),
+        ),
     }
 }
 
@@ -90,16 +99,26 @@ fn jit() -> Check {
     let sysctl = fs::read_to_string("/proc/sys/net/core/bpf_jit_enable")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into());
-    match bpf::load_trivial(ProgType::CgroupSockAddr, Some(AttachType::CgroupInet4Connect))
-        .and_then(|fd| bpf::jited_len(&fd))
+    match bpf::load_trivial(
+        ProgType::CgroupSockAddr,
+        Some(AttachType::CgroupInet4Connect),
+    )
+    .and_then(|fd| bpf::jited_len(&fd))
     {
-        Ok(len) if len > 0 => Check::ok(name, format!("programs are JIT-compiled ({len} bytes native; bpf_jit_enable={sysctl})")),
+        Ok(len) if len > 0 => Check::ok(
+            name,
+            format!("programs are JIT-compiled ({len} bytes native; bpf_jit_enable={sysctl})"),
+        ),
         Ok(_) => Check::warn(
             name,
             format!("programs run in the interpreter (bpf_jit_enable={sysctl})"),
             "enable the JIT for speed: sysctl -w net.core.bpf_jit_enable=1",
         ),
-        Err(e) => Check::fail(name, format!("could not load a program to check: {}", bpf::describe(&e)), remedy_for(&e, "see the bpf() syscall row")),
+        Err(e) => Check::fail(
+            name,
+            format!("could not load a program to check: {}", bpf::describe(&e)),
+            remedy_for(&e, "see the bpf() syscall row"),
+        ),
     }
 }
 
@@ -109,7 +128,10 @@ fn btf() -> Check {
     match aya::Btf::from_sys_fs() {
         Ok(_) => {
             let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-            Check::ok(name, format!("{} parsed ({} KiB)", path.display(), size / 1024))
+            Check::ok(
+                name,
+                format!("{} parsed ({} KiB)", path.display(), size / 1024),
+            )
         }
         Err(e) => Check::fail(
             name,
@@ -125,14 +147,54 @@ fn program_probes() -> Vec<ProgramProbe> {
     use AttachType::*;
     use ProgType::*;
     vec![
-        ("program cgroup/connect4", CgroupSockAddr, Some(CgroupInet4Connect), "4.17"),
-        ("program cgroup/connect6", CgroupSockAddr, Some(CgroupInet6Connect), "4.17"),
-        ("program cgroup/sendmsg4", CgroupSockAddr, Some(CgroupUdp4Sendmsg), "4.18"),
-        ("program cgroup/sendmsg6", CgroupSockAddr, Some(CgroupUdp6Sendmsg), "4.18"),
-        ("program cgroup/recvmsg4", CgroupSockAddr, Some(CgroupUdp4Recvmsg), "5.2"),
-        ("program cgroup/recvmsg6", CgroupSockAddr, Some(CgroupUdp6Recvmsg), "5.2"),
-        ("program cgroup/getpeername4", CgroupSockAddr, Some(CgroupInet4Getpeername), "5.8"),
-        ("program cgroup/getpeername6", CgroupSockAddr, Some(CgroupInet6Getpeername), "5.8"),
+        (
+            "program cgroup/connect4",
+            CgroupSockAddr,
+            Some(CgroupInet4Connect),
+            "4.17",
+        ),
+        (
+            "program cgroup/connect6",
+            CgroupSockAddr,
+            Some(CgroupInet6Connect),
+            "4.17",
+        ),
+        (
+            "program cgroup/sendmsg4",
+            CgroupSockAddr,
+            Some(CgroupUdp4Sendmsg),
+            "4.18",
+        ),
+        (
+            "program cgroup/sendmsg6",
+            CgroupSockAddr,
+            Some(CgroupUdp6Sendmsg),
+            "4.18",
+        ),
+        (
+            "program cgroup/recvmsg4",
+            CgroupSockAddr,
+            Some(CgroupUdp4Recvmsg),
+            "5.2",
+        ),
+        (
+            "program cgroup/recvmsg6",
+            CgroupSockAddr,
+            Some(CgroupUdp6Recvmsg),
+            "5.2",
+        ),
+        (
+            "program cgroup/getpeername4",
+            CgroupSockAddr,
+            Some(CgroupInet4Getpeername),
+            "5.8",
+        ),
+        (
+            "program cgroup/getpeername6",
+            CgroupSockAddr,
+            Some(CgroupInet6Getpeername),
+            "5.8",
+        ),
         ("program sock_ops", SockOps, None, "4.13"),
         ("program sk_lookup", SkLookup, Some(SkLookupAttach), "5.9"),
         ("program sched_cls (tc)", SchedCls, None, "4.1"),
@@ -167,9 +229,24 @@ type HelperProbe = (&'static str, ProgramType, BpfHelper, &'static str);
 
 fn helper_probes() -> Vec<HelperProbe> {
     vec![
-        ("helper get_socket_cookie (sock_addr)", ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_socket_cookie, "5.7"),
-        ("helper get_netns_cookie (sock_ops)", ProgramType::SockOps, BpfHelper::BPF_FUNC_get_netns_cookie, "5.15"),
-        ("helper sk_assign (tc)", ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_sk_assign, "5.7"),
+        (
+            "helper get_socket_cookie (sock_addr)",
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_socket_cookie,
+            "5.7",
+        ),
+        (
+            "helper get_netns_cookie (sock_ops)",
+            ProgramType::SockOps,
+            BpfHelper::BPF_FUNC_get_netns_cookie,
+            "5.15",
+        ),
+        (
+            "helper sk_assign (tc)",
+            ProgramType::SchedClassifier,
+            BpfHelper::BPF_FUNC_sk_assign,
+            "5.7",
+        ),
     ]
 }
 
@@ -201,7 +278,11 @@ fn cgroup2() -> (Option<std::path::PathBuf>, Check) {
     let name = "cgroup v2 hierarchy";
     match tpbpf_cgroup::cgroup2_mount() {
         Ok(path) => {
-            let layout = if path.ends_with("unified") { "hybrid layout" } else { "unified layout" };
+            let layout = if path.ends_with("unified") {
+                "hybrid layout"
+            } else {
+                "unified layout"
+            };
             let detail = format!("mounted at {} ({layout})", path.display());
             (Some(path), Check::ok(name, detail))
         }
@@ -215,18 +296,34 @@ fn cgroup2() -> (Option<std::path::PathBuf>, Check) {
 fn cgroup_link(mount: Option<&Path>) -> Check {
     let name = "bpf_link to a cgroup";
     let Some(mount) = mount else {
-        return Check::fail(name, "skipped: no cgroup v2 hierarchy", "see the cgroup v2 row");
+        return Check::fail(
+            name,
+            "skipped: no cgroup v2 hierarchy",
+            "see the cgroup v2 row",
+        );
     };
     match bpf::attach_in_scratch_cgroup(mount) {
-        Ok(scratch) => Check::ok(name, format!("attached and detached a test program on {}", scratch.display())),
-        Err(e) => Check::fail(name, bpf::describe(&e), remedy_for(&e, "needs Linux 5.7 or newer with CONFIG_CGROUP_BPF")),
+        Ok(scratch) => Check::ok(
+            name,
+            format!(
+                "attached and detached a test program on {}",
+                scratch.display()
+            ),
+        ),
+        Err(e) => Check::fail(
+            name,
+            bpf::describe(&e),
+            remedy_for(&e, "needs Linux 5.7 or newer with CONFIG_CGROUP_BPF"),
+        ),
     }
 }
 
 fn remedy_for(e: &std::io::Error, otherwise: &str) -> String {
     match e.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EACCES) => ROOT_REMEDY.to_string(),
-        Some(libc::ENOSYS) => "the kernel was built without the bpf() syscall (CONFIG_BPF_SYSCALL=y)".to_string(),
+        Some(libc::ENOSYS) => {
+            "the kernel was built without the bpf() syscall (CONFIG_BPF_SYSCALL=y)".to_string()
+        }
         _ => otherwise.to_string(),
     }
 }

@@ -24,13 +24,36 @@ pub struct Check {
 
 impl Check {
     pub fn ok(name: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self { name: name.into(), status: Status::Ok, detail: detail.into(), remedy: None }
+        Self {
+            name: name.into(),
+            status: Status::Ok,
+            detail: detail.into(),
+            remedy: None,
+        }
     }
-    pub fn warn(name: impl Into<String>, detail: impl Into<String>, remedy: impl Into<String>) -> Self {
-        Self { name: name.into(), status: Status::Warn, detail: detail.into(), remedy: Some(remedy.into()) }
+    pub fn warn(
+        name: impl Into<String>,
+        detail: impl Into<String>,
+        remedy: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            status: Status::Warn,
+            detail: detail.into(),
+            remedy: Some(remedy.into()),
+        }
     }
-    pub fn fail(name: impl Into<String>, detail: impl Into<String>, remedy: impl Into<String>) -> Self {
-        Self { name: name.into(), status: Status::Fail, detail: detail.into(), remedy: Some(remedy.into()) }
+    pub fn fail(
+        name: impl Into<String>,
+        detail: impl Into<String>,
+        remedy: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            status: Status::Fail,
+            detail: detail.into(),
+            remedy: Some(remedy.into()),
+        }
     }
 }
 
@@ -51,14 +74,23 @@ impl Report {
             ok: bool,
             checks: &'a [Check],
         }
-        serde_json::to_string_pretty(&Out { ok: self.ok(), checks: &self.checks })
-            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        serde_json::to_string_pretty(&Out {
+            ok: self.ok(),
+            checks: &self.checks,
+        })
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let width = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(5).max(5);
+        let width = self
+            .checks
+            .iter()
+            .map(|c| c.name.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
         writeln!(f, "{:<width$}  {:<6}  DETAIL", "CHECK", "STATUS")?;
         for c in &self.checks {
             let status = match c.status {
@@ -73,8 +105,16 @@ impl fmt::Display for Report {
                 writeln!(f, "{line}")?;
             }
         }
-        let failed = self.checks.iter().filter(|c| c.status == Status::Fail).count();
-        let warned = self.checks.iter().filter(|c| c.status == Status::Warn).count();
+        let failed = self
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .count();
+        let warned = self
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Warn)
+            .count();
         if failed == 0 {
             write!(f, "\nall {} requirements met", self.checks.len())?;
             if warned > 0 {
@@ -82,7 +122,11 @@ impl fmt::Display for Report {
             }
             writeln!(f)
         } else {
-            writeln!(f, "\n{failed} of {} requirements missing: see the remedies above", self.checks.len())
+            writeln!(
+                f,
+                "\n{failed} of {} requirements missing: see the remedies above",
+                self.checks.len()
+            )
         }
     }
 }
@@ -110,7 +154,9 @@ mod tests {
 
     #[test]
     fn warnings_do_not_fail_the_report() {
-        let r = Report { checks: vec![Check::warn("a", "slow", "tune it")] };
+        let r = Report {
+            checks: vec![Check::warn("a", "slow", "tune it")],
+        };
         assert!(r.ok());
     }
 }

@@ -25,11 +25,15 @@ impl Cidr {
         }
         let addr = match addr {
             IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(prefix_len))
+                    .unwrap_or(0);
                 IpAddr::V4((u32::from(a) & mask).into())
             }
             IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(prefix_len)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(prefix_len))
+                    .unwrap_or(0);
                 IpAddr::V6((u128::from(a) & mask).into())
             }
         };
@@ -100,8 +104,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_input_with_a_reason() {
-        assert!("10.0.0.0/33".parse::<Cidr>().unwrap_err().to_string().contains("too long"));
-        assert!("nope/8".parse::<Cidr>().unwrap_err().to_string().contains("bad address"));
+        assert!("10.0.0.0/33"
+            .parse::<Cidr>()
+            .unwrap_err()
+            .to_string()
+            .contains("too long"));
+        assert!("nope/8"
+            .parse::<Cidr>()
+            .unwrap_err()
+            .to_string()
+            .contains("bad address"));
         assert!("10.0.0.0/x".parse::<Cidr>().is_err());
     }
 

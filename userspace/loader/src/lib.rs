@@ -17,7 +17,8 @@ use thiserror::Error;
 
 /// The kernel programs, as built by `build.rs`. Empty when the crate was
 /// built with `TPBPF_SKIP_EBPF=1`.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tpbpf.bpf.o"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tpbpf.bpf.o"));
 
 #[derive(Debug, Error)]
 pub enum LoadError {

@@ -10,7 +10,10 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::{Key, LpmTrie}, Array, HashMap, MapData},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, MapData,
+    },
     programs::{loaded_links, CgroupAttachMode, CgroupSockAddr, SockOps},
     Ebpf, EbpfLoader,
 };
@@ -37,7 +40,9 @@ pub struct Redirector {
 
 impl std::fmt::Debug for Redirector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Redirector").field("attached", &self.attached).finish_non_exhaustive()
+        f.debug_struct("Redirector")
+            .field("attached", &self.attached)
+            .finish_non_exhaustive()
     }
 }
 
@@ -49,11 +54,14 @@ impl Redirector {
         if EBPF_OBJECT.is_empty() {
             return Err(LoadError::NotEmbedded);
         }
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(LoadError::Object)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(LoadError::Object)?;
         forward_kernel_logs(&mut ebpf);
         for name in [programs::CONNECT4, programs::GETPEERNAME4] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(|source| LoadError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| LoadError::Program { name, source })?;
         }
         let prog: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
         prog.load().map_err(|source| LoadError::Program {
@@ -62,7 +70,9 @@ impl Redirector {
         })?;
         let conn_orig = ebpf
             .take_map(maps::CONN_ORIG)
-            .ok_or(LoadError::MissingMap { name: maps::CONN_ORIG })?;
+            .ok_or(LoadError::MissingMap {
+                name: maps::CONN_ORIG,
+            })?;
         let conn_orig = HashMap::try_from(conn_orig).map_err(|source| LoadError::Map {
             name: maps::CONN_ORIG,
             source,
@@ -78,7 +88,10 @@ impl Redirector {
     /// Until this is called nothing is redirected.
     pub fn set_proxy(&mut self, listener: SocketAddrV4) -> Result<(), LoadError> {
         let name = maps::CONFIG;
-        let map = self.ebpf.map_mut(name).ok_or(LoadError::MissingMap { name })?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(LoadError::MissingMap { name })?;
         let mut config: Array<_, Config> =
             Array::try_from(map).map_err(|source| LoadError::Map { name, source })?;
         let value = Config {
@@ -87,7 +100,9 @@ impl Redirector {
             enabled: 1,
             _pad: 0,
         };
-        config.set(0, value, 0).map_err(|source| LoadError::Map { name, source })
+        config
+            .set(0, value, 0)
+            .map_err(|source| LoadError::Map { name, source })
     }
 
     /// Adds a range to redirect (`proxy`) or to leave alone (`!proxy`,
@@ -103,12 +118,19 @@ impl Redirector {
             });
         };
         let name = maps::CIDRS4;
-        let map = self.ebpf.map_mut(name).ok_or(LoadError::MissingMap { name })?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(LoadError::MissingMap { name })?;
         let mut trie: LpmTrie<_, u32, u32> =
             LpmTrie::try_from(map).map_err(|source| LoadError::Map { name, source })?;
-        let key = Key::new(u32::from(cidr.prefix_len()), u32::from_ne_bytes(addr.octets()));
+        let key = Key::new(
+            u32::from(cidr.prefix_len()),
+            u32::from_ne_bytes(addr.octets()),
+        );
         let value = if proxy { action::PROXY } else { action::NEVER };
-        trie.insert(&key, value, 0).map_err(|source| LoadError::Map { name, source })
+        trie.insert(&key, value, 0)
+            .map_err(|source| LoadError::Map { name, source })
     }
 
     /// Attaches the programs to the cgroup open at `cgroup` through
@@ -137,7 +159,10 @@ impl Redirector {
             .filter(|l| program_ids.contains(&l.program_id()))
             .map(|l| l.id())
             .collect();
-        self.attached = AttachedIds { program_ids, link_ids };
+        self.attached = AttachedIds {
+            program_ids,
+            link_ids,
+        };
         debug!(cgroup = cgroup_name, ids = ?self.attached, "attached");
         Ok(self.attached.clone())
     }
@@ -156,8 +181,11 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, L
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf.program_mut(name).ok_or(LoadError::MissingProgram { name })?;
-    prog.try_into().map_err(|source| LoadError::Program { name, source })
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?;
+    prog.try_into()
+        .map_err(|source| LoadError::Program { name, source })
 }
 
 /// Forwards aya-log records from the kernel programs to `log` (and from
@@ -182,7 +210,9 @@ fn forward_kernel_logs(ebpf: &mut Ebpf) {
         };
         let Ok(mut fd) = registered else { return };
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else { return };
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
             guard.get_inner_mut().flush();
             guard.clear_ready();
         }
@@ -297,6 +327,9 @@ mod tests {
             family: AF_INET,
             _pad: 0,
         };
-        assert_eq!(orig_to_socket_addr(&orig), Some("10.96.0.10:80".parse().unwrap()));
+        assert_eq!(
+            orig_to_socket_addr(&orig),
+            Some("10.96.0.10:80".parse().unwrap())
+        );
     }
 }

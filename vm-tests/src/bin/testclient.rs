@@ -21,22 +21,30 @@ fn main() {
     let netns = take("--netns");
     let cgroup = take("--cgroup");
     if let Some(ns) = netns {
-        tpbpf_vm_tests::enter_netns(&ns).unwrap_or_else(|e| die(&format!("entering netns {ns}: {e}")));
+        tpbpf_vm_tests::enter_netns(&ns)
+            .unwrap_or_else(|e| die(&format!("entering netns {ns}: {e}")));
     }
     if let Some(dir) = cgroup {
-        std::fs::write(format!("{dir}/cgroup.procs"), std::process::id().to_string())
-            .unwrap_or_else(|e| die(&format!("joining cgroup {dir}: {e}")));
+        std::fs::write(
+            format!("{dir}/cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .unwrap_or_else(|e| die(&format!("joining cgroup {dir}: {e}")));
     }
     let addr: SocketAddr = args
         .first()
         .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| die("usage: tpbpf-testclient [--netns NAME] [--cgroup DIR] ADDR [COUNT]"));
+        .unwrap_or_else(|| {
+            die("usage: tpbpf-testclient [--netns NAME] [--cgroup DIR] ADDR [COUNT]")
+        });
     let count: usize = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(1);
     let threads: Vec<_> = (0..count)
         .map(|_| std::thread::spawn(move || connect(addr)))
         .collect();
     for t in threads {
-        let line = t.join().unwrap_or_else(|_| serde_json::json!({"ok": false, "error": "thread panicked"}));
+        let line = t
+            .join()
+            .unwrap_or_else(|_| serde_json::json!({"ok": false, "error": "thread panicked"}));
         println!("{line}");
     }
 }
@@ -54,8 +62,14 @@ fn connect(addr: SocketAddr) -> serde_json::Value {
             })
         }
     };
-    let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_default();
-    let local = stream.local_addr().map(|p| p.to_string()).unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let local = stream
+        .local_addr()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut response = String::new();
     let result = stream

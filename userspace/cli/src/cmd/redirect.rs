@@ -108,7 +108,11 @@ async fn serve(args: Args) -> Result<ExitCode> {
         }),
         format!(
             "redirecting {} from cgroup {} to {listen} (programs {:?}, links {:?})",
-            args.cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            args.cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             cgroup.path().display(),
             ids.program_ids,
             ids.link_ids
@@ -166,7 +170,12 @@ async fn accept_loop(listener: TcpListener, table: OrigDstTable, out: Output) {
     }
 }
 
-async fn answer(mut stream: TcpStream, peer: SocketAddr, table: &OrigDstTable, out: Output) -> Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    table: &OrigDstTable,
+    out: Output,
+) -> Result<()> {
     let orig = table.take(&stream, peer)?;
     let orig_text = orig.map(|o| o.to_string());
     emit(
@@ -194,7 +203,10 @@ async fn answer(mut stream: TcpStream, peer: SocketAddr, table: &OrigDstTable, o
     .await;
     let (status, body) = match &orig_text {
         Some(o) => ("200 OK", format!("tpbpf: original destination {o}\n")),
-        None => ("421 Misdirected Request", "tpbpf: this connection was not redirected\n".to_string()),
+        None => (
+            "421 Misdirected Request",
+            "tpbpf: this connection was not redirected\n".to_string(),
+        ),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# tpbpf's entry point on a fresh Debian 12 machine: installs what is missing
+# (xtask/setup.sh, idempotent), then runs a task.
+#   sudo bash xtask/dev.sh demo    the main job: tpbpf doctor + a real redirect
+#   sudo bash xtask/dev.sh test    everything CI runs (lint, unit, privileged tests)
+#   sudo bash xtask/dev.sh lint    rustfmt and clippy only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+    demo|test|lint) ;;
+    *) echo "usage: sudo bash xtask/dev.sh demo|test|lint" >&2; exit 2 ;;
+esac
+
+bash xtask/setup.sh
+
+export PATH="${HOME:-/root}/.cargo/bin:$PATH"
+if ! command -v cargo >/dev/null; then
+    # No rustup: Debian's cargo-web (installed by setup.sh) builds everything.
+    export PATH="/usr/bin:$PATH"
+    echo "[dev] rustup's cargo not found; using Debian's $(/usr/bin/cargo --version)"
+fi
+exec cargo xtask "$@"

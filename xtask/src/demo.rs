@@ -1,0 +1,111 @@
+//! The main job: check the machine, then show a real redirected connection.
+//!
+//! Everything happens in a network namespace and a cgroup created for the
+//! demo and removed afterwards (also on failure): the host's own routes,
+//! cgroup root and DNS are never touched, and the demo's cluster address has
+//! no route, so nothing leaves the machine.
+use std::{fs, path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{cargo, is_root, root_dir, run as run_cmd, step};
+
+struct Cleanup {
+    netns: String,
+    cgroup: Option<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        if let Some(cg) = &self.cgroup {
+            // Children (tpbpf's own) are removed by tpbpf; this is the parent.
+            let _ = fs::remove_dir(cg);
+        }
+    }
+}
+
+pub fn run() -> Result<()> {
+    if !is_root() {
+        bail!("the demo loads eBPF programs and creates a network namespace: run it as root (sudo bash xtask/dev.sh demo)");
+    }
+    step("build tpbpf (the kernel programs are built from bpf/ebpf and embedded)");
+    run_cmd(cargo().args(["build", "-p", "tpbpf"]))?;
+    let tpbpf = root_dir().join("target/debug/tpbpf");
+
+    step("tpbpf doctor: what this machine offers");
+    let status = Command::new(&tpbpf).arg("doctor").status()?;
+    if !status.success() {
+        bail!("tpbpf doctor found a missing requirement (see the remedies above)");
+    }
+
+    let pid = std::process::id();
+    let netns = format!("tpbpf-demo-{pid}");
+    let mount = cgroup2_mount()?;
+    let parent = mount.join(format!("tpbpf-demo-{pid}"));
+    let mut cleanup = Cleanup { netns: netns.clone(), cgroup: None };
+
+    step(&format!(
+        "a network namespace for the demo ({netns}): only `lo`, no route to 10.96.0.0/12"
+    ));
+    run_cmd(Command::new("ip").args(["netns", "add", &netns]))?;
+    run_cmd(Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]))?;
+    fs::create_dir(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    cleanup.cgroup = Some(parent.clone());
+
+    step("without tpbpf: curl http://10.96.0.10/ fails at once (no route)");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns, "curl", "-sS", "-m", "3", "http://10.96.0.10/"])
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!("{}", String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        bail!("curl reached 10.96.0.10 without tpbpf: the demo namespace is not isolated");
+    }
+
+    step("with tpbpf: the same curl, run in a bridged cgroup; connect4 sends it to tpbpf's listener, which recovers the original destination");
+    let script = "curl -sS -m 5 http://10.96.0.10/ && curl -sS -m 5 http://10.100.3.4:8080/";
+    let status = Command::new(&tpbpf)
+        .args(["debug", "redirect", "--cidr", "10.96.0.0/12", "--netns", &netns])
+        .arg("--cgroup-parent")
+        .arg(&parent)
+        .args(["--", "sh", "-c", script])
+        .status()?;
+    if !status.success() {
+        bail!("the redirected curl failed ({status})");
+    }
+
+    step("after tpbpf exits: nothing stays attached");
+    let leftover: Vec<_> = fs::read_dir(&parent)?
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .map(|e| e.path())
+        .collect();
+    if !leftover.is_empty() {
+        bail!("cgroups left behind: {leftover:?}");
+    }
+    let out = Command::new("bpftool").args(["prog", "show"]).output()?;
+    let progs = String::from_utf8_lossy(&out.stdout);
+    let ours = progs.lines().filter(|l| l.contains("tpbpf_")).count();
+    println!("tpbpf programs loaded in the kernel: {ours}; tpbpf cgroups left: 0");
+    if ours > 0 {
+        bail!("tpbpf programs are still loaded:\n{progs}");
+    }
+    drop(cleanup);
+    println!("\ndemo done: the machine is as it was.");
+    Ok(())
+}
+
+fn cgroup2_mount() -> Result<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    for line in text.lines() {
+        if let Some((left, right)) = line.split_once(" - ") {
+            if right.split_whitespace().next() == Some("cgroup2") {
+                if let Some(mp) = left.split_whitespace().nth(4) {
+                    return Ok(PathBuf::from(mp));
+                }
+            }
+        }
+    }
+    bail!("no cgroup v2 hierarchy is mounted: run `tpbpf doctor` for the remedy")
+}
