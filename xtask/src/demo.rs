@@ -17,7 +17,9 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
         if let Some(cg) = &self.cgroup {
             // Children (tpbpf's own) are removed by tpbpf; this is the parent.
             let _ = fs::remove_dir(cg);
@@ -43,7 +45,10 @@ pub fn run() -> Result<()> {
     let netns = format!("tpbpf-demo-{pid}");
     let mount = cgroup2_mount()?;
     let parent = mount.join(format!("tpbpf-demo-{pid}"));
-    let mut cleanup = Cleanup { netns: netns.clone(), cgroup: None };
+    let mut cleanup = Cleanup {
+        netns: netns.clone(),
+        cgroup: None,
+    };
 
     step(&format!(
         "a network namespace for the demo ({netns}): only `lo`, no route to 10.96.0.0/12"
@@ -55,7 +60,16 @@ pub fn run() -> Result<()> {
 
     step("without tpbpf: curl http://10.96.0.10/ fails at once (no route)");
     let out = Command::new("ip")
-        .args(["netns", "exec", &netns, "curl", "-sS", "-m", "3", "http://10.96.0.10/"])
+        .args([
+            "netns",
+            "exec",
+            &netns,
+            "curl",
+            "-sS",
+            "-m",
+            "3",
+            "http://10.96.0.10/",
+        ])
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     print!("{}", String::from_utf8_lossy(&out.stderr));
@@ -66,7 +80,14 @@ pub fn run() -> Result<()> {
     step("with tpbpf: the same curl, run in a bridged cgroup; connect4 sends it to tpbpf's listener, which recovers the original destination");
     let script = "curl -sS -m 5 http://10.96.0.10/ && curl -sS -m 5 http://10.100.3.4:8080/";
     let status = Command::new(&tpbpf)
-        .args(["debug", "redirect", "--cidr", "10.96.0.0/12", "--netns", &netns])
+        .args([
+            "debug",
+            "redirect",
+            "--cidr",
+            "10.96.0.0/12",
+            "--netns",
+            &netns,
+        ])
         .arg("--cgroup-parent")
         .arg(&parent)
         .args(["--", "sh", "-c", script])

@@ -48,7 +48,10 @@ fn main() -> ExitCode {
 }
 
 pub fn root_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn step(what: &str) {
@@ -84,10 +87,19 @@ pub fn is_root() -> bool {
 fn lint() -> Result<()> {
     step("rustfmt --check (workspace, then the eBPF crate)");
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["fmt", "--check"]).current_dir(root_dir().join("bpf/ebpf")))?;
+    run(cargo()
+        .args(["fmt", "--check"])
+        .current_dir(root_dir().join("bpf/ebpf")))?;
 
     step("clippy -D warnings (userspace)");
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
 
     step("clippy -D warnings (eBPF crate, bpfel-unknown-none)");
     run(&mut ebpf_clippy()?)?;
@@ -105,7 +117,10 @@ fn ebpf_clippy() -> Result<Command> {
         c.arg("clippy")
             .env("RUSTC", "/usr/bin/rustc")
             .env("CARGO", "/usr/bin/cargo")
-            .env("PATH", format!("/usr/bin:{}", env::var("PATH").unwrap_or_default()));
+            .env(
+                "PATH",
+                format!("/usr/bin:{}", env::var("PATH").unwrap_or_default()),
+            );
         c
     } else {
         let mut c = Command::new("cargo");
@@ -116,7 +131,13 @@ fn ebpf_clippy() -> Result<Command> {
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO_TARGET_DIR")
         .env("RUSTC_BOOTSTRAP", "1")
-        .args(["--release", "--locked", "--target", "bpfel-unknown-none", "--target-dir"])
+        .args([
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+            "--target-dir",
+        ])
         .arg(target_dir)
         .args(["--", "-D", "warnings"]);
     Ok(cmd)
