@@ -14,6 +14,18 @@ pub mod maps {
     pub const CONFIG: &str = "TPBPF_CONFIG";
     /// `LpmTrie<u32 (addr, network order), u32 (action)>`: IPv4 ranges.
     pub const CIDRS4: &str = "TPBPF_CIDRS4";
+    /// `LpmTrie<[u32; 4] (addr, network order), u32 (action)>`: IPv6 ranges.
+    pub const CIDRS6: &str = "TPBPF_CIDRS6";
+    /// `HashMap<u64 (socket cookie), u32>`: tpbpfd's own sockets, never
+    /// redirected. Only root can write a map, so no process in a bridged
+    /// cgroup can exempt itself.
+    pub const BYPASS: &str = "TPBPF_BYPASS";
+    /// `LruHashMap<OrigDst, u32 (slot)>`: the UDP slot of each destination.
+    pub const UDP_SLOT_BY_DST: &str = "TPBPF_UDP_SLOT_BY_DST";
+    /// `Array<OrigDst>` of [`UDP_SLOTS`] entries: the destination of each slot.
+    pub const UDP_SLOTS: &str = "TPBPF_UDP_SLOTS";
+    /// `Array<u32>` with one entry: the next slot to hand out.
+    pub const UDP_NEXT: &str = "TPBPF_UDP_NEXT";
     /// `LruHashMap<u64 (socket cookie), OrigDst>`: filled on connect, read by
     /// getpeername and by the sock_ops re-keying.
     pub const COOKIE_ORIG: &str = "TPBPF_COOKIE_ORIG";
@@ -27,8 +39,33 @@ pub mod maps {
 /// not share its name with its ELF section.
 pub mod programs {
     pub const CONNECT4: &str = "tpbpf_connect4";
+    pub const CONNECT6: &str = "tpbpf_connect6";
     pub const GETPEERNAME4: &str = "tpbpf_getpeername4";
+    pub const GETPEERNAME6: &str = "tpbpf_getpeername6";
+    pub const SENDMSG4: &str = "tpbpf_sendmsg4";
+    pub const SENDMSG6: &str = "tpbpf_sendmsg6";
+    pub const RECVMSG4: &str = "tpbpf_recvmsg4";
+    pub const RECVMSG6: &str = "tpbpf_recvmsg6";
     pub const SOCK_OPS: &str = "tpbpf_sock_ops";
+}
+
+/// UDP datagrams are redirected to `127.100.S.S:<udp_port>`, where `S.S` is
+/// a slot number naming the original destination: tpbpfd's UDP socket reads
+/// the slot from each datagram's destination address (IP_PKTINFO) and
+/// answers from the same address, which `recvmsg4/6` turn back into the
+/// original destination. Per datagram, no race, no per-socket state.
+pub const UDP_SLOTS: u32 = 65536;
+/// The first two octets of the slot addresses, `127.100.0.0/16`.
+pub const UDP_SLOT_NET: [u8; 2] = [127, 100];
+
+/// `Config.flags` bits.
+pub mod flags {
+    /// Userspace has filled the config: redirect.
+    pub const ENABLED: u32 = 1;
+    /// Steer port 53 (UDP and TCP) to any address to tpbpfd's DNS proxy.
+    pub const DNS: u32 = 2;
+    /// A TCP listener on `[::1]` exists for native IPv6 destinations.
+    pub const PROXY6: u32 = 4;
 }
 
 /// Values of the CIDR maps.
@@ -50,16 +87,22 @@ pub const CONN_MAP_ENTRIES: u32 = 65536;
 /// Maximum entries of each CIDR map.
 pub const CIDR_MAP_ENTRIES: u32 = 1024;
 
-/// Where redirected connections go: tpbpfd's multiplexer listener.
+/// Where redirected sockets go: tpbpfd's listeners.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// IPv4 address of the listener, network order (as `bpf_sock_addr.user_ip4`).
+    /// IPv4 TCP listener address, network order (as `bpf_sock_addr.user_ip4`).
     pub proxy_ip4_be: u32,
-    /// Listener port, network order in the low 16 bits (as `bpf_sock_addr.user_port`).
+    /// IPv4 TCP listener port, network order in the low 16 bits (as `bpf_sock_addr.user_port`).
     pub proxy_port_be: u32,
-    /// Non-zero once userspace has filled the entry; until then nothing is redirected.
-    pub enabled: u32,
+    /// IPv6 TCP listener address (`::1`), network order words.
+    pub proxy6_ip_be: [u32; 4],
+    /// IPv6 TCP listener port, network order in the low 16 bits.
+    pub proxy6_port_be: u32,
+    /// UDP proxy port (on the slot addresses), network order in the low 16 bits.
+    pub udp_port_be: u32,
+    /// [`flags`] bits; zero until userspace has filled the entry.
+    pub flags: u32,
     pub _pad: u32,
 }
 
@@ -112,7 +155,7 @@ mod tests {
 
     #[test]
     fn shared_types_have_the_sizes_the_kernel_side_expects() {
-        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<SockKey>(), 32);
     }

@@ -2,6 +2,9 @@
 //! names come from `tpbpf-common`.
 #![no_std]
 #![no_main]
+// Atomic fetch-add on map values (the UDP slot counter).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod maps;
 mod sock_addr;

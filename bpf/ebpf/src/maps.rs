@@ -1,9 +1,9 @@
 //! The maps, named once in `tpbpf_common::maps`.
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, LruHashMap},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap},
 };
-use tpbpf_common::{Config, OrigDst, SockKey, CIDR_MAP_ENTRIES, CONN_MAP_ENTRIES};
+use tpbpf_common::{Config, OrigDst, SockKey, CIDR_MAP_ENTRIES, CONN_MAP_ENTRIES, UDP_SLOTS};
 
 #[map(name = "TPBPF_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -15,6 +15,13 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 pub static CIDRS4: LpmTrie<u32, u32> =
     LpmTrie::with_max_entries(CIDR_MAP_ENTRIES, BPF_F_NO_PREALLOC);
 
+#[map(name = "TPBPF_CIDRS6")]
+pub static CIDRS6: LpmTrie<[u32; 4], u32> =
+    LpmTrie::with_max_entries(CIDR_MAP_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "TPBPF_BYPASS")]
+pub static BYPASS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+
 #[map(name = "TPBPF_COOKIE_ORIG")]
 pub static COOKIE_ORIG: LruHashMap<u64, OrigDst> =
     LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
@@ -22,3 +29,12 @@ pub static COOKIE_ORIG: LruHashMap<u64, OrigDst> =
 #[map(name = "TPBPF_CONN_ORIG")]
 pub static CONN_ORIG: LruHashMap<SockKey, OrigDst> =
     LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
+
+#[map(name = "TPBPF_UDP_SLOT_BY_DST")]
+pub static UDP_SLOT_BY_DST: LruHashMap<OrigDst, u32> = LruHashMap::with_max_entries(UDP_SLOTS, 0);
+
+#[map(name = "TPBPF_UDP_SLOTS")]
+pub static UDP_SLOTS_MAP: Array<OrigDst> = Array::with_max_entries(UDP_SLOTS, 0);
+
+#[map(name = "TPBPF_UDP_NEXT")]
+pub static UDP_NEXT: Array<u32> = Array::with_max_entries(1, 0);

@@ -1,79 +1,422 @@
-//! cgroup sock_addr hooks: `connect4` redirects TCP connections bound for a
-//! bridged range to tpbpfd and remembers where they were going;
-//! `getpeername4` shows the application the address it dialled.
+//! cgroup sock_addr hooks.
+//!
+//! - `connect4/6`: TCP connections bound for a bridged range (and port 53
+//!   anywhere, for DNS) go to tpbpfd's TCP listener; the original
+//!   destination is recorded by socket cookie. Connected UDP goes to a UDP
+//!   slot address (see `tpbpf_common::UDP_SLOTS`).
+//! - `sendmsg4/6`: unconnected UDP datagrams, the same per datagram.
+//! - `recvmsg4/6`: replies from a slot address show the original source.
+//! - `getpeername4/6`: the application sees the address it dialled.
+//!
+//! IPv4-mapped IPv6 destinations (`::ffff:a.b.c.d` on a dual-stack socket)
+//! are matched against the IPv4 ranges.
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use aya_ebpf::{
-    helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, maps::lpm_trie::Key,
-    programs::SockAddrContext,
+    bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
+    maps::lpm_trie::Key, programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
-use tpbpf_common::{action, OrigDst, AF_INET};
+use tpbpf_common::{action, flags, Config, OrigDst, AF_INET, AF_INET6, UDP_SLOTS, UDP_SLOT_NET};
 
-use crate::maps::{CIDRS4, CONFIG, COOKIE_ORIG};
+use crate::maps::{
+    BYPASS, CIDRS4, CIDRS6, CONFIG, COOKIE_ORIG, UDP_NEXT, UDP_SLOTS_MAP, UDP_SLOT_BY_DST,
+};
 
-/// Allow the syscall to go on (with whatever the program rewrote).
+/// Let the syscall go on (with whatever the program rewrote).
 const ALLOW: i32 = 1;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+/// `htons(53)` in the low 16 bits, as `user_port` holds it.
+const DNS_PORT_BE: u32 = (53u16).to_be() as u32;
+/// `htonl(0xffff)`: the third word of an IPv4-mapped IPv6 address.
+const MAPPED_BE: u32 = 0xffffu32.to_be();
+
+// --- context access -------------------------------------------------------
+// The verifier wants each context field read and written with one load or
+// store at a constant offset from the context pointer; volatile accesses keep
+// the compiler from merging or widening them.
+
+#[inline(always)]
+fn sa(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
+    ctx.sock_addr
+}
+
+#[inline(always)]
+fn rd(field: *const u32) -> u32 {
+    // SAFETY: `field` points into the live context.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+#[inline(always)]
+fn wr(field: *mut u32, v: u32) {
+    // SAFETY: `field` points into the live context, at a writable field.
+    unsafe { core::ptr::write_volatile(field, v) }
+}
+
+#[inline(always)]
+fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    let p = sa(ctx);
+    // SAFETY: field addresses inside the live context.
+    unsafe {
+        [
+            rd(&(*p).user_ip6[0]),
+            rd(&(*p).user_ip6[1]),
+            rd(&(*p).user_ip6[2]),
+            rd(&(*p).user_ip6[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn set_user_ip6(ctx: &SockAddrContext, ip: [u32; 4]) {
+    let p = sa(ctx);
+    // SAFETY: field addresses inside the live context.
+    unsafe {
+        wr(&mut (*p).user_ip6[0], ip[0]);
+        wr(&mut (*p).user_ip6[1], ip[1]);
+        wr(&mut (*p).user_ip6[2], ip[2]);
+        wr(&mut (*p).user_ip6[3], ip[3]);
+    }
+}
+
+#[inline(always)]
+fn user_port(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: field address inside the live context.
+    unsafe { rd(&(*sa(ctx)).user_port) }
+}
+
+#[inline(always)]
+fn set_user_port(ctx: &SockAddrContext, port_be: u32) {
+    // SAFETY: field address inside the live context.
+    unsafe { wr(&mut (*sa(ctx)).user_port, port_be) }
+}
+
+#[inline(always)]
+fn user_ip4(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: field address inside the live context.
+    unsafe { rd(&(*sa(ctx)).user_ip4) }
+}
+
+#[inline(always)]
+fn set_user_ip4(ctx: &SockAddrContext, ip_be: u32) {
+    // SAFETY: field address inside the live context.
+    unsafe { wr(&mut (*sa(ctx)).user_ip4, ip_be) }
+}
+
+#[inline(always)]
+fn sock_type(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: field address inside the live context.
+    unsafe { rd(&(*sa(ctx)).type_) }
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the context pointer is what the helper expects.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
+}
+
+// --- decisions ------------------------------------------------------------
+
+#[inline(always)]
+fn config() -> Option<Config> {
+    let cfg = *CONFIG.get(0)?;
+    (cfg.flags & flags::ENABLED != 0).then_some(cfg)
+}
+
+#[inline(always)]
+fn bypassed(cookie: u64) -> bool {
+    // SAFETY: only presence is checked.
+    unsafe { BYPASS.get(&cookie).is_some() }
+}
+
+#[inline(always)]
+fn wanted4(cfg: &Config, ip_be: u32, port_be: u32) -> bool {
+    if cfg.flags & flags::DNS != 0 && port_be == DNS_PORT_BE {
+        return true;
+    }
+    matches!(CIDRS4.get(Key::new(32, ip_be)), Some(&action::PROXY))
+}
+
+#[inline(always)]
+fn wanted6(cfg: &Config, ip_be: [u32; 4], port_be: u32) -> bool {
+    if cfg.flags & flags::DNS != 0 && port_be == DNS_PORT_BE {
+        return true;
+    }
+    matches!(CIDRS6.get(Key::new(128, ip_be)), Some(&action::PROXY))
+}
+
+#[inline(always)]
+fn is_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == MAPPED_BE
+}
+
+#[inline(always)]
+fn orig4(ip_be: u32, port_be: u32) -> OrigDst {
+    OrigDst {
+        ip_be: [ip_be, 0, 0, 0],
+        port_be,
+        family: AF_INET,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn orig6(ip_be: [u32; 4], port_be: u32) -> OrigDst {
+    OrigDst {
+        ip_be,
+        port_be,
+        family: AF_INET6,
+        _pad: 0,
+    }
+}
+
+/// The slot naming `orig`, handing out a new one if it has none.
+#[inline(always)]
+fn udp_slot(orig: &OrigDst) -> Option<u32> {
+    // SAFETY: copied out at once.
+    if let Some(slot) = unsafe { UDP_SLOT_BY_DST.get(orig) } {
+        return Some(*slot);
+    }
+    let next = UDP_NEXT.get_ptr_mut(0)?;
+    // SAFETY: `next` points at a live u32 map value; an atomic add (BPF v3
+    // `atomic_fetch_add`) is how concurrent programs share it.
+    let slot = unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(next, 1) } % UDP_SLOTS;
+    let entry = UDP_SLOTS_MAP.get_ptr_mut(slot)?;
+    // SAFETY: `entry` points at a live map value of type OrigDst.
+    unsafe { *entry = *orig };
+    UDP_SLOT_BY_DST.insert(orig, slot, 0).ok()?;
+    Some(slot)
+}
+
+#[inline(always)]
+fn slot_ip4_be(slot: u32) -> u32 {
+    (u32::from_be_bytes([UDP_SLOT_NET[0], UDP_SLOT_NET[1], 0, 0]) | (slot & 0xffff)).to_be()
+}
+
+/// The slot of a slot address, or `None` for any other address.
+#[inline(always)]
+fn slot_of(ip_be: u32) -> Option<u32> {
+    let ip = u32::from_be(ip_be);
+    (ip >> 16 == u32::from_be_bytes([0, 0, UDP_SLOT_NET[0], UDP_SLOT_NET[1]]))
+        .then_some(ip & 0xffff)
+}
+
+#[inline(always)]
+fn mapped(ip4_be: u32) -> [u32; 4] {
+    [0, 0, MAPPED_BE, ip4_be]
+}
+
+// --- connect --------------------------------------------------------------
 
 #[cgroup_sock_addr(connect4)]
 pub fn tpbpf_connect4(ctx: SockAddrContext) -> i32 {
-    redirect_connect4(&ctx);
+    let Some(cfg) = config() else { return ALLOW };
+    let (dst, port) = (user_ip4(&ctx), user_port(&ctx));
+    if !wanted4(&cfg, dst, port) {
+        return ALLOW;
+    }
+    let c = cookie(&ctx);
+    if bypassed(c) {
+        return ALLOW;
+    }
+    let orig = orig4(dst, port);
+    match sock_type(&ctx) {
+        SOCK_STREAM => {
+            if COOKIE_ORIG.insert(c, orig, 0).is_err() {
+                return ALLOW;
+            }
+            set_user_ip4(&ctx, cfg.proxy_ip4_be);
+            set_user_port(&ctx, cfg.proxy_port_be);
+        }
+        SOCK_DGRAM => {
+            let Some(slot) = udp_slot(&orig) else {
+                return ALLOW;
+            };
+            let _ = COOKIE_ORIG.insert(c, orig, 0);
+            set_user_ip4(&ctx, slot_ip4_be(slot));
+            set_user_port(&ctx, cfg.udp_port_be);
+        }
+        _ => return ALLOW,
+    }
+    debug!(
+        &ctx,
+        "connect4 redirect cookie={} dst={:i}:{}",
+        c,
+        u32::from_be(dst),
+        u16::from_be(port as u16)
+    );
     ALLOW
 }
 
-fn redirect_connect4(ctx: &SockAddrContext) {
-    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the
-    // duration of the call.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
-        return;
-    }
-    let dst_be = sa.user_ip4;
-    let key = Key::new(32, dst_be);
-    match CIDRS4.get(key) {
-        Some(&action::PROXY) => {}
-        _ => return,
-    }
-    let Some(cfg) = CONFIG.get(0) else { return };
-    if cfg.enabled == 0 {
-        return;
-    }
-    // SAFETY: `sock_addr` is the context pointer the helper expects.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let orig = OrigDst {
-        ip_be: [dst_be, 0, 0, 0],
-        port_be: sa.user_port,
-        family: AF_INET,
-        _pad: 0,
+#[cgroup_sock_addr(connect6)]
+pub fn tpbpf_connect6(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else { return ALLOW };
+    let (dst, port) = (user_ip6(&ctx), user_port(&ctx));
+    let v4 = is_mapped(&dst);
+    let wanted = if v4 {
+        wanted4(&cfg, dst[3], port)
+    } else {
+        wanted6(&cfg, dst, port)
     };
-    if COOKIE_ORIG.insert(cookie, orig, 0).is_err() {
-        // Without the record the listener could not tell where to go:
-        // better to leave the connection alone.
-        return;
+    if !wanted {
+        return ALLOW;
+    }
+    let c = cookie(&ctx);
+    if bypassed(c) {
+        return ALLOW;
+    }
+    let orig = if v4 {
+        orig4(dst[3], port)
+    } else {
+        orig6(dst, port)
+    };
+    match sock_type(&ctx) {
+        SOCK_STREAM => {
+            if !v4 && cfg.flags & flags::PROXY6 == 0 {
+                return ALLOW;
+            }
+            if COOKIE_ORIG.insert(c, orig, 0).is_err() {
+                return ALLOW;
+            }
+            if v4 {
+                set_user_ip6(&ctx, mapped(cfg.proxy_ip4_be));
+                set_user_port(&ctx, cfg.proxy_port_be);
+            } else {
+                set_user_ip6(&ctx, cfg.proxy6_ip_be);
+                set_user_port(&ctx, cfg.proxy6_port_be);
+            }
+        }
+        SOCK_DGRAM => {
+            let Some(slot) = udp_slot(&orig) else {
+                return ALLOW;
+            };
+            let _ = COOKIE_ORIG.insert(c, orig, 0);
+            set_user_ip6(&ctx, mapped(slot_ip4_be(slot)));
+            set_user_port(&ctx, cfg.udp_port_be);
+        }
+        _ => return ALLOW,
     }
     debug!(
-        ctx,
-        "connect4 redirect cookie={} dst={:i}:{}",
-        cookie,
-        u32::from_be(dst_be),
-        u16::from_be(sa.user_port as u16)
+        &ctx,
+        "connect6 redirect cookie={} port={}",
+        c,
+        u16::from_be(port as u16)
     );
-    sa.user_ip4 = cfg.proxy_ip4_be;
-    sa.user_port = cfg.proxy_port_be;
+    ALLOW
 }
+
+// --- unconnected UDP -----------------------------------------------------
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn tpbpf_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else { return ALLOW };
+    let (dst, port) = (user_ip4(&ctx), user_port(&ctx));
+    if !wanted4(&cfg, dst, port) || bypassed(cookie(&ctx)) {
+        return ALLOW;
+    }
+    if let Some(slot) = udp_slot(&orig4(dst, port)) {
+        set_user_ip4(&ctx, slot_ip4_be(slot));
+        set_user_port(&ctx, cfg.udp_port_be);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn tpbpf_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else { return ALLOW };
+    let (dst, port) = (user_ip6(&ctx), user_port(&ctx));
+    let v4 = is_mapped(&dst);
+    let wanted = if v4 {
+        wanted4(&cfg, dst[3], port)
+    } else {
+        wanted6(&cfg, dst, port)
+    };
+    if !wanted || bypassed(cookie(&ctx)) {
+        return ALLOW;
+    }
+    let orig = if v4 {
+        orig4(dst[3], port)
+    } else {
+        orig6(dst, port)
+    };
+    if let Some(slot) = udp_slot(&orig) {
+        set_user_ip6(&ctx, mapped(slot_ip4_be(slot)));
+        set_user_port(&ctx, cfg.udp_port_be);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn tpbpf_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else { return ALLOW };
+    if user_port(&ctx) != cfg.udp_port_be {
+        return ALLOW;
+    }
+    let Some(slot) = slot_of(user_ip4(&ctx)) else {
+        return ALLOW;
+    };
+    let Some(orig) = UDP_SLOTS_MAP.get(slot) else {
+        return ALLOW;
+    };
+    if orig.family == AF_INET {
+        set_user_ip4(&ctx, orig.ip_be[0]);
+        set_user_port(&ctx, orig.port_be);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn tpbpf_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else { return ALLOW };
+    if user_port(&ctx) != cfg.udp_port_be {
+        return ALLOW;
+    }
+    let src = user_ip6(&ctx);
+    if !is_mapped(&src) {
+        return ALLOW;
+    }
+    let Some(slot) = slot_of(src[3]) else {
+        return ALLOW;
+    };
+    let Some(orig) = UDP_SLOTS_MAP.get(slot) else {
+        return ALLOW;
+    };
+    let ip = if orig.family == AF_INET {
+        mapped(orig.ip_be[0])
+    } else {
+        orig.ip_be
+    };
+    set_user_ip6(&ctx, ip);
+    set_user_port(&ctx, orig.port_be);
+    ALLOW
+}
+
+// --- getpeername ----------------------------------------------------------
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn tpbpf_getpeername4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: `sock_addr` is the context pointer the helper expects.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    // SAFETY: the value is copied out at once; a concurrent update of the
-    // same entry can only replace it with another complete record.
-    if let Some(orig) = unsafe { COOKIE_ORIG.get(cookie) } {
+    // SAFETY: copied out at once.
+    if let Some(orig) = unsafe { COOKIE_ORIG.get(cookie(&ctx)) } {
         if orig.family == AF_INET {
-            // SAFETY: as in `redirect_connect4`.
-            let sa = unsafe { &mut *ctx.sock_addr };
-            sa.user_ip4 = orig.ip_be[0];
-            sa.user_port = orig.port_be;
+            set_user_ip4(&ctx, orig.ip_be[0]);
+            set_user_port(&ctx, orig.port_be);
         }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn tpbpf_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: copied out at once.
+    if let Some(orig) = unsafe { COOKIE_ORIG.get(cookie(&ctx)) } {
+        let ip = if orig.family == AF_INET {
+            mapped(orig.ip_be[0])
+        } else {
+            orig.ip_be
+        };
+        set_user_ip6(&ctx, ip);
+        set_user_port(&ctx, orig.port_be);
     }
     ALLOW
 }

@@ -47,20 +47,31 @@ fn rekey_established(ctx: &SockOpsContext) {
             let _ = CONN_ORIG.insert(key, orig, 0);
         }
         AF_INET6 => {
-            let key = SockKey {
-                netns_cookie,
-                ip_be: {
-                    let ops = ctx_ref(ctx);
-                    [
-                        ctx_u32(&ops.local_ip6[0]),
-                        ctx_u32(&ops.local_ip6[1]),
-                        ctx_u32(&ops.local_ip6[2]),
-                        ctx_u32(&ops.local_ip6[3]),
-                    ]
-                },
-                port,
-                family: AF_INET6,
-                _pad: 0,
+            let ops = ctx_ref(ctx);
+            let ip = [
+                ctx_u32(&ops.local_ip6[0]),
+                ctx_u32(&ops.local_ip6[1]),
+                ctx_u32(&ops.local_ip6[2]),
+                ctx_u32(&ops.local_ip6[3]),
+            ];
+            // A dual-stack socket talking IPv4 has an IPv4-mapped local
+            // address; the listener sees the plain IPv4 peer.
+            let key = if ip[0] == 0 && ip[1] == 0 && ip[2] == 0xffffu32.to_be() {
+                SockKey {
+                    netns_cookie,
+                    ip_be: [ip[3], 0, 0, 0],
+                    port,
+                    family: AF_INET,
+                    _pad: 0,
+                }
+            } else {
+                SockKey {
+                    netns_cookie,
+                    ip_be: ip,
+                    port,
+                    family: AF_INET6,
+                    _pad: 0,
+                }
             };
             let _ = CONN_ORIG.insert(key, orig, 0);
         }

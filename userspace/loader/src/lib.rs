@@ -11,7 +11,7 @@ mod cidr;
 mod redirect;
 
 pub use cidr::{Cidr, CidrParseError};
-pub use redirect::{AttachedIds, OrigDstTable, Redirector};
+pub use redirect::{AttachedIds, Bypass, OrigDstTable, ProxyConfig, Redirector, UdpSlots};
 
 use thiserror::Error;
 

@@ -17,7 +17,9 @@ use aya::{
     programs::{loaded_links, CgroupAttachMode, CgroupSockAddr, SockOps},
     Ebpf, EbpfLoader,
 };
-use tpbpf_common::{action, maps, programs, Config, OrigDst, SockKey, AF_INET, AF_INET6};
+use tpbpf_common::{
+    action, flags, maps, programs, Config, OrigDst, SockKey, AF_INET, AF_INET6, UDP_SLOT_NET,
+};
 use tracing::debug;
 
 use crate::{Cidr, LoadError, EBPF_OBJECT};
@@ -35,7 +37,34 @@ pub struct AttachedIds {
 pub struct Redirector {
     ebpf: Ebpf,
     table: OrigDstTable,
+    bypass: Bypass,
+    udp_slots: UdpSlots,
     attached: AttachedIds,
+}
+
+/// The cgroup sock_addr programs, in attach order.
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+    programs::RECVMSG4,
+    programs::RECVMSG6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+];
+
+/// Where redirected sockets go, and what to capture.
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyConfig {
+    /// TCP listener for IPv4 (and IPv4-mapped) destinations, on 127.0.0.1.
+    pub tcp4: SocketAddrV4,
+    /// TCP listener for IPv6 destinations, on ::1, if there is one.
+    pub tcp6: Option<std::net::SocketAddrV6>,
+    /// The UDP proxy's port (it receives on the slot addresses).
+    pub udp_port: u16,
+    /// Steer port 53 to any address to the DNS proxy.
+    pub dns: bool,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -58,7 +87,7 @@ impl Redirector {
             .load(EBPF_OBJECT)
             .map_err(LoadError::Object)?;
         forward_kernel_logs(&mut ebpf);
-        for name in [programs::CONNECT4, programs::GETPEERNAME4] {
+        for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| LoadError::Program { name, source })?;
@@ -77,16 +106,34 @@ impl Redirector {
             name: maps::CONN_ORIG,
             source,
         })?;
+        let bypass = ebpf
+            .take_map(maps::BYPASS)
+            .ok_or(LoadError::MissingMap { name: maps::BYPASS })?;
+        let bypass = HashMap::try_from(bypass).map_err(|source| LoadError::Map {
+            name: maps::BYPASS,
+            source,
+        })?;
+        let slots = ebpf
+            .take_map(maps::UDP_SLOTS)
+            .ok_or(LoadError::MissingMap {
+                name: maps::UDP_SLOTS,
+            })?;
+        let slots = Array::try_from(slots).map_err(|source| LoadError::Map {
+            name: maps::UDP_SLOTS,
+            source,
+        })?;
         Ok(Self {
             ebpf,
             table: OrigDstTable(Arc::new(Mutex::new(conn_orig))),
+            bypass: Bypass(Arc::new(Mutex::new(bypass))),
+            udp_slots: UdpSlots(Arc::new(slots)),
             attached: AttachedIds::default(),
         })
     }
 
-    /// Sends redirected connections to `listener` (tpbpfd's multiplexer).
-    /// Until this is called nothing is redirected.
-    pub fn set_proxy(&mut self, listener: SocketAddrV4) -> Result<(), LoadError> {
+    /// Configures where redirected sockets go; until this is called nothing
+    /// is redirected.
+    pub fn configure(&mut self, proxy: ProxyConfig) -> Result<(), LoadError> {
         let name = maps::CONFIG;
         let map = self
             .ebpf
@@ -94,43 +141,78 @@ impl Redirector {
             .ok_or(LoadError::MissingMap { name })?;
         let mut config: Array<_, Config> =
             Array::try_from(map).map_err(|source| LoadError::Map { name, source })?;
-        let value = Config {
-            proxy_ip4_be: u32::from_ne_bytes(listener.ip().octets()),
-            proxy_port_be: u32::from(listener.port().to_be()),
-            enabled: 1,
-            _pad: 0,
+        let mut value = Config {
+            proxy_ip4_be: u32::from_ne_bytes(proxy.tcp4.ip().octets()),
+            proxy_port_be: u32::from(proxy.tcp4.port().to_be()),
+            udp_port_be: u32::from(proxy.udp_port.to_be()),
+            flags: flags::ENABLED,
+            ..Config::default()
         };
+        if let Some(v6) = proxy.tcp6 {
+            value.proxy6_ip_be = ip6_words(v6.ip());
+            value.proxy6_port_be = u32::from(v6.port().to_be());
+            value.flags |= flags::PROXY6;
+        }
+        if proxy.dns {
+            value.flags |= flags::DNS;
+        }
         config
             .set(0, value, 0)
             .map_err(|source| LoadError::Map { name, source })
     }
 
+    /// A handle to exempt tpbpfd's own sockets from redirection.
+    pub fn bypass(&self) -> Bypass {
+        self.bypass.clone()
+    }
+
+    /// A handle on the UDP slot table, for the UDP proxy.
+    pub fn udp_slots(&self) -> UdpSlots {
+        self.udp_slots.clone()
+    }
+
+    /// Sends redirected TCP connections to `listener` (IPv4 only, no UDP
+    /// or DNS capture). Until this is called nothing is redirected.
+    pub fn set_proxy(&mut self, listener: SocketAddrV4) -> Result<(), LoadError> {
+        self.configure(ProxyConfig {
+            tcp4: listener,
+            tcp6: None,
+            udp_port: 0,
+            dns: false,
+        })
+    }
+
     /// Adds a range to redirect (`proxy`) or to leave alone (`!proxy`,
     /// `--never-proxy`). The most specific range wins.
     pub fn add_range(&mut self, cidr: Cidr, proxy: bool) -> Result<(), LoadError> {
-        let IpAddr::V4(addr) = cidr.addr() else {
-            return Err(LoadError::Io {
-                what: format!("adding range {cidr}"),
-                source: io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "IPv6 ranges are not redirected yet; pass IPv4 ranges",
-                ),
-            });
-        };
-        let name = maps::CIDRS4;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(LoadError::MissingMap { name })?;
-        let mut trie: LpmTrie<_, u32, u32> =
-            LpmTrie::try_from(map).map_err(|source| LoadError::Map { name, source })?;
-        let key = Key::new(
-            u32::from(cidr.prefix_len()),
-            u32::from_ne_bytes(addr.octets()),
-        );
         let value = if proxy { action::PROXY } else { action::NEVER };
-        trie.insert(&key, value, 0)
-            .map_err(|source| LoadError::Map { name, source })
+        let prefix = u32::from(cidr.prefix_len());
+        match cidr.addr() {
+            IpAddr::V4(addr) => {
+                let name = maps::CIDRS4;
+                let map = self
+                    .ebpf
+                    .map_mut(name)
+                    .ok_or(LoadError::MissingMap { name })?;
+                let mut trie: LpmTrie<_, u32, u32> =
+                    LpmTrie::try_from(map).map_err(|source| LoadError::Map { name, source })?;
+                let key = Key::new(prefix, u32::from_ne_bytes(addr.octets()));
+                trie.insert(&key, value, 0)
+                    .map_err(|source| LoadError::Map { name, source })
+            }
+            IpAddr::V6(addr) => {
+                let name = maps::CIDRS6;
+                let map = self
+                    .ebpf
+                    .map_mut(name)
+                    .ok_or(LoadError::MissingMap { name })?;
+                let mut trie: LpmTrie<_, [u32; 4], u32> =
+                    LpmTrie::try_from(map).map_err(|source| LoadError::Map { name, source })?;
+                let key = Key::new(prefix, ip6_words(&addr));
+                trie.insert(&key, value, 0)
+                    .map_err(|source| LoadError::Map { name, source })
+            }
+        }
     }
 
     /// Attaches the programs to the cgroup open at `cgroup` through
@@ -142,7 +224,7 @@ impl Redirector {
             source,
         };
         let mut program_ids = Vec::new();
-        for name in [programs::CONNECT4, programs::GETPEERNAME4] {
+        for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
                 .map_err(|e| attach_err(name, e))?;
@@ -239,6 +321,74 @@ impl OrigDstTable {
         let _ = map.remove(&key);
         Ok(orig_to_socket_addr(&orig))
     }
+}
+
+/// An IPv6 address as the kernel's four network-order words.
+fn ip6_words(ip: &std::net::Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// tpbpfd's own sockets: registered before they connect or send, so the
+/// programs leave them alone even when tpbpfd runs inside a bridged cgroup.
+#[derive(Clone)]
+pub struct Bypass(Arc<Mutex<HashMap<MapData, u64, u32>>>);
+
+impl Bypass {
+    /// Exempts `sock` (by its cookie) from redirection. Returns the cookie,
+    /// for [`Bypass::forget`] when the socket closes.
+    pub fn register<S: AsFd>(&self, sock: &S) -> io::Result<u64> {
+        let cookie = socket_cookie(sock)?;
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(cookie, 1, 0).map_err(io::Error::other)?;
+        Ok(cookie)
+    }
+
+    pub fn forget(&self, cookie: u64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = map.remove(&cookie);
+    }
+}
+
+/// The UDP slot table: which original destination a slot address stands for.
+#[derive(Clone)]
+pub struct UdpSlots(Arc<Array<MapData, OrigDst>>);
+
+impl UdpSlots {
+    /// The original destination of the slot address `ip` (127.100.x.y).
+    pub fn lookup(&self, ip: Ipv4Addr) -> Option<SocketAddr> {
+        let o = ip.octets();
+        if o[..2] != UDP_SLOT_NET {
+            return None;
+        }
+        let slot = u32::from(o[2]) << 8 | u32::from(o[3]);
+        let orig = self.0.get(&slot, 0).ok()?;
+        if orig.family == 0 {
+            return None;
+        }
+        orig_to_socket_addr(&orig)
+    }
+}
+
+/// `SO_COOKIE`: the kernel's id of a socket, as the programs see it.
+fn socket_cookie<S: AsFd>(sock: &S) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a u64-sized out buffer whose length is passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 fn sock_key(netns_cookie: u64, peer: SocketAddr) -> SockKey {
