@@ -23,9 +23,12 @@ fi
 #  build-essential pkg-config        C toolchain for -sys crates
 #  bpftool                           the kernel's own view of programs, links and cgroups (tests)
 #  iproute2                          network namespaces and veth pairs (tests, demo)
-#  curl                              a real client for the demo
+#  curl                              a real client for the demo and the tests
+#  dnsmasq-base bind9-dnsutils       a real DNS server (no service started) and dig, for the tests
+#  socat util-linux                  UDP echo peers, unshare (private resolv.conf) for the tests
 PKGS=(rustc-web cargo-web rust-web-src rust-web-clippy rustfmt-web llvm-22-dev libpolly-22-dev
-      zlib1g-dev libzstd-dev build-essential pkg-config bpftool iproute2 curl)
+      zlib1g-dev libzstd-dev build-essential pkg-config bpftool iproute2 curl
+      dnsmasq-base bind9-dnsutils socat util-linux)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,7 +1,7 @@
 //! The maps, named once in `tpbpf_common::maps`.
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap},
+    maps::{lpm_trie::LpmTrie, Array, LruHashMap},
 };
 use tpbpf_common::{Config, OrigDst, SockKey, CIDR_MAP_ENTRIES, CONN_MAP_ENTRIES, UDP_SLOTS};
 
@@ -20,7 +20,7 @@ pub static CIDRS6: LpmTrie<[u32; 4], u32> =
     LpmTrie::with_max_entries(CIDR_MAP_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "TPBPF_BYPASS")]
-pub static BYPASS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+pub static BYPASS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
 
 #[map(name = "TPBPF_COOKIE_ORIG")]
 pub static COOKIE_ORIG: LruHashMap<u64, OrigDst> =

@@ -16,6 +16,11 @@ struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `tpbpf_loader=trace`.
     #[arg(long, global = true, env = "TPBPF_LOG", default_value = "info")]
     log: String,
+    /// Run in this network namespace (an `ip netns` name or a path), like
+    /// `ip netns exec` but keeping this mount namespace (and its cgroup v2
+    /// mount).
+    #[arg(long, global = true, value_name = "NAME")]
+    netns: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +40,11 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Run one command with the bridge active for its process tree only;
+    /// exits with the command's status and leaves nothing behind.
+    Run(cmd::bridge::RunArgs),
+    /// Run tpbpfd in the foreground, bridging a whole cgroup subtree.
+    Daemon(cmd::bridge::DaemonArgs),
     /// Debugging tools.
     #[command(subcommand)]
     Debug(DebugCommand),
@@ -54,8 +64,16 @@ enum DebugCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log);
+    if let Some(ns) = &cli.netns {
+        if let Err(e) = netns::enter(ns) {
+            eprintln!("tpbpf: error: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Doctor { output } => Ok(cmd::doctor::run(output)),
+        Command::Run(args) => cmd::bridge::run(args),
+        Command::Daemon(args) => cmd::bridge::daemon(args),
         Command::Debug(DebugCommand::Redirect(args)) => cmd::redirect::run(args),
         Command::ReapCgroup { path } => tpbpf_cgroup::reaper::run_reaper(path)
             .map(|()| ExitCode::SUCCESS)

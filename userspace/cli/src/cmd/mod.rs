@@ -1,2 +1,4 @@
+pub mod bridge;
 pub mod doctor;
 pub mod redirect;
+pub mod scope;

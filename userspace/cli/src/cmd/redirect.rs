@@ -3,9 +3,7 @@
 //! it recovered. Useful to check a machine end to end before a cluster is
 //! involved; the privileged tests drive it.
 use std::{
-    ffi::CString,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::unix::{ffi::OsStrExt, process::CommandExt},
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -19,6 +17,8 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 use tpbpf_cgroup::{reaper::Reaper, ChildCgroup};
+
+use super::scope::{exit_code, forward, spawn_in_cgroup};
 use tpbpf_loader::{Cidr, OrigDstTable, Redirector};
 use tracing::{info, warn};
 
@@ -32,9 +32,6 @@ pub struct Args {
     /// A range never to redirect, even inside a --cidr range (repeatable).
     #[arg(long = "never-proxy")]
     never_proxy: Vec<Cidr>,
-    /// Run in this network namespace (`ip netns` name or a path).
-    #[arg(long)]
-    netns: Option<String>,
     /// Create the child cgroup under this cgroup (default: tpbpf's own).
     #[arg(long)]
     cgroup_parent: Option<PathBuf>,
@@ -51,9 +48,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    if let Some(ns) = &args.netns {
-        crate::netns::enter(ns)?;
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -225,51 +219,4 @@ fn emit(out: Output, event: serde_json::Value, text: String) {
         Output::Table => writeln!(stdout, "{text}"),
     };
     let _ = stdout.flush();
-}
-
-/// Spawns `argv` with the child joining `cgroup` between fork and exec, so
-/// not a single syscall of it runs outside the cgroup.
-fn spawn_in_cgroup(argv: &[String], cgroup: &std::path::Path) -> Result<tokio::process::Child> {
-    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
-        .context("cgroup path contains a NUL byte")?;
-    let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]);
-    // SAFETY: only async-signal-safe calls (open, write, close) on memory
-    // prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let rc = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if rc != 1 {
-                return Err(err);
-            }
-            Ok(())
-        });
-    }
-    tokio::process::Command::from(cmd)
-        .spawn()
-        .with_context(|| format!("starting `{}` in cgroup {}", argv[0], cgroup.display()))
-}
-
-fn forward(pid: Option<u32>, sig: libc::c_int) {
-    if let Some(pid) = pid {
-        // SAFETY: kill has no memory preconditions; pid is our own child.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
-    }
-}
-
-fn exit_code(status: std::process::ExitStatus) -> ExitCode {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => ExitCode::from(c as u8),
-        (None, Some(s)) => ExitCode::from(128u8.wrapping_add(s as u8)),
-        _ => ExitCode::FAILURE,
-    }
 }

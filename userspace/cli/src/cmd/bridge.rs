@@ -1,0 +1,239 @@
+//! `tpbpf run` (one command, in a cgroup of its own) and `tpbpf daemon`
+//! (tpbpfd in the foreground, attached to a whole cgroup subtree).
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
+use tpbpf_cgroup::{reaper::Reaper, ChildCgroup};
+use tpbpf_daemon::{Bridge, BridgeOptions, DnsConfig, NetnsUpstream, Upstream};
+use tpbpf_loader::Cidr;
+use tracing::info;
+
+use super::scope::{exit_code, forward, spawn_in_cgroup};
+use crate::Output;
+
+/// What to bridge and where to, shared by `run` and `daemon`.
+#[derive(clap::Args, Clone)]
+pub struct BridgeArgs {
+    /// Where bridged traffic goes: `netns:NAME` dials every original
+    /// destination from inside network namespace NAME (no cluster needed).
+    #[arg(long, value_name = "UPSTREAM")]
+    upstream: String,
+    /// A cluster range to bridge (repeatable), e.g. the service and pod CIDRs.
+    #[arg(long = "cidr", value_name = "CIDR")]
+    cidrs: Vec<Cidr>,
+    /// Another range to bridge (repeatable).
+    #[arg(long = "also-proxy", value_name = "CIDR")]
+    also_proxy: Vec<Cidr>,
+    /// A range never to bridge, even inside a bridged one (repeatable).
+    #[arg(long = "never-proxy", value_name = "CIDR")]
+    never_proxy: Vec<Cidr>,
+    /// The cluster's DNS server, as reached from the upstream (e.g. the
+    /// kube-dns ClusterIP).
+    #[arg(long, value_name = "ADDR")]
+    cluster_dns: Option<String>,
+    /// The cluster domain.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Another DNS suffix the cluster answers (repeatable).
+    #[arg(long = "dns-suffix")]
+    dns_suffixes: Vec<String>,
+    /// A connected namespace (repeatable); bare names resolve in the first.
+    #[arg(long = "namespace", default_value = "default")]
+    namespaces: Vec<String>,
+    /// Do not capture DNS.
+    #[arg(long)]
+    no_dns: bool,
+    /// Event format on stdout.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+impl BridgeArgs {
+    fn upstream(&self) -> Result<Arc<dyn Upstream>> {
+        let Some(name) = self.upstream.strip_prefix("netns:") else {
+            bail!(
+                "unknown upstream `{}`: use `netns:NAME` (a network namespace to dial from)",
+                self.upstream
+            );
+        };
+        let cluster_dns = match &self.cluster_dns {
+            None => None,
+            Some(s) => Some(
+                s.parse()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                    .with_context(|| {
+                        format!("--cluster-dns `{s}` is not an address (e.g. 10.96.0.10)")
+                    })?,
+            ),
+        };
+        Ok(NetnsUpstream::new(name, cluster_dns)?)
+    }
+
+    fn options(&self) -> Result<BridgeOptions> {
+        let cidrs: Vec<Cidr> = self.cidrs.iter().chain(&self.also_proxy).copied().collect();
+        if cidrs.is_empty() && self.no_dns {
+            bail!("nothing to bridge: give --cidr ranges, or leave DNS capture on");
+        }
+        Ok(BridgeOptions {
+            cidrs,
+            never_proxy: self.never_proxy.clone(),
+            dns: (!self.no_dns).then(|| DnsConfig {
+                cluster_domain: self.cluster_domain.clone(),
+                suffixes: self.dns_suffixes.clone(),
+                namespaces: self.namespaces.clone(),
+            }),
+        })
+    }
+
+    fn ready_event(
+        &self,
+        bridge: &Bridge,
+        cgroup: &std::path::Path,
+        ids: &tpbpf_loader::AttachedIds,
+        upstream: &dyn Upstream,
+    ) {
+        let proxy = bridge.proxy();
+        let cidrs: Vec<String> = self
+            .cidrs
+            .iter()
+            .chain(&self.also_proxy)
+            .map(ToString::to_string)
+            .collect();
+        let event = json!({
+            "event": "ready",
+            "pid": std::process::id(),
+            "cgroup": cgroup,
+            "upstream": upstream.describe(),
+            "cidrs": cidrs,
+            "never_proxy": self.never_proxy.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "dns": !self.no_dns,
+            "tcp4": proxy.tcp4.to_string(),
+            "tcp6": proxy.tcp6.map(|a| a.to_string()),
+            "udp_port": proxy.udp_port,
+            "program_ids": ids.program_ids,
+            "link_ids": ids.link_ids,
+        });
+        let text = format!(
+            "bridging {} (dns: {}) from cgroup {} via {}",
+            if cidrs.is_empty() {
+                "no ranges".to_string()
+            } else {
+                cidrs.join(", ")
+            },
+            if self.no_dns { "off" } else { "on" },
+            cgroup.display(),
+            upstream.describe()
+        );
+        emit(self.output, event, text);
+    }
+}
+
+pub fn emit(out: Output, event: serde_json::Value, text: String) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = match out {
+        Output::Json => writeln!(stdout, "{event}"),
+        Output::Table => writeln!(stdout, "{text}"),
+    };
+    let _ = stdout.flush();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    bridge: BridgeArgs,
+    /// Create the command's cgroup under this cgroup (default: tpbpf's own).
+    #[arg(long)]
+    cgroup_parent: Option<PathBuf>,
+    /// The command to run, bridged, and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// `tpbpf run -- CMD`: bridges CMD's process tree only, passes its exit
+/// status through, removes everything afterwards.
+pub fn run(args: RunArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let upstream = args.bridge.upstream()?;
+        let parent = match &args.cgroup_parent {
+            Some(p) => p.clone(),
+            None => tpbpf_cgroup::current_cgroup_dir()?,
+        };
+        let cgroup = ChildCgroup::create(&parent, &format!("tpbpf-run-{}", std::process::id()))?;
+        let exe = std::env::current_exe().context("finding tpbpf's own executable")?;
+        let reaper = Reaper::spawn(&exe, &["__reap-cgroup"], cgroup.path())
+            .context("starting the cgroup clean-up helper")?;
+        let mut bridge = Bridge::start(args.bridge.options()?, upstream.clone()).await?;
+        let dir = cgroup.open()?;
+        let ids = bridge.attach(&dir, &cgroup.path().display().to_string())?;
+        drop(dir);
+        args.bridge
+            .ready_event(&bridge, cgroup.path(), &ids, upstream.as_ref());
+
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let mut child = spawn_in_cgroup(&args.command, cgroup.path())?;
+        let pid = child.id();
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status?,
+                _ = sigint.recv() => forward(pid, libc::SIGINT),
+                _ = sigterm.recv() => forward(pid, libc::SIGTERM),
+                _ = sighup.recv() => forward(pid, libc::SIGHUP),
+            }
+        };
+        drop(bridge);
+        cgroup.remove()?;
+        reaper.finish();
+        Ok(exit_code(status))
+    })
+}
+
+#[derive(clap::Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    bridge: BridgeArgs,
+    /// Bridge this cgroup and everything below it (default: the root of the
+    /// cgroup v2 hierarchy, i.e. the whole machine).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+}
+
+/// tpbpfd in the foreground: bridges a whole cgroup subtree until SIGINT or
+/// SIGTERM. Its own sockets are exempt through the bypass map.
+pub fn daemon(args: DaemonArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let upstream = args.bridge.upstream()?;
+        let cgroup = match &args.cgroup {
+            Some(p) => p.clone(),
+            None => tpbpf_cgroup::cgroup2_mount()?,
+        };
+        let dir = std::fs::File::open(&cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let mut bridge = Bridge::start(args.bridge.options()?, upstream.clone()).await?;
+        let ids = bridge.attach(&dir, &cgroup.display().to_string())?;
+        drop(dir);
+        args.bridge
+            .ready_event(&bridge, &cgroup, &ids, upstream.as_ref());
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+        info!("signal received: detaching");
+        drop(bridge);
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,349 @@
+//! The DNS proxy. Port 53 to any resolver, from a bridged process, lands
+//! here. Names of the cluster are answered through the upstream (the
+//! cluster's DNS); every other query goes, unchanged, to the resolver the
+//! application asked.
+//!
+//! Which names are the cluster's:
+//! - names under the cluster domain (`cluster.local` unless configured) or
+//!   an extra suffix;
+//! - `<svc>.<ns>` and `<svc>.<ns>.svc`, when `<ns>` is a connected
+//!   namespace: asked as `<svc>.<ns>.svc.<domain>`, like inside a pod;
+//! - a bare name (`api`): asked as `api.<first namespace>.svc.<domain>`;
+//!   if the cluster does not know it, it is forwarded as it was.
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use hickory_proto::{
+    op::{Message, ResponseCode},
+    rr::Name,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream, UdpSocket},
+};
+use tpbpf_loader::Bypass;
+use tracing::{debug, warn};
+
+use crate::upstream::Upstream;
+
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    /// The cluster domain, e.g. `cluster.local`.
+    pub cluster_domain: String,
+    /// More suffixes answered by the cluster.
+    pub suffixes: Vec<String>,
+    /// Connected namespaces; the first is where bare names resolve.
+    pub namespaces: Vec<String>,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            cluster_domain: "cluster.local".into(),
+            suffixes: Vec::new(),
+            namespaces: vec!["default".into()],
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// Ask the cluster for this name.
+    Cluster(String),
+    /// Ask the cluster; if it does not know the name, forward the query.
+    ClusterThenForward(String),
+    Forward,
+}
+
+/// Which way a query goes; see the module's documentation.
+fn route(cfg: &DnsConfig, qname: &str) -> Route {
+    let name = qname.trim_end_matches('.').to_ascii_lowercase();
+    if name.is_empty() {
+        return Route::Forward;
+    }
+    let domain = cfg.cluster_domain.trim_matches('.').to_ascii_lowercase();
+    let under = |suffix: &str| name == suffix || name.ends_with(&format!(".{suffix}"));
+    if under(&domain)
+        || cfg
+            .suffixes
+            .iter()
+            .any(|s| under(&s.trim_matches('.').to_ascii_lowercase()))
+    {
+        return Route::Cluster(format!("{name}."));
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    let is_ns = |l: &str| cfg.namespaces.iter().any(|n| n.eq_ignore_ascii_case(l));
+    match labels.as_slice() {
+        [_, .., ns, "svc"] if is_ns(ns) => Route::Cluster(format!("{name}.{domain}.")),
+        [_, .., ns] if labels.len() >= 2 && is_ns(ns) => {
+            Route::Cluster(format!("{name}.svc.{domain}."))
+        }
+        [_] => match cfg.namespaces.first() {
+            Some(ns) => Route::ClusterThenForward(format!("{name}.{ns}.svc.{domain}.")),
+            None => Route::Forward,
+        },
+        _ => Route::Forward,
+    }
+}
+
+pub struct Dns {
+    cfg: DnsConfig,
+    upstream: Arc<dyn Upstream>,
+    bypass: Bypass,
+}
+
+impl Dns {
+    pub fn new(cfg: DnsConfig, upstream: Arc<dyn Upstream>, bypass: Bypass) -> Self {
+        Self {
+            cfg,
+            upstream,
+            bypass,
+        }
+    }
+
+    fn route(&self, qname: &str) -> Route {
+        route(&self.cfg, qname)
+    }
+
+    /// Answers one query (wire format). `resolver` is where the application
+    /// sent it. `None` when no answer could be produced (the client retries).
+    pub async fn answer(&self, query: &[u8], resolver: SocketAddr) -> Option<Vec<u8>> {
+        let parsed = Message::from_vec(query).ok();
+        let qname = parsed
+            .as_ref()
+            .and_then(|m| m.queries().first())
+            .map(|q| q.name().to_ascii());
+        let route = qname.as_deref().map_or(Route::Forward, |n| self.route(n));
+        debug!(?qname, ?route, %resolver, "DNS query");
+        let (cluster_name, fallback) = match route {
+            Route::Forward => return self.forward(query, resolver).await,
+            Route::Cluster(n) => (n, false),
+            Route::ClusterThenForward(n) => (n, true),
+        };
+        let msg = parsed?;
+        match self.ask_cluster(&msg, &cluster_name).await {
+            Ok(answer) if fallback && answer.response_code() == ResponseCode::NXDomain => {
+                self.forward(query, resolver).await
+            }
+            Ok(answer) => answer.to_vec().ok(),
+            Err(e) => {
+                warn!(name = cluster_name, "cluster DNS: {e}");
+                let mut fail = Message::new();
+                fail.set_id(msg.id())
+                    .set_message_type(hickory_proto::op::MessageType::Response)
+                    .set_op_code(msg.op_code())
+                    .set_recursion_desired(msg.recursion_desired())
+                    .set_recursion_available(true)
+                    .set_response_code(ResponseCode::ServFail)
+                    .add_queries(msg.queries().to_vec());
+                fail.to_vec().ok()
+            }
+        }
+    }
+
+    /// Asks the cluster for `cluster_name`, answering as if for the name
+    /// the application asked.
+    async fn ask_cluster(&self, msg: &Message, cluster_name: &str) -> io::Result<Message> {
+        let original = msg
+            .queries()
+            .first()
+            .map(|q| q.name().clone())
+            .ok_or_else(|| io::Error::other("query without a question"))?;
+        let target = Name::from_ascii(cluster_name).map_err(io::Error::other)?;
+        let mut ask = msg.clone();
+        for q in ask.queries_mut() {
+            q.set_name(target.clone());
+        }
+        let bytes = ask.to_vec().map_err(io::Error::other)?;
+        let answer = self.upstream.dns(bytes).await?;
+        let mut answer = Message::from_vec(&answer).map_err(io::Error::other)?;
+        answer.set_id(msg.id());
+        for q in answer.queries_mut() {
+            if q.name() == &target {
+                q.set_name(original.clone());
+            }
+        }
+        for r in answer.answers_mut() {
+            if r.name() == &target {
+                r.set_name(original.clone());
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Sends the query unchanged to the resolver the application asked,
+    /// from a socket the programs leave alone.
+    async fn forward(&self, query: &[u8], resolver: SocketAddr) -> Option<Vec<u8>> {
+        let result = async {
+            let sock = Socket::new(
+                Domain::for_address(resolver),
+                Type::DGRAM,
+                Some(Protocol::UDP),
+            )?;
+            sock.set_nonblocking(true)?;
+            let cookie = self.bypass.register(&sock)?;
+            let sock = UdpSocket::from_std(sock.into())?;
+            let r = async {
+                sock.connect(resolver).await?;
+                sock.send(query).await?;
+                let mut buf = vec![0u8; 65535];
+                let n = tokio::time::timeout(FORWARD_TIMEOUT, sock.recv(&mut buf))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))??;
+                buf.truncate(n);
+                Ok::<_, io::Error>(buf)
+            }
+            .await;
+            self.bypass.forget(cookie);
+            r
+        }
+        .await;
+        match result {
+            Ok(a) => Some(a),
+            Err(e) => {
+                debug!(%resolver, "forwarding a DNS query: {e}");
+                None
+            }
+        }
+    }
+
+    async fn forward_tcp(&self, query: &[u8], resolver: SocketAddr) -> io::Result<Vec<u8>> {
+        let sock = Socket::new(
+            Domain::for_address(resolver),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
+        sock.set_nonblocking(true)?;
+        let cookie = self.bypass.register(&sock)?;
+        let r = async {
+            let mut s = tokio::time::timeout(
+                FORWARD_TIMEOUT,
+                TcpSocket::from_std_stream(sock.into()).connect(resolver),
+            )
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect"))??;
+            write_frame(&mut s, query).await?;
+            read_frame(&mut s)
+                .await?
+                .ok_or_else(|| io::Error::other("closed"))
+        }
+        .await;
+        self.bypass.forget(cookie);
+        r
+    }
+
+    /// DNS over TCP (RFC 7766): length-prefixed messages, several per connection.
+    pub async fn serve_tcp(&self, mut client: TcpStream, resolver: SocketAddr) {
+        loop {
+            let query = match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut client))
+                .await
+            {
+                Ok(Ok(Some(q))) => q,
+                _ => return,
+            };
+            let route = Message::from_vec(&query)
+                .ok()
+                .and_then(|m| {
+                    m.queries()
+                        .first()
+                        .map(|q| self.route(&q.name().to_ascii()))
+                })
+                .unwrap_or(Route::Forward);
+            let answer = match route {
+                Route::Forward => self.forward_tcp(&query, resolver).await.ok(),
+                _ => self.answer(&query, resolver).await,
+            };
+            let Some(answer) = answer else { return };
+            if write_frame(&mut client, &answer).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn read_frame(s: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match s.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut buf).await?;
+    Ok(Some(buf))
+}
+
+async fn write_frame(s: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(msg.len()).map_err(|_| io::Error::other("DNS message too long"))?;
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    s.write_all(&out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> DnsConfig {
+        DnsConfig {
+            cluster_domain: "cluster.local".into(),
+            suffixes: vec!["corp.internal".into()],
+            namespaces: vec!["default".into(), "db".into()],
+        }
+    }
+
+    fn cluster(n: &str) -> Route {
+        Route::Cluster(n.into())
+    }
+
+    #[test]
+    fn names_under_the_cluster_domain_go_to_the_cluster_as_they_are() {
+        assert_eq!(
+            route(&cfg(), "web.default.svc.cluster.local."),
+            cluster("web.default.svc.cluster.local.")
+        );
+        assert_eq!(
+            route(&cfg(), "WEB.Default.svc.Cluster.Local"),
+            cluster("web.default.svc.cluster.local.")
+        );
+        assert_eq!(
+            route(&cfg(), "api.corp.internal."),
+            cluster("api.corp.internal.")
+        );
+    }
+
+    #[test]
+    fn service_dot_namespace_resolves_like_inside_a_pod() {
+        assert_eq!(
+            route(&cfg(), "web.default."),
+            cluster("web.default.svc.cluster.local.")
+        );
+        assert_eq!(
+            route(&cfg(), "postgres.db"),
+            cluster("postgres.db.svc.cluster.local.")
+        );
+        assert_eq!(
+            route(&cfg(), "postgres.db.svc."),
+            cluster("postgres.db.svc.cluster.local.")
+        );
+    }
+
+    #[test]
+    fn bare_names_try_the_first_namespace_then_fall_back() {
+        assert_eq!(
+            route(&cfg(), "api."),
+            Route::ClusterThenForward("api.default.svc.cluster.local.".into())
+        );
+    }
+
+    #[test]
+    fn other_names_are_forwarded_untouched() {
+        assert_eq!(route(&cfg(), "example.com."), Route::Forward);
+        assert_eq!(route(&cfg(), "web.unknownns."), Route::Forward);
+        assert_eq!(route(&cfg(), "."), Route::Forward);
+        assert_eq!(route(&cfg(), "notcluster.local."), Route::Forward);
+    }
+}

@@ -1,0 +1,155 @@
+//! tpbpfd's core. The kernel programs (tpbpf-loader) send every socket the
+//! bridged processes open toward the cluster to the listeners here:
+//! - a TCP listener on 127.0.0.1 (and one on ::1 for IPv6 destinations),
+//!   which recovers each connection's original destination and dials it
+//!   through an [`Upstream`];
+//! - a UDP socket receiving on the slot addresses 127.100.x.y, each naming
+//!   one original destination, relaying datagram flows through the upstream
+//!   and answering from the same slot address;
+//! - a DNS proxy behind both, for port 53 to any resolver: cluster names are
+//!   answered through the upstream, everything else is forwarded unchanged to
+//!   the resolver the application asked.
+pub mod dns;
+mod tcp;
+mod udp;
+pub mod upstream;
+
+use std::{
+    fs::File,
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    sync::Arc,
+};
+
+use thiserror::Error;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tpbpf_loader::{AttachedIds, Cidr, LoadError, ProxyConfig, Redirector};
+use tracing::info;
+
+pub use dns::DnsConfig;
+pub use upstream::{NetnsUpstream, Upstream};
+
+#[derive(Debug, Error)]
+pub enum BridgeError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What to bridge.
+#[derive(Clone, Debug, Default)]
+pub struct BridgeOptions {
+    /// Ranges to redirect (cluster CIDRs and `--also-proxy`).
+    pub cidrs: Vec<Cidr>,
+    /// Ranges never to redirect (`--never-proxy`), even inside `cidrs`.
+    pub never_proxy: Vec<Cidr>,
+    /// Capture DNS (port 53 to any resolver) and answer cluster names.
+    pub dns: Option<DnsConfig>,
+}
+
+/// The running bridge: programs loaded, listeners serving. Attach it to a
+/// cgroup with [`Bridge::attach`]. Dropping it stops the listeners and
+/// detaches everything.
+pub struct Bridge {
+    redirector: Redirector,
+    tasks: Vec<JoinHandle<()>>,
+    proxy: ProxyConfig,
+}
+
+impl Bridge {
+    pub async fn start(
+        options: BridgeOptions,
+        upstream: Arc<dyn Upstream>,
+    ) -> Result<Self, BridgeError> {
+        let mut redirector = Redirector::load()?;
+        for cidr in &options.cidrs {
+            redirector.add_range(*cidr, true)?;
+        }
+        for cidr in &options.never_proxy {
+            redirector.add_range(*cidr, false)?;
+        }
+        upstream.exempt(redirector.bypass());
+
+        let io_err = |what| move |source| BridgeError::Io { what, source };
+        let tcp4 = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+            .await
+            .map_err(io_err("binding the TCP listener on 127.0.0.1"))?;
+        // No ::1 (IPv6 disabled): IPv6 destinations are left alone.
+        let tcp6 = TcpListener::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0))
+            .await
+            .ok();
+        let udp = udp::UdpProxy::bind().map_err(io_err("binding the UDP proxy socket on lo"))?;
+        let addr4 = match tcp4.local_addr() {
+            Ok(SocketAddr::V4(a)) => a,
+            _ => {
+                return Err(BridgeError::Io {
+                    what: "reading the TCP listener's address",
+                    source: io::Error::other("not IPv4"),
+                })
+            }
+        };
+        let addr6 = tcp6.as_ref().and_then(|l| match l.local_addr() {
+            Ok(SocketAddr::V6(a)) => Some(a),
+            _ => None,
+        });
+        let proxy = ProxyConfig {
+            tcp4: addr4,
+            tcp6: addr6,
+            udp_port: udp.port(),
+            dns: options.dns.is_some(),
+        };
+        redirector.configure(proxy)?;
+
+        let dns = options
+            .dns
+            .map(|cfg| Arc::new(dns::Dns::new(cfg, upstream.clone(), redirector.bypass())));
+        let table = redirector.table();
+        let mut tasks = vec![tokio::spawn(tcp::serve(
+            tcp4,
+            table.clone(),
+            upstream.clone(),
+            dns.clone(),
+        ))];
+        if let Some(l) = tcp6 {
+            tasks.push(tokio::spawn(tcp::serve(
+                l,
+                table,
+                upstream.clone(),
+                dns.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(udp.serve(
+            redirector.udp_slots(),
+            upstream,
+            dns,
+        )));
+        info!(tcp4 = %addr4, tcp6 = ?addr6, udp_port = proxy.udp_port, "bridge listening");
+        Ok(Self {
+            redirector,
+            tasks,
+            proxy,
+        })
+    }
+
+    /// Attaches the programs to a cgroup (bpf_links owned by this process).
+    pub fn attach(&mut self, cgroup: &File, name: &str) -> Result<AttachedIds, BridgeError> {
+        Ok(self.redirector.attach(cgroup, name)?)
+    }
+
+    pub fn proxy(&self) -> ProxyConfig {
+        self.proxy
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The TCP listener behind the redirect.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::{TcpListener, TcpStream};
+use tpbpf_loader::OrigDstTable;
+use tracing::{debug, warn};
+
+use crate::{dns::Dns, upstream::Upstream};
+
+pub async fn serve(
+    listener: TcpListener,
+    table: OrigDstTable,
+    upstream: Arc<dyn Upstream>,
+    dns: Option<Arc<Dns>>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("accepting a redirected connection: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let (table, upstream, dns) = (table.clone(), upstream.clone(), dns.clone());
+        tokio::spawn(async move { handle(stream, peer, table, upstream, dns).await });
+    }
+}
+
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    table: OrigDstTable,
+    upstream: Arc<dyn Upstream>,
+    dns: Option<Arc<Dns>>,
+) {
+    let orig = match table.take(&client, peer) {
+        Ok(Some(orig)) => orig,
+        Ok(None) => {
+            debug!(%peer, "connection not redirected by tpbpf: closing it");
+            return;
+        }
+        Err(e) => {
+            warn!(%peer, "looking up the original destination: {e}");
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    if orig.port() == 53 {
+        if let Some(dns) = dns {
+            dns.serve_tcp(client, orig).await;
+            return;
+        }
+    }
+    match upstream.connect_tcp(orig).await {
+        Ok(mut up) => {
+            debug!(%peer, %orig, "connected");
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut up).await {
+                debug!(%peer, %orig, "connection ended: {e}");
+            }
+        }
+        Err(e) => {
+            warn!(%peer, %orig, upstream = upstream.describe(), "dialing the original destination: {e}");
+            // Reset, so the application sees a failed connection rather than
+            // an orderly close.
+            let _ = client.set_zero_linger();
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The UDP proxy: one socket bound to port P on `lo`, receiving datagrams
+//! sent to the slot addresses `127.100.x.y:P`. The destination address of
+//! each datagram (IP_PKTINFO) names its original destination; replies leave
+//! from that same address, so `recvmsg4/6` can show the application the
+//! original source.
+use std::{
+    collections::HashMap,
+    io::{IoSlice, IoSliceMut},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsRawFd,
+    sync::Arc,
+    time::Duration,
+};
+
+use nix::sys::socket::{
+    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockaddrIn,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
+use tpbpf_loader::UdpSlots;
+use tracing::{debug, warn};
+
+use crate::{dns::Dns, upstream::Upstream};
+
+/// A flow with no datagram either way for this long is closed.
+const FLOW_IDLE: Duration = Duration::from_secs(120);
+
+pub struct UdpProxy {
+    sock: Arc<UdpSocket>,
+    port: u16,
+}
+
+impl UdpProxy {
+    pub fn bind() -> std::io::Result<Self> {
+        let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        // Only local processes can reach it: bound to the loopback device.
+        sock.bind_device(Some(b"lo"))?;
+        sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
+        setsockopt(&sock, sockopt::Ipv4PacketInfo, &true).map_err(std::io::Error::from)?;
+        sock.set_nonblocking(true)?;
+        let port = sock
+            .local_addr()?
+            .as_socket()
+            .map(|a| a.port())
+            .unwrap_or(0);
+        let sock = UdpSocket::from_std(sock.into())?;
+        Ok(Self {
+            sock: Arc::new(sock),
+            port,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn serve(self, slots: UdpSlots, upstream: Arc<dyn Upstream>, dns: Option<Arc<Dns>>) {
+        let mut flows: HashMap<(SocketAddrV4, Ipv4Addr), mpsc::Sender<Vec<u8>>> = HashMap::new();
+        let (closed_tx, mut closed_rx) = mpsc::unbounded_channel();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            tokio::select! {
+                Some(key) = closed_rx.recv() => { flows.remove(&key); }
+                got = recv_with_dst(&self.sock, &mut buf) => {
+                    let (n, client, slot_ip) = match got {
+                        Ok(v) => v,
+                        Err(e) => {
+                            warn!("receiving on the UDP proxy: {e}");
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    };
+                    let data = buf[..n].to_vec();
+                    let key = (client, slot_ip);
+                    if let Some(tx) = flows.get(&key) {
+                        if tx.try_send(data).is_err() {
+                            debug!(%client, "UDP flow queue full: datagram dropped");
+                        }
+                        continue;
+                    }
+                    let Some(orig) = slots.lookup(slot_ip) else {
+                        debug!(%client, %slot_ip, "datagram for an unknown UDP slot: dropped");
+                        continue;
+                    };
+                    if orig.port() == 53 {
+                        if let Some(dns) = dns.clone() {
+                            let sock = self.sock.clone();
+                            tokio::spawn(async move {
+                                if let Some(answer) = dns.answer(&data, orig).await {
+                                    let _ = send_from(&sock, &answer, slot_ip, client).await;
+                                }
+                            });
+                            continue;
+                        }
+                    }
+                    let (tx, rx) = mpsc::channel(256);
+                    let _ = tx.try_send(data);
+                    flows.insert(key, tx);
+                    let (sock, upstream, closed) = (self.sock.clone(), upstream.clone(), closed_tx.clone());
+                    tokio::spawn(async move {
+                        run_flow(sock, upstream, orig, client, slot_ip, rx).await;
+                        let _ = closed.send(key);
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn run_flow(
+    sock: Arc<UdpSocket>,
+    upstream: Arc<dyn Upstream>,
+    orig: SocketAddr,
+    client: SocketAddrV4,
+    slot_ip: Ipv4Addr,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
+    let flow = match upstream.udp(orig).await {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(%client, %orig, "opening a UDP flow: {e}");
+            return;
+        }
+    };
+    debug!(%client, %orig, "UDP flow open");
+    let mut buf = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            d = rx.recv() => match d {
+                Some(d) => {
+                    if let Err(e) = flow.send(&d).await {
+                        debug!(%orig, "sending a datagram upstream: {e}");
+                    }
+                }
+                None => return,
+            },
+            r = flow.recv(&mut buf) => match r {
+                Ok(n) => {
+                    if let Err(e) = send_from(&sock, &buf[..n], slot_ip, client).await {
+                        debug!(%client, "returning a datagram: {e}");
+                    }
+                }
+                Err(e) => {
+                    debug!(%orig, "UDP flow ended: {e}");
+                    return;
+                }
+            },
+            _ = tokio::time::sleep(FLOW_IDLE) => return,
+        }
+    }
+}
+
+/// Receives one datagram with its sender and the address it was sent to.
+async fn recv_with_dst(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddrV4, Ipv4Addr)> {
+    loop {
+        sock.readable().await?;
+        let fd = sock.as_raw_fd();
+        let r = sock.try_io(Interest::READABLE, || {
+            let mut iov = [IoSliceMut::new(buf)];
+            let mut cmsg = nix::cmsg_space!(libc::in_pktinfo);
+            let msg = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+                .map_err(std::io::Error::from)?;
+            let mut dst = None;
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::Ipv4PacketInfo(info) = c {
+                        dst = Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+                    }
+                }
+            }
+            let src = msg
+                .address
+                .map(|a| SocketAddrV4::new(Ipv4Addr::from(a.ip()), a.port()));
+            match (src, dst) {
+                (Some(src), Some(dst)) => Ok((msg.bytes, src, dst)),
+                _ => Err(std::io::Error::other(
+                    "datagram without address information",
+                )),
+            }
+        });
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Sends `data` to `to`, from the local address `from`.
+async fn send_from(
+    sock: &UdpSocket,
+    data: &[u8],
+    from: Ipv4Addr,
+    to: SocketAddrV4,
+) -> std::io::Result<()> {
+    let fd = sock.as_raw_fd();
+    let info = libc::in_pktinfo {
+        ipi_ifindex: 0,
+        ipi_spec_dst: libc::in_addr {
+            s_addr: u32::from(from).to_be(),
+        },
+        ipi_addr: libc::in_addr { s_addr: 0 },
+    };
+    let dest = SockaddrIn::from(to);
+    sock.async_io(Interest::WRITABLE, || {
+        let iov = [IoSlice::new(data)];
+        let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
+        sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), Some(&dest))
+            .map(|_| ())
+            .map_err(std::io::Error::from)
+    })
+    .await
+}
