@@ -211,6 +211,9 @@ pub fn cgroup_prog_ids(dir: &Path) -> Vec<u64> {
 
 fn bpftool_ids(args: &[&str]) -> Vec<u64> {
     let out = run(Command::new("bpftool").args(args));
+    if out.trim().is_empty() {
+        return Vec::new();
+    }
     let v: serde_json::Value = serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("bpftool {args:?} gave non-JSON ({e}): {out}"));
     v.as_array()
@@ -230,4 +233,284 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A background process, killed on drop; its stdout lines (JSON events)
+/// are collected by a thread.
+pub struct Bg {
+    child: std::process::Child,
+    lines: std::sync::Mutex<std::sync::mpsc::Receiver<String>>,
+    seen: Vec<String>,
+}
+
+impl Bg {
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines: std::sync::Mutex::new(rx),
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a JSON line matching `pred`; lines seen are kept for [`Bg::events`].
+    pub fn wait_event(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        for line in &self.seen {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if pred(&v) {
+                    return Some(v);
+                }
+            }
+        }
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.lines.lock().ok()?.recv_timeout(left).ok()?;
+            self.seen.push(line.clone());
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if pred(&v) {
+                    return Some(v);
+                }
+            }
+        }
+    }
+
+    /// All JSON lines received so far.
+    pub fn events(&mut self) -> Vec<serde_json::Value> {
+        if let Ok(rx) = self.lines.lock() {
+            while let Ok(l) = rx.try_recv() {
+                self.seen.push(l);
+            }
+        }
+        self.seen
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn kill(&mut self, sig: libc::c_int) {
+        // SAFETY: kill has no memory preconditions; the pid is our child's.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The addresses of a test "cluster".
+pub const WEB4: &str = "10.96.0.10";
+pub const WEB6: &str = "fd00:96::10";
+pub const BULK4: &str = "10.96.0.11";
+pub const CLUSTER_CIDR4: &str = "10.96.0.0/12";
+pub const CLUSTER_CIDR6: &str = "fd00:96::/64";
+
+/// A "cluster" network namespace: servers on cluster addresses (HTTP and a
+/// UDP echo on 10.96.0.10 and fd00:96::10, a slow bulk sender on 10.96.0.11)
+/// and dnsmasq serving `*.svc.cluster.local` on 10.96.0.10:53. No route in
+/// or out: only tpbpf's upstream (which dials from inside it) reaches it.
+pub struct Cluster {
+    pub http: Bg,
+    pub udp: Bg,
+    _bulk: Bg,
+    _dns: Bg,
+    pub ns: NetNs,
+}
+
+impl Cluster {
+    /// `tag` is part of every HTTP answer, to tell clusters apart.
+    pub fn new(tag: &str) -> Self {
+        let ns = NetNs::new();
+        for a in [format!("{WEB4}/32"), format!("{BULK4}/32")] {
+            run(Command::new("ip").args(["-n", ns.name(), "addr", "add", &a, "dev", "lo"]));
+        }
+        run(Command::new("ip").args([
+            "-n",
+            ns.name(),
+            "addr",
+            "add",
+            &format!("{WEB6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]));
+        let server = |mode: &str, addrs: &[String]| {
+            let mut cmd = Command::new(testserver_bin());
+            cmd.args(["--netns", ns.name(), mode])
+                .args(addrs)
+                .env("TAG", tag);
+            let mut bg = Bg::spawn(&mut cmd);
+            bg.wait_event(Duration::from_secs(5), |e| e["event"] == "ready")
+                .unwrap_or_else(|| panic!("tpbpf-testserver {mode} did not start"));
+            bg
+        };
+        let http = server("http", &[format!("{WEB4}:80"), format!("[{WEB6}]:80")]);
+        let udp = server("udp-echo", &[format!("{WEB4}:7"), format!("[{WEB6}]:7")]);
+        let bulk = server("bulk", &[format!("{BULK4}:80")]);
+        let dns = dnsmasq(
+            ns.name(),
+            WEB4,
+            &[
+                format!("/web.default.svc.cluster.local/{WEB4}"),
+                format!("/web.default.svc.cluster.local/{WEB6}"),
+                format!("/bulk.default.svc.cluster.local/{BULK4}"),
+                format!("/postgres.db.svc.cluster.local/{BULK4}"),
+            ],
+        );
+        Self {
+            http,
+            udp,
+            _bulk: bulk,
+            _dns: dns,
+            ns,
+        }
+    }
+}
+
+/// dnsmasq (Debian's) in a namespace, answering `--address` records only.
+pub fn dnsmasq(netns: &str, listen: &str, addresses: &[String]) -> Bg {
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        netns,
+        "dnsmasq",
+        "--no-daemon",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--pid-file=",
+        "--bind-interfaces",
+        "--user=root",
+    ])
+    .arg(format!("--listen-address={listen}"));
+    for a in addresses {
+        cmd.arg(format!("--address={a}"));
+    }
+    let bg = Bg::spawn(cmd.stderr(std::process::Stdio::null()));
+    let port_open = || {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "dig",
+                "+short",
+                "+time=1",
+                "+tries=1",
+                &format!("@{listen}"),
+                "ready.invalid",
+            ])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), port_open),
+        "dnsmasq on {listen} in {netns} did not start"
+    );
+    bg
+}
+
+/// The developer machine: a network namespace with no route off it, and its
+/// own "normal" resolver (dnsmasq on 127.0.0.53, knowing `host-only.test`),
+/// with a resolv.conf naming it for commands run through [`Client::wrap`].
+pub struct Client {
+    _resolver: Bg,
+    resolv_conf: PathBuf,
+    pub ns: NetNs,
+}
+
+impl Client {
+    pub fn new() -> Self {
+        let ns = NetNs::new();
+        run(Command::new("ip").args(["-n", ns.name(), "addr", "add", "127.0.0.53/8", "dev", "lo"]));
+        let resolver = dnsmasq(
+            ns.name(),
+            "127.0.0.53",
+            &["/host-only.test/192.0.2.7".to_string()],
+        );
+        let resolv_conf = std::env::temp_dir().join(format!("{}.resolv.conf", ns.name()));
+        fs::write(&resolv_conf, "nameserver 127.0.0.53\n").unwrap();
+        Self {
+            _resolver: resolver,
+            resolv_conf,
+            ns,
+        }
+    }
+
+    /// `argv` run in a private mount namespace whose /etc/resolv.conf names
+    /// the client's own resolver (never the machine's).
+    pub fn wrap(&self, argv: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "unshare".into(),
+            "-m".into(),
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "mount --bind {} /etc/resolv.conf && exec \"$@\"",
+                self.resolv_conf.display()
+            ),
+            "sh".into(),
+        ];
+        v.extend(argv.iter().map(|s| s.to_string()));
+        v
+    }
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.resolv_conf);
+    }
+}
+
+/// The server's binary.
+pub fn testserver_bin() -> PathBuf {
+    built_bin("tpbpf-testserver")
 }

@@ -26,6 +26,9 @@ pub mod maps {
     pub const UDP_SLOTS: &str = "TPBPF_UDP_SLOTS";
     /// `Array<u32>` with one entry: the next slot to hand out.
     pub const UDP_NEXT: &str = "TPBPF_UDP_NEXT";
+    /// `LruHashMap<SockKey (netns, client port), OrigDst>`: the last
+    /// destination of each unconnected IPv6 UDP socket (see `Config::udp6_port_be`).
+    pub const UDP6_LAST: &str = "TPBPF_UDP6_LAST";
     /// `LruHashMap<u64 (socket cookie), OrigDst>`: filled on connect, read by
     /// getpeername and by the sock_ops re-keying.
     pub const COOKIE_ORIG: &str = "TPBPF_COOKIE_ORIG";
@@ -66,6 +69,8 @@ pub mod flags {
     pub const DNS: u32 = 2;
     /// A TCP listener on `[::1]` exists for native IPv6 destinations.
     pub const PROXY6: u32 = 4;
+    /// A UDP socket on `[::1]` exists for unconnected IPv6 datagrams.
+    pub const UDP6: u32 = 8;
 }
 
 /// Values of the CIDR maps.
@@ -103,7 +108,12 @@ pub struct Config {
     pub udp_port_be: u32,
     /// [`flags`] bits; zero until userspace has filled the entry.
     pub flags: u32,
-    pub _pad: u32,
+    /// UDP proxy port on `[::1]` for unconnected IPv6 datagrams, network
+    /// order in the low 16 bits. The kernel refuses to turn an IPv6
+    /// `sendmsg` into an IPv4-mapped one, so native IPv6 datagrams cannot use
+    /// the slot addresses; they go to `[::1]`, and the socket's last
+    /// destination is kept by (netns, local port).
+    pub udp6_port_be: u32,
 }
 
 /// An original destination.

@@ -38,3 +38,7 @@ pub static UDP_SLOTS_MAP: Array<OrigDst> = Array::with_max_entries(UDP_SLOTS, 0)
 
 #[map(name = "TPBPF_UDP_NEXT")]
 pub static UDP_NEXT: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "TPBPF_UDP6_LAST")]
+pub static UDP6_LAST: LruHashMap<SockKey, OrigDst> =
+    LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);

@@ -13,14 +13,20 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
-    maps::lpm_trie::Key, programs::SockAddrContext,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
-use tpbpf_common::{action, flags, Config, OrigDst, AF_INET, AF_INET6, UDP_SLOTS, UDP_SLOT_NET};
+use tpbpf_common::{
+    action, flags, Config, OrigDst, SockKey, AF_INET, AF_INET6, UDP_SLOTS, UDP_SLOT_NET,
+};
 
 use crate::maps::{
-    BYPASS, CIDRS4, CIDRS6, CONFIG, COOKIE_ORIG, UDP_NEXT, UDP_SLOTS_MAP, UDP_SLOT_BY_DST,
+    BYPASS, CIDRS4, CIDRS6, CONFIG, COOKIE_ORIG, UDP6_LAST, UDP_NEXT, UDP_SLOTS_MAP,
+    UDP_SLOT_BY_DST,
 };
 
 /// Let the syscall go on (with whatever the program rewrote).
@@ -180,8 +186,10 @@ fn udp_slot(orig: &OrigDst) -> Option<u32> {
     }
     let next = UDP_NEXT.get_ptr_mut(0)?;
     // SAFETY: `next` points at a live u32 map value; an atomic add (BPF v3
-    // `atomic_fetch_add`) is how concurrent programs share it.
-    let slot = unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(next, 1) } % UDP_SLOTS;
+    // `atomic_fetch_add`) is how concurrent programs share it. SeqCst, not
+    // Relaxed: LLVM's BPF backend lowers a relaxed add to `lock add`, which
+    // does not return the old value.
+    let slot = unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(next, 1) } % UDP_SLOTS;
     let entry = UDP_SLOTS_MAP.get_ptr_mut(slot)?;
     // SAFETY: `entry` points at a live map value of type OrigDst.
     unsafe { *entry = *orig };
@@ -200,6 +208,29 @@ fn slot_of(ip_be: u32) -> Option<u32> {
     let ip = u32::from_be(ip_be);
     (ip >> 16 == u32::from_be_bytes([0, 0, UDP_SLOT_NET[0], UDP_SLOT_NET[1]]))
         .then_some(ip & 0xffff)
+}
+
+/// `::1`, network order words.
+const LOOPBACK6_BE: [u32; 4] = [0, 0, 0, 1u32.to_be()];
+
+/// The key of an IPv6 UDP socket's last destination: its namespace and
+/// local port (already bound when sendmsg and recvmsg run).
+#[inline(always)]
+fn udp6_key(ctx: &SockAddrContext) -> SockKey {
+    // SAFETY: the context's socket pointer is valid for the call; the field
+    // is read with one load.
+    let port = unsafe {
+        let sk = (*sa(ctx)).__bindgen_anon_1.sk;
+        rd(&(*sk).src_port)
+    };
+    SockKey {
+        // SAFETY: the context pointer is what the helper expects.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
+        ip_be: [0; 4],
+        port: port as u16,
+        family: AF_INET6,
+        _pad: 0,
+    }
 }
 
 #[inline(always)]
@@ -335,12 +366,20 @@ pub fn tpbpf_sendmsg6(ctx: SockAddrContext) -> i32 {
     if !wanted || bypassed(cookie(&ctx)) {
         return ALLOW;
     }
-    let orig = if v4 {
-        orig4(dst[3], port)
-    } else {
-        orig6(dst, port)
-    };
-    if let Some(slot) = udp_slot(&orig) {
+    if !v4 {
+        if cfg.flags & flags::UDP6 == 0 {
+            return ALLOW;
+        }
+        if UDP6_LAST
+            .insert(udp6_key(&ctx), orig6(dst, port), 0)
+            .is_ok()
+        {
+            set_user_ip6(&ctx, LOOPBACK6_BE);
+            set_user_port(&ctx, cfg.udp6_port_be);
+        }
+        return ALLOW;
+    }
+    if let Some(slot) = udp_slot(&orig4(dst[3], port)) {
         set_user_ip6(&ctx, mapped(slot_ip4_be(slot)));
         set_user_port(&ctx, cfg.udp_port_be);
     }
@@ -369,10 +408,19 @@ pub fn tpbpf_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(recvmsg6)]
 pub fn tpbpf_recvmsg6(ctx: SockAddrContext) -> i32 {
     let Some(cfg) = config() else { return ALLOW };
-    if user_port(&ctx) != cfg.udp_port_be {
+    let src = user_ip6(&ctx);
+    let port = user_port(&ctx);
+    if cfg.flags & flags::UDP6 != 0 && port == cfg.udp6_port_be && src == LOOPBACK6_BE {
+        // SAFETY: copied out at once.
+        if let Some(orig) = unsafe { UDP6_LAST.get(udp6_key(&ctx)) } {
+            set_user_ip6(&ctx, orig.ip_be);
+            set_user_port(&ctx, orig.port_be);
+        }
         return ALLOW;
     }
-    let src = user_ip6(&ctx);
+    if port != cfg.udp_port_be {
+        return ALLOW;
+    }
     if !is_mapped(&src) {
         return ALLOW;
     }

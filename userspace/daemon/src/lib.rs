@@ -84,6 +84,9 @@ impl Bridge {
             .await
             .ok();
         let udp = udp::UdpProxy::bind().map_err(io_err("binding the UDP proxy socket on lo"))?;
+        let udp6 = tokio::net::UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0))
+            .await
+            .ok();
         let addr4 = match tcp4.local_addr() {
             Ok(SocketAddr::V4(a)) => a,
             _ => {
@@ -101,6 +104,10 @@ impl Bridge {
             tcp4: addr4,
             tcp6: addr6,
             udp_port: udp.port(),
+            udp6_port: udp6
+                .as_ref()
+                .and_then(|s| s.local_addr().ok())
+                .map(|a| a.port()),
             dns: options.dns.is_some(),
         };
         redirector.configure(proxy)?;
@@ -119,6 +126,14 @@ impl Bridge {
             tasks.push(tokio::spawn(tcp::serve(
                 l,
                 table,
+                upstream.clone(),
+                dns.clone(),
+            )));
+        }
+        if let Some(s6) = udp6 {
+            tasks.push(tokio::spawn(udp::serve6(
+                s6,
+                redirector.udp6_last(),
                 upstream.clone(),
                 dns.clone(),
             )));

@@ -18,7 +18,7 @@ use nix::sys::socket::{
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
-use tpbpf_loader::UdpSlots;
+use tpbpf_loader::{Udp6Last, UdpSlots};
 use tracing::{debug, warn};
 
 use crate::{dns::Dns, upstream::Upstream};
@@ -97,9 +97,10 @@ impl UdpProxy {
                     let (tx, rx) = mpsc::channel(256);
                     let _ = tx.try_send(data);
                     flows.insert(key, tx);
-                    let (sock, upstream, closed) = (self.sock.clone(), upstream.clone(), closed_tx.clone());
+                    let reply = ReplyPath::Slot(self.sock.clone(), slot_ip, client);
+                    let (upstream, closed) = (upstream.clone(), closed_tx.clone());
                     tokio::spawn(async move {
-                        run_flow(sock, upstream, orig, client, slot_ip, rx).await;
+                        run_flow(reply, upstream, orig, rx).await;
                         let _ = closed.send(key);
                     });
                 }
@@ -108,22 +109,96 @@ impl UdpProxy {
     }
 }
 
+/// Where a flow's replies go back to the client.
+#[derive(Clone)]
+enum ReplyPath {
+    /// From the slot address on the IPv4 proxy socket.
+    Slot(Arc<UdpSocket>, Ipv4Addr, SocketAddrV4),
+    /// From `[::1]:port` on the IPv6 proxy socket.
+    Plain(Arc<UdpSocket>, SocketAddr),
+}
+
+impl ReplyPath {
+    async fn send(&self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            ReplyPath::Slot(sock, from, to) => send_from(sock, data, *from, *to).await,
+            ReplyPath::Plain(sock, to) => sock.send_to(data, to).await.map(|_| ()),
+        }
+    }
+}
+
+/// The IPv6 proxy socket on `[::1]`: unconnected IPv6 datagrams, whose
+/// destination the kernel programs keep by (netns, client port).
+pub async fn serve6(
+    sock: UdpSocket,
+    last: Udp6Last,
+    upstream: Arc<dyn Upstream>,
+    dns: Option<Arc<Dns>>,
+) {
+    let sock = Arc::new(sock);
+    let mut flows: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let (closed_tx, mut closed_rx) = mpsc::unbounded_channel();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            Some(key) = closed_rx.recv() => { flows.remove(&key); }
+            got = sock.recv_from(&mut buf) => {
+                let (n, client) = match got {
+                    Ok(v) => v,
+                    Err(e) => {
+                        warn!("receiving on the IPv6 UDP proxy: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let Some(orig) = last.lookup(sock.as_ref(), client.port()) else {
+                    debug!(%client, "IPv6 datagram with no recorded destination: dropped");
+                    continue;
+                };
+                let data = buf[..n].to_vec();
+                let reply = ReplyPath::Plain(sock.clone(), client);
+                if orig.port() == 53 {
+                    if let Some(dns) = dns.clone() {
+                        tokio::spawn(async move {
+                            if let Some(answer) = dns.answer(&data, orig).await {
+                                let _ = reply.send(&answer).await;
+                            }
+                        });
+                        continue;
+                    }
+                }
+                let key = (client, orig);
+                if let Some(tx) = flows.get(&key) {
+                    let _ = tx.try_send(data);
+                    continue;
+                }
+                let (tx, rx) = mpsc::channel(256);
+                let _ = tx.try_send(data);
+                flows.insert(key, tx);
+                let (upstream, closed) = (upstream.clone(), closed_tx.clone());
+                tokio::spawn(async move {
+                    run_flow(reply, upstream, orig, rx).await;
+                    let _ = closed.send(key);
+                });
+            }
+        }
+    }
+}
+
 async fn run_flow(
-    sock: Arc<UdpSocket>,
+    reply: ReplyPath,
     upstream: Arc<dyn Upstream>,
     orig: SocketAddr,
-    client: SocketAddrV4,
-    slot_ip: Ipv4Addr,
     mut rx: mpsc::Receiver<Vec<u8>>,
 ) {
     let flow = match upstream.udp(orig).await {
         Ok(f) => f,
         Err(e) => {
-            warn!(%client, %orig, "opening a UDP flow: {e}");
+            warn!(%orig, "opening a UDP flow: {e}");
             return;
         }
     };
-    debug!(%client, %orig, "UDP flow open");
+    debug!(%orig, "UDP flow open");
     let mut buf = vec![0u8; 65536];
     loop {
         tokio::select! {
@@ -137,8 +212,8 @@ async fn run_flow(
             },
             r = flow.recv(&mut buf) => match r {
                 Ok(n) => {
-                    if let Err(e) = send_from(&sock, &buf[..n], slot_ip, client).await {
-                        debug!(%client, "returning a datagram: {e}");
+                    if let Err(e) = reply.send(&buf[..n]).await {
+                        debug!(%orig, "returning a datagram: {e}");
                     }
                 }
                 Err(e) => {

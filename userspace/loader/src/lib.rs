@@ -11,7 +11,9 @@ mod cidr;
 mod redirect;
 
 pub use cidr::{Cidr, CidrParseError};
-pub use redirect::{AttachedIds, Bypass, OrigDstTable, ProxyConfig, Redirector, UdpSlots};
+pub use redirect::{
+    AttachedIds, Bypass, OrigDstTable, ProxyConfig, Redirector, Udp6Last, UdpSlots,
+};
 
 use thiserror::Error;
 

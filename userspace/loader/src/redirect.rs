@@ -39,6 +39,7 @@ pub struct Redirector {
     table: OrigDstTable,
     bypass: Bypass,
     udp_slots: UdpSlots,
+    udp6_last: Udp6Last,
     attached: AttachedIds,
 }
 
@@ -63,6 +64,8 @@ pub struct ProxyConfig {
     pub tcp6: Option<std::net::SocketAddrV6>,
     /// The UDP proxy's port (it receives on the slot addresses).
     pub udp_port: u16,
+    /// The IPv6 UDP proxy's port on `::1`, if there is one.
+    pub udp6_port: Option<u16>,
     /// Steer port 53 to any address to the DNS proxy.
     pub dns: bool,
 }
@@ -122,11 +125,21 @@ impl Redirector {
             name: maps::UDP_SLOTS,
             source,
         })?;
+        let udp6 = ebpf
+            .take_map(maps::UDP6_LAST)
+            .ok_or(LoadError::MissingMap {
+                name: maps::UDP6_LAST,
+            })?;
+        let udp6 = HashMap::try_from(udp6).map_err(|source| LoadError::Map {
+            name: maps::UDP6_LAST,
+            source,
+        })?;
         Ok(Self {
             ebpf,
             table: OrigDstTable(Arc::new(Mutex::new(conn_orig))),
             bypass: Bypass(Arc::new(Mutex::new(bypass))),
             udp_slots: UdpSlots(Arc::new(slots)),
+            udp6_last: Udp6Last(Arc::new(udp6)),
             attached: AttachedIds::default(),
         })
     }
@@ -156,6 +169,10 @@ impl Redirector {
         if proxy.dns {
             value.flags |= flags::DNS;
         }
+        if let Some(port) = proxy.udp6_port {
+            value.udp6_port_be = u32::from(port.to_be());
+            value.flags |= flags::UDP6;
+        }
         config
             .set(0, value, 0)
             .map_err(|source| LoadError::Map { name, source })
@@ -164,6 +181,11 @@ impl Redirector {
     /// A handle to exempt tpbpfd's own sockets from redirection.
     pub fn bypass(&self) -> Bypass {
         self.bypass.clone()
+    }
+
+    /// A handle on the IPv6 UDP last-destination table, for the UDP proxy.
+    pub fn udp6_last(&self) -> Udp6Last {
+        self.udp6_last.clone()
     }
 
     /// A handle on the UDP slot table, for the UDP proxy.
@@ -178,6 +200,7 @@ impl Redirector {
             tcp4: listener,
             tcp6: None,
             udp_port: 0,
+            udp6_port: None,
             dns: false,
         })
     }
@@ -368,6 +391,26 @@ impl UdpSlots {
             return None;
         }
         orig_to_socket_addr(&orig)
+    }
+}
+
+/// The last destination of each unconnected IPv6 UDP socket, by its
+/// namespace and local port.
+#[derive(Clone)]
+pub struct Udp6Last(Arc<HashMap<MapData, SockKey, OrigDst>>);
+
+impl Udp6Last {
+    /// Where a datagram that `proxy` (the IPv6 UDP proxy socket) received
+    /// from `[::1]:client_port` was going.
+    pub fn lookup<S: AsFd>(&self, proxy: &S, client_port: u16) -> Option<SocketAddr> {
+        let key = SockKey {
+            netns_cookie: netns_cookie(proxy).ok()?,
+            ip_be: [0; 4],
+            port: client_port,
+            family: AF_INET6,
+            _pad: 0,
+        };
+        orig_to_socket_addr(&self.0.get(&key, 0).ok()?)
     }
 }
 

@@ -3,7 +3,10 @@
 //! one JSON line per connection with what the application saw:
 //! the peer address from getpeername(), the response, or the error.
 //!
-//! Usage: tpbpf-testclient [--netns NAME] [--cgroup DIR] ADDR [COUNT]
+//! Usage: tpbpf-testclient [--netns NAME] [--cgroup DIR] [--udp|--udp-connected] ADDR [COUNT]
+//! With `--udp`, sends one datagram with sendto() and reports the source
+//! address recvfrom() gives the reply; with `--udp-connected`, connects
+//! first and reports getpeername().
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
@@ -20,6 +23,14 @@ fn main() {
     };
     let netns = take("--netns");
     let cgroup = take("--cgroup");
+    let mode = if let Some(i) = args
+        .iter()
+        .position(|a| a == "--udp" || a == "--udp-connected")
+    {
+        args.remove(i)
+    } else {
+        "tcp".to_string()
+    };
     if let Some(ns) = netns {
         tpbpf_vm_tests::enter_netns(&ns)
             .unwrap_or_else(|e| die(&format!("entering netns {ns}: {e}")));
@@ -39,7 +50,14 @@ fn main() {
         });
     let count: usize = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(1);
     let threads: Vec<_> = (0..count)
-        .map(|_| std::thread::spawn(move || connect(addr)))
+        .map(|_| {
+            let mode = mode.clone();
+            std::thread::spawn(move || match mode.as_str() {
+                "--udp" => udp(addr, false),
+                "--udp-connected" => udp(addr, true),
+                _ => connect(addr),
+            })
+        })
         .collect();
     for t in threads {
         let line = t
@@ -83,6 +101,47 @@ fn connect(addr: SocketAddr) -> serde_json::Value {
         "response": response,
         "elapsed_ms": start.elapsed().as_millis() as u64,
     })
+}
+
+fn udp(addr: SocketAddr, connected: bool) -> serde_json::Value {
+    let start = Instant::now();
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let result = (|| -> std::io::Result<serde_json::Value> {
+        let s = std::net::UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut buf = [0u8; 2048];
+        if connected {
+            s.connect(addr)?;
+            s.send(b"ping")?;
+            let n = s.recv(&mut buf)?;
+            Ok(serde_json::json!({
+                "ok": true,
+                "peer": s.peer_addr()?.to_string(),
+                "response": String::from_utf8_lossy(&buf[..n]),
+            }))
+        } else {
+            s.send_to(b"ping", addr)?;
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok(serde_json::json!({
+                "ok": true,
+                "from": from.to_string(),
+                "response": String::from_utf8_lossy(&buf[..n]),
+            }))
+        }
+    })();
+    match result {
+        Ok(mut v) => {
+            v["elapsed_ms"] = (start.elapsed().as_millis() as u64).into();
+            v
+        }
+        Err(e) => {
+            serde_json::json!({"ok": false, "error": e.to_string(), "errno": e.raw_os_error(), "elapsed_ms": start.elapsed().as_millis() as u64})
+        }
+    }
 }
 
 fn die(msg: &str) -> ! {

@@ -1,0 +1,120 @@
+//! A test server for the privileged tests, run inside a "cluster" network
+//! namespace. Prints one JSON line per request it serves, so a test can
+//! check what reached the server.
+//!
+//! Usage: tpbpf-testserver --netns NAME http ADDR... | udp-echo ADDR... | bulk ADDR
+//! - http: answers every request with `served-by <ADDR> <tag>` (env TAG);
+//! - udp-echo: echoes each datagram, prefixed with `echo:`;
+//! - bulk: sends 64 KiB chunks slowly (about 2 MiB/s) until the peer closes.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    thread,
+    time::Duration,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (netns, rest) = match args.first().map(String::as_str) {
+        Some("--netns") => (args.get(1).cloned(), &args[2..]),
+        _ => (None, &args[..]),
+    };
+    if let Some(ns) = netns {
+        tpbpf_vm_tests::enter_netns(&ns)
+            .unwrap_or_else(|e| die(&format!("entering netns {ns}: {e}")));
+    }
+    let Some((mode, addrs)) = rest.split_first() else {
+        die("usage: tpbpf-testserver [--netns NAME] http|udp-echo|bulk ADDR...")
+    };
+    let addrs: Vec<SocketAddr> = addrs
+        .iter()
+        .map(|a| {
+            a.parse()
+                .unwrap_or_else(|_| die(&format!("bad address {a}")))
+        })
+        .collect();
+    let tag = std::env::var("TAG").unwrap_or_default();
+    let mut threads = Vec::new();
+    for addr in addrs {
+        let (mode, tag) = (mode.clone(), tag.clone());
+        match mode.as_str() {
+            "http" | "bulk" => {
+                let l =
+                    TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
+                threads.push(thread::spawn(move || serve_tcp(l, addr, &mode, &tag)));
+            }
+            "udp-echo" => {
+                let s = UdpSocket::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
+                threads.push(thread::spawn(move || serve_udp(s)));
+            }
+            _ => die("mode must be http, udp-echo or bulk"),
+        }
+    }
+    println!("{}", serde_json::json!({"event": "ready"}));
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn serve_tcp(l: TcpListener, addr: SocketAddr, mode: &str, tag: &str) {
+    for conn in l.incoming().flatten() {
+        let (mode, tag) = (mode.to_string(), tag.to_string());
+        thread::spawn(move || {
+            let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+            let mut reader = BufReader::new(conn);
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if line == "\r\n" || line == "\n" => break,
+                    Ok(_) => {}
+                }
+            }
+            println!(
+                "{}",
+                serde_json::json!({"event": "request", "addr": addr.to_string(), "peer": peer, "request": request_line.trim()})
+            );
+            let mut conn = reader.into_inner();
+            if mode == "bulk" {
+                let _ = conn.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+                let chunk = vec![b'x'; 65536];
+                for _ in 0..2000 {
+                    if conn.write_all(&chunk).is_err() {
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(30));
+                }
+                return;
+            }
+            let body = format!("served-by {addr} {tag}\n");
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let mut rest = Vec::new();
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+            let _ = conn.read_to_end(&mut rest);
+        });
+    }
+}
+
+fn serve_udp(s: UdpSocket) {
+    let mut buf = [0u8; 2048];
+    while let Ok((n, from)) = s.recv_from(&mut buf) {
+        let mut out = b"echo:".to_vec();
+        out.extend_from_slice(&buf[..n]);
+        let _ = s.send_to(&out, from);
+        println!(
+            "{}",
+            serde_json::json!({"event": "datagram", "peer": from.to_string()})
+        );
+    }
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("tpbpf-testserver: {msg}");
+    std::process::exit(2);
+}

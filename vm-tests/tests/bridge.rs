@@ -1,0 +1,424 @@
+//! The client datapath end to end: `tpbpf run` and `tpbpf daemon` with a
+//! local upstream (`--upstream netns:CLUSTER`), real clients (curl, getent,
+//! dig) in a client namespace with no route off the machine, real servers
+//! and dnsmasq in a cluster namespace.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tpbpf_vm_tests::*;
+
+/// `tpbpf --netns CLIENT run ... -- argv`; returns (ready event, command output, success).
+fn tpbpf_run(
+    client: &Client,
+    cluster: &Cluster,
+    parent: &TestCgroup,
+    argv: &[String],
+) -> (Value, String, bool) {
+    let out = Command::new(tpbpf_bin())
+        .args(["--netns", client.ns.name(), "run", "-o", "json"])
+        .args(["--upstream", &format!("netns:{}", cluster.ns.name())])
+        .args([
+            "--cidr",
+            CLUSTER_CIDR4,
+            "--cidr",
+            CLUSTER_CIDR6,
+            "--never-proxy",
+            "10.96.99.0/24",
+        ])
+        .args([
+            "--cluster-dns",
+            WEB4,
+            "--namespace",
+            "default",
+            "--namespace",
+            "db",
+        ])
+        .arg("--cgroup-parent")
+        .arg(parent.path())
+        .arg("--")
+        .args(argv)
+        .output()
+        .expect("running tpbpf run");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (first, rest) = stdout.split_once('\n').unwrap_or((&stdout, ""));
+    let ready: Value = serde_json::from_str(first).unwrap_or_else(|e| {
+        panic!(
+            "tpbpf run's first line is not the ready event ({e}):\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (ready, rest.to_string(), out.status.success())
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn no_child_cgroups(parent: &Path) -> bool {
+    std::fs::read_dir(parent)
+        .map(|d| {
+            d.flatten()
+                .all(|e| !e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        })
+        .unwrap_or(true)
+}
+
+fn ids(ready: &Value, key: &str) -> Vec<u64> {
+    ready[key]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
+fn assert_programs_gone(ready: &Value, within: Duration) {
+    let (progs, links) = (ids(ready, "program_ids"), ids(ready, "link_ids"));
+    assert!(!progs.is_empty());
+    assert!(
+        wait_for(within, || {
+            let (p, l) = (kernel_prog_ids(), kernel_link_ids());
+            progs.iter().all(|x| !p.contains(x)) && links.iter().all(|x| !l.contains(x))
+        }),
+        "programs {progs:?} / links {links:?} still in the kernel"
+    );
+}
+
+#[test]
+fn run_bridges_curl_to_cluster_ipv4_and_ipv6() {
+    if !require_root("run_bridges_curl_to_cluster_ipv4_and_ipv6") {
+        return;
+    }
+    let mut cluster = Cluster::new("cluster-a");
+    let client = Client::new();
+    let parent = TestCgroup::new();
+    let script = format!(
+        "curl -sS -m 5 http://{WEB4}/v4 && curl -sS -m 5 'http://[{WEB6}]/v6' && \
+         {tc} {WEB4}:80 && {tc} '[{WEB6}]:80'",
+        tc = testclient_bin().display()
+    );
+    let (ready, out, ok) = tpbpf_run(
+        &client,
+        &cluster,
+        &parent,
+        &client.wrap(&["sh", "-c", &script]),
+    );
+    assert!(ok, "tpbpf run failed:\n{out}");
+    assert!(
+        out.contains(&format!("served-by {WEB4}:80 cluster-a")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("served-by [{WEB6}]:80 cluster-a")),
+        "{out}"
+    );
+    // getpeername() in the client shows the cluster addresses.
+    let conns = json_lines(&out);
+    assert_eq!(conns.len(), 2, "{out}");
+    assert_eq!(conns[0]["peer"], format!("{WEB4}:80"));
+    assert_eq!(conns[1]["peer"], format!("[{WEB6}]:80"));
+    // The server saw the requests.
+    let seen = cluster.http.wait_event(Duration::from_secs(2), |e| {
+        e["request"] == "GET /v6 HTTP/1.1"
+    });
+    assert!(
+        seen.is_some(),
+        "server did not see the IPv6 request: {:?}",
+        cluster.http.events()
+    );
+    assert!(cluster
+        .http
+        .events()
+        .iter()
+        .any(|e| e["request"] == "GET /v4 HTTP/1.1"));
+    // Nothing left.
+    assert_programs_gone(&ready, Duration::from_secs(2));
+    assert!(
+        no_child_cgroups(parent.path()),
+        "tpbpf run left a cgroup behind"
+    );
+}
+
+#[test]
+fn run_resolves_cluster_names_and_forwards_the_rest() {
+    if !require_root("run_resolves_cluster_names_and_forwards_the_rest") {
+        return;
+    }
+    let cluster = Cluster::new("dns");
+    let client = Client::new();
+    let parent = TestCgroup::new();
+    let script = "echo getent; getent hosts web.default; getent ahostsv4 web.default.svc.cluster.local; \
+                  getent hosts postgres.db; getent hosts host-only.test; \
+                  echo dig; dig +short +time=2 web.default; dig +short +time=2 +tcp web.default @8.8.8.8; \
+                  dig +short +time=2 AAAA web.default; dig +short +time=2 host-only.test";
+    let (_ready, out, ok) = tpbpf_run(
+        &client,
+        &cluster,
+        &parent,
+        &client.wrap(&["sh", "-c", script]),
+    );
+    assert!(ok, "{out}");
+    let (getent, dig) = out.split_once("dig\n").expect("both parts ran");
+    // glibc's resolver: cluster names by short and full name, another namespace, and a
+    // name only the machine's own resolver knows.
+    let has = |words: &[&str]| {
+        getent
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == words)
+    };
+    assert!(
+        has(&[WEB6, "web.default"]) || has(&[WEB4, "web.default"]),
+        "{getent}"
+    );
+    assert!(
+        has(&[WEB4, "STREAM", "web.default.svc.cluster.local"]),
+        "{getent}"
+    );
+    assert!(has(&[BULK4, "postgres.db"]), "{getent}");
+    assert!(has(&["192.0.2.7", "host-only.test"]), "{getent}");
+    // dig over UDP and TCP, even to a resolver the client cannot reach (8.8.8.8): the query
+    // never leaves the machine, the cluster answers.
+    let lines: Vec<&str> = dig.lines().collect();
+    assert_eq!(lines, vec![WEB4, WEB4, WEB6, "192.0.2.7"], "{dig}");
+}
+
+#[test]
+fn run_relays_udp_connected_and_unconnected_with_original_source() {
+    if !require_root("run_relays_udp_connected_and_unconnected_with_original_source") {
+        return;
+    }
+    let mut cluster = Cluster::new("udp");
+    let client = Client::new();
+    let parent = TestCgroup::new();
+    let tc = testclient_bin().display().to_string();
+    let script = format!(
+        "{tc} --udp {WEB4}:7 && {tc} --udp-connected {WEB4}:7 && {tc} --udp '[{WEB6}]:7' && {tc} --udp-connected '[{WEB6}]:7' && {tc} --udp '[::ffff:{WEB4}]:7'"
+    );
+    let (_ready, out, ok) = tpbpf_run(
+        &client,
+        &cluster,
+        &parent,
+        &["sh".into(), "-c".into(), script],
+    );
+    assert!(ok, "{out}");
+    let r = json_lines(&out);
+    assert_eq!(r.len(), 5, "{out}");
+    for x in &r {
+        assert_eq!(x["ok"], true, "{x}");
+        assert_eq!(x["response"], "echo:ping", "{x}");
+    }
+    assert_eq!(
+        r[0]["from"],
+        format!("{WEB4}:7"),
+        "recvfrom must show the cluster address"
+    );
+    assert_eq!(r[1]["peer"], format!("{WEB4}:7"));
+    assert_eq!(r[2]["from"], format!("[{WEB6}]:7"));
+    assert_eq!(r[3]["peer"], format!("[{WEB6}]:7"));
+    assert_eq!(r[4]["from"], format!("[::ffff:{WEB4}]:7"));
+    assert!(cluster
+        .udp
+        .wait_event(Duration::from_secs(2), |e| e["event"] == "datagram")
+        .is_some());
+}
+
+/// `tpbpf daemon --cgroup SUBTREE` in the client namespace.
+fn daemon(client: &Client, cluster: &Cluster, cgroup: &Path, inside: bool) -> (Bg, Value) {
+    let mut cmd = Command::new(tpbpf_bin());
+    cmd.args(["--netns", client.ns.name(), "daemon", "-o", "json"])
+        .args(["--upstream", &format!("netns:{}", cluster.ns.name())])
+        .args([
+            "--cidr",
+            CLUSTER_CIDR4,
+            "--never-proxy",
+            "10.96.99.0/24",
+            "--cluster-dns",
+            WEB4,
+        ])
+        .arg("--cgroup")
+        .arg(cgroup);
+    if inside {
+        // tpbpfd inside the very cgroup it bridges: its own dials must not loop back.
+        let procs =
+            std::ffi::CString::new(cgroup.join("cgroup.procs").to_string_lossy().as_bytes())
+                .unwrap();
+        // SAFETY: only async-signal-safe calls on memory prepared before fork.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+    }
+    let mut bg = Bg::spawn(&mut cmd);
+    let ready = bg
+        .wait_event(Duration::from_secs(10), |e| e["event"] == "ready")
+        .expect("tpbpf daemon did not get ready");
+    (bg, ready)
+}
+
+fn client_in(client: &Client, cgroup: Option<&Path>, flags: &[&str], addr: &str) -> Value {
+    let mut cmd = Command::new(testclient_bin());
+    cmd.args(["--netns", client.ns.name()]);
+    if let Some(c) = cgroup {
+        cmd.arg("--cgroup").arg(c);
+    }
+    cmd.args(flags).arg(addr);
+    let out = run(&mut cmd);
+    serde_json::from_str(out.lines().next().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn daemon_bridges_a_subtree_and_leaves_the_rest_untouched() {
+    if !require_root("daemon_bridges_a_subtree_and_leaves_the_rest_untouched") {
+        return;
+    }
+    let cluster = Cluster::new("subtree");
+    let client = Client::new();
+    let root = TestCgroup::new();
+    let bridged = root.path().join("bridged");
+    let outside = root.path().join("outside");
+    std::fs::create_dir(&bridged).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    let (mut d, ready) = daemon(&client, &cluster, &bridged, true);
+
+    let ok = client_in(&client, Some(&bridged), &[], &format!("{WEB4}:80"));
+    assert_eq!(ok["ok"], true, "bridged client: {ok}");
+    assert_eq!(ok["peer"], format!("{WEB4}:80"));
+    assert!(
+        ok["response"].as_str().unwrap().contains("served-by"),
+        "{ok}"
+    );
+
+    // Outside the bridged subtree, and to a --never-proxy range: exactly as
+    // without tpbpf (no route: ENETUNREACH at once).
+    for (cg, addr) in [
+        (Some(outside.as_path()), format!("{WEB4}:80")),
+        (None, format!("{WEB4}:80")),
+        (Some(bridged.as_path()), "10.96.99.5:80".to_string()),
+    ] {
+        let r = client_in(&client, cg, &[], &addr);
+        assert_eq!(r["ok"], false, "{cg:?} {addr}: {r}");
+        assert_eq!(r["errno"], libc::ENETUNREACH, "{r}");
+        assert!(r["elapsed_ms"].as_u64().unwrap() < 1000);
+    }
+    let r = client_in(&client, Some(&outside), &["--udp"], &format!("{WEB4}:7"));
+    assert_eq!(r["ok"], false, "unbridged UDP must fail: {r}");
+
+    d.kill(libc::SIGTERM);
+    assert!(d
+        .wait_exit(Duration::from_secs(5))
+        .is_some_and(|s| s.success()));
+    assert_programs_gone(&ready, Duration::from_secs(2));
+    assert!(
+        cgroup_prog_ids(&bridged).is_empty(),
+        "programs still attached to {}",
+        bridged.display()
+    );
+}
+
+#[test]
+fn two_runs_with_the_same_cidr_reach_their_own_upstream() {
+    if !require_root("two_runs_with_the_same_cidr_reach_their_own_upstream") {
+        return;
+    }
+    let (a, b) = (Cluster::new("cluster-a"), Cluster::new("cluster-b"));
+    let client = Client::new();
+    let parent = TestCgroup::new();
+    // Each run fetches repeatedly for a while, so the two overlap in time.
+    let script = format!(
+        "for i in 1 2 3 4 5 6 7 8 9 10; do curl -sS -m 5 http://{WEB4}/ || exit 1; sleep 0.1; done"
+    );
+    let argv = s(&["sh", "-c", &script]);
+    let started = Instant::now();
+    let (ra, rb) = std::thread::scope(|sc| {
+        let ta = sc.spawn(|| tpbpf_run(&client, &a, &parent, &argv));
+        let tb = sc.spawn(|| tpbpf_run(&client, &b, &parent, &argv));
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    assert!(started.elapsed() < Duration::from_secs(30));
+    for ((_, out, ok), mine, theirs) in [
+        (&ra, "cluster-a", "cluster-b"),
+        (&rb, "cluster-b", "cluster-a"),
+    ] {
+        assert!(ok, "{out}");
+        assert_eq!(
+            out.matches(&format!("served-by {WEB4}:80 {mine}")).count(),
+            10,
+            "{out}"
+        );
+        assert!(
+            !out.contains(theirs),
+            "a run saw the other run's cluster:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn sigkill_of_tpbpfd_during_a_transfer_detaches_at_once_and_it_starts_again() {
+    if !require_root("sigkill_of_tpbpfd_during_a_transfer_detaches_at_once_and_it_starts_again") {
+        return;
+    }
+    let cluster = Cluster::new("kill");
+    let client = Client::new();
+    let root = TestCgroup::new();
+    let bridged: PathBuf = root.path().join("bridged");
+    std::fs::create_dir(&bridged).unwrap();
+    let (mut d, ready) = daemon(&client, &cluster, &bridged, false);
+
+    // A transfer in progress (the bulk server sends slowly).
+    let mut curl = Command::new(testclient_bin());
+    curl.args(["--netns", client.ns.name(), "--cgroup"])
+        .arg(&bridged)
+        .arg(format!("{BULK4}:80"));
+    let transfer = Bg::spawn(&mut curl);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let killed_at = Instant::now();
+    d.kill(libc::SIGKILL);
+    assert!(d.wait_exit(Duration::from_secs(2)).is_some());
+    assert_programs_gone(&ready, Duration::from_secs(1));
+    assert!(
+        killed_at.elapsed() < Duration::from_millis(1500),
+        "detaching took {:?}",
+        killed_at.elapsed()
+    );
+    assert!(
+        cgroup_prog_ids(&bridged).is_empty(),
+        "programs still attached to the bridged cgroup"
+    );
+    drop(transfer);
+
+    // A new connect to a cluster address fails at once, as without tpbpf.
+    let r = client_in(&client, Some(&bridged), &[], &format!("{WEB4}:80"));
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["errno"], libc::ENETUNREACH, "{r}");
+    assert!(r["elapsed_ms"].as_u64().unwrap() < 1000, "{r}");
+
+    // And tpbpfd works again right away.
+    let (mut d2, _ready2) = daemon(&client, &cluster, &bridged, false);
+    let ok = client_in(&client, Some(&bridged), &[], &format!("{WEB4}:80"));
+    assert_eq!(ok["ok"], true, "{ok}");
+    d2.kill(libc::SIGTERM);
+    let _ = d2.wait_exit(Duration::from_secs(5));
+    // tpbpf run too.
+    let (_, out, ok) = tpbpf_run(
+        &client,
+        &cluster,
+        &root,
+        &s(&["curl", "-sS", "-m", "5", &format!("http://{WEB4}/")]),
+    );
+    assert!(ok && out.contains("served-by"), "{out}");
+}
