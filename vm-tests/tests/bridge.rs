@@ -232,8 +232,19 @@ fn run_relays_udp_connected_and_unconnected_with_original_source() {
 
 /// `tpbpf daemon --cgroup SUBTREE` in the client namespace.
 fn daemon(client: &Client, cluster: &Cluster, cgroup: &Path, inside: bool) -> (Bg, Value) {
+    daemon_with(client, cluster, cgroup, inside, &[])
+}
+
+fn daemon_with(
+    client: &Client,
+    cluster: &Cluster,
+    cgroup: &Path,
+    inside: bool,
+    extra: &[&str],
+) -> (Bg, Value) {
     let mut cmd = Command::new(tpbpf_bin());
     cmd.args(["--netns", client.ns.name(), "daemon", "-o", "json"])
+        .args(extra)
         .args(["--upstream", &format!("netns:{}", cluster.ns.name())])
         .args([
             "--cidr",
@@ -421,4 +432,127 @@ fn sigkill_of_tpbpfd_during_a_transfer_detaches_at_once_and_it_starts_again() {
         &s(&["curl", "-sS", "-m", "5", &format!("http://{WEB4}/")]),
     );
     assert!(ok && out.contains("served-by"), "{out}");
+}
+
+#[test]
+fn tc_path_bridges_a_container_namespace_and_sigkill_leaves_nothing() {
+    if !require_root("tc_path_bridges_a_container_namespace_and_sigkill_leaves_nothing") {
+        return;
+    }
+    let cluster = Cluster::new("tc");
+    let client = Client::new();
+    let container = NetNs::new();
+    // A veth pair between the "developer machine" and the "container".
+    let n = unique_name("v").replace('-', "");
+    let (host_if, ctr_if) = (
+        format!("{}h", &n[..n.len().min(13)]),
+        format!("{}c", &n[..n.len().min(13)]),
+    );
+    run(Command::new("ip").args([
+        "link",
+        "add",
+        &host_if,
+        "netns",
+        client.ns.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &ctr_if,
+        "netns",
+        container.name(),
+    ]));
+    run(Command::new("ip").args([
+        "-n",
+        client.ns.name(),
+        "addr",
+        "add",
+        "10.200.0.1/24",
+        "dev",
+        &host_if,
+    ]));
+    run(Command::new("ip").args(["-n", client.ns.name(), "link", "set", &host_if, "up"]));
+    run(Command::new("ip").args([
+        "-n",
+        container.name(),
+        "addr",
+        "add",
+        "10.200.0.2/24",
+        "dev",
+        &ctr_if,
+    ]));
+    run(Command::new("ip").args(["-n", container.name(), "link", "set", &ctr_if, "up"]));
+    run(Command::new("ip").args([
+        "-n",
+        container.name(),
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.200.0.1",
+    ]));
+
+    let root = TestCgroup::new();
+    let (mut d, ready) = daemon_with(
+        &client,
+        &cluster,
+        root.path(),
+        false,
+        &["--attach-netns", container.name()],
+    );
+    assert_eq!(
+        ready["attached_ifaces"],
+        serde_json::json!([host_if]),
+        "{ready}"
+    );
+
+    // curl in the container reaches the cluster server through tc + sk_assign.
+    let out = run(Command::new("ip").args([
+        "netns",
+        "exec",
+        container.name(),
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        &format!("http://{WEB4}/from-container"),
+    ]));
+    assert!(out.contains(&format!("served-by {WEB4}:80 tc")), "{out}");
+    let mut tc = Command::new(testclient_bin());
+    tc.args(["--netns", container.name(), &format!("{WEB4}:80")]);
+    let r: Value = serde_json::from_str(run(&mut tc).lines().next().unwrap()).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["peer"], format!("{WEB4}:80"), "{r}");
+    let rules = run(Command::new("ip").args(["-n", client.ns.name(), "rule", "show"]));
+    assert!(rules.contains("fwmark 0x74700000 lookup 7470"), "{rules}");
+
+    // SIGKILL: the tcx link goes with the process; the helper removes the policy route.
+    d.kill(libc::SIGKILL);
+    assert!(d.wait_exit(Duration::from_secs(2)).is_some());
+    assert_programs_gone(&ready, Duration::from_secs(1));
+    assert!(
+        wait_for(Duration::from_secs(2), || {
+            !run(Command::new("ip").args(["-n", client.ns.name(), "rule", "show"]))
+                .contains("lookup 7470")
+        }),
+        "policy route left behind after SIGKILL"
+    );
+    let routes =
+        run(Command::new("ip").args(["-n", client.ns.name(), "route", "show", "table", "all"]));
+    assert!(!routes.contains("table 7470"), "{routes}");
+    // The container's traffic is no longer bridged (nothing routes 10.96.0.0/12 here).
+    let after = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            container.name(),
+            "curl",
+            "-sS",
+            "-m",
+            "2",
+            &format!("http://{WEB4}/"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!after.status.success(), "still bridged after tpbpfd died");
 }

@@ -50,6 +50,7 @@ pub mod programs {
     pub const RECVMSG4: &str = "tpbpf_recvmsg4";
     pub const RECVMSG6: &str = "tpbpf_recvmsg6";
     pub const SOCK_OPS: &str = "tpbpf_sock_ops";
+    pub const TC_INGRESS: &str = "tpbpf_tc_ingress";
 }
 
 /// UDP datagrams are redirected to `127.100.S.S:<udp_port>`, where `S.S` is
@@ -114,6 +115,13 @@ pub struct Config {
     /// the slot addresses; they go to `[::1]`, and the socket's last
     /// destination is kept by (netns, local port).
     pub udp6_port_be: u32,
+    /// Port of the transparent TCP listener on 127.0.0.1 for connections
+    /// from other network namespaces (tc path), network order in the low 16
+    /// bits; zero when there is none.
+    pub tc_port_be: u32,
+    /// Mark the tc program puts on packets it steers, so a policy route
+    /// (`fwmark` -> `local` table) delivers them locally.
+    pub tc_mark: u32,
 }
 
 /// An original destination.
@@ -165,7 +173,7 @@ mod tests {
 
     #[test]
     fn shared_types_have_the_sizes_the_kernel_side_expects() {
-        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<Config>(), 48);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<SockKey>(), 32);
     }

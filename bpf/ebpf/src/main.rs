@@ -9,6 +9,7 @@
 mod maps;
 mod sock_addr;
 mod sock_ops;
+mod tc;
 
 #[cfg(not(test))]
 #[panic_handler]

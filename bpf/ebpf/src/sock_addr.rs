@@ -133,7 +133,7 @@ fn config() -> Option<Config> {
 #[inline(always)]
 fn bypassed(cookie: u64) -> bool {
     // SAFETY: only presence is checked.
-    unsafe { BYPASS.get(&cookie).is_some() }
+    unsafe { BYPASS.get(cookie).is_some() }
 }
 
 #[inline(always)]

@@ -25,9 +25,16 @@ impl Reaper {
     /// [`run_reaper`] with `PATH`. It runs in a session of its own, so a
     /// Ctrl-C aimed at the creator does not reach it.
     pub fn spawn(exe: &Path, args: &[&str], cgroup: &Path) -> io::Result<Self> {
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        all.push(cgroup.as_os_str());
+        Self::spawn_with(exe, &all)
+    }
+
+    /// Starts `exe args...` as a helper that acts when this process is gone
+    /// (the helper reads EOF on its stdin).
+    pub fn spawn_with(exe: &Path, args: &[&std::ffi::OsStr]) -> io::Result<Self> {
         let mut cmd = Command::new(exe);
         cmd.args(args)
-            .arg(cgroup)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -43,6 +50,16 @@ impl Reaper {
         let mut child = cmd.spawn()?;
         let stdin = child.stdin.take();
         Ok(Self { stdin, child })
+    }
+
+    /// Tells an undo helper that the creator undid everything itself, then
+    /// lets it go.
+    pub fn done(mut self) {
+        use std::io::Write;
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"done");
+        }
+        let _ = self.child.wait();
     }
 
     /// Lets the helper go (after the creator removed the cgroup itself) and
@@ -79,4 +96,32 @@ pub fn run_reaper(cgroup: PathBuf) -> io::Result<()> {
         }
     }
     evacuate_and_remove(&cgroup, Duration::from_secs(5)).map_err(io::Error::other)
+}
+
+/// Waits for EOF on stdin (the creator is gone), then runs each command,
+/// ignoring failures: the undo steps of changes the creator made outside
+/// itself (a policy route). Termination signals are ignored. A creator that
+/// undid its changes itself writes `done` first, and nothing is run.
+pub fn run_undo(commands: Vec<Vec<String>>) -> io::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
+        // SAFETY: installing SIG_IGN has no preconditions.
+        unsafe {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
+    let mut input = Vec::new();
+    let _ = io::stdin().lock().read_to_end(&mut input);
+    if input.starts_with(b"done") {
+        return Ok(());
+    }
+    for argv in commands {
+        if let Some((prog, args)) = argv.split_first() {
+            let _ = Command::new(prog)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    Ok(())
 }

@@ -51,6 +51,9 @@ enum Command {
     /// Internal: removes a cgroup once its creator is gone.
     #[command(name = "__reap-cgroup", hide = true)]
     ReapCgroup { path: std::path::PathBuf },
+    /// Internal: runs undo commands (JSON list of argv) once its creator is gone.
+    #[command(name = "__undo-on-exit", hide = true)]
+    UndoOnExit { commands: String },
 }
 
 #[derive(Subcommand)]
@@ -78,6 +81,10 @@ fn main() -> ExitCode {
         Command::ReapCgroup { path } => tpbpf_cgroup::reaper::run_reaper(path)
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from),
+        Command::UndoOnExit { commands } => serde_json::from_str(&commands)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| tpbpf_cgroup::reaper::run_undo(c).map_err(anyhow::Error::from))
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

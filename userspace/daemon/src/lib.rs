@@ -10,6 +10,7 @@
 //!   answered through the upstream, everything else is forwarded unchanged to
 //!   the resolver the application asked.
 pub mod dns;
+pub mod policy;
 mod tcp;
 mod udp;
 pub mod upstream;
@@ -50,6 +51,9 @@ pub struct BridgeOptions {
     pub never_proxy: Vec<Cidr>,
     /// Capture DNS (port 53 to any resolver) and answer cluster names.
     pub dns: Option<DnsConfig>,
+    /// The tc path for other network namespaces: the mark steered packets
+    /// get. `None`: no transparent listener.
+    pub tc_mark: Option<u32>,
 }
 
 /// The running bridge: programs loaded, listeners serving. Attach it to a
@@ -96,6 +100,12 @@ impl Bridge {
                 })
             }
         };
+        let transparent = match options.tc_mark {
+            Some(_) => Some(tcp::transparent_listener().map_err(io_err(
+                "binding the transparent listener for the tc path (needs CAP_NET_ADMIN)",
+            ))?),
+            None => None,
+        };
         let addr6 = tcp6.as_ref().and_then(|l| match l.local_addr() {
             Ok(SocketAddr::V6(a)) => Some(a),
             _ => None,
@@ -109,6 +119,10 @@ impl Bridge {
                 .and_then(|s| s.local_addr().ok())
                 .map(|a| a.port()),
             dns: options.dns.is_some(),
+            tc: match (&transparent, options.tc_mark) {
+                (Some(l), Some(mark)) => l.local_addr().ok().map(|a| (a.port(), mark)),
+                _ => None,
+            },
         };
         redirector.configure(proxy)?;
 
@@ -122,6 +136,9 @@ impl Bridge {
             upstream.clone(),
             dns.clone(),
         ))];
+        if let Some(l) = transparent {
+            tasks.push(tokio::spawn(tcp::serve_transparent(l, upstream.clone())));
+        }
         if let Some(l) = tcp6 {
             tasks.push(tokio::spawn(tcp::serve(
                 l,
@@ -154,6 +171,16 @@ impl Bridge {
     /// Attaches the programs to a cgroup (bpf_links owned by this process).
     pub fn attach(&mut self, cgroup: &File, name: &str) -> Result<AttachedIds, BridgeError> {
         Ok(self.redirector.attach(cgroup, name)?)
+    }
+
+    /// Steers TCP connections arriving on `iface` (from another network
+    /// namespace) for bridged ranges into the bridge (tc ingress, tcx link).
+    pub fn attach_iface(&mut self, iface: &str) -> Result<Vec<u32>, BridgeError> {
+        Ok(self.redirector.attach_tc(iface)?)
+    }
+
+    pub fn attached(&self) -> AttachedIds {
+        self.redirector.attached().clone()
     }
 
     pub fn proxy(&self) -> ProxyConfig {

@@ -67,3 +67,49 @@ async fn handle(
         }
     }
 }
+
+/// A listener for the tc path: IP_TRANSPARENT, so it may accept connections
+/// whose destination is not a local address; `bpf_sk_assign` hands it the
+/// packets.
+pub fn transparent_listener() -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_ip_transparent(true)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Connections from the tc path: the accepted socket's local address is the
+/// original destination.
+pub async fn serve_transparent(listener: TcpListener, upstream: Arc<dyn Upstream>) {
+    loop {
+        let (mut client, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("accepting on the transparent listener: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let Ok(orig) = client.local_addr() else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            match upstream.connect_tcp(orig).await {
+                Ok(mut up) => {
+                    debug!(%peer, %orig, "connected (tc path)");
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+                Err(e) => {
+                    warn!(%peer, %orig, "dialing the original destination (tc path): {e}");
+                    let _ = client.set_zero_linger();
+                }
+            }
+        });
+    }
+}

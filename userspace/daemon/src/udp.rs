@@ -247,9 +247,7 @@ async fn recv_with_dst(
                     }
                 }
             }
-            let src = msg
-                .address
-                .map(|a| SocketAddrV4::new(Ipv4Addr::from(a.ip()), a.port()));
+            let src = msg.address.map(|a| SocketAddrV4::new(a.ip(), a.port()));
             match (src, dst) {
                 (Some(src), Some(dst)) => Ok((msg.bytes, src, dst)),
                 _ => Err(std::io::Error::other(

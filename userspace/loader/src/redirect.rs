@@ -14,7 +14,9 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         Array, HashMap, MapData,
     },
-    programs::{loaded_links, CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{
+        loaded_links, CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType,
+    },
     Ebpf, EbpfLoader,
 };
 use tpbpf_common::{
@@ -68,6 +70,9 @@ pub struct ProxyConfig {
     pub udp6_port: Option<u16>,
     /// Steer port 53 to any address to the DNS proxy.
     pub dns: bool,
+    /// The tc path for other network namespaces: the transparent listener's
+    /// port (on 127.0.0.1) and the mark its packets get.
+    pub tc: Option<(u16, u32)>,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -169,6 +174,10 @@ impl Redirector {
         if proxy.dns {
             value.flags |= flags::DNS;
         }
+        if let Some((port, mark)) = proxy.tc {
+            value.tc_port_be = u32::from(port.to_be());
+            value.tc_mark = mark;
+        }
         if let Some(port) = proxy.udp6_port {
             value.udp6_port_be = u32::from(port.to_be());
             value.flags |= flags::UDP6;
@@ -202,6 +211,7 @@ impl Redirector {
             udp_port: 0,
             udp6_port: None,
             dns: false,
+            tc: None,
         })
     }
 
@@ -270,6 +280,39 @@ impl Redirector {
         };
         debug!(cgroup = cgroup_name, ids = ?self.attached, "attached");
         Ok(self.attached.clone())
+    }
+
+    /// Attaches the tc ingress program to `iface` (tcx: a link owned by this
+    /// process, Linux 6.6+). Returns the kernel's link id.
+    pub fn attach_tc(&mut self, iface: &str) -> Result<Vec<u32>, LoadError> {
+        let name = programs::TC_INGRESS;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| LoadError::Program { name, source })?;
+        }
+        prog.attach(iface, TcAttachType::Ingress)
+            .map_err(|source| LoadError::Attach {
+                name,
+                cgroup: format!("interface {iface}"),
+                source,
+            })?;
+        let id = prog
+            .info()
+            .map_err(|source| LoadError::Program { name, source })?
+            .id();
+        self.attached.program_ids.push(id);
+        let links: Vec<u32> = loaded_links()
+            .filter_map(Result::ok)
+            .filter(|l| l.program_id() == id)
+            .map(|l| l.id())
+            .collect();
+        for l in &links {
+            if !self.attached.link_ids.contains(l) {
+                self.attached.link_ids.push(*l);
+            }
+        }
+        Ok(links)
     }
 
     pub fn attached(&self) -> &AttachedIds {

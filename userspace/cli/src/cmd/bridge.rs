@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tpbpf_cgroup::{reaper::Reaper, ChildCgroup};
-use tpbpf_daemon::{Bridge, BridgeOptions, DnsConfig, NetnsUpstream, Upstream};
+use tpbpf_daemon::{policy, Bridge, BridgeOptions, DnsConfig, NetnsUpstream, Upstream};
 use tpbpf_loader::Cidr;
 use tracing::info;
 
@@ -45,6 +45,14 @@ pub struct BridgeArgs {
     /// Do not capture DNS.
     #[arg(long)]
     no_dns: bool,
+    /// Also bridge TCP connections arriving on this interface from another
+    /// network namespace (a container's or VM's veth; tc ingress). Repeatable.
+    #[arg(long = "attach-iface", value_name = "IFACE")]
+    attach_ifaces: Vec<String>,
+    /// Also bridge TCP connections from network namespace NAME, through the
+    /// veth interfaces here that lead to it. Repeatable.
+    #[arg(long = "attach-netns", value_name = "NAME")]
+    attach_netns: Vec<String>,
     /// Event format on stdout.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -78,6 +86,7 @@ impl BridgeArgs {
         }
         Ok(BridgeOptions {
             cidrs,
+            tc_mark: self.wants_tc().then_some(policy::DEFAULT_MARK),
             never_proxy: self.never_proxy.clone(),
             dns: (!self.no_dns).then(|| DnsConfig {
                 cluster_domain: self.cluster_domain.clone(),
@@ -87,13 +96,49 @@ impl BridgeArgs {
         })
     }
 
+    fn wants_tc(&self) -> bool {
+        !self.attach_ifaces.is_empty() || !self.attach_netns.is_empty()
+    }
+
+    /// Attaches the tc path to the requested interfaces, with the policy
+    /// route it needs and a helper that removes that route if tpbpf dies.
+    fn start_tc(&self, bridge: &mut Bridge) -> Result<Option<TcPath>> {
+        if !self.wants_tc() {
+            return Ok(None);
+        }
+        let mut ifaces = self.attach_ifaces.clone();
+        for ns in &self.attach_netns {
+            ifaces.extend(policy::ifaces_leading_to(ns)?);
+        }
+        let undo = policy::PolicyRoute::undo_commands(policy::DEFAULT_MARK, policy::DEFAULT_TABLE);
+        let exe = std::env::current_exe().context("finding tpbpf's own executable")?;
+        let json = serde_json::to_string(&undo)?;
+        let helper = Reaper::spawn_with(&exe, &["__undo-on-exit".as_ref(), json.as_ref()])
+            .context("starting the clean-up helper")?;
+        let route = policy::PolicyRoute::install(policy::DEFAULT_MARK, policy::DEFAULT_TABLE)
+            .context("installing the policy route for the tc path")?;
+        for iface in &ifaces {
+            bridge
+                .attach_iface(iface)
+                .with_context(|| format!("attaching to interface {iface}"))?;
+        }
+        info!(?ifaces, "tc path attached");
+        Ok(Some(TcPath {
+            route,
+            helper,
+            ifaces,
+        }))
+    }
+
     fn ready_event(
         &self,
         bridge: &Bridge,
         cgroup: &std::path::Path,
-        ids: &tpbpf_loader::AttachedIds,
+        tc: Option<&TcPath>,
         upstream: &dyn Upstream,
     ) {
+        let ids = bridge.attached();
+        let ifaces: Vec<String> = tc.map(|t| t.ifaces.clone()).unwrap_or_default();
         let proxy = bridge.proxy();
         let cidrs: Vec<String> = self
             .cidrs
@@ -114,6 +159,7 @@ impl BridgeArgs {
             "udp_port": proxy.udp_port,
             "program_ids": ids.program_ids,
             "link_ids": ids.link_ids,
+            "attached_ifaces": ifaces,
         });
         let text = format!(
             "bridging {} (dns: {}) from cgroup {} via {}",
@@ -127,6 +173,21 @@ impl BridgeArgs {
             upstream.describe()
         );
         emit(self.output, event, text);
+    }
+}
+
+/// The tc path's state outside the process: removed by `finish`, or by the
+/// helper if tpbpf dies.
+pub struct TcPath {
+    route: policy::PolicyRoute,
+    helper: Reaper,
+    ifaces: Vec<String>,
+}
+
+impl TcPath {
+    fn finish(self) {
+        drop(self.route);
+        self.helper.done();
     }
 }
 
@@ -175,10 +236,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             .context("starting the cgroup clean-up helper")?;
         let mut bridge = Bridge::start(args.bridge.options()?, upstream.clone()).await?;
         let dir = cgroup.open()?;
-        let ids = bridge.attach(&dir, &cgroup.path().display().to_string())?;
+        bridge.attach(&dir, &cgroup.path().display().to_string())?;
         drop(dir);
+        let tc = args.bridge.start_tc(&mut bridge)?;
         args.bridge
-            .ready_event(&bridge, cgroup.path(), &ids, upstream.as_ref());
+            .ready_event(&bridge, cgroup.path(), tc.as_ref(), upstream.as_ref());
 
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
@@ -194,6 +256,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             }
         };
         drop(bridge);
+        if let Some(tc) = tc {
+            tc.finish();
+        }
         cgroup.remove()?;
         reaper.finish();
         Ok(exit_code(status))
@@ -222,10 +287,11 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode> {
         let dir = std::fs::File::open(&cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut bridge = Bridge::start(args.bridge.options()?, upstream.clone()).await?;
-        let ids = bridge.attach(&dir, &cgroup.display().to_string())?;
+        bridge.attach(&dir, &cgroup.display().to_string())?;
         drop(dir);
+        let tc = args.bridge.start_tc(&mut bridge)?;
         args.bridge
-            .ready_event(&bridge, &cgroup, &ids, upstream.as_ref());
+            .ready_event(&bridge, &cgroup, tc.as_ref(), upstream.as_ref());
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         tokio::select! {
@@ -234,6 +300,9 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode> {
         }
         info!("signal received: detaching");
         drop(bridge);
+        if let Some(tc) = tc {
+            tc.finish();
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
