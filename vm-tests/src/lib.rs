@@ -66,8 +66,13 @@ pub fn testclient_bin() -> PathBuf {
 
 fn built_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join(name);
+    // Test binaries live in target/<profile>/deps, other binaries beside ours.
+    let here = exe.parent().expect("binary dir");
+    let bin = if here.ends_with("deps") {
+        here.parent().expect("target dir").join(name)
+    } else {
+        here.join(name)
+    };
     assert!(
         bin.exists(),
         "{} is missing: build it first (`cargo build --workspace`, which `cargo xtask test` does)",

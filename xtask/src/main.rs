@@ -29,6 +29,8 @@ enum Task {
     Lint,
     /// The main job: `tpbpf doctor`, then a real redirected connection.
     Demo,
+    /// Benchmarks (release build): the cost tpbpf's hooks add to connect().
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Lint => lint(),
         Task::Demo => demo::run(),
+        Task::Bench => bench(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -141,6 +144,18 @@ fn ebpf_clippy() -> Result<Command> {
         .arg(target_dir)
         .args(["--", "-D", "warnings"]);
     Ok(cmd)
+}
+
+fn bench() -> Result<()> {
+    if !is_root() {
+        bail!("the benchmarks load eBPF programs and create network namespaces: run them as root (sudo bash xtask/dev.sh bench)");
+    }
+    step("build (release)");
+    run(cargo().args(["build", "--release", "-p", "tpbpf", "-p", "tpbpf-vm-tests"]))?;
+    step("connect() + close(): tpbpf's hooks against the same loop without tpbpf");
+    let dir = root_dir().join("target/release");
+    run(Command::new(dir.join("tpbpf-bench")).env("TPBPF_BIN", dir.join("tpbpf")))?;
+    Ok(())
 }
 
 fn test() -> Result<()> {

@@ -72,6 +72,8 @@ pub mod flags {
     pub const PROXY6: u32 = 4;
     /// A UDP socket on `[::1]` exists for unconnected IPv6 datagrams.
     pub const UDP6: u32 = 8;
+    /// Emit aya-log records from the hot paths (tpbpf runs at debug level).
+    pub const LOG: u32 = 16;
 }
 
 /// Values of the CIDR maps.

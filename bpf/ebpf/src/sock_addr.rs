@@ -270,13 +270,15 @@ pub fn tpbpf_connect4(ctx: SockAddrContext) -> i32 {
         }
         _ => return ALLOW,
     }
-    debug!(
-        &ctx,
-        "connect4 redirect cookie={} dst={:i}:{}",
-        c,
-        u32::from_be(dst),
-        u16::from_be(port as u16)
-    );
+    if cfg.flags & flags::LOG != 0 {
+        debug!(
+            &ctx,
+            "connect4 redirect cookie={} dst={:i}:{}",
+            c,
+            u32::from_be(dst),
+            u16::from_be(port as u16)
+        );
+    }
     ALLOW
 }
 
@@ -328,12 +330,14 @@ pub fn tpbpf_connect6(ctx: SockAddrContext) -> i32 {
         }
         _ => return ALLOW,
     }
-    debug!(
-        &ctx,
-        "connect6 redirect cookie={} port={}",
-        c,
-        u16::from_be(port as u16)
-    );
+    if cfg.flags & flags::LOG != 0 {
+        debug!(
+            &ctx,
+            "connect6 redirect cookie={} port={}",
+            c,
+            u16::from_be(port as u16)
+        );
+    }
     ALLOW
 }
 

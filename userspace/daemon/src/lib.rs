@@ -80,13 +80,10 @@ impl Bridge {
         upstream.exempt(redirector.bypass());
 
         let io_err = |what| move |source| BridgeError::Io { what, source };
-        let tcp4 = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
-            .await
+        let tcp4 = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0).into())
             .map_err(io_err("binding the TCP listener on 127.0.0.1"))?;
         // No ::1 (IPv6 disabled): IPv6 destinations are left alone.
-        let tcp6 = TcpListener::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0))
-            .await
-            .ok();
+        let tcp6 = listen(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0).into()).ok();
         let udp = udp::UdpProxy::bind().map_err(io_err("binding the UDP proxy socket on lo"))?;
         let udp6 = tokio::net::UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0))
             .await
@@ -187,6 +184,19 @@ impl Bridge {
         self.proxy
     }
 }
+
+/// A listener with a deep accept queue: a burst of connects from the bridged
+/// applications must not overflow it (a dropped SYN costs a second).
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
+}
+
+const LISTEN_BACKLOG: u32 = 4096;
 
 impl Drop for Bridge {
     fn drop(&mut self) {

@@ -77,7 +77,7 @@ pub fn transparent_listener() -> std::io::Result<TcpListener> {
     sock.set_ip_transparent(true)?;
     sock.set_reuse_address(true)?;
     sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-    sock.listen(1024)?;
+    sock.listen(4096)?;
     sock.set_nonblocking(true)?;
     TcpListener::from_std(sock.into())
 }

@@ -174,6 +174,11 @@ impl Redirector {
         if proxy.dns {
             value.flags |= flags::DNS;
         }
+        // Kernel log records cost a ring buffer write per connection: only
+        // when someone reads them.
+        if tracing::enabled!(target: "tpbpf", tracing::Level::DEBUG) {
+            value.flags |= flags::LOG;
+        }
         if let Some((port, mark)) = proxy.tc {
             value.tc_port_be = u32::from(port.to_be());
             value.tc_mark = mark;

@@ -23,6 +23,7 @@ fn main() {
     };
     let netns = take("--netns");
     let cgroup = take("--cgroup");
+    let bench_n = take("--bench");
     let mode = if let Some(i) = args
         .iter()
         .position(|a| a == "--udp" || a == "--udp-connected")
@@ -41,6 +42,18 @@ fn main() {
             std::process::id().to_string(),
         )
         .unwrap_or_else(|e| die(&format!("joining cgroup {dir}: {e}")));
+    }
+    if let Some(n) = bench_n {
+        let addr: SocketAddr = args
+            .first()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| die("--bench N ADDR"));
+        bench(
+            addr,
+            n.parse()
+                .unwrap_or_else(|_| die("--bench N: N must be a number")),
+        );
+        return;
     }
     let addr: SocketAddr = args
         .first()
@@ -142,6 +155,43 @@ fn udp(addr: SocketAddr, connected: bool) -> serde_json::Value {
             serde_json::json!({"ok": false, "error": e.to_string(), "errno": e.raw_os_error(), "elapsed_ms": start.elapsed().as_millis() as u64})
         }
     }
+}
+
+/// N times connect() + close(), one after the other; prints the mean cost.
+/// The close is abortive (SO_LINGER 0): no TIME_WAIT, so loopback port
+/// reuse (tcp_tw_reuse) never meets a lingering server socket and stalls a
+/// SYN for a second.
+fn bench(addr: SocketAddr, n: u32) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let start = Instant::now();
+    let mut failed = 0u32;
+    for _ in 0..n {
+        match TcpStream::connect(addr) {
+            Ok(s) => {
+                // SAFETY: a valid socket and a linger struct of the size passed.
+                unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    );
+                }
+                drop(s)
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let elapsed = start.elapsed();
+    println!(
+        "{}",
+        serde_json::json!({"ns_per_op": elapsed.as_nanos() as u64 / u64::from(n.max(1)), "n": n, "failed": failed})
+    );
 }
 
 fn die(msg: &str) -> ! {

@@ -5,7 +5,8 @@
 //! Usage: tpbpf-testserver --netns NAME http ADDR... | udp-echo ADDR... | bulk ADDR
 //! - http: answers every request with `served-by <ADDR> <tag>` (env TAG);
 //! - udp-echo: echoes each datagram, prefixed with `echo:`;
-//! - bulk: sends 64 KiB chunks slowly (about 2 MiB/s) until the peer closes.
+//! - bulk: sends 64 KiB chunks slowly (about 2 MiB/s) until the peer closes;
+//! - sink: accepts and closes at once (for connect benchmarks).
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, UdpSocket},
@@ -38,6 +39,14 @@ fn main() {
     for addr in addrs {
         let (mode, tag) = (mode.clone(), tag.clone());
         match mode.as_str() {
+            "sink" => {
+                let l = listen(addr);
+                threads.push(thread::spawn(move || {
+                    for c in l.incoming() {
+                        drop(c);
+                    }
+                }));
+            }
             "http" | "bulk" => {
                 let l =
                     TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
@@ -47,7 +56,7 @@ fn main() {
                 let s = UdpSocket::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
                 threads.push(thread::spawn(move || serve_udp(s)));
             }
-            _ => die("mode must be http, udp-echo or bulk"),
+            _ => die("mode must be http, udp-echo, bulk or sink"),
         }
     }
     println!("{}", serde_json::json!({"event": "ready"}));
@@ -112,6 +121,16 @@ fn serve_udp(s: UdpSocket) {
             serde_json::json!({"event": "datagram", "peer": from.to_string()})
         );
     }
+}
+
+/// Binds with a deep accept queue: a burst of connects on a busy machine
+/// must not overflow it (a dropped SYN costs the client a second).
+fn listen(addr: SocketAddr) -> TcpListener {
+    use std::os::fd::AsRawFd;
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
+    // SAFETY: listen() again on a listening socket only resizes its queue.
+    unsafe { libc::listen(l.as_raw_fd(), 4096) };
+    l
 }
 
 fn die(msg: &str) -> ! {
