@@ -102,7 +102,7 @@ fn run_bridges_curl_to_cluster_ipv4_and_ipv6() {
     let parent = TestCgroup::new();
     let script = format!(
         "curl -sS -m 5 http://{WEB4}/v4 && curl -sS -m 5 'http://[{WEB6}]/v6' && \
-         {tc} {WEB4}:80 && {tc} '[{WEB6}]:80'",
+         {tc} {WEB4}:80 && {tc} '[{WEB6}]:80' && {tc} '[::ffff:{WEB4}]:80'",
         tc = testclient_bin().display()
     );
     let (ready, out, ok) = tpbpf_run(
@@ -122,9 +122,15 @@ fn run_bridges_curl_to_cluster_ipv4_and_ipv6() {
     );
     // getpeername() in the client shows the cluster addresses.
     let conns = json_lines(&out);
-    assert_eq!(conns.len(), 2, "{out}");
+    assert_eq!(conns.len(), 3, "{out}");
     assert_eq!(conns[0]["peer"], format!("{WEB4}:80"));
     assert_eq!(conns[1]["peer"], format!("[{WEB6}]:80"));
+    // An IPv4-mapped destination on a dual-stack socket is bridged as IPv4.
+    assert_eq!(conns[2]["peer"], format!("[::ffff:{WEB4}]:80"));
+    assert!(
+        conns[2]["response"].as_str().unwrap().contains("served-by"),
+        "{out}"
+    );
     // The server saw the requests.
     let seen = cluster.http.wait_event(Duration::from_secs(2), |e| {
         e["request"] == "GET /v6 HTTP/1.1"
@@ -555,4 +561,69 @@ fn tc_path_bridges_a_container_namespace_and_sigkill_leaves_nothing() {
         .output()
         .unwrap();
     assert!(!after.status.success(), "still bridged after tpbpfd died");
+}
+
+#[test]
+fn run_passes_the_exit_status_and_signals_through() {
+    if !require_root("run_passes_the_exit_status_and_signals_through") {
+        return;
+    }
+    let cluster = Cluster::new("status");
+    let client = Client::new();
+    let parent = TestCgroup::new();
+    let status = |script: &str| {
+        Command::new(tpbpf_bin())
+            .args([
+                "--netns",
+                client.ns.name(),
+                "run",
+                "--upstream",
+                &format!("netns:{}", cluster.ns.name()),
+            ])
+            .args(["--cidr", CLUSTER_CIDR4, "--cgroup-parent"])
+            .arg(parent.path())
+            .args(["--", "sh", "-c", script])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap()
+    };
+    assert_eq!(status("exit 7").code(), Some(7));
+    assert_eq!(status("exit 0").code(), Some(0));
+    // Killed by a signal: 128 + signal number, as a shell reports it.
+    assert_eq!(status("kill -TERM $$").code(), Some(128 + libc::SIGTERM));
+
+    // A signal sent to tpbpf run reaches the command.
+    let mut child = Command::new(tpbpf_bin())
+        .args([
+            "--netns",
+            client.ns.name(),
+            "run",
+            "--upstream",
+            &format!("netns:{}", cluster.ns.name()),
+        ])
+        .args(["--cidr", CLUSTER_CIDR4, "--cgroup-parent"])
+        .arg(parent.path())
+        .args(["--", "sh", "-c", "trap 'exit 42' INT; sleep 20 & wait"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    // SAFETY: kill has no memory preconditions; the pid is our child's.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tpbpf run did not pass SIGINT on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(42));
+    assert!(
+        wait_for(Duration::from_secs(3), || no_child_cgroups(parent.path())),
+        "cgroup left behind"
+    );
 }
