@@ -519,3 +519,28 @@ impl Drop for Client {
 pub fn testserver_bin() -> PathBuf {
     built_bin("tpbpf-testserver")
 }
+
+/// For long-running tools (the benchmark): SIGINT, SIGTERM and SIGHUP set
+/// the returned flag instead of killing the process, so it can stop between
+/// steps and let its guards clean up. Call before starting any thread.
+pub fn stop_on_signals() -> &'static std::sync::atomic::AtomicBool {
+    use std::sync::atomic::AtomicBool;
+    static STOP: AtomicBool = AtomicBool::new(false);
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask affects
+    // this thread and, inherited, every thread it starts.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        std::thread::spawn(move || {
+            let mut sig = 0;
+            libc::sigwait(&set, &mut sig);
+            eprintln!("signal {sig}: stopping after this step and cleaning up");
+            STOP.store(true, Ordering::SeqCst);
+        });
+    }
+    &STOP
+}

@@ -30,6 +30,7 @@ fn main() {
     if !require_root("tpbpf-bench") {
         std::process::exit(1);
     }
+    let stop = stop_on_signals();
     let cluster = Cluster::new("bench");
     let client = Client::new();
     let root = TestCgroup::new();
@@ -102,6 +103,9 @@ fn main() {
     ];
     let mut samples: Vec<Vec<u64>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         for (i, (name, cg, addr)) in cases.iter().enumerate() {
             let t = std::time::Instant::now();
             let out = run(Command::new(testclient_bin())
