@@ -30,8 +30,13 @@ PKGS=(rustc-web cargo-web rust-web-src rust-web-clippy rustfmt-web llvm-22-dev l
       zlib1g-dev libzstd-dev build-essential pkg-config bpftool iproute2 curl
       dnsmasq-base bind9-dnsutils socat util-linux)
 
+# Servers for the lab cluster (nginx, Redis, PostgreSQL in network
+# namespaces) and nftables for its ClusterIPs. Installed without starting
+# their system services: the lab runs its own instances.
+SERVER_PKGS=(nginx-light redis-server postgresql nftables)
+
 missing=()
-for p in "${PKGS[@]}"; do
+for p in "${PKGS[@]}" "${SERVER_PKGS[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
         missing+=("$p")
     fi
@@ -40,8 +45,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null || die "apt-get update failed: check the machine's Debian mirrors (/etc/apt/sources.list*)"
+    # policy-rc.d 101: packages must not start their services (nginx on :80,
+    # redis, postgresql); the lab starts its own, inside namespaces.
+    policy=/usr/sbin/policy-rc.d
+    made_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy"
+        chmod +x "$policy"
+        made_policy=1
+    fi
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
-        || die "apt-get install ${missing[*]} failed: see the output above; rustc-web and llvm-22 come from bookworm-security"
+        || { [ "$made_policy" = 1 ] && rm -f "$policy"; die "apt-get install ${missing[*]} failed: see the output above; rustc-web and llvm-22 come from bookworm-security"; }
+    [ "$made_policy" = 1 ] && rm -f "$policy"
 else
     say "Debian packages present"
 fi

@@ -45,6 +45,9 @@ enum Command {
     Run(cmd::bridge::RunArgs),
     /// Run tpbpfd in the foreground, bridging a whole cgroup subtree.
     Daemon(cmd::bridge::DaemonArgs),
+    /// The lab: a Kubernetes-like cluster out of network namespaces on this
+    /// machine, with real nginx, Redis, PostgreSQL and DNS.
+    Lab(cmd::lab::LabArgs),
     /// Debugging tools.
     #[command(subcommand)]
     Debug(DebugCommand),
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Doctor { output } => Ok(cmd::doctor::run(output)),
         Command::Run(args) => cmd::bridge::run(args),
+        Command::Lab(args) => cmd::lab::run(args),
         Command::Daemon(args) => cmd::bridge::daemon(args),
         Command::Debug(DebugCommand::Redirect(args)) => cmd::redirect::run(args),
         Command::ReapCgroup { path } => tpbpf_cgroup::reaper::run_reaper(path)

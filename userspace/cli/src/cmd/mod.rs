@@ -1,4 +1,5 @@
 pub mod bridge;
 pub mod doctor;
+pub mod lab;
 pub mod redirect;
 pub mod scope;

@@ -1,0 +1,102 @@
+//! `tpbpf lab up|down|status`: the lab cluster (see tpbpf-lab).
+use std::process::ExitCode;
+
+use anyhow::Result;
+use tpbpf_lab::Lab;
+
+use crate::Output;
+
+#[derive(clap::Args)]
+pub struct LabArgs {
+    #[command(subcommand)]
+    action: LabAction,
+    /// Lab instance name (prefix of its network namespaces).
+    #[arg(long, global = true, default_value = "tpbpf-lab")]
+    name: String,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::Subcommand)]
+enum LabAction {
+    /// Build the lab (idempotent): nodes, pods, ClusterIPs, DNS, servers.
+    Up,
+    /// Stop the lab's servers and remove everything it made.
+    Down,
+    /// Show what is running.
+    Status,
+}
+
+pub fn run(args: LabArgs) -> Result<ExitCode> {
+    let lab = Lab::new(&args.name);
+    let status = match args.action {
+        LabAction::Up => lab.up()?,
+        LabAction::Down => {
+            lab.down()?;
+            if args.output == Output::Table {
+                println!(
+                    "lab {} is down: its namespaces, servers and state are gone",
+                    args.name
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            lab.status()
+        }
+        LabAction::Status => lab.status(),
+    };
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Output::Table => {
+            println!(
+                "lab {}: {} (services {}, pods {}, domain {})",
+                status.name,
+                if status.up { "up" } else { "not up" },
+                status.service_cidr,
+                status.pod_cidr,
+                status.cluster_domain
+            );
+            println!(
+                "{:<12} {:<16} {:<7} {:<13} {:<9} STATE",
+                "NAMESPACE", "POD", "NODE", "IP", "APP"
+            );
+            for p in &status.pods {
+                println!(
+                    "{:<12} {:<16} {:<7} {:<13} {:<9} {}",
+                    p.namespace,
+                    p.name,
+                    p.node,
+                    p.ip,
+                    format!("{:?}", p.app).to_lowercase(),
+                    if p.running { "running" } else { "stopped" }
+                );
+            }
+            println!(
+                "{:<12} {:<16} {:<13} PORTS",
+                "NAMESPACE", "SERVICE", "CLUSTER-IP"
+            );
+            for s in &status.services {
+                let ports: Vec<String> = s
+                    .ports
+                    .iter()
+                    .map(|(p, proto)| format!("{p}/{proto}"))
+                    .collect();
+                println!(
+                    "{:<12} {:<16} {:<13} {}",
+                    s.namespace,
+                    s.name,
+                    s.cluster_ip,
+                    ports.join(",")
+                );
+            }
+            for (node, ns) in &status.nodes {
+                println!("node {node}: network namespace {ns}");
+            }
+        }
+    }
+    Ok(if status.up || matches!(args.action, LabAction::Down) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,741 @@
+//! The lab: a Kubernetes-like cluster on one machine, built from network
+//! namespaces, for tpbpf's demo and tests (ARCHITECTURE.md, "The lab").
+//!
+//! - a fabric namespace with a bridge joins the node namespaces;
+//! - each pod is a namespace with a veth to its node; nodes route their pod
+//!   CIDRs to each other;
+//! - ClusterIPs are nftables DNAT rules in every node, like kube-proxy's;
+//! - real servers from Debian's packages run in the pods: dnsmasq as the
+//!   cluster DNS, nginx, Redis, PostgreSQL.
+//!
+//! Nothing of it is reachable from the machine's own namespace: the lab has
+//! no route in or out. tpbpf reaches it through an upstream dialing from a
+//! node namespace. `up` is idempotent, `down` removes everything it made
+//! and stops only the processes it started (by their pid files).
+pub mod spec;
+
+use std::{
+    fs,
+    io::{self, Write},
+    net::{SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use spec::{App, Pod};
+use thiserror::Error;
+use tracing::{debug, info};
+
+#[derive(Debug, Error)]
+pub enum LabError {
+    #[error("`{cmd}` failed: {stderr} ({hint})")]
+    Command {
+        cmd: String,
+        stderr: String,
+        hint: &'static str,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    NotReady(String),
+}
+
+type Result<T, E = LabError> = std::result::Result<T, E>;
+
+/// One lab instance. Its namespaces are named `<name>-...`, its state lives
+/// in `/run/tpbpf-lab/<name>`.
+#[derive(Clone, Debug)]
+pub struct Lab {
+    name: String,
+    state: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PodStatus {
+    pub namespace: &'static str,
+    pub name: &'static str,
+    pub node: &'static str,
+    pub ip: &'static str,
+    pub netns: String,
+    pub app: App,
+    pub pid: Option<u32>,
+    pub running: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub up: bool,
+    pub nodes: Vec<(String, String)>,
+    pub pods: Vec<PodStatus>,
+    pub services: Vec<spec::Service>,
+    pub service_cidr: &'static str,
+    pub pod_cidr: &'static str,
+    pub cluster_domain: &'static str,
+}
+
+impl Lab {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            state: PathBuf::from("/run/tpbpf-lab").join(name),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn fabric_netns(&self) -> String {
+        format!("{}-fabric", self.name)
+    }
+
+    pub fn node_netns(&self, node: &str) -> String {
+        format!("{}-{}", self.name, node)
+    }
+
+    pub fn pod_netns(&self, pod: &Pod) -> String {
+        format!("{}-{}-{}", self.name, pod.namespace, pod.name)
+    }
+
+    fn pod_dir(&self, pod: &Pod) -> PathBuf {
+        self.state.join(format!("{}-{}", pod.namespace, pod.name))
+    }
+
+    fn pid_file(&self, pod: &Pod) -> PathBuf {
+        let dir = self.pod_dir(pod);
+        match pod.app {
+            App::Postgres => dir.join("data/postmaster.pid"),
+            _ => dir.join("server.pid"),
+        }
+    }
+
+    /// Brings the lab up; a lab that is already fully up is left as it is.
+    pub fn up(&self) -> Result<Status> {
+        let status = self.status();
+        if status.up {
+            info!(lab = self.name, "lab already up");
+            return Ok(status);
+        }
+        // Half up (a crash, an interrupted run): start from a clean slate.
+        self.down()?;
+        self.build_network()?;
+        for pod in spec::pods() {
+            self.start_app(&pod)?;
+        }
+        self.wait_ready(Duration::from_secs(30))?;
+        let status = self.status();
+        if !status.up {
+            return Err(LabError::NotReady(format!(
+                "lab {} did not come up: {}",
+                self.name,
+                serde_json::to_string(&status.pods).unwrap_or_default()
+            )));
+        }
+        Ok(status)
+    }
+
+    fn build_network(&self) -> Result<()> {
+        mkdir(&self.state)?;
+        let fabric = self.fabric_netns();
+        netns_add(&fabric)?;
+        ip(&["-n", &fabric, "link", "add", "lab0", "type", "bridge"])?;
+        ip(&["-n", &fabric, "link", "set", "lab0", "up"])?;
+        let nodes = spec::nodes();
+        for (i, node) in nodes.iter().enumerate() {
+            let ns = self.node_netns(node.name);
+            netns_add(&ns)?;
+            let port = format!("n{i}");
+            ip(&[
+                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
+                "netns", &fabric,
+            ])?;
+            ip(&["-n", &fabric, "link", "set", &port, "master", "lab0", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/{}", node.ip, spec::FABRIC_CIDR_PREFIX),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            sysctl(&ns, "net/ipv4/ip_forward", "1")?;
+        }
+        for node in &nodes {
+            let ns = self.node_netns(node.name);
+            for other in nodes.iter().filter(|o| o.name != node.name) {
+                ip(&["-n", &ns, "route", "add", other.pod_cidr, "via", other.ip])?;
+            }
+            // A route for ClusterIPs, so a connect from the node gets as far
+            // as the nat hook that rewrites it (real nodes have a default route).
+            ip(&["-n", &ns, "route", "add", spec::SERVICE_CIDR, "dev", "eth0"])?;
+            nft(&ns, &self.service_rules())?;
+        }
+        for (i, pod) in spec::pods().iter().enumerate() {
+            let ns = self.pod_netns(pod);
+            let node = self.node_netns(pod.node);
+            netns_add(&ns)?;
+            let host_if = format!("vp{i}");
+            ip(&[
+                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &host_if,
+                "netns", &node,
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/32", pod.ip),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ])?;
+            // The pod's gateway: the same link-local address on every pod's
+            // veth in the node (as Calico does).
+            ip(&[
+                "-n",
+                &node,
+                "addr",
+                "add",
+                "169.254.1.1/32",
+                "dev",
+                &host_if,
+            ])?;
+            ip(&["-n", &node, "link", "set", &host_if, "up"])?;
+            ip(&[
+                "-n",
+                &node,
+                "route",
+                "add",
+                &format!("{}/32", pod.ip),
+                "dev",
+                &host_if,
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// kube-proxy style DNAT for every ClusterIP, in a node's nat table.
+    fn service_rules(&self) -> String {
+        let mut rules = String::new();
+        for svc in spec::services() {
+            let eps = spec::endpoints(&svc);
+            let target = if eps.len() == 1 {
+                eps[0].ip.to_string()
+            } else {
+                let map: Vec<String> = eps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| format!("{i} : {}", p.ip))
+                    .collect();
+                format!(
+                    "numgen random mod {} map {{ {} }}",
+                    eps.len(),
+                    map.join(", ")
+                )
+            };
+            for (port, proto) in svc.ports {
+                rules.push_str(&format!(
+                    "  ip daddr {} {proto} dport {port} dnat ip to {target}\n",
+                    svc.cluster_ip
+                ));
+            }
+        }
+        format!(
+            "table ip tpbpf_lab {{\n chain services {{\n{rules} }}\n chain prerouting {{\n  type nat hook prerouting priority dstnat; policy accept;\n  jump services\n }}\n chain output {{\n  type nat hook output priority -100; policy accept;\n  jump services\n }}\n}}\n"
+        )
+    }
+
+    fn start_app(&self, pod: &Pod) -> Result<()> {
+        let dir = self.pod_dir(pod);
+        mkdir(&dir)?;
+        let ns = self.pod_netns(pod);
+        let pid = self.pid_file(pod);
+        match pod.app {
+            App::Dns => {
+                let mut args = vec![
+                    "netns".to_string(),
+                    "exec".into(),
+                    ns,
+                    "dnsmasq".into(),
+                    "--conf-file=/dev/null".into(),
+                    "--no-resolv".into(),
+                    "--no-hosts".into(),
+                    "--bind-interfaces".into(),
+                    "--user=root".into(),
+                    format!("--listen-address={}", pod.ip),
+                    format!("--pid-file={}", pid.display()),
+                    format!("--local=/{}/", spec::CLUSTER_DOMAIN),
+                    format!("--log-facility={}", dir.join("dns.log").display()),
+                ];
+                for svc in spec::services() {
+                    args.push(format!(
+                        "--host-record={}.{}.svc.{},{}",
+                        svc.name,
+                        svc.namespace,
+                        spec::CLUSTER_DOMAIN,
+                        svc.cluster_ip
+                    ));
+                }
+                for p in spec::pods() {
+                    args.push(format!(
+                        "--host-record={}.{}.pod.{},{}",
+                        p.ip.replace('.', "-"),
+                        p.namespace,
+                        spec::CLUSTER_DOMAIN,
+                        p.ip
+                    ));
+                }
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                ip(&refs)?;
+            }
+            App::Nginx => {
+                let tmp = dir.join("tmp");
+                mkdir(&tmp)?;
+                let conf = dir.join("nginx.conf");
+                let body = format!(
+                    "hello from {} ({} in {}), served by nginx\\n",
+                    pod.name, pod.workload, pod.namespace
+                );
+                write(
+                    &conf,
+                    &format!(
+                        "daemon on;\nworker_processes 1;\npid {pid};\nerror_log {dir}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n access_log {dir}/access.log;\n client_body_temp_path {tmp}/body;\n proxy_temp_path {tmp}/proxy;\n fastcgi_temp_path {tmp}/fastcgi;\n uwsgi_temp_path {tmp}/uwsgi;\n scgi_temp_path {tmp}/scgi;\n server {{\n  listen {ip}:80;\n  location / {{ default_type text/plain; return 200 \"{body}\"; }}\n }}\n}}\n",
+                        pid = pid.display(),
+                        dir = dir.display(),
+                        tmp = tmp.display(),
+                        ip = pod.ip,
+                    ),
+                )?;
+                ip(&[
+                    "netns",
+                    "exec",
+                    &ns,
+                    "nginx",
+                    "-c",
+                    &conf.display().to_string(),
+                ])?;
+            }
+            App::Redis => {
+                ip(&[
+                    "netns",
+                    "exec",
+                    &ns,
+                    "redis-server",
+                    "--bind",
+                    pod.ip,
+                    "--port",
+                    "6379",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                    "--daemonize",
+                    "yes",
+                    "--pidfile",
+                    &pid.display().to_string(),
+                    "--dir",
+                    &dir.display().to_string(),
+                    "--logfile",
+                    &dir.join("redis.log").display().to_string(),
+                ])?;
+            }
+            App::Postgres => {
+                // PostgreSQL refuses to run as root: its files belong to `postgres`.
+                for d in [Path::new("/run/tpbpf-lab"), &self.state, &dir] {
+                    let _ = fs::set_permissions(d, fs::Permissions::from_mode(0o755));
+                }
+                let data = dir.join("data");
+                let user = pod
+                    .env
+                    .iter()
+                    .find(|(k, _)| *k == "POSTGRES_USER")
+                    .map_or("postgres", |(_, v)| *v);
+                run(
+                    Command::new("chown").args(["postgres:postgres", &dir.display().to_string()]),
+                    "the postgresql package creates the postgres user",
+                )?;
+                run(
+                    Command::new("runuser").args([
+                        "-u",
+                        "postgres",
+                        "--",
+                        &pg_bin("initdb"),
+                        "-D",
+                        &data.display().to_string(),
+                        "-U",
+                        user,
+                        "--auth=trust",
+                        "-E",
+                        "UTF8",
+                    ]),
+                    "is PostgreSQL installed? sudo bash xtask/setup.sh",
+                )?;
+                // The lab's database trusts the lab's networks, like a dev cluster.
+                let hba = data.join("pg_hba.conf");
+                let mut text = fs::read_to_string(&hba).map_err(|source| LabError::Io {
+                    what: format!("reading {}", hba.display()),
+                    source,
+                })?;
+                text.push_str("host all all 0.0.0.0/0 trust\n");
+                write(&hba, &text)?;
+                run(
+                    Command::new("ip").args([
+                        "netns",
+                        "exec",
+                        &ns,
+                        "runuser",
+                        "-u",
+                        "postgres",
+                        "--",
+                        &pg_bin("pg_ctl"),
+                        "-D",
+                        &data.display().to_string(),
+                        "-l",
+                        &dir.join("postgres.log").display().to_string(),
+                        "-w",
+                        "-o",
+                        &format!(
+                            "-c listen_addresses={} -c unix_socket_directories={}",
+                            pod.ip,
+                            dir.display()
+                        ),
+                        "start",
+                    ]),
+                    "see postgres.log in the lab's state directory",
+                )?;
+                // POSTGRES_DB, as the official image creates it.
+                if let Some((_, db)) = pod.env.iter().find(|(k, _)| *k == "POSTGRES_DB") {
+                    run(
+                        Command::new("runuser").args([
+                            "-u",
+                            "postgres",
+                            "--",
+                            &pg_bin("createdb"),
+                            "-h",
+                            &dir.display().to_string(),
+                            "-U",
+                            user,
+                            db,
+                        ]),
+                        "see postgres.log in the lab's state directory",
+                    )?;
+                }
+            }
+        }
+        debug!(pod = pod.name, "started");
+        Ok(())
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for pod in spec::pods() {
+            let port = match pod.app {
+                App::Dns => 53,
+                App::Nginx => 80,
+                App::Redis => 6379,
+                App::Postgres => 5432,
+            };
+            let addr: SocketAddr = format!("{}:{port}", pod.ip)
+                .parse()
+                .map_err(|_| LabError::NotReady(pod.ip.into()))?;
+            let node = self.node_netns(pod.node);
+            loop {
+                if in_netns(&node, move || {
+                    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+                }) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(LabError::NotReady(format!(
+                        "{} in {} is not answering on {addr}",
+                        pod.app_name(),
+                        pod.name
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> Status {
+        let pods: Vec<PodStatus> = spec::pods()
+            .into_iter()
+            .map(|p| {
+                let pid = fs::read_to_string(self.pid_file(&p))
+                    .ok()
+                    .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()));
+                // SAFETY: kill with signal 0 only checks that the process exists.
+                let running =
+                    pid.is_some_and(|pid: u32| unsafe { libc::kill(pid as libc::pid_t, 0) } == 0);
+                PodStatus {
+                    namespace: p.namespace,
+                    name: p.name,
+                    node: p.node,
+                    ip: p.ip,
+                    netns: self.pod_netns(&p),
+                    app: p.app,
+                    pid,
+                    running: running && netns_exists(&self.pod_netns(&p)),
+                }
+            })
+            .collect();
+        let nodes: Vec<(String, String)> = spec::nodes()
+            .iter()
+            .map(|n| (n.name.to_string(), self.node_netns(n.name)))
+            .collect();
+        let up = pods.iter().all(|p| p.running) && nodes.iter().all(|(_, ns)| netns_exists(ns));
+        Status {
+            name: self.name.clone(),
+            up,
+            nodes,
+            pods,
+            services: spec::services(),
+            service_cidr: spec::SERVICE_CIDR,
+            pod_cidr: spec::POD_CIDR,
+            cluster_domain: spec::CLUSTER_DOMAIN,
+        }
+    }
+
+    /// Stops the lab's servers (only the processes in its pid files) and
+    /// removes its namespaces and state. Safe to run on a lab that is not up.
+    pub fn down(&self) -> Result<()> {
+        for pod in spec::pods() {
+            if pod.app == App::Postgres {
+                let data = self.pod_dir(&pod).join("data");
+                if data.join("postmaster.pid").exists() {
+                    let _ = Command::new("runuser")
+                        .args([
+                            "-u",
+                            "postgres",
+                            "--",
+                            &pg_bin("pg_ctl"),
+                            "-D",
+                            &data.display().to_string(),
+                            "-m",
+                            "immediate",
+                            "-w",
+                            "stop",
+                        ])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+            if let Some(pid) = fs::read_to_string(self.pid_file(&pod))
+                .ok()
+                .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+            {
+                stop_pid(pid);
+            }
+        }
+        for pod in spec::pods() {
+            netns_del(&self.pod_netns(&pod));
+        }
+        for node in spec::nodes() {
+            netns_del(&self.node_netns(node.name));
+        }
+        netns_del(&self.fabric_netns());
+        if self.state.exists() {
+            fs::remove_dir_all(&self.state).map_err(|source| LabError::Io {
+                what: format!("removing {}", self.state.display()),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Pod {
+    fn app_name(&self) -> &'static str {
+        match self.app {
+            App::Dns => "dnsmasq",
+            App::Nginx => "nginx",
+            App::Redis => "redis",
+            App::Postgres => "postgres",
+        }
+    }
+}
+
+fn pg_bin(name: &str) -> String {
+    // Debian keeps the server binaries per major version.
+    let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .into_iter()
+        .rev()
+        .map(|v| v.join("bin").join(name))
+        .find(|p| p.exists())
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| name.to_string())
+}
+
+/// SIGTERM, then SIGKILL after 3 s. Only for pids from the lab's pid files.
+fn stop_pid(pid: i32) {
+    // SAFETY: signals to a pid the lab recorded for a process it started.
+    unsafe {
+        if libc::kill(pid, libc::SIGTERM) != 0 {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while libc::kill(pid, 0) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// Runs `f` on a thread that entered network namespace `name`.
+pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T
+where
+    T: Default,
+{
+    let path = PathBuf::from("/run/netns").join(name);
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let Ok(file) = fs::File::open(&path) else {
+            return T::default();
+        };
+        // SAFETY: a valid namespace fd; affects only this short-lived thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return T::default();
+        }
+        f()
+    })
+    .join()
+    .unwrap_or_default()
+}
+
+fn netns_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
+fn netns_add(name: &str) -> Result<()> {
+    if !netns_exists(name) {
+        ip(&["netns", "add", name])?;
+    }
+    ip(&["-n", name, "link", "set", "lo", "up"])
+}
+
+fn netns_del(name: &str) {
+    if netns_exists(name) {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+    }
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+    run(
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            netns,
+            "sh",
+            "-c",
+            &format!("echo {value} > /proc/sys/{key}"),
+        ]),
+        "needs root",
+    )
+}
+
+fn nft(netns: &str, rules: &str) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| LabError::Io {
+            what: "running nft (install nftables: sudo bash xtask/setup.sh)".into(),
+            source,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(rules.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|source| LabError::Io {
+        what: "running nft".into(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            cmd: format!("nft -f - (in {netns})"),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            hint: "the kernel needs nf_tables with NAT",
+        });
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(
+        Command::new("ip").args(args),
+        "iproute2 and root are needed",
+    )
+}
+
+fn run(cmd: &mut Command, hint: &'static str) -> Result<()> {
+    let out = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|source| LabError::Io {
+            what: format!("running {cmd:?}"),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            cmd: format!("{cmd:?}"),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            hint,
+        });
+    }
+    Ok(())
+}
+
+fn mkdir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|source| LabError::Io {
+        what: format!("creating {}", dir.display()),
+        source,
+    })
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    fs::write(path, text).map_err(|source| LabError::Io {
+        what: format!("writing {}", path.display()),
+        source,
+    })
+}
