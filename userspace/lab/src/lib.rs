@@ -614,17 +614,32 @@ fn stop_pid(pid: i32) {
             return;
         }
         let deadline = Instant::now() + Duration::from_secs(3);
-        while libc::kill(pid, 0) == 0 && Instant::now() < deadline {
+        while alive(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         libc::kill(pid, libc::SIGKILL);
     }
 }
 
+/// Whether a process exists and has not exited (a zombie has).
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .is_none_or(|zombie| !zombie)
+}
+
 /// Runs `f` on a thread that entered network namespace `name`.
-pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T
+pub fn in_netns<T>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T
 where
-    T: Default,
+    T: Default + Send + 'static,
 {
     let path = PathBuf::from("/run/netns").join(name);
     std::thread::spawn(move || {
