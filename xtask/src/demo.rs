@@ -13,10 +13,19 @@ use crate::{cargo, is_root, root_dir, run as run_cmd, step};
 struct Cleanup {
     netns: String,
     cgroup: Option<PathBuf>,
+    tpbpf: PathBuf,
+    lab: Option<String>,
+    resolv: PathBuf,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        if let Some(lab) = &self.lab {
+            let _ = Command::new(&self.tpbpf)
+                .args(["lab", "down", "--name", lab])
+                .status();
+        }
+        let _ = fs::remove_file(&self.resolv);
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
@@ -45,9 +54,13 @@ pub fn run() -> Result<()> {
     let netns = format!("tpbpf-demo-{pid}");
     let mount = cgroup2_mount()?;
     let parent = mount.join(format!("tpbpf-demo-{pid}"));
+    let resolv = std::env::temp_dir().join(format!("tpbpf-demo-{pid}.resolv.conf"));
     let mut cleanup = Cleanup {
         netns: netns.clone(),
         cgroup: None,
+        tpbpf: tpbpf.clone(),
+        lab: None,
+        resolv: resolv.clone(),
     };
 
     step(&format!(
@@ -95,6 +108,85 @@ pub fn run() -> Result<()> {
     if !status.success() {
         bail!("the redirected curl failed ({status})");
     }
+
+    let lab = format!("tpbpf-demo-lab-{pid}");
+    step("the lab cluster: two nodes, pods with nginx, Redis and PostgreSQL, ClusterIPs, cluster DNS (tpbpf lab up)");
+    cleanup.lab = Some(lab.clone());
+    run_cmd(Command::new(&tpbpf).args(["lab", "up", "--name", &lab]))?;
+
+    // The developer namespace's resolv.conf names a local resolver; tpbpf
+    // captures port 53 whatever the address, so cluster names resolve
+    // without any resolv.conf edit (and the machine's own DNS is never used).
+    fs::write(&resolv, "nameserver 127.0.0.53\n")?;
+    let wrap = |script: &str| -> Vec<String> {
+        vec![
+            "unshare".into(),
+            "-m".into(),
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "mount --bind {} /etc/resolv.conf && sh -c \"$0\"",
+                resolv.display()
+            ),
+            script.into(),
+        ]
+    };
+
+    step("without tpbpf: the developer namespace cannot resolve or reach web.default");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns])
+        .args(wrap("curl -sS -m 3 http://web.default/"))
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        bail!("the lab is reachable without tpbpf: the demo namespaces are not isolated");
+    }
+
+    step("with tpbpf run: real clients reach the cluster by name (DNS captured, connections redirected)");
+    let script = "set -e; \
+        echo '$ getent hosts web.default'; getent hosts web.default; \
+        echo '$ curl http://web.default/'; curl -sS -m 5 http://web.default/; \
+        echo '$ curl http://web.default.svc.cluster.local/'; curl -sS -m 5 http://web.default.svc.cluster.local/; \
+        echo '$ redis-cli -h redis.cache ping'; redis-cli -h redis.cache ping; \
+        echo \"$ psql -h postgres.db -U lab -c 'select 1'\"; psql -h postgres.db -U lab -d lab -Atc 'select 1'";
+    let status = Command::new(&tpbpf)
+        .args([
+            "--netns",
+            &netns,
+            "--log",
+            "warn",
+            "run",
+            "--upstream",
+            &format!("netns:{lab}-node1"),
+        ])
+        .args([
+            "--cidr",
+            "10.96.0.0/12",
+            "--cidr",
+            "10.244.0.0/16",
+            "--cluster-dns",
+            "10.96.0.10",
+        ])
+        .args([
+            "--namespace",
+            "default",
+            "--namespace",
+            "cache",
+            "--namespace",
+            "db",
+        ])
+        .arg("--cgroup-parent")
+        .arg(&parent)
+        .arg("--")
+        .args(wrap(script))
+        .status()?;
+    if !status.success() {
+        bail!("reaching the lab through tpbpf run failed ({status})");
+    }
+
+    step("tpbpf lab down");
+    run_cmd(Command::new(&tpbpf).args(["lab", "down", "--name", &lab]))?;
+    cleanup.lab = None;
 
     step("after tpbpf exits: nothing stays attached");
     let leftover: Vec<_> = fs::read_dir(&parent)?
