@@ -55,7 +55,18 @@ type Result<T, E = LabError> = std::result::Result<T, E>;
 pub struct Lab {
     name: String,
     state: PathBuf,
+    /// How to start the lab's Kubernetes API endpoint (argv, to which
+    /// `--listen ADDR --token TOKEN` is appended), if at all.
+    api_command: Option<Vec<String>>,
 }
+
+/// Where the lab's API endpoint listens: on the fabric, like a control plane
+/// that the developer machine reaches while pods and services stay out of
+/// its reach.
+pub const API_ADDR: &str = "172.31.0.1:6443";
+/// The developer machine's address on the fabric (its namespace reaches the
+/// API endpoint and nothing else of the lab).
+pub const DEV_IP: &str = "172.31.0.100";
 
 #[derive(Debug, Serialize)]
 pub struct PodStatus {
@@ -76,6 +87,11 @@ pub struct Status {
     pub nodes: Vec<(String, String)>,
     pub pods: Vec<PodStatus>,
     pub services: Vec<spec::Service>,
+    /// The developer machine's namespace: it reaches the API endpoint only.
+    pub dev_netns: String,
+    /// kubeconfig for the lab's API endpoint, when it runs.
+    pub kubeconfig: Option<PathBuf>,
+    pub api_running: bool,
     pub service_cidr: &'static str,
     pub pod_cidr: &'static str,
     pub cluster_domain: &'static str,
@@ -86,7 +102,30 @@ impl Lab {
         Self {
             name: name.to_string(),
             state: PathBuf::from("/run/tpbpf-lab").join(name),
+            api_command: None,
         }
+    }
+
+    /// Also run a Kubernetes API endpoint for the lab, started with `argv`.
+    pub fn with_api(mut self, argv: Vec<String>) -> Self {
+        self.api_command = Some(argv);
+        self
+    }
+
+    pub fn dev_netns(&self) -> String {
+        format!("{}-dev", self.name)
+    }
+
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.state.join("kubeconfig")
+    }
+
+    fn api_pid(&self) -> Option<i32> {
+        fs::read_to_string(self.state.join("api.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub fn name(&self) -> &str {
@@ -130,6 +169,7 @@ impl Lab {
         for pod in spec::pods() {
             self.start_app(&pod)?;
         }
+        self.start_api()?;
         self.wait_ready(Duration::from_secs(30))?;
         let status = self.status();
         if !status.up {
@@ -148,6 +188,35 @@ impl Lab {
         netns_add(&fabric)?;
         ip(&["-n", &fabric, "link", "add", "lab0", "type", "bridge"])?;
         ip(&["-n", &fabric, "link", "set", "lab0", "up"])?;
+        let api_ip = API_ADDR.split(':').next().unwrap_or("172.31.0.1");
+        ip(&[
+            "-n",
+            &fabric,
+            "addr",
+            "add",
+            &format!("{api_ip}/{}", spec::FABRIC_CIDR_PREFIX),
+            "dev",
+            "lab0",
+        ])?;
+        // The developer machine: on the fabric, so it reaches the API
+        // endpoint, with no route to pods or services.
+        let dev = self.dev_netns();
+        netns_add(&dev)?;
+        ip(&[
+            "link", "add", "eth0", "netns", &dev, "type", "veth", "peer", "name", "dev0", "netns",
+            &fabric,
+        ])?;
+        ip(&["-n", &fabric, "link", "set", "dev0", "master", "lab0", "up"])?;
+        ip(&[
+            "-n",
+            &dev,
+            "addr",
+            "add",
+            &format!("{DEV_IP}/{}", spec::FABRIC_CIDR_PREFIX),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &dev, "link", "set", "eth0", "up"])?;
         let nodes = spec::nodes();
         for (i, node) in nodes.iter().enumerate() {
             let ns = self.node_netns(node.name);
@@ -460,8 +529,63 @@ impl Lab {
         Ok(())
     }
 
+    fn start_api(&self) -> Result<()> {
+        let Some(argv) = &self.api_command else {
+            return Ok(());
+        };
+        let token = format!("lab-{:016x}", random_u64());
+        let log = fs::File::create(self.state.join("api.log")).map_err(|source| LabError::Io {
+            what: "creating api.log".into(),
+            source,
+        })?;
+        let err = log.try_clone().map_err(|source| LabError::Io {
+            what: "api.log".into(),
+            source,
+        })?;
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .args(["--listen", API_ADDR, "--token", &token])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        // SAFETY: setsid is async-signal-safe; the endpoint outlives `lab up`.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| LabError::Io {
+            what: format!("starting the lab API endpoint ({})", argv[0]),
+            source,
+        })?;
+        write(&self.state.join("api.pid"), &child.id().to_string())?;
+        write(
+            &self.kubeconfig_path(),
+            &kubeconfig(&format!("http://{API_ADDR}"), &self.name, &token),
+        )?;
+        Ok(())
+    }
+
     fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
+        if self.api_command.is_some() {
+            let addr: SocketAddr = API_ADDR
+                .parse()
+                .map_err(|_| LabError::NotReady(API_ADDR.into()))?;
+            let dev = self.dev_netns();
+            while !in_netns(&dev, move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+            }) {
+                if Instant::now() > deadline {
+                    return Err(LabError::NotReady(format!(
+                        "the lab API endpoint is not answering on {API_ADDR} (see {})",
+                        self.state.join("api.log").display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         for pod in spec::pods() {
             let port = match pod.app {
                 App::Dns => 53,
@@ -518,13 +642,19 @@ impl Lab {
             .iter()
             .map(|n| (n.name.to_string(), self.node_netns(n.name)))
             .collect();
-        let up = pods.iter().all(|p| p.running) && nodes.iter().all(|(_, ns)| netns_exists(ns));
+        let api_running = self.api_pid().is_some_and(alive);
+        let up = pods.iter().all(|p| p.running)
+            && nodes.iter().all(|(_, ns)| netns_exists(ns))
+            && (self.api_command.is_none() || api_running);
         Status {
             name: self.name.clone(),
             up,
             nodes,
             pods,
             services: spec::services(),
+            dev_netns: self.dev_netns(),
+            kubeconfig: api_running.then(|| self.kubeconfig_path()),
+            api_running,
             service_cidr: spec::SERVICE_CIDR,
             pod_cidr: spec::POD_CIDR,
             cluster_domain: spec::CLUSTER_DOMAIN,
@@ -563,9 +693,13 @@ impl Lab {
                 stop_pid(pid);
             }
         }
+        if let Some(pid) = self.api_pid() {
+            stop_pid(pid);
+        }
         for pod in spec::pods() {
             netns_del(&self.pod_netns(&pod));
         }
+        netns_del(&self.dev_netns());
         for node in spec::nodes() {
             netns_del(&self.node_netns(node.name));
         }
@@ -619,6 +753,25 @@ fn stop_pid(pid: i32) {
         }
         libc::kill(pid, libc::SIGKILL);
     }
+}
+
+/// A kubeconfig for an API endpoint (bearer token, plain HTTP on the lab's
+/// fabric).
+pub fn kubeconfig(server: &str, lab: &str, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: {lab}\n  cluster:\n    server: {server}\nusers:\n- name: {lab}-admin\n  user:\n    token: {token}\ncontexts:\n- name: {lab}\n  context:\n    cluster: {lab}\n    user: {lab}-admin\n    namespace: default\ncurrent-context: {lab}\n"
+    )
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if fs::File::open("/dev/urandom")
+        .and_then(|mut f| io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        return u64::from(std::process::id()) ^ Instant::now().elapsed().as_nanos() as u64;
+    }
+    u64::from_ne_bytes(b)
 }
 
 /// Whether a process exists and has not exited (a zombie has).

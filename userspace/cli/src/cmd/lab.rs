@@ -26,10 +26,43 @@ enum LabAction {
     Down,
     /// Show what is running.
     Status,
+    /// Internal: serve the lab's Kubernetes API endpoint (started by `up`).
+    #[command(hide = true)]
+    Api {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        token: String,
+    },
 }
 
 pub fn run(args: LabArgs) -> Result<ExitCode> {
+    if let LabAction::Api { listen, token } = &args.action {
+        let cfg = tpbpf_lab_api::ApiConfig {
+            lab: args.name.clone(),
+            token: token.clone(),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            tpbpf_lab_api::serve(listener, cfg).await
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let exe = std::env::current_exe()?.display().to_string();
     let lab = Lab::new(&args.name);
+    let lab = lab.clone().with_api(vec![
+        exe,
+        "--netns".into(),
+        lab.fabric_netns(),
+        "lab".into(),
+        "api".into(),
+        "--name".into(),
+        args.name.clone(),
+    ]);
     let status = match args.action {
         LabAction::Up => lab.up()?,
         LabAction::Down => {
@@ -44,6 +77,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
             lab.status()
         }
         LabAction::Status => lab.status(),
+        LabAction::Api { .. } => unreachable!("handled above"),
     };
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
@@ -91,6 +125,18 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
             }
             for (node, ns) in &status.nodes {
                 println!("node {node}: network namespace {ns}");
+            }
+            println!(
+                "developer machine: network namespace {} (reaches the API endpoint only)",
+                status.dev_netns
+            );
+            match &status.kubeconfig {
+                Some(k) => println!(
+                    "API endpoint: http://{} kubeconfig: {}",
+                    tpbpf_lab::API_ADDR,
+                    k.display()
+                ),
+                None => println!("API endpoint: not running"),
             }
         }
     }

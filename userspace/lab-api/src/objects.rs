@@ -1,0 +1,388 @@
+//! The lab's cluster state as Kubernetes API objects (k8s-openapi types),
+//! built from the same description that builds the namespaces and servers.
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{
+            DaemonSet, DaemonSetSpec, DaemonSetStatus, Deployment, DeploymentSpec,
+            DeploymentStatus, ReplicaSet, ReplicaSetSpec, ReplicaSetStatus,
+        },
+        core::v1::{
+            Container, ContainerPort, ContainerStatus, EnvVar, Namespace, NamespaceStatus, Node,
+            NodeAddress, NodeCondition, NodeSpec, NodeStatus, Pod, PodCondition, PodIP, PodSpec,
+            PodStatus, PodTemplateSpec, Service, ServicePort, ServiceSpec,
+        },
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference, Time},
+    jiff::Timestamp,
+};
+use tpbpf_lab::spec::{self, App};
+
+fn meta(name: &str, namespace: Option<&str>, uid: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: namespace.map(str::to_string),
+        uid: Some(uid.to_string()),
+        resource_version: Some("1".into()),
+        creation_timestamp: Some(Time(created())),
+        ..Default::default()
+    }
+}
+
+/// When the lab "cluster" was created: fixed, so objects are stable.
+fn created() -> Timestamp {
+    Timestamp::from_second(1_767_225_600).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn uid(kind: &str, ns: &str, name: &str) -> String {
+    // Stable, unique per object; shaped like a UUID.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in format!("{kind}/{ns}/{name}").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xfff,
+        (h >> 20) & 0xfff,
+        h & 0xffff_ffff_ffff
+    )
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub fn namespaces() -> Vec<Namespace> {
+    let mut names: Vec<&str> = vec!["default", "kube-system"];
+    for p in spec::pods() {
+        if !names.contains(&p.namespace) {
+            names.push(p.namespace);
+        }
+    }
+    names
+        .into_iter()
+        .map(|n| Namespace {
+            metadata: ObjectMeta {
+                labels: Some(labels(&[("kubernetes.io/metadata.name", n)])),
+                ..meta(n, None, &uid("Namespace", "", n))
+            },
+            status: Some(NamespaceStatus {
+                phase: Some("Active".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect()
+}
+
+pub fn nodes() -> Vec<Node> {
+    spec::nodes()
+        .into_iter()
+        .map(|n| Node {
+            metadata: ObjectMeta {
+                labels: Some(labels(&[
+                    ("kubernetes.io/hostname", n.name),
+                    ("kubernetes.io/os", "linux"),
+                ])),
+                ..meta(n.name, None, &uid("Node", "", n.name))
+            },
+            spec: Some(NodeSpec {
+                pod_cidr: Some(n.pod_cidr.into()),
+                pod_cidrs: Some(vec![n.pod_cidr.into()]),
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(vec![
+                    NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: n.ip.into(),
+                    },
+                    NodeAddress {
+                        type_: "Hostname".into(),
+                        address: n.name.into(),
+                    },
+                ]),
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        })
+        .collect()
+}
+
+fn image(app: App) -> &'static str {
+    match app {
+        App::Dns => "debian/dnsmasq",
+        App::Nginx => "debian/nginx-light",
+        App::Redis => "debian/redis-server",
+        App::Postgres => "debian/postgresql",
+    }
+}
+
+fn port(app: App) -> (i32, &'static str) {
+    match app {
+        App::Dns => (53, "UDP"),
+        App::Nginx => (80, "TCP"),
+        App::Redis => (6379, "TCP"),
+        App::Postgres => (5432, "TCP"),
+    }
+}
+
+/// Deployments own their pods through a ReplicaSet; stateful apps
+/// (postgres, redis, coredns here) are owned by a ReplicaSet too, to keep
+/// the lab small: what matters to tpbpf is workload -> pods.
+fn replicaset_name(workload: &str) -> String {
+    format!("{workload}-7d4b9c")
+}
+
+pub fn pods() -> Vec<Pod> {
+    spec::pods()
+        .into_iter()
+        .map(|p| {
+            let rs = replicaset_name(p.workload);
+            let (port, proto) = port(p.app);
+            Pod {
+                metadata: ObjectMeta {
+                    labels: Some(labels(&[("app", p.label)])),
+                    owner_references: Some(vec![OwnerReference {
+                        api_version: "apps/v1".into(),
+                        kind: "ReplicaSet".into(),
+                        name: rs.clone(),
+                        uid: uid("ReplicaSet", p.namespace, &rs),
+                        controller: Some(true),
+                        ..Default::default()
+                    }]),
+                    ..meta(p.name, Some(p.namespace), &uid("Pod", p.namespace, p.name))
+                },
+                spec: Some(PodSpec {
+                    node_name: Some(p.node.into()),
+                    containers: vec![Container {
+                        name: p.label.into(),
+                        image: Some(image(p.app).into()),
+                        ports: Some(vec![ContainerPort {
+                            container_port: port,
+                            protocol: Some(proto.into()),
+                            ..Default::default()
+                        }]),
+                        env: Some(
+                            p.env
+                                .iter()
+                                .map(|(k, v)| EnvVar {
+                                    name: k.to_string(),
+                                    value: Some(v.to_string()),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        ),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                status: Some(PodStatus {
+                    phase: Some("Running".into()),
+                    pod_ip: Some(p.ip.into()),
+                    pod_ips: Some(vec![PodIP { ip: p.ip.into() }]),
+                    host_ip: spec::nodes()
+                        .iter()
+                        .find(|n| n.name == p.node)
+                        .map(|n| n.ip.into()),
+                    start_time: Some(Time(created())),
+                    conditions: Some(vec![PodCondition {
+                        type_: "Ready".into(),
+                        status: "True".into(),
+                        ..Default::default()
+                    }]),
+                    container_statuses: Some(vec![ContainerStatus {
+                        name: p.label.into(),
+                        image: image(p.app).into(),
+                        image_id: String::new(),
+                        ready: true,
+                        restart_count: 0,
+                        started: Some(true),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            }
+        })
+        .collect()
+}
+
+pub fn services() -> Vec<Service> {
+    spec::services()
+        .into_iter()
+        .map(|s| Service {
+            metadata: meta(
+                s.name,
+                Some(s.namespace),
+                &uid("Service", s.namespace, s.name),
+            ),
+            spec: Some(ServiceSpec {
+                type_: Some("ClusterIP".into()),
+                cluster_ip: Some(s.cluster_ip.into()),
+                cluster_ips: Some(vec![s.cluster_ip.into()]),
+                selector: Some(labels(&[("app", s.selector)])),
+                ports: Some(
+                    s.ports
+                        .iter()
+                        .map(|(port, proto)| ServicePort {
+                            name: Some(format!("{}-{port}", proto)),
+                            port: i32::from(*port),
+                            protocol: Some(proto.to_uppercase()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect()
+}
+
+pub fn endpoint_slices() -> Vec<EndpointSlice> {
+    spec::services()
+        .into_iter()
+        .map(|s| {
+            let name = format!("{}-abcde", s.name);
+            EndpointSlice {
+                metadata: ObjectMeta {
+                    labels: Some(labels(&[("kubernetes.io/service-name", s.name)])),
+                    ..meta(
+                        &name,
+                        Some(s.namespace),
+                        &uid("EndpointSlice", s.namespace, &name),
+                    )
+                },
+                address_type: "IPv4".into(),
+                endpoints: spec::endpoints(&s)
+                    .into_iter()
+                    .map(|p| Endpoint {
+                        addresses: vec![p.ip.into()],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(true),
+                            ..Default::default()
+                        }),
+                        node_name: Some(p.node.into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ports: Some(
+                    s.ports
+                        .iter()
+                        .map(|(port, proto)| EndpointPort {
+                            name: Some(format!("{}-{port}", proto)),
+                            port: Some(i32::from(*port)),
+                            protocol: Some(proto.to_uppercase()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+            }
+        })
+        .collect()
+}
+
+fn workloads() -> Vec<(&'static str, &'static str, &'static str, i32)> {
+    let mut out: Vec<(&str, &str, &str, i32)> = Vec::new();
+    for p in spec::pods() {
+        if let Some(w) = out
+            .iter_mut()
+            .find(|w| w.0 == p.namespace && w.1 == p.workload)
+        {
+            w.3 += 1;
+        } else {
+            out.push((p.namespace, p.workload, p.label, 1));
+        }
+    }
+    out
+}
+
+fn template(label: &str) -> PodTemplateSpec {
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(&[("app", label)])),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec::default()),
+    }
+}
+
+pub fn deployments() -> Vec<Deployment> {
+    workloads()
+        .into_iter()
+        .map(|(ns, name, label, replicas)| Deployment {
+            metadata: meta(name, Some(ns), &uid("Deployment", ns, name)),
+            spec: Some(DeploymentSpec {
+                replicas: Some(replicas),
+                selector: LabelSelector {
+                    match_labels: Some(labels(&[("app", label)])),
+                    ..Default::default()
+                },
+                template: template(label),
+                ..Default::default()
+            }),
+            status: Some(DeploymentStatus {
+                replicas: Some(replicas),
+                ready_replicas: Some(replicas),
+                available_replicas: Some(replicas),
+                updated_replicas: Some(replicas),
+                ..Default::default()
+            }),
+        })
+        .collect()
+}
+
+pub fn replica_sets() -> Vec<ReplicaSet> {
+    workloads()
+        .into_iter()
+        .map(|(ns, name, label, replicas)| {
+            let rs = replicaset_name(name);
+            ReplicaSet {
+                metadata: ObjectMeta {
+                    owner_references: Some(vec![OwnerReference {
+                        api_version: "apps/v1".into(),
+                        kind: "Deployment".into(),
+                        name: name.into(),
+                        uid: uid("Deployment", ns, name),
+                        controller: Some(true),
+                        ..Default::default()
+                    }]),
+                    ..meta(&rs, Some(ns), &uid("ReplicaSet", ns, &rs))
+                },
+                spec: Some(ReplicaSetSpec {
+                    replicas: Some(replicas),
+                    selector: LabelSelector {
+                        match_labels: Some(labels(&[("app", label)])),
+                        ..Default::default()
+                    },
+                    template: Some(template(label)),
+                    ..Default::default()
+                }),
+                status: Some(ReplicaSetStatus {
+                    replicas,
+                    ready_replicas: Some(replicas),
+                    available_replicas: Some(replicas),
+                    ..Default::default()
+                }),
+            }
+        })
+        .collect()
+}
+
+/// No DaemonSet runs in the lab yet (the agent runs as a process per node).
+pub fn daemon_sets() -> Vec<DaemonSet> {
+    let _ = (DaemonSetSpec::default(), DaemonSetStatus::default());
+    Vec::new()
+}

@@ -1,0 +1,165 @@
+//! Pod port-forward over WebSocket, as kube-rs (and kubectl 1.30+) speak
+//! it: subprotocol `v4.channel.k8s.io`, binary messages whose first byte is
+//! the channel; port i uses channel 2i for data and 2i+1 for errors, and the
+//! first message on each channel carries the port (u16, little endian).
+//! The endpoint dials the pod from its node's network namespace.
+use std::{net::SocketAddr, time::Duration};
+
+use axum::{
+    extract::ws::{Message, WebSocket, WebSocketUpgrade},
+    http::Uri,
+    response::Response,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::mpsc,
+};
+use tpbpf_lab::spec;
+use tracing::{debug, warn};
+
+pub fn upgrade(ws: WebSocketUpgrade, lab: &str, ns: &str, pod: &str, uri: &Uri) -> Response {
+    let ports: Vec<u16> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("ports="))
+        .flat_map(|v| v.split(','))
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let target = spec::pods()
+        .into_iter()
+        .find(|p| p.namespace == ns && p.name == pod)
+        .map(|p| (p.ip.to_string(), format!("{lab}-{}", p.node)));
+    let (ns, pod) = (ns.to_string(), pod.to_string());
+    ws.protocols(["v4.channel.k8s.io", "portforward.k8s.io"])
+        .on_upgrade(move |socket| async move {
+            match target {
+                Some((ip, netns)) => forward(socket, ip, netns, ports).await,
+                None => {
+                    let mut socket = socket;
+                    let msg = format!("pods \"{pod}\" not found in namespace {ns}");
+                    let mut frame = vec![1u8];
+                    frame.extend_from_slice(msg.as_bytes());
+                    let _ = socket.send(Message::Binary(frame.into())).await;
+                }
+            }
+        })
+}
+
+async fn dial(netns: String, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let std = tokio::task::spawn_blocking(move || {
+        tpbpf_lab::in_netns(&netns, move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()
+        })
+    })
+    .await
+    .map_err(std::io::Error::other)?
+    .ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!("connecting to {addr}"),
+        )
+    })?;
+    std.set_nonblocking(true)?;
+    TcpStream::from_std(std)
+}
+
+async fn forward(mut socket: WebSocket, ip: String, netns: String, ports: Vec<u16>) {
+    if ports.is_empty() {
+        let _ = socket
+            .send(Message::Binary(
+                b"\x01no ports given (ports=N)".to_vec().into(),
+            ))
+            .await;
+        return;
+    }
+    // Announce each port on its data and error channels.
+    for (i, port) in ports.iter().enumerate() {
+        let [lo, hi] = port.to_le_bytes();
+        for ch in [2 * i as u8, 2 * i as u8 + 1] {
+            if socket
+                .send(Message::Binary(vec![ch, lo, hi].into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+    // One connection per port, opened now.
+    let (to_ws_tx, mut to_ws_rx) = mpsc::channel::<Vec<u8>>(64);
+    let mut writers = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let addr: SocketAddr = match format!("{ip}:{port}").parse() {
+            Ok(a) => a,
+            Err(_) => return,
+        };
+        match dial(netns.clone(), addr).await {
+            Ok(stream) => {
+                let (mut rd, wr) = stream.into_split();
+                writers.push(Some(wr));
+                let tx = to_ws_tx.clone();
+                let ch = 2 * i as u8;
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 32 * 1024];
+                    loop {
+                        match rd.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                let mut frame = Vec::with_capacity(n + 1);
+                                frame.push(ch);
+                                frame.extend_from_slice(&buf[..n]);
+                                if tx.send(frame).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(%addr, "port-forward: {e}");
+                writers.push(None);
+                let mut frame = vec![2 * i as u8 + 1];
+                frame.extend_from_slice(
+                    format!("error forwarding port {port} to pod: {e}").as_bytes(),
+                );
+                let _ = to_ws_tx.send(frame).await;
+            }
+        }
+    }
+    drop(to_ws_tx);
+    loop {
+        tokio::select! {
+            out = to_ws_rx.recv() => match out {
+                Some(frame) => {
+                    if socket.send(Message::Binary(frame.into())).await.is_err() {
+                        return;
+                    }
+                }
+                None => {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(data))) if !data.is_empty() => {
+                    let ch = usize::from(data[0]);
+                    if ch % 2 == 0 {
+                        if let Some(Some(w)) = writers.get_mut(ch / 2) {
+                            if w.write_all(&data[1..]).await.is_err() {
+                                writers[ch / 2] = None;
+                            }
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                    debug!("port-forward: client closed");
+                    return;
+                }
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}

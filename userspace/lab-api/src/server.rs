@@ -1,0 +1,459 @@
+//! Routing, lists, gets, watches and tables.
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    body::Body,
+    extract::{ws::WebSocketUpgrade, Query, State},
+    http::{header, HeaderMap, Method, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    Router,
+};
+use serde_json::{json, Value};
+use tracing::{debug, info};
+
+use crate::objects;
+
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// The lab instance (its node namespaces are `<lab>-<node>`).
+    pub lab: String,
+    /// Bearer token clients must present.
+    pub token: String,
+}
+
+/// One resource kind the endpoint serves.
+struct Kind {
+    group: &'static str,
+    version: &'static str,
+    plural: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+    short: &'static [&'static str],
+    objects: fn() -> Vec<Value>,
+}
+
+fn to_values<T: serde::Serialize>(items: Vec<T>) -> Vec<Value> {
+    items
+        .into_iter()
+        .filter_map(|i| serde_json::to_value(i).ok())
+        .collect()
+}
+
+fn kinds() -> Vec<Kind> {
+    vec![
+        Kind {
+            group: "",
+            version: "v1",
+            plural: "namespaces",
+            kind: "Namespace",
+            namespaced: false,
+            short: &["ns"],
+            objects: || to_values(objects::namespaces()),
+        },
+        Kind {
+            group: "",
+            version: "v1",
+            plural: "nodes",
+            kind: "Node",
+            namespaced: false,
+            short: &["no"],
+            objects: || to_values(objects::nodes()),
+        },
+        Kind {
+            group: "",
+            version: "v1",
+            plural: "pods",
+            kind: "Pod",
+            namespaced: true,
+            short: &["po"],
+            objects: || to_values(objects::pods()),
+        },
+        Kind {
+            group: "",
+            version: "v1",
+            plural: "services",
+            kind: "Service",
+            namespaced: true,
+            short: &["svc"],
+            objects: || to_values(objects::services()),
+        },
+        Kind {
+            group: "apps",
+            version: "v1",
+            plural: "deployments",
+            kind: "Deployment",
+            namespaced: true,
+            short: &["deploy"],
+            objects: || to_values(objects::deployments()),
+        },
+        Kind {
+            group: "apps",
+            version: "v1",
+            plural: "replicasets",
+            kind: "ReplicaSet",
+            namespaced: true,
+            short: &["rs"],
+            objects: || to_values(objects::replica_sets()),
+        },
+        Kind {
+            group: "apps",
+            version: "v1",
+            plural: "daemonsets",
+            kind: "DaemonSet",
+            namespaced: true,
+            short: &["ds"],
+            objects: || to_values(objects::daemon_sets()),
+        },
+        Kind {
+            group: "discovery.k8s.io",
+            version: "v1",
+            plural: "endpointslices",
+            kind: "EndpointSlice",
+            namespaced: true,
+            short: &[],
+            objects: || to_values(objects::endpoint_slices()),
+        },
+    ]
+}
+
+/// Serves the API on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, cfg: ApiConfig) -> std::io::Result<()> {
+    info!(addr = ?listener.local_addr().ok(), lab = cfg.lab, "lab API listening");
+    let app = Router::new().fallback(handle).with_state(Arc::new(cfg));
+    axum::serve(listener, app).await
+}
+
+fn status(code: StatusCode, reason: &str, message: String) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn ok_json(v: Value) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+async fn handle(
+    State(cfg): State<Arc<ApiConfig>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let path = uri.path().trim_end_matches('/').to_string();
+    debug!(%method, %path, "request");
+    // A wrong token is refused. No token is served as an anonymous reader:
+    // client-go does not send bearer tokens over plain HTTP, and the lab's
+    // endpoint is only reachable from its own fabric.
+    let authorized = match headers.get(header::AUTHORIZATION) {
+        None => true,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| t == cfg.token),
+    };
+    if !authorized {
+        return status(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized: present the lab's bearer token (see its kubeconfig)".into(),
+        );
+    }
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segs.as_slice() {
+        ["healthz"] => return "ok".into_response(),
+        ["version"] => {
+            return ok_json(
+                json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-tpbpf-lab", "platform": "linux/amd64"}),
+            )
+        }
+        ["api"] => {
+            return ok_json(
+                json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
+            )
+        }
+        ["apis"] => {
+            let groups: Vec<Value> = ["apps", "discovery.k8s.io"]
+                .iter()
+                .map(|g| json!({"name": g, "versions": [{"groupVersion": format!("{g}/v1"), "version": "v1"}], "preferredVersion": {"groupVersion": format!("{g}/v1"), "version": "v1"}}))
+                .collect();
+            return ok_json(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}));
+        }
+        ["api", "v1"] => return resource_list("", "v1"),
+        ["apis", g, v] => return resource_list(g, v),
+        _ => {}
+    }
+    // Pod port-forward.
+    if let ["api", "v1", "namespaces", ns, "pods", name, "portforward"] = segs.as_slice() {
+        let Ok(ws) = ws else {
+            return status(StatusCode::BAD_REQUEST, "BadRequest", "port-forward needs a WebSocket upgrade (protocol v4.channel.k8s.io); SPDY is not served by the lab".into());
+        };
+        return crate::portforward::upgrade(ws, &cfg.lab, ns, name, &uri);
+    }
+    if method != Method::GET {
+        return status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("the lab's API is read-only: {method} {path}"),
+        );
+    }
+    // /api/v1/... or /apis/<g>/<v>/...
+    let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
+        ["api", "v1", rest @ ..] => ("", "v1", rest),
+        ["apis", g, v, rest @ ..] => (g, v, rest),
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("the server could not find the requested resource: {path}"),
+            )
+        }
+    };
+    let (namespace, plural, name) = match rest {
+        ["namespaces", ns, plural] => (Some(*ns), *plural, None),
+        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
+        ["namespaces", name] if group.is_empty() => (None, "namespaces", Some(*name)),
+        [plural] => (None, *plural, None),
+        [plural, name] => (None, *plural, Some(*name)),
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("the server could not find the requested resource: {path}"),
+            )
+        }
+    };
+    let kinds = kinds();
+    let Some(kind) = kinds
+        .iter()
+        .find(|k| k.group == group && k.version == version && k.plural == plural)
+    else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("the server could not find the requested resource ({plural})"),
+        );
+    };
+    let mut items: Vec<Value> = (kind.objects)()
+        .into_iter()
+        .filter(|o| namespace.is_none() || o["metadata"]["namespace"].as_str() == namespace)
+        .filter(|o| matches_selectors(o, &query))
+        .collect();
+    if let Some(name) = name {
+        return match items.into_iter().find(|o| o["metadata"]["name"] == name) {
+            Some(o) => respond_one(o, kind, &headers),
+            None => status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{} \"{name}\" not found", kind.plural),
+            ),
+        };
+    }
+    let watching = query.get("watch").is_some_and(|w| w == "1" || w == "true");
+    if watching {
+        let initial = query
+            .get("resourceVersion")
+            .is_none_or(|rv| rv.is_empty() || rv == "0");
+        let timeout = query
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(300u64)
+            .min(1800);
+        return watch(
+            if initial {
+                std::mem::take(&mut items)
+            } else {
+                Vec::new()
+            },
+            timeout,
+        );
+    }
+    if wants_table(&headers) {
+        return ok_json(table(kind, &items));
+    }
+    let api_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    ok_json(json!({
+        "kind": format!("{}List", kind.kind),
+        "apiVersion": api_version,
+        "metadata": {"resourceVersion": "1"},
+        "items": items,
+    }))
+}
+
+fn respond_one(o: Value, kind: &Kind, headers: &HeaderMap) -> Response {
+    if wants_table(headers) {
+        return ok_json(table(kind, &[o]));
+    }
+    ok_json(o)
+}
+
+fn resource_list(group: &str, version: &str) -> Response {
+    let kinds = kinds();
+    let mut resources: Vec<Value> = kinds
+        .iter()
+        .filter(|k| k.group == group && k.version == version)
+        .map(|k| json!({"name": k.plural, "singularName": k.kind.to_lowercase(), "namespaced": k.namespaced, "kind": k.kind, "verbs": ["get", "list", "watch"], "shortNames": k.short}))
+        .collect();
+    if resources.is_empty() {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("no API group {group}/{version}"),
+        );
+    }
+    if group.is_empty() {
+        resources.push(json!({"name": "pods/portforward", "singularName": "", "namespaced": true, "kind": "PodPortForwardOptions", "verbs": ["create", "get"]}));
+    }
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    ok_json(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+    )
+}
+
+/// `labelSelector=a=b,c=d` and `fieldSelector=metadata.name=x,spec.nodeName=y`
+/// (equality only, which is what tpbpf and kubectl's common uses need).
+fn matches_selectors(o: &Value, query: &HashMap<String, String>) -> bool {
+    if let Some(sel) = query.get("labelSelector").filter(|s| !s.is_empty()) {
+        for term in sel.split(',') {
+            let (k, v) = term
+                .split_once("==")
+                .or_else(|| term.split_once('='))
+                .unwrap_or((term, ""));
+            let actual = o["metadata"]["labels"][k.trim()].as_str();
+            if v.is_empty() {
+                if actual.is_none() {
+                    return false;
+                }
+            } else if actual != Some(v.trim()) {
+                return false;
+            }
+        }
+    }
+    if let Some(sel) = query.get("fieldSelector").filter(|s| !s.is_empty()) {
+        for term in sel.split(',') {
+            let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) else {
+                continue;
+            };
+            let mut cur = o;
+            for part in k.trim().split('.') {
+                cur = &cur[part];
+            }
+            if cur.as_str() != Some(v.trim()) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"))
+}
+
+/// Computes a table row's cells from an object.
+type CellsFn = Box<dyn Fn(&Value) -> Vec<Value>>;
+
+/// A server-side table (meta.k8s.io/v1), as kubectl asks for.
+fn table(kind: &Kind, items: &[Value]) -> Value {
+    let col = |name: &str, ty: &str| json!({"name": name, "type": ty, "format": if name == "Name" {"name"} else {""}, "description": name, "priority": 0});
+    let (columns, cells): (Vec<Value>, CellsFn) = match kind.plural {
+        "pods" => (
+            vec![
+                col("Name", "string"),
+                col("Ready", "string"),
+                col("Status", "string"),
+                col("Restarts", "integer"),
+                col("Age", "string"),
+                col("IP", "string"),
+                col("Node", "string"),
+            ],
+            Box::new(|o: &Value| {
+                vec![
+                    o["metadata"]["name"].clone(),
+                    json!("1/1"),
+                    o["status"]["phase"].clone(),
+                    json!(0),
+                    json!("lab"),
+                    o["status"]["podIP"].clone(),
+                    o["spec"]["nodeName"].clone(),
+                ]
+            }),
+        ),
+        "services" => (
+            vec![
+                col("Name", "string"),
+                col("Type", "string"),
+                col("Cluster-IP", "string"),
+                col("Ports", "string"),
+                col("Age", "string"),
+            ],
+            Box::new(|o: &Value| {
+                let ports: Vec<String> = o["spec"]["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("TCP")))
+                    .collect();
+                vec![
+                    o["metadata"]["name"].clone(),
+                    o["spec"]["type"].clone(),
+                    o["spec"]["clusterIP"].clone(),
+                    json!(ports.join(",")),
+                    json!("lab"),
+                ]
+            }),
+        ),
+        _ => (
+            vec![col("Name", "string"), col("Age", "string")],
+            Box::new(|o: &Value| vec![o["metadata"]["name"].clone(), json!("lab")]),
+        ),
+    };
+    let rows: Vec<Value> = items
+        .iter()
+        .map(|o| json!({"cells": cells(o), "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]}}))
+        .collect();
+    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": "1"}, "columnDefinitions": columns, "rows": rows})
+}
+
+/// A watch: ADDED events for the current objects, then the stream stays
+/// open (the lab's objects do not change) until the timeout.
+fn watch(items: Vec<Value>, timeout_s: u64) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(16);
+    tokio::spawn(async move {
+        for o in items {
+            if tx
+                .send(Ok(format!("{}\n", json!({"type": "ADDED", "object": o}))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(timeout_s)) => {}
+            _ = tx.closed() => {}
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
