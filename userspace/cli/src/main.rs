@@ -40,6 +40,13 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Bridge this machine to the cluster of the current kubeconfig context
+    /// (tpbpfd in the background).
+    Up(cmd::up::UpArgs),
+    /// Show the bridge started by `tpbpf up`.
+    Status(cmd::up::StateArgs),
+    /// Stop the bridge started by `tpbpf up`; nothing stays attached.
+    Down(cmd::up::StateArgs),
     /// Run one command with the bridge active for its process tree only;
     /// exits with the command's status and leaves nothing behind.
     Run(cmd::bridge::RunArgs),
@@ -78,6 +85,9 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Doctor { output } => Ok(cmd::doctor::run(output)),
+        Command::Up(args) => cmd::up::up(args, cli.netns.as_deref()),
+        Command::Status(args) => cmd::up::status(args),
+        Command::Down(args) => cmd::up::down(args),
         Command::Run(args) => cmd::bridge::run(args),
         Command::Lab(args) => cmd::lab::run(args),
         Command::Daemon(args) => cmd::bridge::daemon(args),

@@ -381,6 +381,17 @@ pub fn replica_sets() -> Vec<ReplicaSet> {
         .collect()
 }
 
+/// The ServiceCIDR API (networking.k8s.io/v1, Kubernetes 1.33): how clients
+/// discover the service range.
+pub fn service_cidrs() -> Vec<k8s_openapi::api::networking::v1::ServiceCIDR> {
+    use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec};
+    vec![ServiceCIDR {
+        metadata: meta("kubernetes", None, &uid("ServiceCIDR", "", "kubernetes")),
+        spec: Some(ServiceCIDRSpec { cidrs: Some(vec![spec::SERVICE_CIDR.into()]) }),
+        status: None,
+    }]
+}
+
 /// No DaemonSet runs in the lab yet (the agent runs as a process per node).
 pub fn daemon_sets() -> Vec<DaemonSet> {
     let _ = (DaemonSetSpec::default(), DaemonSetStatus::default());

@@ -113,6 +113,15 @@ fn kinds() -> Vec<Kind> {
             short: &[],
             objects: || to_values(objects::endpoint_slices()),
         },
+        Kind {
+            group: "networking.k8s.io",
+            version: "v1",
+            plural: "servicecidrs",
+            kind: "ServiceCIDR",
+            namespaced: false,
+            short: &[],
+            objects: || to_values(objects::service_cidrs()),
+        },
     ]
 }
 
@@ -182,7 +191,7 @@ async fn handle(
             )
         }
         ["apis"] => {
-            let groups: Vec<Value> = ["apps", "discovery.k8s.io"]
+            let groups: Vec<Value> = ["apps", "discovery.k8s.io", "networking.k8s.io"]
                 .iter()
                 .map(|g| json!({"name": g, "versions": [{"groupVersion": format!("{g}/v1"), "version": "v1"}], "preferredVersion": {"groupVersion": format!("{g}/v1"), "version": "v1"}}))
                 .collect();

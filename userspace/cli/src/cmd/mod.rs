@@ -3,3 +3,4 @@ pub mod doctor;
 pub mod lab;
 pub mod redirect;
 pub mod scope;
+pub mod up;

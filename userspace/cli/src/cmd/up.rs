@@ -1,0 +1,337 @@
+//! `tpbpf up` / `status` / `down`: bridge this machine to the cluster of the
+//! current kubeconfig context, with tpbpfd running in the background.
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tpbpf_loader::Cidr;
+
+use crate::Output;
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// kubeconfig to use (default: $KUBECONFIG or ~/.kube/config, like kubectl).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// kubeconfig context (default: the current one).
+    #[arg(long)]
+    context: Option<String>,
+    /// The namespace bare names resolve in (default: the context's).
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Where bridged traffic goes. `netns:NAME` dials from inside network
+    /// namespace NAME (e.g. a lab node: `netns:tpbpf-lab-node1`).
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Bridge this cgroup subtree (default: the whole machine).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Another range to bridge (repeatable).
+    #[arg(long = "also-proxy")]
+    also_proxy: Vec<Cidr>,
+    /// A range never to bridge (repeatable).
+    #[arg(long = "never-proxy")]
+    never_proxy: Vec<Cidr>,
+    /// The cluster domain.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Name of this bridge (several can run at once, to different clusters).
+    #[arg(long, default_value = "default")]
+    instance: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+pub struct StateArgs {
+    /// Name of the bridge.
+    #[arg(long, default_value = "default")]
+    instance: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+fn state_dir(instance: &str) -> PathBuf {
+    PathBuf::from("/run/tpbpf").join(instance)
+}
+
+fn alive(pid: i64) -> bool {
+    tpbpf_lab::alive(pid as i32)
+}
+
+/// Routes this machine already has that overlap a range to bridge: a VPN
+/// or a local network that tpbpf must not silently take over.
+fn overlapping_routes(cidrs: &[String], never: &[Cidr]) -> Vec<(String, String, String)> {
+    let Ok(out) = Command::new("ip")
+        .args(["-j", "route", "show", "table", "main"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    let routes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut found = Vec::new();
+    for r in routes {
+        let Some(dst) = r["dst"].as_str() else {
+            continue;
+        };
+        if dst == "default" {
+            continue;
+        }
+        let Ok(route) = dst.parse::<Cidr>() else {
+            continue;
+        };
+        for c in cidrs {
+            let Ok(cidr) = c.parse::<Cidr>() else {
+                continue;
+            };
+            let overlap = cidr.contains(route.addr()) || route.contains(cidr.addr());
+            let excluded = never
+                .iter()
+                .any(|n| n.contains(route.addr()) && n.prefix_len() <= route.prefix_len());
+            if overlap && !excluded {
+                found.push((
+                    c.clone(),
+                    dst.to_string(),
+                    r["dev"].as_str().unwrap_or("?").to_string(),
+                ));
+            }
+        }
+    }
+    found
+}
+
+pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("tpbpf up loads eBPF programs and must run as root: sudo -E tpbpf up (-E keeps your KUBECONFIG)");
+    }
+    let dir = state_dir(&args.instance);
+    if let Some(state) = read_state(&args.instance) {
+        if state["pid"].as_i64().is_some_and(alive) {
+            bail!(
+                "bridge `{}` is already up (tpbpfd pid {}): `tpbpf status`, or `tpbpf down` first",
+                args.instance,
+                state["pid"]
+            );
+        }
+    }
+    let Some(upstream) = args.upstream.clone() else {
+        bail!("no upstream: the tunnel to tpbpf's cluster agent is not available in this build; pass --upstream netns:NAME to dial from a network namespace that reaches the cluster (the lab's nodes: netns:<lab>-node1)");
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let info = rt.block_on(async {
+        let (client, ctx, server, ns) =
+            tpbpf_kube::client(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
+        let ns = args.namespace.clone().unwrap_or(ns);
+        tpbpf_kube::discover(&client, &ctx, &server, &ns, &args.cluster_domain).await
+    })?;
+    let mut cidrs: Vec<String> = info
+        .service_cidrs
+        .iter()
+        .chain(&info.pod_cidrs)
+        .cloned()
+        .collect();
+    cidrs.extend(args.also_proxy.iter().map(ToString::to_string));
+    let overlaps = overlapping_routes(&cidrs, &args.never_proxy);
+    if !overlaps.is_empty() {
+        let lines: Vec<String> = overlaps
+            .iter()
+            .map(|(c, r, d)| format!("  cluster range {c} overlaps route {r} (dev {d})"))
+            .collect();
+        bail!(
+            "the cluster's ranges overlap routes this machine already has:\n{}\nbridging them would take that traffic; exclude them with --never-proxy {} (or fix the overlap)",
+            lines.join("\n"),
+            overlaps.iter().map(|o| o.1.clone()).collect::<Vec<_>>().join(" --never-proxy ")
+        );
+    }
+
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log_path = dir.join("tpbpfd.log");
+    let log = std::fs::File::create(&log_path)?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    if let Some(ns) = netns {
+        cmd.args(["--netns", ns]);
+    }
+    cmd.args([
+        "daemon",
+        "-o",
+        "json",
+        "--upstream",
+        &upstream,
+        "--cluster-domain",
+        &args.cluster_domain,
+    ]);
+    for c in &cidrs {
+        cmd.args(["--cidr", c]);
+    }
+    for c in &args.never_proxy {
+        cmd.args(["--never-proxy", &c.to_string()]);
+    }
+    if let Some(dns) = info.dns {
+        cmd.args(["--cluster-dns", &dns.to_string()]);
+    }
+    for ns in &info.namespaces {
+        cmd.args(["--namespace", ns]);
+    }
+    if let Some(cg) = &args.cgroup {
+        cmd.arg("--cgroup").arg(cg);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    // SAFETY: setsid is async-signal-safe: tpbpfd outlives this command and
+    // the terminal's signals.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting tpbpfd")?;
+    let stdout = child.stdout.take().context("tpbpfd's stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ready: Value = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) if !line.is_empty() => {
+            serde_json::from_str(&line).context("tpbpfd's ready event")?
+        }
+        _ => {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!(
+                "tpbpfd did not start:\n{}",
+                log.lines()
+                    .rev()
+                    .take(10)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    };
+    let state = json!({
+        "instance": args.instance,
+        "pid": child.id(),
+        "cluster": info,
+        "upstream": upstream,
+        "bridge": ready,
+        "log": log_path,
+    });
+    std::fs::write(
+        dir.join("state.json"),
+        serde_json::to_string_pretty(&state)?,
+    )?;
+    match args.output {
+        Output::Json => println!("{state}"),
+        Output::Table => {
+            println!("tpbpf is up: context {} ({})", info.context, info.server);
+            println!("  bridged ranges: {}", cidrs.join(", "));
+            println!(
+                "  cluster DNS: {} (domain {}; names resolve in {})",
+                info.dns.map(|d| d.to_string()).unwrap_or("none".into()),
+                info.cluster_domain,
+                info.namespaces.first().cloned().unwrap_or_default()
+            );
+            println!(
+                "  scope: cgroup {}",
+                ready["cgroup"].as_str().unwrap_or("?")
+            );
+            println!(
+                "  upstream: {upstream}; tpbpfd pid {} (log {})",
+                child.id(),
+                log_path.display()
+            );
+            println!("`tpbpf status` shows it, `tpbpf down` removes it.");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_state(instance: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(state_dir(instance).join("state.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub fn status(args: StateArgs) -> Result<ExitCode> {
+    let Some(mut state) = read_state(&args.instance) else {
+        match args.output {
+            Output::Json => println!("{}", json!({"instance": args.instance, "up": false})),
+            Output::Table => println!(
+                "tpbpf is down (bridge `{}`): `tpbpf up` starts it",
+                args.instance
+            ),
+        }
+        return Ok(ExitCode::from(3));
+    };
+    let running = state["pid"].as_i64().is_some_and(alive);
+    state["up"] = json!(running);
+    match args.output {
+        Output::Json => println!("{state}"),
+        Output::Table => {
+            if running {
+                println!(
+                    "tpbpf is up (bridge `{}`, tpbpfd pid {})",
+                    args.instance, state["pid"]
+                );
+            } else {
+                println!("tpbpf is NOT running: tpbpfd (pid {}) is gone; its programs were detached with it. `tpbpf down` clears this state, `tpbpf up` starts again. Its log: {}", state["pid"], state["log"].as_str().unwrap_or("?"));
+            }
+            println!(
+                "  context: {} ({})",
+                state["cluster"]["context"].as_str().unwrap_or("?"),
+                state["cluster"]["server"].as_str().unwrap_or("?")
+            );
+            println!("  ranges: {}", state["bridge"]["cidrs"]);
+            println!("  upstream: {}", state["upstream"].as_str().unwrap_or("?"));
+            println!(
+                "  cgroup: {}",
+                state["bridge"]["cgroup"].as_str().unwrap_or("?")
+            );
+            println!(
+                "  programs: {} links: {}",
+                state["bridge"]["program_ids"], state["bridge"]["link_ids"]
+            );
+        }
+    }
+    Ok(if running {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub fn down(args: StateArgs) -> Result<ExitCode> {
+    let Some(state) = read_state(&args.instance) else {
+        println!("tpbpf is already down (bridge `{}`)", args.instance);
+        return Ok(ExitCode::SUCCESS);
+    };
+    if let Some(pid) = state["pid"].as_i64().filter(|p| alive(*p)) {
+        // SAFETY: the pid is tpbpfd's, recorded by `tpbpf up`.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if alive(pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+    let _ = std::fs::remove_dir_all(state_dir(&args.instance));
+    if args.output == Output::Table {
+        println!("tpbpf is down: tpbpfd stopped, everything it attached is detached");
+    }
+    Ok(ExitCode::SUCCESS)
+}

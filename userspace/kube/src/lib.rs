@@ -1,0 +1,256 @@
+//! tpbpf's view of a cluster, through the user's kubeconfig like kubectl:
+//! which ranges to bridge (service CIDR, pod CIDRs), the cluster DNS and
+//! domain, and the namespaces names resolve in.
+use std::{net::IpAddr, path::Path};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    networking::v1::ServiceCIDR,
+};
+use kube::{
+    api::{ListParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    Api, Client, Config,
+};
+use serde::Serialize;
+use thiserror::Error;
+use tpbpf_loader::Cidr;
+use tracing::debug;
+
+#[derive(Debug, Error)]
+pub enum KubeError {
+    #[error("reading kubeconfig {path}: {source} (set KUBECONFIG or pass --kubeconfig)")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no usable kubeconfig: {0} (set KUBECONFIG, pass --kubeconfig, or check ~/.kube/config)"
+    )]
+    Infer(String),
+    #[error("connecting to the cluster: {0}")]
+    Client(#[source] kube::Error),
+    #[error(
+        "{what}: {source} (is the API server at {server} reachable, and may you list {what}?)"
+    )]
+    Api {
+        what: &'static str,
+        server: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("could not find the cluster's service range: {0} (pass it with --also-proxy)")]
+    ServiceCidr(String),
+}
+
+/// What tpbpf needs to know about a cluster.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterInfo {
+    pub context: String,
+    pub server: String,
+    pub service_cidrs: Vec<String>,
+    pub pod_cidrs: Vec<String>,
+    pub cluster_domain: String,
+    /// The cluster DNS service's ClusterIP (kube-system/kube-dns).
+    pub dns: Option<IpAddr>,
+    /// The user's namespace first, then every other namespace.
+    pub namespaces: Vec<String>,
+}
+
+/// A client for the kubeconfig at `path` (or the usual places, like
+/// kubectl), in `context` (or the current one).
+pub async fn client(
+    path: Option<&Path>,
+    context: Option<&str>,
+) -> Result<(Client, String, String, String), KubeError> {
+    let options = KubeConfigOptions {
+        context: context.map(str::to_string),
+        ..Default::default()
+    };
+    let config = match path {
+        Some(p) => {
+            let kc = Kubeconfig::read_from(p).map_err(|source| KubeError::Kubeconfig {
+                path: p.display().to_string(),
+                source,
+            })?;
+            Config::from_custom_kubeconfig(kc, &options)
+                .await
+                .map_err(|source| KubeError::Kubeconfig {
+                    path: p.display().to_string(),
+                    source,
+                })?
+        }
+        None => Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| KubeError::Infer(e.to_string()))?,
+    };
+    let server = config.cluster_url.to_string();
+    let namespace = config.default_namespace.clone();
+    let kc = match path {
+        Some(p) => Kubeconfig::read_from(p).ok(),
+        None => Kubeconfig::read().ok(),
+    };
+    let ctx = context
+        .map(str::to_string)
+        .or_else(|| kc.and_then(|k| k.current_context))
+        .unwrap_or_default();
+    let client = Client::try_from(config).map_err(KubeError::Client)?;
+    Ok((client, ctx, server, namespace))
+}
+
+/// Discovers what to bridge.
+pub async fn discover(
+    client: &Client,
+    context: &str,
+    server: &str,
+    namespace: &str,
+    cluster_domain: &str,
+) -> Result<ClusterInfo, KubeError> {
+    let api_err = |what| {
+        move |source| KubeError::Api {
+            what,
+            server: server.to_string(),
+            source,
+        }
+    };
+    let service_cidrs = service_cidrs(client).await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let nodes = nodes
+        .list(&ListParams::default())
+        .await
+        .map_err(api_err("nodes"))?;
+    let mut pod_cidrs: Vec<String> = Vec::new();
+    for n in &nodes.items {
+        let spec = n.spec.clone().unwrap_or_default();
+        for c in spec
+            .pod_cidrs
+            .unwrap_or_default()
+            .into_iter()
+            .chain(spec.pod_cidr)
+        {
+            if !pod_cidrs.contains(&c) {
+                pod_cidrs.push(c);
+            }
+        }
+    }
+    if pod_cidrs.is_empty() {
+        // No podCIDRs on the nodes (some CNIs): cover the pods' addresses.
+        let pods: Api<Pod> = Api::all(client.clone());
+        for p in pods
+            .list(&ListParams::default())
+            .await
+            .map_err(api_err("pods"))?
+            .items
+        {
+            if let Some(ip) = p
+                .status
+                .and_then(|s| s.pod_ip)
+                .and_then(|ip| ip.parse::<IpAddr>().ok())
+            {
+                let net = match ip {
+                    IpAddr::V4(_) => Cidr::new(ip, 16),
+                    IpAddr::V6(_) => Cidr::new(ip, 64),
+                };
+                if let Some(net) = net.map(|n| n.to_string()) {
+                    if !pod_cidrs.contains(&net) {
+                        pod_cidrs.push(net);
+                    }
+                }
+            }
+        }
+    }
+    let dns = Api::<Service>::namespaced(client.clone(), "kube-system")
+        .get_opt("kube-dns")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|s| s.spec)
+        .and_then(|s| s.cluster_ip)
+        .and_then(|ip| ip.parse().ok());
+    let mut namespaces = vec![namespace.to_string()];
+    for ns in Api::<Namespace>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(api_err("namespaces"))?
+        .items
+    {
+        if let Some(name) = ns.metadata.name {
+            if !namespaces.contains(&name) {
+                namespaces.push(name);
+            }
+        }
+    }
+    Ok(ClusterInfo {
+        context: context.to_string(),
+        server: server.to_string(),
+        service_cidrs,
+        pod_cidrs,
+        cluster_domain: cluster_domain.to_string(),
+        dns,
+        namespaces,
+    })
+}
+
+/// The ServiceCIDR API (Kubernetes 1.33+); else the range named in the
+/// error a dry-run Service with an impossible ClusterIP gets back.
+async fn service_cidrs(client: &Client) -> Result<Vec<String>, KubeError> {
+    match Api::<ServiceCIDR>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(list) => {
+            let cidrs: Vec<String> = list
+                .items
+                .into_iter()
+                .filter_map(|s| s.spec)
+                .flat_map(|s| s.cidrs.unwrap_or_default())
+                .collect();
+            if !cidrs.is_empty() {
+                return Ok(cidrs);
+            }
+        }
+        Err(e) => debug!("ServiceCIDR API unavailable: {e}"),
+    }
+    let svc: Service = serde_json_value(r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"tpbpf-cidr-probe"},"spec":{"clusterIP":"1.1.1.1","ports":[{"port":443}]}}"#)
+        .map_err(KubeError::ServiceCidr)?;
+    let api: Api<Service> = Api::namespaced(client.clone(), "default");
+    let pp = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    match api.create(&pp, &svc).await {
+        Ok(_) => Err(KubeError::ServiceCidr(
+            "the API server accepted ClusterIP 1.1.1.1".into(),
+        )),
+        Err(e) => parse_range_error(&e.to_string())
+            .map(|c| vec![c])
+            .ok_or_else(|| KubeError::ServiceCidr(e.to_string())),
+    }
+}
+
+fn serde_json_value(text: &str) -> Result<Service, String> {
+    k8s_openapi::serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
+/// "... The range of valid IPs is 10.96.0.0/12" -> "10.96.0.0/12".
+pub fn parse_range_error(message: &str) -> Option<String> {
+    let rest = message.split("range of valid IPs is ").nth(1)?;
+    let cidr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '/'))
+        .collect();
+    cidr.parse::<Cidr>().ok().map(|c| c.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_service_range_from_the_api_servers_error() {
+        let msg = r#"Service "tpbpf-cidr-probe" is invalid: spec.clusterIPs: Invalid value: []string{"1.1.1.1"}: failed to allocate IP 1.1.1.1: the provided IP (1.1.1.1) is not in the valid range. The range of valid IPs is 10.43.0.0/16"#;
+        assert_eq!(parse_range_error(msg).as_deref(), Some("10.43.0.0/16"));
+        assert_eq!(parse_range_error("something else"), None);
+    }
+}
