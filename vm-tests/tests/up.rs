@@ -1,0 +1,192 @@
+//! `tpbpf up` / `status` / `down` against the lab's API endpoint, from the
+//! lab's developer namespace: discovery through the kubeconfig, the route
+//! overlap check, a dead tpbpfd reported by `status`, nothing left by `down`.
+use std::{path::Path, process::Command, time::Duration};
+
+use serde_json::Value;
+use tpbpf_vm_tests::*;
+
+struct LabGuard(String);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(tpbpf_bin())
+            .args(["lab", "down", "--name", &self.0])
+            .output();
+    }
+}
+
+struct Instance(String);
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = Command::new(tpbpf_bin())
+            .args(["down", "--instance", &self.0])
+            .output();
+    }
+}
+
+fn in_cgroup_and_netns(
+    cgroup: &Path,
+    netns: &str,
+    resolv: &Path,
+    script: &str,
+) -> std::process::Output {
+    let inner = format!(
+        "mount --bind {} /etc/resolv.conf && {script}",
+        resolv.display()
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {netns} unshare -m sh -c '{inner}'",
+            cgroup.display()
+        ))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
+    if !require_root("up_discovers_the_cluster_and_bridges_a_subtree_until_down") {
+        return;
+    }
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIP up test: the lab's servers are not installed (sudo bash xtask/setup.sh)");
+        return;
+    }
+    let lab = LabGuard(unique_name("tu"));
+    let status: Value = serde_json::from_str(&run(
+        Command::new(tpbpf_bin()).args(["lab", "up", "--name", &lab.0, "-o", "json"])
+    ))
+    .unwrap();
+    let kubeconfig = status["kubeconfig"].as_str().unwrap().to_string();
+    let dev = status["dev_netns"].as_str().unwrap().to_string();
+    let cg = TestCgroup::new();
+    let resolv = std::env::temp_dir().join(format!("{}.resolv.conf", lab.0));
+    std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+    let instance = Instance(unique_name("up"));
+    let up = |extra: &[&str]| {
+        Command::new(tpbpf_bin())
+            .args([
+                "--netns",
+                &dev,
+                "up",
+                "-o",
+                "json",
+                "--kubeconfig",
+                &kubeconfig,
+                "--instance",
+                &instance.0,
+            ])
+            .args(["--upstream", &format!("netns:{}-node1", lab.0), "--cgroup"])
+            .arg(cg.path())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+
+    // A route the machine already has inside a cluster range: `up` refuses
+    // and names it.
+    run(Command::new("ip").args(["-n", &dev, "route", "add", "10.244.2.0/24", "dev", "eth0"]));
+    let refused = up(&[]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("overlaps route 10.244.2.0/24") && err.contains("--never-proxy"),
+        "{err}"
+    );
+    run(Command::new("ip").args(["-n", &dev, "route", "del", "10.244.2.0/24"]));
+
+    let out = up(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        state["cluster"]["service_cidrs"],
+        serde_json::json!(["10.96.0.0/12"]),
+        "{state}"
+    );
+    assert_eq!(
+        state["cluster"]["pod_cidrs"],
+        serde_json::json!(["10.244.1.0/24", "10.244.2.0/24"]),
+        "{state}"
+    );
+    assert_eq!(state["cluster"]["dns"], "10.96.0.10");
+    assert_eq!(state["cluster"]["namespaces"][0], "default");
+
+    // A second `up` of the same bridge is refused while it runs.
+    assert!(!up(&[]).status.success());
+
+    let r = in_cgroup_and_netns(
+        cg.path(),
+        &dev,
+        &resolv,
+        "curl -sS -m 5 http://web.default/ && redis-cli -h redis.cache ping",
+    );
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success() && text.contains("served by nginx") && text.contains("PONG"),
+        "{text}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+
+    let st = Command::new(tpbpf_bin())
+        .args(["status", "-o", "json", "--instance", &instance.0])
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["up"], true);
+
+    // tpbpfd killed: status says so; nothing stays attached.
+    let pid = st["pid"].as_i64().unwrap() as libc::pid_t;
+    // SAFETY: the pid of the tpbpfd this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_for(Duration::from_secs(2), || !tpbpf_lab_alive(pid)));
+    let st = Command::new(tpbpf_bin())
+        .args(["status", "--instance", &instance.0])
+        .output()
+        .unwrap();
+    assert_eq!(st.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&st.stdout).contains("NOT running"));
+    assert!(
+        wait_for(Duration::from_secs(1), || cgroup_prog_ids(cg.path())
+            .is_empty()),
+        "programs still attached"
+    );
+
+    // down clears the state; up works again; down stops it.
+    run(Command::new(tpbpf_bin()).args(["down", "--instance", &instance.0]));
+    let out = up(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run(Command::new(tpbpf_bin()).args(["down", "--instance", &instance.0]));
+    assert!(
+        cgroup_prog_ids(cg.path()).is_empty(),
+        "programs attached after down"
+    );
+    assert!(
+        !Path::new("/run/tpbpf").join(&instance.0).exists(),
+        "state left after down"
+    );
+    let _ = std::fs::remove_file(&resolv);
+}
+
+fn tpbpf_lab_alive(pid: libc::pid_t) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty()
+        && !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+}
