@@ -215,7 +215,25 @@ pub fn cgroup_prog_ids(dir: &Path) -> Vec<u64> {
 }
 
 fn bpftool_ids(args: &[&str]) -> Vec<u64> {
-    let out = run(Command::new("bpftool").args(args));
+    // bpftool walks ids and then opens each: an object freed in between (by
+    // a test running in parallel) fails the listing. Walk again.
+    let mut attempt = 0;
+    let out = loop {
+        let out = Command::new("bpftool")
+            .args(args)
+            .output()
+            .expect("running bpftool");
+        attempt += 1;
+        if out.status.success() || attempt >= 10 {
+            assert!(
+                out.status.success(),
+                "bpftool {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     if out.trim().is_empty() {
         return Vec::new();
     }
