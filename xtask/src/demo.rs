@@ -15,11 +15,17 @@ struct Cleanup {
     cgroup: Option<PathBuf>,
     tpbpf: PathBuf,
     lab: Option<String>,
+    instance: Option<String>,
     resolv: PathBuf,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        if let Some(instance) = &self.instance {
+            let _ = Command::new(&self.tpbpf)
+                .args(["down", "--instance", instance])
+                .status();
+        }
         if let Some(lab) = &self.lab {
             let _ = Command::new(&self.tpbpf)
                 .args(["lab", "down", "--name", lab])
@@ -60,6 +66,7 @@ pub fn run() -> Result<()> {
         cgroup: None,
         tpbpf: tpbpf.clone(),
         lab: None,
+        instance: None,
         resolv: resolv.clone(),
     };
 
@@ -114,75 +121,85 @@ pub fn run() -> Result<()> {
     cleanup.lab = Some(lab.clone());
     run_cmd(Command::new(&tpbpf).args(["lab", "up", "--name", &lab]))?;
 
-    // The developer namespace's resolv.conf names a local resolver; tpbpf
-    // captures port 53 whatever the address, so cluster names resolve
-    // without any resolv.conf edit (and the machine's own DNS is never used).
+    // The lab's developer namespace stands for the laptop: it reaches the
+    // API endpoint and nothing else of the cluster. Its resolv.conf names a
+    // local resolver; tpbpf captures port 53 whatever the address, so cluster
+    // names resolve with no resolv.conf edit (and the machine's own DNS is
+    // never used).
+    let dev = format!("{lab}-dev");
+    let kubeconfig = format!("/run/tpbpf-lab/{lab}/kubeconfig");
     fs::write(&resolv, "nameserver 127.0.0.53\n")?;
-    let wrap = |script: &str| -> Vec<String> {
-        vec![
-            "unshare".into(),
-            "-m".into(),
-            "sh".into(),
-            "-c".into(),
-            format!(
-                "mount --bind {} /etc/resolv.conf && sh -c \"$0\"",
-                resolv.display()
-            ),
-            script.into(),
-        ]
+    let in_dev = |script: &str| -> Command {
+        // Join the bridged cgroup first: `ip netns exec` hides the cgroup mount.
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {dev} unshare -m sh -c 'mount --bind {} /etc/resolv.conf && sh -c \"$0\"' \"$1\"",
+            parent.display(),
+            resolv.display()
+        ));
+        c.arg("sh").arg(script);
+        c
     };
 
+    step("kubectl against the lab's API endpoint, from the developer namespace");
+    println!("$ kubectl get pods -A");
+    let _ = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &dev,
+            "kubectl",
+            "--kubeconfig",
+            &kubeconfig,
+            "get",
+            "pods",
+            "-A",
+        ])
+        .status();
+
     step("without tpbpf: the developer namespace cannot resolve or reach web.default");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &netns])
-        .args(wrap("curl -sS -m 3 http://web.default/"))
-        .output()?;
+    let out = in_dev("curl -sS -m 3 http://web.default/").output()?;
     print!("{}", String::from_utf8_lossy(&out.stderr));
     if out.status.success() {
         bail!("the lab is reachable without tpbpf: the demo namespaces are not isolated");
     }
 
-    step("with tpbpf run: real clients reach the cluster by name (DNS captured, connections redirected)");
+    step("tpbpf up: discover the cluster through the kubeconfig, start tpbpfd in the background");
+    let instance = format!("demo-{pid}");
+    cleanup.instance = Some(instance.clone());
+    run_cmd(
+        Command::new(&tpbpf)
+            .args([
+                "--netns",
+                &dev,
+                "up",
+                "--kubeconfig",
+                &kubeconfig,
+                "--instance",
+                &instance,
+            ])
+            .args(["--upstream", &format!("netns:{lab}-node1"), "--cgroup"])
+            .arg(&parent),
+    )?;
+
+    step("real clients reach the cluster by name (DNS captured, connections redirected)");
     let script = "set -e; \
         echo '$ getent hosts web.default'; getent hosts web.default; \
         echo '$ curl http://web.default/'; curl -sS -m 5 http://web.default/; \
         echo '$ curl http://web.default.svc.cluster.local/'; curl -sS -m 5 http://web.default.svc.cluster.local/; \
         echo '$ redis-cli -h redis.cache ping'; redis-cli -h redis.cache ping; \
         echo \"$ psql -h postgres.db -U lab -c 'select 1'\"; psql -h postgres.db -U lab -d lab -Atc 'select 1'";
-    let status = Command::new(&tpbpf)
-        .args([
-            "--netns",
-            &netns,
-            "--log",
-            "warn",
-            "run",
-            "--upstream",
-            &format!("netns:{lab}-node1"),
-        ])
-        .args([
-            "--cidr",
-            "10.96.0.0/12",
-            "--cidr",
-            "10.244.0.0/16",
-            "--cluster-dns",
-            "10.96.0.10",
-        ])
-        .args([
-            "--namespace",
-            "default",
-            "--namespace",
-            "cache",
-            "--namespace",
-            "db",
-        ])
-        .arg("--cgroup-parent")
-        .arg(&parent)
-        .arg("--")
-        .args(wrap(script))
-        .status()?;
+    let status = in_dev(script).status()?;
     if !status.success() {
-        bail!("reaching the lab through tpbpf run failed ({status})");
+        bail!("reaching the lab through tpbpf failed ({status})");
     }
+
+    step("tpbpf status, then tpbpf down");
+    let _ = Command::new(&tpbpf)
+        .args(["status", "--instance", &instance])
+        .status();
+    run_cmd(Command::new(&tpbpf).args(["down", "--instance", &instance]))?;
+    cleanup.instance = None;
 
     step("tpbpf lab down");
     run_cmd(Command::new(&tpbpf).args(["lab", "down", "--name", &lab]))?;
