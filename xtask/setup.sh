@@ -26,10 +26,10 @@ fi
 #  curl                              a real client for the demo and the tests
 #  dnsmasq-base bind9-dnsutils       a real DNS server (no service started) and dig, for the tests
 #  socat util-linux                  UDP echo peers, unshare (private resolv.conf) for the tests
-#  kubernetes-client                 kubectl, a real client for the lab's API endpoint
+#  kubernetes-client                 kubectl (if none is installed), a real client for the lab's API endpoint
 PKGS=(rustc-web cargo-web rust-web-src rust-web-clippy rustfmt-web llvm-22-dev libpolly-22-dev
       zlib1g-dev libzstd-dev build-essential pkg-config bpftool iproute2 curl
-      dnsmasq-base bind9-dnsutils socat util-linux kubernetes-client)
+      dnsmasq-base bind9-dnsutils socat util-linux)
 
 # Servers for the lab cluster (nginx, Redis, PostgreSQL in network
 # namespaces) and nftables for its ClusterIPs. Installed without starting
@@ -42,6 +42,12 @@ for p in "${PKGS[@]}" "${SERVER_PKGS[@]}"; do
         missing+=("$p")
     fi
 done
+# kubectl for the lab's API tests: Debian's kubernetes-client, unless a
+# kubectl is already installed (some images ship one from another package,
+# which kubernetes-client would conflict with).
+if ! command -v kubectl >/dev/null; then
+    missing+=(kubernetes-client)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
