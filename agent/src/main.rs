@@ -1,10 +1,21 @@
-//! tpbpf's node agent: one per node (a DaemonSet with hostNetwork). It
-//! serves tunnel sessions, dials destinations from the node and steers
-//! intercepted pods' connections. This binary so far reports what it is and
-//! whether its node can run it.
-use std::process::ExitCode;
+//! tpbpf's node agent: one per node (a DaemonSet with hostNetwork; in the
+//! lab, a process in each node's network namespace). It reports its node,
+//! version and health; the tunnel endpoint that dials destinations from the
+//! node and answers DNS through the cluster's DNS is served on the same
+//! port as it lands.
+use std::{
+    net::SocketAddr,
+    process::ExitCode,
+    sync::Arc,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
 
+use axum::{extract::State, routing::get, Json, Router};
 use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+/// The agent's port on every node.
+pub const DEFAULT_PORT: u16 = 4390;
 
 #[derive(Parser)]
 #[command(name = "tpbpf-agent", version, about = "tpbpf's node agent")]
@@ -16,31 +27,109 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print the agent's node, version and kernel health as JSON.
-    Info,
+    Info {
+        /// Node name (default: $NODE_NAME, else the hostname).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Serve: /healthz and /info over HTTP on the node's address.
+    Serve {
+        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
+        listen: SocketAddr,
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+fn node_name(node: Option<String>) -> String {
+    node.or_else(|| std::env::var("NODE_NAME").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn info(node: &str, started: Option<Instant>) -> Value {
+    let report = tpbpf_doctor::run();
+    let checks = serde_json::from_str::<Value>(&report.to_json())
+        .map(|v| v["checks"].clone())
+        .unwrap_or_default();
+    json!({
+        "node": node,
+        "version": env!("CARGO_PKG_VERSION"),
+        "healthy": report.ok(),
+        "uptime_s": started.map(|s| s.elapsed().as_secs()),
+        "time": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "checks": checks,
+    })
+}
+
+struct AgentState {
+    node: String,
+    started: Instant,
 }
 
 fn main() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .try_init();
     match Cli::parse().command {
-        Command::Info => {
-            let report = tpbpf_doctor::run();
-            let node = std::env::var("NODE_NAME").ok().or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .ok()
-                    .map(|s| s.trim().to_string())
-            });
-            let info = serde_json::json!({
-                "node": node,
-                "version": env!("CARGO_PKG_VERSION"),
-                "healthy": report.ok(),
-                "checks": serde_json::from_str::<serde_json::Value>(&report.to_json())
-                    .map(|v| v["checks"].clone())
-                    .unwrap_or_default(),
-            });
-            println!("{info:#}");
-            if report.ok() {
+        Command::Info { node } => {
+            let v = info(&node_name(node), None);
+            println!("{v:#}");
+            if v["healthy"] == true {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Command::Serve { listen, node } => {
+            let state = Arc::new(AgentState {
+                node: node_name(node),
+                started: Instant::now(),
+            });
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("tpbpf-agent: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result: anyhow::Result<()> = rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "binding {listen}: {e} (is another agent running on this node?)"
+                    )
+                })?;
+                tracing::info!(%listen, node = state.node, "tpbpf-agent serving");
+                let app = Router::new()
+                    .route("/healthz", get(|| async { "ok" }))
+                    .route(
+                        "/info",
+                        get(|State(s): State<Arc<AgentState>>| async move {
+                            Json(
+                                tokio::task::spawn_blocking(move || info(&s.node, Some(s.started)))
+                                    .await
+                                    .unwrap_or_default(),
+                            )
+                        }),
+                    )
+                    .with_state(state);
+                axum::serve(listener, app).await?;
+                Ok(())
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tpbpf-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
         }
     }

@@ -5,7 +5,7 @@
 //! pod port-forward over WebSocket (`v4.channel.k8s.io`) as kube-rs and
 //! recent kubectl speak it. It is a test double: faithful to the API so the
 //! client code has one path for the lab and for real clusters.
-mod objects;
+pub mod objects;
 mod portforward;
 mod server;
 

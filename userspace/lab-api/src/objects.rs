@@ -60,8 +60,11 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// tpbpf's own namespace, where its agent DaemonSet runs.
+pub const AGENT_NAMESPACE: &str = "tpbpf-system";
+
 pub fn namespaces() -> Vec<Namespace> {
-    let mut names: Vec<&str> = vec!["default", "kube-system"];
+    let mut names: Vec<&str> = vec!["default", "kube-system", AGENT_NAMESPACE];
     for p in spec::pods() {
         if !names.contains(&p.namespace) {
             names.push(p.namespace);
@@ -146,7 +149,63 @@ fn replicaset_name(workload: &str) -> String {
     format!("{workload}-7d4b9c")
 }
 
+/// The agent's pods: one per node, hostNetwork (the pod IP is the node's).
+pub fn agent_pods() -> Vec<Pod> {
+    spec::nodes()
+        .into_iter()
+        .map(|n| {
+            let name = format!("tpbpf-agent-{}", n.name);
+            Pod {
+                metadata: ObjectMeta {
+                    labels: Some(labels(&[("app", "tpbpf-agent")])),
+                    owner_references: Some(vec![OwnerReference {
+                        api_version: "apps/v1".into(),
+                        kind: "DaemonSet".into(),
+                        name: "tpbpf-agent".into(),
+                        uid: uid("DaemonSet", AGENT_NAMESPACE, "tpbpf-agent"),
+                        controller: Some(true),
+                        ..Default::default()
+                    }]),
+                    ..meta(
+                        &name,
+                        Some(AGENT_NAMESPACE),
+                        &uid("Pod", AGENT_NAMESPACE, &name),
+                    )
+                },
+                spec: Some(PodSpec {
+                    node_name: Some(n.name.into()),
+                    host_network: Some(true),
+                    containers: vec![Container {
+                        name: "agent".into(),
+                        image: Some("tpbpf/agent".into()),
+                        ports: Some(vec![ContainerPort {
+                            container_port: i32::from(tpbpf_lab::AGENT_PORT),
+                            protocol: Some("TCP".into()),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                status: Some(PodStatus {
+                    phase: Some("Running".into()),
+                    pod_ip: Some(n.ip.into()),
+                    pod_ips: Some(vec![PodIP { ip: n.ip.into() }]),
+                    host_ip: Some(n.ip.into()),
+                    ..Default::default()
+                }),
+            }
+        })
+        .collect()
+}
+
 pub fn pods() -> Vec<Pod> {
+    let mut all = workload_pods();
+    all.extend(agent_pods());
+    all
+}
+
+fn workload_pods() -> Vec<Pod> {
     spec::pods()
         .into_iter()
         .map(|p| {
@@ -387,13 +446,37 @@ pub fn service_cidrs() -> Vec<k8s_openapi::api::networking::v1::ServiceCIDR> {
     use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec};
     vec![ServiceCIDR {
         metadata: meta("kubernetes", None, &uid("ServiceCIDR", "", "kubernetes")),
-        spec: Some(ServiceCIDRSpec { cidrs: Some(vec![spec::SERVICE_CIDR.into()]) }),
+        spec: Some(ServiceCIDRSpec {
+            cidrs: Some(vec![spec::SERVICE_CIDR.into()]),
+        }),
         status: None,
     }]
 }
 
-/// No DaemonSet runs in the lab yet (the agent runs as a process per node).
+/// tpbpf's agent, one pod per node (in the lab, a process per node).
 pub fn daemon_sets() -> Vec<DaemonSet> {
-    let _ = (DaemonSetSpec::default(), DaemonSetStatus::default());
-    Vec::new()
+    let n = spec::nodes().len() as i32;
+    vec![DaemonSet {
+        metadata: meta(
+            "tpbpf-agent",
+            Some(AGENT_NAMESPACE),
+            &uid("DaemonSet", AGENT_NAMESPACE, "tpbpf-agent"),
+        ),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(labels(&[("app", "tpbpf-agent")])),
+                ..Default::default()
+            },
+            template: template("tpbpf-agent"),
+            ..Default::default()
+        }),
+        status: Some(DaemonSetStatus {
+            current_number_scheduled: n,
+            desired_number_scheduled: n,
+            number_ready: n,
+            number_available: Some(n),
+            number_misscheduled: 0,
+            ..Default::default()
+        }),
+    }]
 }

@@ -27,10 +27,19 @@ pub fn upgrade(ws: WebSocketUpgrade, lab: &str, ns: &str, pod: &str, uri: &Uri) 
         .flat_map(|v| v.split(','))
         .filter_map(|p| p.parse().ok())
         .collect();
+    let agent = (ns == crate::objects::AGENT_NAMESPACE)
+        .then(|| {
+            spec::nodes()
+                .into_iter()
+                .find(|n| format!("tpbpf-agent-{}", n.name) == pod)
+        })
+        .flatten()
+        .map(|n| (n.ip.to_string(), format!("{lab}-{}", n.name)));
     let target = spec::pods()
         .into_iter()
         .find(|p| p.namespace == ns && p.name == pod)
-        .map(|p| (p.ip.to_string(), format!("{lab}-{}", p.node)));
+        .map(|p| (p.ip.to_string(), format!("{lab}-{}", p.node)))
+        .or(agent);
     let (ns, pod) = (ns.to_string(), pod.to_string());
     ws.protocols(["v4.channel.k8s.io", "portforward.k8s.io"])
         .on_upgrade(move |socket| async move {

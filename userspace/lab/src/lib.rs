@@ -58,7 +58,12 @@ pub struct Lab {
     /// How to start the lab's Kubernetes API endpoint (argv, to which
     /// `--listen ADDR --token TOKEN` is appended), if at all.
     api_command: Option<Vec<String>>,
+    /// The node agent binary, started in every node (hostNetwork).
+    agent: Option<PathBuf>,
 }
+
+/// The node agent's port (tpbpf-agent's default).
+pub const AGENT_PORT: u16 = 4390;
 
 /// Where the lab's API endpoint listens: on the fabric, like a control plane
 /// that the developer machine reaches while pods and services stay out of
@@ -103,7 +108,22 @@ impl Lab {
             name: name.to_string(),
             state: PathBuf::from("/run/tpbpf-lab").join(name),
             api_command: None,
+            agent: None,
         }
+    }
+
+    /// Also run tpbpf's node agent on every node.
+    pub fn with_agent(mut self, binary: PathBuf) -> Self {
+        self.agent = Some(binary);
+        self
+    }
+
+    fn agent_pid(&self, node: &str) -> Option<i32> {
+        fs::read_to_string(self.state.join(format!("agent-{node}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Also run a Kubernetes API endpoint for the lab, started with `argv`.
@@ -170,6 +190,7 @@ impl Lab {
             self.start_app(&pod)?;
         }
         self.start_api()?;
+        self.start_agents()?;
         self.wait_ready(Duration::from_secs(30))?;
         let status = self.status();
         if !status.up {
@@ -529,6 +550,52 @@ impl Lab {
         Ok(())
     }
 
+    fn start_agents(&self) -> Result<()> {
+        let Some(agent) = &self.agent else {
+            return Ok(());
+        };
+        for node in spec::nodes() {
+            let log = fs::File::create(self.state.join(format!("agent-{}.log", node.name)))
+                .map_err(|source| LabError::Io {
+                    what: "creating the agent's log".into(),
+                    source,
+                })?;
+            let err = log.try_clone().map_err(|source| LabError::Io {
+                what: "agent log".into(),
+                source,
+            })?;
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &self.node_netns(node.name)])
+                .arg(agent)
+                .args([
+                    "serve",
+                    "--listen",
+                    &format!("{}:{AGENT_PORT}", node.ip),
+                    "--node",
+                    node.name,
+                ])
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(err);
+            // SAFETY: setsid is async-signal-safe; the agent outlives `lab up`.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    libc::setsid();
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().map_err(|source| LabError::Io {
+                what: format!("starting the agent ({})", agent.display()),
+                source,
+            })?;
+            write(
+                &self.state.join(format!("agent-{}.pid", node.name)),
+                &child.id().to_string(),
+            )?;
+        }
+        Ok(())
+    }
+
     fn start_api(&self) -> Result<()> {
         let Some(argv) = &self.api_command else {
             return Ok(());
@@ -569,6 +636,25 @@ impl Lab {
 
     fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
+        if self.agent.is_some() {
+            for node in spec::nodes() {
+                let addr: SocketAddr = format!("{}:{AGENT_PORT}", node.ip)
+                    .parse()
+                    .map_err(|_| LabError::NotReady(node.ip.into()))?;
+                let ns = self.node_netns(node.name);
+                while !in_netns(&ns, move || {
+                    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+                }) {
+                    if Instant::now() > deadline {
+                        return Err(LabError::NotReady(format!(
+                            "the agent on {} is not answering on {addr}",
+                            node.name
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
         if self.api_command.is_some() {
             let addr: SocketAddr = API_ADDR
                 .parse()
@@ -643,9 +729,13 @@ impl Lab {
             .map(|n| (n.name.to_string(), self.node_netns(n.name)))
             .collect();
         let api_running = self.api_pid().is_some_and(alive);
+        let agents_running = spec::nodes()
+            .iter()
+            .all(|n| self.agent_pid(n.name).is_some_and(alive));
         let up = pods.iter().all(|p| p.running)
             && nodes.iter().all(|(_, ns)| netns_exists(ns))
-            && (self.api_command.is_none() || api_running);
+            && (self.api_command.is_none() || api_running)
+            && (self.agent.is_none() || agents_running);
         Status {
             name: self.name.clone(),
             up,
@@ -695,6 +785,11 @@ impl Lab {
         }
         if let Some(pid) = self.api_pid() {
             stop_pid(pid);
+        }
+        for node in spec::nodes() {
+            if let Some(pid) = self.agent_pid(node.name) {
+                stop_pid(pid);
+            }
         }
         for pod in spec::pods() {
             netns_del(&self.pod_netns(&pod));

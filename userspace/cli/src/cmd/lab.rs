@@ -52,8 +52,14 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         })?;
         return Ok(ExitCode::SUCCESS);
     }
-    let exe = std::env::current_exe()?.display().to_string();
-    let lab = Lab::new(&args.name);
+    let exe_path = std::env::current_exe()?;
+    let exe = exe_path.display().to_string();
+    let agent = exe_path.with_file_name("tpbpf-agent");
+    let lab = if agent.exists() {
+        Lab::new(&args.name).with_agent(agent)
+    } else {
+        Lab::new(&args.name)
+    };
     let lab = lab.clone().with_api(vec![
         exe,
         "--netns".into(),
