@@ -51,8 +51,12 @@ fn node_name(node: Option<String>) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Health from the doctor's rows the agent depends on: all but the cgroup
+/// ones (the agent works in pods' network namespaces, not on cgroups; in a
+/// pod or under `ip netns exec` the cgroup hierarchy may not be mounted).
 fn info(node: &str, started: Option<Instant>) -> Value {
-    let report = tpbpf_doctor::run();
+    let mut report = tpbpf_doctor::run();
+    report.checks.retain(|c| !c.name.contains("cgroup"));
     let checks = serde_json::from_str::<Value>(&report.to_json())
         .map(|v| v["checks"].clone())
         .unwrap_or_default();

@@ -121,6 +121,16 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
     );
     assert_eq!(state["cluster"]["dns"], "10.96.0.10");
     assert_eq!(state["cluster"]["namespaces"][0], "default");
+    // The agent was found and asked who it is, through a port-forward via
+    // the API endpoint (the tunnel's path).
+    assert_eq!(state["agent"]["healthy"], true, "{state}");
+    assert!(
+        state["agent"]["pod"]
+            .as_str()
+            .unwrap()
+            .starts_with("tpbpf-agent-"),
+        "{state}"
+    );
 
     // A second `up` of the same bridge is refused while it runs.
     assert!(!up(&[]).status.success());

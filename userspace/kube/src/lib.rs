@@ -243,6 +243,74 @@ pub fn parse_range_error(message: &str) -> Option<String> {
     cidr.parse::<Cidr>().ok().map(|c| c.to_string())
 }
 
+/// A tpbpf agent found in the cluster, and what it says of itself.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentInfo {
+    pub pod: String,
+    pub node: String,
+    pub version: String,
+    pub healthy: bool,
+}
+
+/// The namespace and label of tpbpf's agent DaemonSet.
+pub const AGENT_NAMESPACE: &str = "tpbpf-system";
+pub const AGENT_PORT: u16 = 4390;
+
+/// Finds a running agent and asks it, through a port-forward via the API
+/// server (the path the tunnel takes), who it is.
+pub async fn find_agent(client: &Client) -> Result<Option<AgentInfo>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    let list = pods
+        .list(&ListParams::default().labels("app=tpbpf-agent"))
+        .await
+        .map_err(|e| format!("listing agent pods in {AGENT_NAMESPACE}: {e}"))?;
+    let mut last_err = None;
+    for pod in list.items {
+        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        let Some(name) = pod.metadata.name.clone().filter(|_| running) else {
+            continue;
+        };
+        let attempt = async {
+            let mut pf = pods
+                .portforward(&name, &[AGENT_PORT])
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut stream = pf.take_stream(AGENT_PORT).ok_or("no stream")?;
+            stream
+                .write_all(b"GET /info HTTP/1.0\r\nHost: tpbpf-agent\r\n\r\n")
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = Vec::new();
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                stream.read_to_end(&mut buf),
+            )
+            .await
+            .map_err(|_| "the agent did not answer in 10 s".to_string())?
+            .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&buf);
+            let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            let v: k8s_openapi::serde_json::Value =
+                k8s_openapi::serde_json::from_str(body).map_err(|e| format!("agent /info: {e}"))?;
+            Ok::<_, String>(AgentInfo {
+                pod: name.clone(),
+                node: v["node"].as_str().unwrap_or("?").to_string(),
+                version: v["version"].as_str().unwrap_or("?").to_string(),
+                healthy: v["healthy"] == true,
+            })
+        };
+        match attempt.await {
+            Ok(info) => return Ok(Some(info)),
+            Err(e) => last_err = Some(format!("{name}: {e}")),
+        }
+    }
+    match last_err {
+        Some(e) => Err(format!("no agent answered: {e}")),
+        None => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

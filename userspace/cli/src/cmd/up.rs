@@ -126,12 +126,32 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let info = rt.block_on(async {
+    let (info, agent) = rt.block_on(async {
         let (client, ctx, server, ns) =
             tpbpf_kube::client(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
         let ns = args.namespace.clone().unwrap_or(ns);
-        tpbpf_kube::discover(&client, &ctx, &server, &ns, &args.cluster_domain).await
+        let info = tpbpf_kube::discover(&client, &ctx, &server, &ns, &args.cluster_domain).await?;
+        let agent = tpbpf_kube::find_agent(&client).await;
+        Ok::<_, anyhow::Error>((info, agent))
     })?;
+    let agent_text = match &agent {
+        Ok(Some(a)) => format!(
+            "{} on {} (v{}, {}), reached through port-forward",
+            a.pod,
+            a.node,
+            a.version,
+            if a.healthy {
+                "healthy"
+            } else {
+                "UNHEALTHY: run `tpbpf-agent info` on that node"
+            }
+        ),
+        Ok(None) => format!(
+            "none found in {} (the tunnel needs tpbpf's agent installed)",
+            tpbpf_kube::AGENT_NAMESPACE
+        ),
+        Err(e) => format!("not reachable: {e}"),
+    };
     let mut cidrs: Vec<String> = info
         .service_cidrs
         .iter()
@@ -225,6 +245,7 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         "instance": args.instance,
         "pid": child.id(),
         "cluster": info,
+        "agent": agent.as_ref().ok().cloned().flatten(),
         "upstream": upstream,
         "bridge": ready,
         "log": log_path,
@@ -248,6 +269,7 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
                 "  scope: cgroup {}",
                 ready["cgroup"].as_str().unwrap_or("?")
             );
+            println!("  agent: {agent_text}");
             println!(
                 "  upstream: {upstream}; tpbpfd pid {} (log {})",
                 child.id(),
@@ -295,6 +317,16 @@ pub fn status(args: StateArgs) -> Result<ExitCode> {
             );
             println!("  ranges: {}", state["bridge"]["cidrs"]);
             println!("  upstream: {}", state["upstream"].as_str().unwrap_or("?"));
+            match state["agent"].as_object() {
+                Some(a) => println!(
+                    "  agent: {} on {} (v{}, healthy: {}) when tpbpf up ran",
+                    a["pod"].as_str().unwrap_or("?"),
+                    a["node"].as_str().unwrap_or("?"),
+                    a["version"].as_str().unwrap_or("?"),
+                    a["healthy"]
+                ),
+                None => println!("  agent: none found when tpbpf up ran"),
+            }
             println!(
                 "  cgroup: {}",
                 state["bridge"]["cgroup"].as_str().unwrap_or("?")
