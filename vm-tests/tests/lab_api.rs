@@ -102,7 +102,14 @@ fn lab_api_serves_kubectl_and_kube_rs_with_watch_and_port_forward() {
             let client = Client::try_from(config).unwrap();
             let all: Api<Pod> = Api::all(client.clone());
             let pods = all.list(&ListParams::default()).await.unwrap();
-            assert_eq!(pods.items.len(), 5);
+            // Five workload pods and one agent pod per node.
+            assert_eq!(pods.items.len(), 7);
+            let agents = pods
+                .items
+                .iter()
+                .filter(|p| p.metadata.namespace.as_deref() == Some("tpbpf-system"))
+                .count();
+            assert_eq!(agents, 2);
             let web: Api<Pod> = Api::namespaced(client.clone(), "default");
             let selected = web
                 .list(&ListParams::default().labels("app=web"))
