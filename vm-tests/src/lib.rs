@@ -562,3 +562,65 @@ pub fn stop_on_signals() -> &'static std::sync::atomic::AtomicBool {
     }
     &STOP
 }
+
+/// A lab cluster (`tpbpf lab up --name ...`) for one test, brought down on
+/// drop even when the test fails.
+pub struct LabGuard {
+    pub name: String,
+    /// `tpbpf lab up -o json`.
+    pub status: serde_json::Value,
+}
+
+impl LabGuard {
+    /// `None` (with a printed reason) where the lab's servers are missing.
+    pub fn up(prefix: &str) -> Option<Self> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            println!("SKIP: the lab's servers are not installed (sudo bash xtask/setup.sh installs them)");
+            return None;
+        }
+        // The guard exists before `up`, so a failed `up` is still cleaned.
+        let mut guard = Self {
+            name: unique_name(prefix),
+            status: serde_json::Value::Null,
+        };
+        let out =
+            run(Command::new(tpbpf_bin()).args(["lab", "up", "--name", &guard.name, "-o", "json"]));
+        guard.status = serde_json::from_str(&out).expect("lab status JSON");
+        Some(guard)
+    }
+
+    pub fn kubeconfig(&self) -> String {
+        self.status["kubeconfig"]
+            .as_str()
+            .expect("kubeconfig")
+            .to_string()
+    }
+
+    pub fn dev_netns(&self) -> String {
+        self.status["dev_netns"]
+            .as_str()
+            .expect("dev netns")
+            .to_string()
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(tpbpf_bin())
+            .args(["lab", "down", "--name", &self.name])
+            .output();
+    }
+}
+
+/// Whether a process is running (a zombie is not).
+pub fn process_running(pid: u64) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty()
+        && !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+}

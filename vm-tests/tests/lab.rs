@@ -6,41 +6,15 @@ use std::process::Command;
 use serde_json::Value;
 use tpbpf_vm_tests::*;
 
-struct LabGuard(String);
-
-impl LabGuard {
-    fn up() -> (Self, Value) {
-        let name = unique_name("tl");
-        let out = run(Command::new(tpbpf_bin()).args(["lab", "up", "--name", &name, "-o", "json"]));
-        (
-            Self(name),
-            serde_json::from_str(&out).expect("lab status JSON"),
-        )
-    }
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(tpbpf_bin())
-            .args(["lab", "down", "--name", &self.0])
-            .output();
-    }
-}
-
 #[test]
 fn lab_serves_web_redis_and_postgres_by_name_through_tpbpf_run() {
     if !require_root("lab_serves_web_redis_and_postgres_by_name_through_tpbpf_run") {
         return;
     }
-    if Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        println!("SKIP lab test: redis-server is not installed (sudo bash xtask/setup.sh)");
+    let Some(lab) = LabGuard::up("tl") else {
         return;
-    }
-    let (lab, status) = LabGuard::up();
+    };
+    let status = lab.status.clone();
     assert_eq!(status["up"], true, "{status}");
     let pids: Vec<Value> = status["pods"]
         .as_array()
@@ -51,7 +25,7 @@ fn lab_serves_web_redis_and_postgres_by_name_through_tpbpf_run() {
 
     // Idempotent: a second `up` changes nothing.
     let again: Value = serde_json::from_str(&run(
-        Command::new(tpbpf_bin()).args(["lab", "up", "--name", &lab.0, "-o", "json"])
+        Command::new(tpbpf_bin()).args(["lab", "up", "--name", &lab.name, "-o", "json"])
     ))
     .unwrap();
     let pids_again: Vec<Value> = again["pods"]
@@ -93,7 +67,7 @@ fn lab_serves_web_redis_and_postgres_by_name_through_tpbpf_run() {
             client.ns.name(),
             "run",
             "--upstream",
-            &format!("netns:{}-node1", lab.0),
+            &format!("netns:{}-node1", lab.name),
         ])
         .args([
             "--cidr",
@@ -141,7 +115,7 @@ fn lab_serves_web_redis_and_postgres_by_name_through_tpbpf_run() {
     );
 
     // Down removes everything it made.
-    let name = lab.0.clone();
+    let name = lab.name.clone();
     drop(lab);
     let netns = run(Command::new("ip").args(["netns", "list"]));
     assert!(

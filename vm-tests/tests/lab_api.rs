@@ -14,39 +14,16 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tpbpf_vm_tests::*;
 
-struct LabGuard(String);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(tpbpf_bin())
-            .args(["lab", "down", "--name", &self.0])
-            .output();
-    }
-}
-
 #[test]
 fn lab_api_serves_kubectl_and_kube_rs_with_watch_and_port_forward() {
     if !require_root("lab_api_serves_kubectl_and_kube_rs_with_watch_and_port_forward") {
         return;
     }
-    if Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        println!(
-            "SKIP lab API test: the lab's servers are not installed (sudo bash xtask/setup.sh)"
-        );
+    let Some(lab) = LabGuard::up("ta") else {
         return;
-    }
-    let lab = LabGuard(unique_name("ta"));
-    let status: Value = serde_json::from_str(&run(
-        Command::new(tpbpf_bin()).args(["lab", "up", "--name", &lab.0, "-o", "json"])
-    ))
-    .unwrap();
-    assert_eq!(status["api_running"], true, "{status}");
-    let kubeconfig = status["kubeconfig"].as_str().unwrap().to_string();
-    let dev = status["dev_netns"].as_str().unwrap().to_string();
+    };
+    assert_eq!(lab.status["api_running"], true, "{}", lab.status);
+    let (kubeconfig, dev) = (lab.kubeconfig(), lab.dev_netns());
 
     // kubectl, from the developer machine's namespace.
     let kubectl = |args: &[&str]| {

@@ -6,16 +6,6 @@ use std::{path::Path, process::Command, time::Duration};
 use serde_json::Value;
 use tpbpf_vm_tests::*;
 
-struct LabGuard(String);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(tpbpf_bin())
-            .args(["lab", "down", "--name", &self.0])
-            .output();
-    }
-}
-
 struct Instance(String);
 
 impl Drop for Instance {
@@ -51,23 +41,12 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
     if !require_root("up_discovers_the_cluster_and_bridges_a_subtree_until_down") {
         return;
     }
-    if Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        println!("SKIP up test: the lab's servers are not installed (sudo bash xtask/setup.sh)");
+    let Some(lab) = LabGuard::up("tu") else {
         return;
-    }
-    let lab = LabGuard(unique_name("tu"));
-    let status: Value = serde_json::from_str(&run(
-        Command::new(tpbpf_bin()).args(["lab", "up", "--name", &lab.0, "-o", "json"])
-    ))
-    .unwrap();
-    let kubeconfig = status["kubeconfig"].as_str().unwrap().to_string();
-    let dev = status["dev_netns"].as_str().unwrap().to_string();
+    };
+    let (kubeconfig, dev) = (lab.kubeconfig(), lab.dev_netns());
     let cg = TestCgroup::new();
-    let resolv = std::env::temp_dir().join(format!("{}.resolv.conf", lab.0));
+    let resolv = std::env::temp_dir().join(format!("{}.resolv.conf", lab.name));
     std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
     let instance = Instance(unique_name("up"));
     let up = |extra: &[&str]| {
@@ -83,7 +62,11 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
                 "--instance",
                 &instance.0,
             ])
-            .args(["--upstream", &format!("netns:{}-node1", lab.0), "--cgroup"])
+            .args([
+                "--upstream",
+                &format!("netns:{}-node1", lab.name),
+                "--cgroup",
+            ])
             .arg(cg.path())
             .args(extra)
             .output()
@@ -160,7 +143,9 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
     let pid = st["pid"].as_i64().unwrap() as libc::pid_t;
     // SAFETY: the pid of the tpbpfd this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    assert!(wait_for(Duration::from_secs(2), || !tpbpf_lab_alive(pid)));
+    assert!(wait_for(Duration::from_secs(2), || !process_running(
+        pid as u64
+    )));
     let st = Command::new(tpbpf_bin())
         .args(["status", "--instance", &instance.0])
         .output()
@@ -191,12 +176,4 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
         "state left after down"
     );
     let _ = std::fs::remove_file(&resolv);
-}
-
-fn tpbpf_lab_alive(pid: libc::pid_t) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.is_empty()
-        && !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
 }
