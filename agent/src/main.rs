@@ -32,6 +32,21 @@ enum Command {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Intercept a pod's port: new TCP connections to it go to the agent
+    /// (sk_lookup in the pod's network namespace, no restart, fail-open),
+    /// which relays them to --to. Runs until SIGINT or SIGTERM.
+    Intercept {
+        /// The pod's network namespace: an `ip netns` name, or a path such as
+        /// /proc/PID/ns/net of a process in the pod.
+        #[arg(long)]
+        netns: String,
+        /// The intercepted port in the pod.
+        #[arg(long)]
+        port: u16,
+        /// Where intercepted connections go, dialed from the agent.
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Serve: /healthz and /info over HTTP on the node's address.
     Serve {
         #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
@@ -89,6 +104,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Command::Intercept { netns, port, to } => match intercept(&netns, port, to) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tpbpf-agent: intercept: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve { listen, node } => {
             let state = Arc::new(AgentState {
                 node: node_name(node),
@@ -137,4 +159,80 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A listening socket created inside the network namespace at `path`.
+fn listener_in(path: &std::path::Path) -> anyhow::Result<std::net::TcpListener> {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(path).map_err(|e| {
+        anyhow::anyhow!(
+            "opening the pod's network namespace {}: {e}",
+            path.display()
+        )
+    })?;
+    std::thread::spawn(move || -> anyhow::Result<std::net::TcpListener> {
+        // SAFETY: a valid namespace fd; setns affects only this thread.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            anyhow::bail!(
+                "entering the pod's network namespace: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+}
+
+fn intercept(netns: &str, port: u16, to: SocketAddr) -> anyhow::Result<()> {
+    let path = if netns.contains('/') {
+        std::path::PathBuf::from(netns)
+    } else {
+        std::path::Path::new("/run/netns").join(netns)
+    };
+    let listener = listener_in(&path)?;
+    let ns = std::fs::File::open(&path)?;
+    let interceptor = tpbpf_loader::Interceptor::attach(&ns, port, &listener)?;
+    drop(ns);
+    let ids = interceptor.attached().clone();
+    println!(
+        "{}",
+        json!({"event": "ready", "port": port, "to": to.to_string(), "program_ids": ids.program_ids, "link_ids": ids.link_ids})
+    );
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                accepted = listener.accept() => {
+                    let (mut conn, peer) = match accepted {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!("accepting an intercepted connection: {e}");
+                            continue;
+                        }
+                    };
+                    tokio::spawn(async move {
+                        match tokio::net::TcpStream::connect(to).await {
+                            Ok(mut up) => {
+                                tracing::info!(%peer, %to, "intercepted connection");
+                                let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                            }
+                            Err(e) => tracing::warn!(%peer, %to, "dialing the intercept's target: {e}"),
+                        }
+                    });
+                }
+            }
+        }
+        drop(interceptor);
+        Ok::<_, anyhow::Error>(())
+    })
 }

@@ -624,3 +624,8 @@ pub fn process_running(pid: u64) -> bool {
             .rsplit_once(')')
             .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
 }
+
+/// The agent binary of this build.
+pub fn agent_bin() -> PathBuf {
+    built_bin("tpbpf-agent")
+}

@@ -29,6 +29,10 @@ pub mod maps {
     /// `LruHashMap<SockKey (netns, client port), OrigDst>`: the last
     /// destination of each unconnected IPv6 UDP socket (see `Config::udp6_port_be`).
     pub const UDP6_LAST: &str = "TPBPF_UDP6_LAST";
+    /// `HashMap<u32 (port, host order), u32 (index)>`: intercepted ports.
+    pub const INTERCEPT_PORTS: &str = "TPBPF_INTERCEPT_PORTS";
+    /// `SockMap`: the agent's listeners in the intercepted pod's namespace.
+    pub const INTERCEPT_SOCKS: &str = "TPBPF_INTERCEPT_SOCKS";
     /// `LruHashMap<u64 (socket cookie), OrigDst>`: filled on connect, read by
     /// getpeername and by the sock_ops re-keying.
     pub const COOKIE_ORIG: &str = "TPBPF_COOKIE_ORIG";
@@ -51,6 +55,7 @@ pub mod programs {
     pub const RECVMSG6: &str = "tpbpf_recvmsg6";
     pub const SOCK_OPS: &str = "tpbpf_sock_ops";
     pub const TC_INGRESS: &str = "tpbpf_tc_ingress";
+    pub const SK_LOOKUP: &str = "tpbpf_sk_lookup";
 }
 
 /// UDP datagrams are redirected to `127.100.S.S:<udp_port>`, where `S.S` is

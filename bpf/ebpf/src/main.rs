@@ -7,6 +7,7 @@
 #![allow(internal_features)]
 
 mod maps;
+mod sk_lookup;
 mod sock_addr;
 mod sock_ops;
 mod tc;

@@ -1,7 +1,7 @@
 //! The maps, named once in `tpbpf_common::maps`.
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, LruHashMap},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, SockMap},
 };
 use tpbpf_common::{Config, OrigDst, SockKey, CIDR_MAP_ENTRIES, CONN_MAP_ENTRIES, UDP_SLOTS};
 
@@ -42,3 +42,11 @@ pub static UDP_NEXT: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "TPBPF_UDP6_LAST")]
 pub static UDP6_LAST: LruHashMap<SockKey, OrigDst> =
     LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
+
+/// Intercepted ports (host order) -> index in `INTERCEPT_SOCKS`.
+#[map(name = "TPBPF_INTERCEPT_PORTS")]
+pub static INTERCEPT_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
+/// The agent's listening sockets in the pod's namespace.
+#[map(name = "TPBPF_INTERCEPT_SOCKS")]
+pub static INTERCEPT_SOCKS: SockMap = SockMap::with_max_entries(64, 0);

@@ -8,9 +8,11 @@
 //! each of these on the running kernel.
 
 mod cidr;
+mod intercept;
 mod redirect;
 
 pub use cidr::{Cidr, CidrParseError};
+pub use intercept::Interceptor;
 pub use redirect::{
     AttachedIds, Bypass, OrigDstTable, ProxyConfig, Redirector, Udp6Last, UdpSlots,
 };

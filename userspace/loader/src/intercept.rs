@@ -1,0 +1,94 @@
+//! The intercept's kernel side, used by the agent: `sk_lookup` attached to a
+//! pod's network namespace (a link owned by the agent) steering new TCP
+//! connections for a port to the agent's listener in that namespace.
+use std::{fs::File, os::fd::AsFd};
+
+use aya::{
+    maps::{HashMap, SockMap},
+    programs::{loaded_links, SkLookup},
+    Ebpf, EbpfLoader,
+};
+use tpbpf_common::{maps, programs};
+
+use crate::{AttachedIds, LoadError, EBPF_OBJECT};
+
+/// An active intercept. Dropping it detaches the program: the pod's app
+/// gets its new connections again.
+pub struct Interceptor {
+    _ebpf: Ebpf,
+    attached: AttachedIds,
+}
+
+impl std::fmt::Debug for Interceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interceptor")
+            .field("attached", &self.attached)
+            .finish()
+    }
+}
+
+impl Interceptor {
+    /// Steers new TCP connections to `port` in the network namespace open at
+    /// `netns` to `listener` (a listening socket created in that namespace).
+    pub fn attach<L: std::os::fd::AsRawFd>(
+        netns: &File,
+        port: u16,
+        listener: &L,
+    ) -> Result<Self, LoadError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoadError::NotEmbedded);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(LoadError::Object)?;
+        let name = maps::INTERCEPT_SOCKS;
+        let mut socks: SockMap<_> =
+            SockMap::try_from(ebpf.map_mut(name).ok_or(LoadError::MissingMap { name })?)
+                .map_err(|source| LoadError::Map { name, source })?;
+        socks
+            .set(0, listener, 0)
+            .map_err(|source| LoadError::Map { name, source })?;
+        let name = maps::INTERCEPT_PORTS;
+        let mut ports: HashMap<_, u32, u32> =
+            HashMap::try_from(ebpf.map_mut(name).ok_or(LoadError::MissingMap { name })?)
+                .map_err(|source| LoadError::Map { name, source })?;
+        ports
+            .insert(u32::from(port), 0, 0)
+            .map_err(|source| LoadError::Map { name, source })?;
+
+        let name = programs::SK_LOOKUP;
+        let prog: &mut SkLookup = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| LoadError::Program { name, source })?;
+        prog.attach(netns.as_fd())
+            .map_err(|source| LoadError::Attach {
+                name,
+                cgroup: "the pod's network namespace".into(),
+                source,
+            })?;
+        let id = prog
+            .info()
+            .map_err(|source| LoadError::Program { name, source })?
+            .id();
+        let link_ids = loaded_links()
+            .filter_map(Result::ok)
+            .filter(|l| l.program_id() == id)
+            .map(|l| l.id())
+            .collect();
+        Ok(Self {
+            _ebpf: ebpf,
+            attached: AttachedIds {
+                program_ids: vec![id],
+                link_ids,
+            },
+        })
+    }
+
+    pub fn attached(&self) -> &AttachedIds {
+        &self.attached
+    }
+}
