@@ -177,3 +177,79 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
     );
     let _ = std::fs::remove_file(&resolv);
 }
+
+#[test]
+fn run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing() {
+    if !require_root("run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing") {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tr") else {
+        return;
+    };
+    let (kubeconfig, dev) = (lab.kubeconfig(), lab.dev_netns());
+    let parent = TestCgroup::new();
+    let resolv = std::env::temp_dir().join(format!("{}.resolv.conf", lab.name));
+    std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && curl -sS -m 5 http://web.default/ && redis-cli -h redis.cache ping",
+        resolv.display()
+    );
+    let out = Command::new(tpbpf_bin())
+        .args([
+            "--netns",
+            &dev,
+            "run",
+            "-o",
+            "json",
+            "--kubeconfig",
+            &kubeconfig,
+        ])
+        .args([
+            "--upstream",
+            &format!("netns:{}-node2", lab.name),
+            "--cgroup-parent",
+        ])
+        .arg(parent.path())
+        .args(["--", "unshare", "-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ready: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        ready["cidrs"],
+        serde_json::json!(["10.96.0.0/12", "10.244.1.0/24", "10.244.2.0/24"]),
+        "{ready}"
+    );
+    assert!(
+        text.contains("served by nginx") && text.contains("PONG"),
+        "{text}"
+    );
+    // Nothing attached before or after, no cgroup left.
+    let (progs, live) = (
+        ready["program_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect::<Vec<_>>(),
+        kernel_prog_ids(),
+    );
+    assert!(
+        wait_for(Duration::from_secs(2), || progs
+            .iter()
+            .all(|p| !kernel_prog_ids().contains(p))),
+        "programs left: {progs:?} of {live:?}"
+    );
+    let children = std::fs::read_dir(parent.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .count();
+    assert_eq!(children, 0, "cgroup left behind");
+    let _ = std::fs::remove_file(&resolv);
+}

@@ -56,9 +56,47 @@ pub struct BridgeArgs {
     /// Event format on stdout.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Without --cidr: discover the ranges, cluster DNS and namespaces from
+    /// this kubeconfig (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// kubeconfig context for discovery (default: the current one).
+    #[arg(long)]
+    context: Option<String>,
 }
 
 impl BridgeArgs {
+    /// With no --cidr given, asks the cluster of the kubeconfig what to
+    /// bridge, like `tpbpf up`.
+    async fn discover_if_needed(&mut self) -> Result<()> {
+        if !self.cidrs.is_empty() {
+            return Ok(());
+        }
+        let home_config = std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".kube/config"))
+            .is_some_and(|p| p.exists());
+        if self.kubeconfig.is_none() && std::env::var_os("KUBECONFIG").is_none() && !home_config {
+            return Ok(());
+        }
+        let (client, ctx, server, ns) =
+            tpbpf_kube::client(self.kubeconfig.as_deref(), self.context.as_deref())
+                .await
+                .context(
+                    "no --cidr given, so tpbpf asked the kubeconfig's cluster what to bridge",
+                )?;
+        let info = tpbpf_kube::discover(&client, &ctx, &server, &ns, &self.cluster_domain).await?;
+        for c in info.service_cidrs.iter().chain(&info.pod_cidrs) {
+            self.cidrs.push(c.parse()?);
+        }
+        if self.cluster_dns.is_none() {
+            self.cluster_dns = info.dns.map(|d| d.to_string());
+        }
+        if self.namespaces == ["default"] {
+            self.namespaces = info.namespaces;
+        }
+        Ok(())
+    }
+
     fn upstream(&self) -> Result<Arc<dyn Upstream>> {
         let Some(name) = self.upstream.strip_prefix("netns:") else {
             bail!(
@@ -223,8 +261,9 @@ pub struct RunArgs {
 
 /// `tpbpf run -- CMD`: bridges CMD's process tree only, passes its exit
 /// status through, removes everything afterwards.
-pub fn run(args: RunArgs) -> Result<ExitCode> {
+pub fn run(mut args: RunArgs) -> Result<ExitCode> {
     runtime()?.block_on(async move {
+        args.bridge.discover_if_needed().await?;
         let upstream = args.bridge.upstream()?;
         let parent = match &args.cgroup_parent {
             Some(p) => p.clone(),
@@ -277,8 +316,9 @@ pub struct DaemonArgs {
 
 /// tpbpfd in the foreground: bridges a whole cgroup subtree until SIGINT or
 /// SIGTERM. Its own sockets are exempt through the bypass map.
-pub fn daemon(args: DaemonArgs) -> Result<ExitCode> {
+pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
     runtime()?.block_on(async move {
+        args.bridge.discover_if_needed().await?;
         let upstream = args.bridge.upstream()?;
         let cgroup = match &args.cgroup {
             Some(p) => p.clone(),
