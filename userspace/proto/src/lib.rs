@@ -1,1 +1,35 @@
-//! (being written)
+//! tpbpf's tunnel wire protocol: the messages between tpbpfd and an agent,
+//! and pure functions to encode and decode them. No I/O.
+//!
+//! A session starts with a [`Hello`] from the client; everything after is a
+//! sequence of frames:
+//!
+//! ```text
+//! +----------------+--------+--------+----------------+----------------+
+//! | length (u32 BE)| type u8| flags u8| id (u32 BE)    | body (length)  |
+//! +----------------+--------+--------+----------------+----------------+
+//! ```
+//! `length` counts the body only and is checked against [`MAX_BODY`] before
+//! anything is allocated. `id` is the stream (or flow, query, intercept) id.
+//!
+//! # Compatibility rules
+//! - The hello carries the protocol version; the server answers with the
+//!   version both speak (the lower one) or refuses the session.
+//! - New frame types are appended with new type numbers and only sent to a
+//!   peer whose negotiated version knows them; a peer that receives an
+//!   unknown type drops the session with [`DecodeError::UnknownType`].
+//! - Existing bodies never change layout; new fields go into new types.
+//! - Flags bits not defined for a type must be zero and are rejected
+//!   otherwise, so they can be given a meaning later.
+mod codec;
+mod frame;
+
+pub use codec::{decode, decode_hello, encode, encode_hello, DecodeError, HEADER_LEN};
+pub use frame::{Destination, Frame, Hello, ResetReason};
+
+/// The protocol version this crate speaks.
+pub const VERSION: u16 = 1;
+/// The largest frame body accepted (and sent): 256 KiB.
+pub const MAX_BODY: u32 = 256 * 1024;
+/// Magic bytes that open a hello, so garbage is refused at once.
+pub const MAGIC: [u8; 4] = *b"TPBF";

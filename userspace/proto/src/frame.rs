@@ -1,0 +1,104 @@
+//! The messages.
+use std::net::SocketAddr;
+
+/// Where a stream or datagram goes: an address, or a name the agent resolves
+/// with the cluster's DNS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    Addr(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+/// Why a stream was reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetReason {
+    /// The destination refused the connection.
+    Refused,
+    /// No route, timeout, or an unreachable destination.
+    Unreachable,
+    /// The peer's application aborted the stream.
+    Aborted,
+    /// A flow-control or protocol limit was broken.
+    ProtocolError,
+    /// The session could not resume in time: bytes may have been lost.
+    ResumeExpired,
+    /// Anything else; the message says more.
+    Other,
+}
+
+/// The first message of a session, client to server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    /// Random, chosen by the client; the same id resumes a session.
+    pub session: [u8; 16],
+    /// For a resume: how many data bytes of the session the client received.
+    pub received: u64,
+    /// Authentication token issued by the agent side.
+    pub token: Vec<u8>,
+}
+
+/// A frame after the hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Opens a TCP stream; `data` is sent right after the connect (zero round trips).
+    Open {
+        stream: u32,
+        dst: Destination,
+        data: Vec<u8>,
+    },
+    Data {
+        stream: u32,
+        data: Vec<u8>,
+    },
+    /// The receiver read `bytes` more: the sender may send that much more.
+    Credit {
+        stream: u32,
+        bytes: u32,
+    },
+    /// No more data from the sender on this stream.
+    HalfClose {
+        stream: u32,
+    },
+    Reset {
+        stream: u32,
+        reason: ResetReason,
+        message: String,
+    },
+    /// One UDP datagram on a flow (a flow is a (client socket, destination) pair).
+    Datagram {
+        flow: u32,
+        dst: Destination,
+        data: Vec<u8>,
+    },
+    DnsQuery {
+        id: u32,
+        query: Vec<u8>,
+    },
+    DnsAnswer {
+        id: u32,
+        answer: Vec<u8>,
+    },
+    /// Agent to client: a connection arrived for an intercept; its bytes
+    /// follow on `stream` as if the client had opened it.
+    InterceptIncoming {
+        intercept: u32,
+        stream: u32,
+        src: SocketAddr,
+        dst: SocketAddr,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// The sender will accept no new streams; existing ones finish.
+    GoAway {
+        message: String,
+    },
+    /// Resume: the sender has received `received` data bytes of the session.
+    Ack {
+        received: u64,
+    },
+}
