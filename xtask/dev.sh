@@ -5,12 +5,13 @@
 #   sudo bash xtask/dev.sh test    everything CI runs (lint, unit, privileged tests)
 #   sudo bash xtask/dev.sh lint    rustfmt and clippy only
 #   sudo bash xtask/dev.sh bench   benchmarks (release build)
+#   bash xtask/dev.sh fuzz         a short fuzz run of the tunnel protocol decoder
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-}" in
-    demo|test|lint|bench) ;;
-    *) echo "usage: sudo bash xtask/dev.sh demo|test|lint|bench" >&2; exit 2 ;;
+    demo|test|lint|bench|fuzz) ;;
+    *) echo "usage: sudo bash xtask/dev.sh demo|test|lint|bench|fuzz" >&2; exit 2 ;;
 esac
 
 bash xtask/setup.sh

@@ -29,8 +29,15 @@ enum Task {
     Lint,
     /// The main job: `tpbpf doctor`, then a real redirected connection.
     Demo,
-    /// Benchmarks (release build): the cost tpbpf's hooks add to connect().
+    /// Benchmarks (release build): the cost tpbpf's hooks add to connect(),
+    /// and the tunnel multiplexer against plain TCP, yamux and h2.
     Bench,
+    /// A short run of the wire protocol's decoder fuzz target (cargo fuzz).
+    Fuzz {
+        /// How long to fuzz, in seconds.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -40,6 +47,7 @@ fn main() -> ExitCode {
         Task::Lint => lint(),
         Task::Demo => demo::run(),
         Task::Bench => bench(),
+        Task::Fuzz { seconds } => fuzz(seconds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -155,6 +163,37 @@ fn bench() -> Result<()> {
     step("connect() + close(): tpbpf's hooks against the same loop without tpbpf");
     let dir = root_dir().join("target/release");
     run(Command::new(dir.join("tpbpf-bench")).env("TPBPF_BIN", dir.join("tpbpf")))?;
+    Ok(())
+}
+
+fn fuzz(seconds: u32) -> Result<()> {
+    let has_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_fuzz {
+        step("install cargo-fuzz (cargo install cargo-fuzz --locked)");
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    // libFuzzer needs nightly flags: a nightly toolchain where there is one,
+    // else the installed toolchain with RUSTC_BOOTSTRAP.
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut cmd = Command::new("cargo");
+    if nightly {
+        cmd.arg("+nightly");
+    } else {
+        cmd.env("RUSTC_BOOTSTRAP", "1");
+    }
+    step(&format!(
+        "fuzz the tunnel protocol decoder for {seconds} s (userspace/proto/fuzz)"
+    ));
+    run(cmd
+        .current_dir(root_dir().join("userspace/proto"))
+        .args(["fuzz", "run", "decode", "--"])
+        .arg(format!("-max_total_time={seconds}")))?;
     Ok(())
 }
 

@@ -153,6 +153,12 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
     if flags != 0 {
         return Err(DecodeError::Flags { kind, flags });
     }
+    // Session-level frames have no id: only zero is canonical.
+    if matches!(kind, PING | PONG | GO_AWAY | ACK) && id != 0 {
+        return Err(DecodeError::Malformed {
+            what: "session frame with a stream id",
+        });
+    }
     let mut r = Reader(&buf[HEADER_LEN..total]);
     let frame = match kind {
         OPEN => Frame::Open {

@@ -164,6 +164,13 @@ fn unknown_types_flags_and_malformed_bodies_are_refused() {
     let mut flagged = buf.clone();
     flagged[5] = 1;
     assert!(matches!(decode(&flagged), Err(DecodeError::Flags { .. })));
+    // A ping with a stream id.
+    let mut with_id = buf.clone();
+    with_id[9] = 1;
+    assert!(matches!(
+        decode(&with_id),
+        Err(DecodeError::Malformed { .. })
+    ));
     // A ping with a 4-byte body instead of 8.
     let short = [0, 0, 0, 4, 10, 0, 0, 0, 0, 0, 1, 2, 3, 4];
     assert!(matches!(decode(&short), Err(DecodeError::Malformed { .. })));
