@@ -1,1 +1,71 @@
-//! (being written)
+//! tpbpf's tunnel multiplexer: many TCP-like streams over one session
+//! between tpbpfd and an agent, on tokio.
+//!
+//! - Each [`Stream`] is `AsyncRead + AsyncWrite`. Opening one costs no round
+//!   trip: the open frame leaves with the first bytes written.
+//! - Flow control per stream: the receiver grants credit as its application
+//!   reads, so a slow reader never makes the session buffer without bound;
+//!   windows grow for streams that read fast.
+//! - Fair scheduling: streams with data take turns of at most [`CHUNK`]
+//!   bytes, so a bulk transfer does not starve an interactive stream.
+//! - Keepalive pings measure the RTT and detect a dead transport.
+//! - Resume: both ends keep the reliable bytes the other has not
+//!   acknowledged; when the transport dies, the client dials again, presents
+//!   the session id and what it received, both replay, and streams carry on
+//!   with no byte lost or duplicated. Past the resume window (time or bytes)
+//!   the session ends and every stream fails with [`ResetReason::ResumeExpired`].
+//! - Transports ([`transport`]): TCP, and TCP with TLS and a token.
+mod conn;
+mod handshake;
+mod session;
+mod stream;
+pub mod transport;
+
+use std::time::Duration;
+
+pub use handshake::{Client, HandshakeError, Server};
+pub use session::{Session, Stats};
+pub use stream::Stream;
+pub use tpbpf_proto::{Destination, ResetReason};
+
+/// The largest piece of one stream's data sent in one turn.
+pub const CHUNK: usize = 16 * 1024;
+
+/// A session's settings. Both ends should use the same values for the
+/// limits that the other end relies on (windows).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The largest receive window a stream grows to.
+    pub max_window: u32,
+    /// Streams open at once on a session, in both directions.
+    pub max_streams: usize,
+    /// The most bytes the session may be made to buffer for its streams'
+    /// readers: the sum of all receive windows granted. A new stream that
+    /// would go past it is refused.
+    pub max_buffered: usize,
+    /// How long a session waits for a new transport before it gives up.
+    pub resume_window: Duration,
+    /// The most bytes a side keeps for replay; senders wait when it is full.
+    pub resume_bytes: usize,
+    /// Interval of keepalive pings.
+    pub keepalive: Duration,
+    /// A transport with nothing received for this long is dead.
+    pub keepalive_timeout: Duration,
+    /// How long a handshake (TLS and hello) may take.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_window: 4 * 1024 * 1024,
+            max_streams: 16 * 1024,
+            max_buffered: 1024 * 1024 * 1024,
+            resume_window: Duration::from_secs(30),
+            resume_bytes: 64 * 1024 * 1024,
+            keepalive: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}

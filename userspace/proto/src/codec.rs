@@ -3,12 +3,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use thiserror::Error;
 
-use crate::{Destination, Frame, Hello, ResetReason, MAGIC, MAX_BODY};
+use crate::{
+    Destination, Frame, Hello, ResetReason, Welcome, WelcomeStatus, MAGIC, MAX_BODY,
+    WELCOME_MAGIC,
+};
 
 /// length (4) + type (1) + flags (1) + id (4).
 pub const HEADER_LEN: usize = 10;
-/// A hello's fixed part: magic, version, session, received, token length.
-const HELLO_FIXED: usize = 4 + 2 + 16 + 8 + 2;
+/// A hello's fixed part: magic, version, session, resume, received, token length.
+const HELLO_FIXED: usize = 4 + 2 + 16 + 1 + 8 + 2;
+/// A welcome's fixed part: magic, version, status, received, message length.
+const WELCOME_FIXED: usize = 4 + 2 + 1 + 8 + 2;
 /// The largest token a hello may carry.
 const MAX_TOKEN: usize = 4096;
 
@@ -227,6 +232,7 @@ pub fn encode_hello(hello: &Hello, out: &mut Vec<u8>) -> Result<(), DecodeError>
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&hello.version.to_be_bytes());
     out.extend_from_slice(&hello.session);
+    out.push(u8::from(hello.resume));
     out.extend_from_slice(&hello.received.to_be_bytes());
     out.extend_from_slice(&(hello.token.len() as u16).to_be_bytes());
     out.extend_from_slice(&hello.token);
@@ -256,17 +262,111 @@ pub fn decode_hello(buf: &[u8]) -> Result<Option<(Hello, usize)>, DecodeError> {
     }
     let mut session = [0u8; 16];
     session.copy_from_slice(&buf[6..22]);
+    let resume = match buf[22] {
+        0 => false,
+        1 => true,
+        _ => {
+            return Err(DecodeError::Malformed {
+                what: "hello resume flag",
+            })
+        }
+    };
     let mut received = [0u8; 8];
-    received.copy_from_slice(&buf[22..30]);
+    received.copy_from_slice(&buf[23..31]);
     Ok(Some((
         Hello {
             version: u16::from_be_bytes([buf[4], buf[5]]),
             session,
+            resume,
             received: u64::from_be_bytes(received),
             token: buf[HELLO_FIXED..total].to_vec(),
         },
         total,
     )))
+}
+
+pub fn encode_welcome(welcome: &Welcome, out: &mut Vec<u8>) {
+    out.extend_from_slice(&WELCOME_MAGIC);
+    out.extend_from_slice(&welcome.version.to_be_bytes());
+    out.push(match welcome.status {
+        WelcomeStatus::Accepted => 0,
+        WelcomeStatus::Resumed => 1,
+        WelcomeStatus::Unauthorized => 2,
+        WelcomeStatus::UnknownSession => 3,
+        WelcomeStatus::Version => 4,
+    });
+    out.extend_from_slice(&welcome.received.to_be_bytes());
+    put_str(out, &welcome.message);
+}
+
+/// Decodes a welcome: `Ok(None)` when more bytes are needed.
+pub fn decode_welcome(buf: &[u8]) -> Result<Option<(Welcome, usize)>, DecodeError> {
+    let n = buf.len().min(4);
+    if buf[..n] != WELCOME_MAGIC[..n] {
+        return Err(DecodeError::BadMagic);
+    }
+    if buf.len() < WELCOME_FIXED {
+        return Ok(None);
+    }
+    let mut r = Reader(&buf[4..]);
+    let version = r.u16("welcome")?;
+    let status = match r.u8("welcome")? {
+        0 => WelcomeStatus::Accepted,
+        1 => WelcomeStatus::Resumed,
+        2 => WelcomeStatus::Unauthorized,
+        3 => WelcomeStatus::UnknownSession,
+        4 => WelcomeStatus::Version,
+        _ => {
+            return Err(DecodeError::Malformed {
+                what: "welcome status",
+            })
+        }
+    };
+    let received = r.u64("welcome")?;
+    let len = usize::from(r.u16("welcome")?);
+    let total = WELCOME_FIXED + len;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let message = std::str::from_utf8(&buf[WELCOME_FIXED..total])
+        .map_err(|_| DecodeError::Malformed {
+            what: "welcome message",
+        })?
+        .to_string();
+    Ok(Some((
+        Welcome {
+            version,
+            status,
+            received,
+            message,
+        },
+        total,
+    )))
+}
+
+/// Appends a data frame without building a [`Frame`]: the same bytes as
+/// `encode(&Frame::Data { stream, data })`. `data` must not be larger than
+/// [`MAX_BODY`].
+pub fn encode_data(stream: u32, data: &[u8], out: &mut Vec<u8>) {
+    debug_assert!(data.len() <= MAX_BODY as usize);
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.push(DATA);
+    out.push(0);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// If `buf` starts with a complete, valid data frame: its stream and total
+/// length (the data is `buf[HEADER_LEN..total]`), so a receiver can take the
+/// bytes without copying. `None` for anything else, which [`decode`] handles.
+pub fn data_frame(buf: &[u8]) -> Option<(u32, usize)> {
+    let h = buf.get(..HEADER_LEN)?;
+    let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+    if h[4] != DATA || h[5] != 0 || len > MAX_BODY {
+        return None;
+    }
+    let total = HEADER_LEN + len as usize;
+    (buf.len() >= total).then(|| (u32::from_be_bytes([h[6], h[7], h[8], h[9]]), total))
 }
 
 fn reason_code(r: ResetReason) -> u8 {

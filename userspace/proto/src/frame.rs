@@ -32,10 +32,41 @@ pub struct Hello {
     pub version: u16,
     /// Random, chosen by the client; the same id resumes a session.
     pub session: [u8; 16],
-    /// For a resume: how many data bytes of the session the client received.
+    /// True to resume the session `session` on a new transport; false to
+    /// start a new one.
+    pub resume: bool,
+    /// For a resume: how many bytes of the server's reliable frames the
+    /// client has received (see [`Frame::is_reliable`]).
     pub received: u64,
     /// Authentication token issued by the agent side.
     pub token: Vec<u8>,
+}
+
+/// The server's answer to a [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    /// The version both speak.
+    pub version: u16,
+    pub status: WelcomeStatus,
+    /// For a resume: how many bytes of the client's reliable frames the
+    /// server has received; the client replays from there.
+    pub received: u64,
+    /// Why, when refused; empty otherwise.
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WelcomeStatus {
+    /// A new session.
+    Accepted,
+    /// The session was resumed: replay from `received`.
+    Resumed,
+    /// The token was wrong or missing.
+    Unauthorized,
+    /// The session to resume is unknown or expired.
+    UnknownSession,
+    /// No common protocol version.
+    Version,
 }
 
 /// A frame after the hello.
@@ -101,4 +132,13 @@ pub enum Frame {
     Ack {
         received: u64,
     },
+}
+
+impl Frame {
+    /// Whether the frame is part of the session's reliable byte stream, the
+    /// one that is counted, acknowledged and replayed on resume. Keepalive
+    /// and acknowledgements belong to one transport only.
+    pub fn is_reliable(&self) -> bool {
+        !matches!(self, Frame::Ping { .. } | Frame::Pong { .. } | Frame::Ack { .. })
+    }
 }

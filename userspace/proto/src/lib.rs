@@ -9,6 +9,9 @@
 //! | length (u32 BE)| type u8| flags u8| id (u32 BE)    | body (length)  |
 //! +----------------+--------+--------+----------------+----------------+
 //! ```
+//! The server answers the hello with a [`Welcome`] (accepted, resumed or
+//! refused, and why).
+//!
 //! `length` counts the body only and is checked against [`MAX_BODY`] before
 //! anything is allocated. `id` is the stream (or flow, query, intercept) id.
 //!
@@ -19,17 +22,28 @@
 //!   peer whose negotiated version knows them; a peer that receives an
 //!   unknown type drops the session with [`DecodeError::UnknownType`].
 //! - Existing bodies never change layout; new fields go into new types.
+//! - Resume counts bytes of reliable frames only (everything but ping, pong
+//!   and ack), so both ends agree on offsets whatever keepalive traffic each
+//!   transport carried.
 //! - Flags bits not defined for a type must be zero and are rejected
 //!   otherwise, so they can be given a meaning later.
 mod codec;
 mod frame;
 
-pub use codec::{decode, decode_hello, encode, encode_hello, DecodeError, HEADER_LEN};
-pub use frame::{Destination, Frame, Hello, ResetReason};
+pub use codec::{
+    data_frame, decode, decode_hello, decode_welcome, encode, encode_data, encode_hello,
+    encode_welcome, DecodeError, HEADER_LEN,
+};
+pub use frame::{Destination, Frame, Hello, ResetReason, Welcome, WelcomeStatus};
 
 /// The protocol version this crate speaks.
 pub const VERSION: u16 = 1;
 /// The largest frame body accepted (and sent): 256 KiB.
 pub const MAX_BODY: u32 = 256 * 1024;
+/// The credit each side has on a new stream before any credit frame: what
+/// the opener may send with the open, and right after it.
+pub const INITIAL_WINDOW: u32 = 64 * 1024;
 /// Magic bytes that open a hello, so garbage is refused at once.
 pub const MAGIC: [u8; 4] = *b"TPBF";
+/// Magic bytes that open a welcome.
+pub const WELCOME_MAGIC: [u8; 4] = *b"TPBW";

@@ -111,11 +111,36 @@ proptest! {
     fn garbage_never_panics(buf in prop::collection::vec(any::<u8>(), 0..512)) {
         let _ = decode(&buf);
         let _ = decode_hello(&buf);
+        let _ = decode_welcome(&buf);
+        let _ = data_frame(&buf);
     }
 
     #[test]
-    fn hello_round_trips(version in any::<u16>(), session in any::<[u8; 16]>(), received in any::<u64>(), token in prop::collection::vec(any::<u8>(), 0..512)) {
-        let h = Hello { version, session, received, token };
+    fn the_data_fast_path_agrees_with_the_codec(stream in any::<u32>(), data in prop::collection::vec(any::<u8>(), 0..2048)) {
+        let mut fast = Vec::new();
+        encode_data(stream, &data, &mut fast);
+        let mut slow = Vec::new();
+        encode(&Frame::Data { stream, data: data.clone() }, &mut slow).unwrap();
+        prop_assert_eq!(&fast, &slow);
+        prop_assert_eq!(data_frame(&fast), Some((stream, fast.len())));
+        prop_assert_eq!(data_frame(&fast[..fast.len() - 1]), None);
+    }
+
+    #[test]
+    fn welcome_round_trips(version in any::<u16>(), status in 0u8..5, received in any::<u64>(), message in ".{0,64}") {
+        let status = [WelcomeStatus::Accepted, WelcomeStatus::Resumed, WelcomeStatus::Unauthorized, WelcomeStatus::UnknownSession, WelcomeStatus::Version][usize::from(status)];
+        let w = Welcome { version, status, received, message };
+        let mut buf = Vec::new();
+        encode_welcome(&w, &mut buf);
+        for n in 0..buf.len() {
+            prop_assert_eq!(decode_welcome(&buf[..n]), Ok(None));
+        }
+        prop_assert_eq!(decode_welcome(&buf), Ok(Some((w, buf.len()))));
+    }
+
+    #[test]
+    fn hello_round_trips(version in any::<u16>(), session in any::<[u8; 16]>(), resume in any::<bool>(), received in any::<u64>(), token in prop::collection::vec(any::<u8>(), 0..512)) {
+        let h = Hello { version, session, resume, received, token };
         let mut buf = Vec::new();
         encode_hello(&h, &mut buf).unwrap();
         for n in 0..buf.len() {
@@ -194,7 +219,7 @@ fn garbage_instead_of_a_hello_is_refused_at_the_first_byte() {
     );
     assert_eq!(decode_hello(b"TP"), Ok(None));
     let mut huge_token = MAGIC.to_vec();
-    huge_token.extend_from_slice(&[0; 2 + 16 + 8]);
+    huge_token.extend_from_slice(&[0; 2 + 16 + 1 + 8]);
     huge_token.extend_from_slice(&u16::MAX.to_be_bytes());
     assert!(matches!(
         decode_hello(&huge_token),

@@ -13,4 +13,8 @@ fuzz_target!(|data: &[u8]| {
         at += used;
     }
     let _ = tpbpf_proto::decode_hello(data);
+    let _ = tpbpf_proto::decode_welcome(data);
+    if let Some((_, total)) = tpbpf_proto::data_frame(data) {
+        assert!(matches!(tpbpf_proto::decode(data), Ok(Some((tpbpf_proto::Frame::Data { .. }, n))) if n == total));
+    }
 });

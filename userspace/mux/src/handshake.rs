@@ -1,0 +1,502 @@
+//! Starting and resuming sessions: the client dials and says hello; the
+//! server checks the hello (magic, version, token) before anything else
+//! happens, then starts a session or hands the transport to the one it
+//! resumes.
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use thiserror::Error;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::mpsc,
+};
+use tpbpf_proto::{
+    decode_hello, decode_welcome, encode_hello, encode_welcome, DecodeError, Hello, ResetReason,
+    Welcome, WelcomeStatus, VERSION,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    conn::{self, Ended},
+    session::{Session, Shared},
+    transport::{BoxIo, Connector},
+    Config,
+};
+
+#[derive(Debug, Error)]
+pub enum HandshakeError {
+    #[error("could not reach the tunnel endpoint {endpoint}: {source}")]
+    Dial {
+        endpoint: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the tunnel endpoint {endpoint} refused the session ({status:?}): {message}")]
+    Refused {
+        endpoint: String,
+        status: WelcomeStatus,
+        message: String,
+    },
+    #[error("the tunnel endpoint {endpoint} does not speak tpbpf's tunnel protocol: {source}")]
+    Protocol {
+        endpoint: String,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("the tunnel endpoint {endpoint} did not answer the hello within {0:?}", .timeout)]
+    Timeout { endpoint: String, timeout: Duration },
+    #[error("the tunnel endpoint {endpoint} closed the connection during the hello: {source}")]
+    Io {
+        endpoint: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Reads one handshake message with `decode`, keeping what follows it.
+async fn read_msg<T>(
+    io: &mut BoxIo,
+    decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, DecodeError>,
+) -> Result<Result<(T, BytesMut), DecodeError>, io::Error> {
+    let mut buf = BytesMut::with_capacity(512);
+    loop {
+        match decode(&buf) {
+            Ok(Some((msg, used))) => {
+                let _ = buf.split_to(used);
+                return Ok(Ok((msg, buf)));
+            }
+            Ok(None) => {}
+            Err(e) => return Ok(Err(e)),
+        }
+        if io.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+    }
+}
+
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    getrandom::getrandom(&mut id).expect("the kernel's random source");
+    id
+}
+
+/// Compares without leaking where the first difference is.
+fn same_token(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The client side.
+pub struct Client;
+
+impl Client {
+    /// Dials `connector`, starts a session with `token`, and keeps it alive:
+    /// when the transport is lost it dials again and resumes.
+    pub async fn connect(
+        connector: Arc<dyn Connector>,
+        token: Vec<u8>,
+        config: Config,
+    ) -> Result<Session, HandshakeError> {
+        let id = random_id();
+        let (io, welcome, leftover) = hello(&*connector, &token, id, false, 0, &config).await?;
+        if welcome.status != WelcomeStatus::Accepted {
+            return Err(HandshakeError::Refused {
+                endpoint: connector.describe(),
+                status: welcome.status,
+                message: welcome.message,
+            });
+        }
+        let shared = Shared::new(config, id, true);
+        let session = Session::from_shared(shared.clone());
+        tokio::spawn(client_driver(shared, connector, token, io, leftover));
+        Ok(session)
+    }
+}
+
+async fn hello(
+    connector: &dyn Connector,
+    token: &[u8],
+    session: [u8; 16],
+    resume: bool,
+    received: u64,
+    config: &Config,
+) -> Result<(BoxIo, Welcome, BytesMut), HandshakeError> {
+    let endpoint = connector.describe();
+    let exchange = async {
+        let mut io = connector
+            .connect()
+            .await
+            .map_err(|source| HandshakeError::Dial {
+                endpoint: endpoint.clone(),
+                source,
+            })?;
+        let mut buf = Vec::new();
+        let hello = Hello {
+            version: VERSION,
+            session,
+            resume,
+            received,
+            token: token.to_vec(),
+        };
+        encode_hello(&hello, &mut buf).map_err(|source| HandshakeError::Protocol {
+            endpoint: endpoint.clone(),
+            source,
+        })?;
+        let io_err = |source| HandshakeError::Io {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        io.write_all(&buf).await.map_err(io_err)?;
+        match read_msg(&mut io, decode_welcome).await.map_err(io_err)? {
+            Ok((welcome, leftover)) => Ok((io, welcome, leftover)),
+            Err(source) => Err(HandshakeError::Protocol {
+                endpoint: endpoint.clone(),
+                source,
+            }),
+        }
+    };
+    tokio::time::timeout(config.handshake_timeout, exchange)
+        .await
+        .map_err(|_| HandshakeError::Timeout {
+            endpoint: endpoint.clone(),
+            timeout: config.handshake_timeout,
+        })?
+}
+
+async fn client_driver(
+    shared: Arc<Shared>,
+    connector: Arc<dyn Connector>,
+    token: Vec<u8>,
+    io: BoxIo,
+    leftover: BytesMut,
+) {
+    let mut next = Some((io, 0u64, leftover));
+    let config = shared.config.clone();
+    while let Some((io, peer_received, leftover)) = next.take() {
+        let lost = match conn::run(&shared, io, peer_received, leftover).await {
+            Ended::Closed => break,
+            Ended::Protocol(m) => {
+                warn!("tunnel session ended: {m}");
+                shared.lock().end(ResetReason::ProtocolError, m);
+                break;
+            }
+            Ended::Lost(e) => e,
+        };
+        warn!(error = %lost, "tunnel transport lost; resuming");
+        let deadline = Instant::now() + config.resume_window;
+        let mut backoff = Duration::from_millis(20);
+        let mut last_error = lost.to_string();
+        while next.is_none() {
+            if Instant::now() >= deadline || shared.lock().ended.is_some() {
+                let m = format!(
+                    "the tunnel to {} was down for longer than the resume window ({:?}); streams were reset and data may be lost (last error: {last_error})",
+                    connector.describe(),
+                    config.resume_window
+                );
+                warn!("{m}");
+                shared.lock().end(ResetReason::ResumeExpired, m);
+                break;
+            }
+            let received = shared.lock().recv_seq;
+            match hello(&*connector, &token, shared.id, true, received, &config).await {
+                Ok((io, w, leftover)) if w.status == WelcomeStatus::Resumed => {
+                    shared.lock().resumes += 1;
+                    info!("tunnel session resumed on {}", connector.describe());
+                    next = Some((io, w.received, leftover));
+                }
+                Ok((_, w, _)) => {
+                    let m = format!(
+                        "the tunnel endpoint {} refused to resume the session ({:?}): {}",
+                        connector.describe(),
+                        w.status,
+                        w.message
+                    );
+                    warn!("{m}");
+                    shared.lock().end(ResetReason::ResumeExpired, m);
+                    break;
+                }
+                Err(e) => {
+                    debug!("resume attempt failed: {e}");
+                    last_error = e.to_string();
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(backoff.min(left)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    shared.closed.notify_waiters();
+}
+
+type Resumer = mpsc::Sender<(BoxIo, u64, BytesMut)>;
+
+/// The server side: checks hellos, starts sessions, resumes them.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<ServerInner>,
+}
+
+struct ServerInner {
+    config: Config,
+    token: Vec<u8>,
+    sessions: Mutex<HashMap<[u8; 16], Resumer>>,
+    new_sessions: mpsc::Sender<(Session, SocketAddr)>,
+}
+
+impl Server {
+    /// A server accepting `token`; new sessions arrive on the receiver.
+    pub fn new(config: Config, token: Vec<u8>) -> (Server, mpsc::Receiver<(Session, SocketAddr)>) {
+        let (tx, rx) = mpsc::channel(64);
+        let server = Server {
+            inner: Arc::new(ServerInner {
+                config,
+                token,
+                sessions: Mutex::new(HashMap::new()),
+                new_sessions: tx,
+            }),
+        };
+        (server, rx)
+    }
+
+    /// Sessions alive (connected or waiting to resume).
+    pub fn sessions(&self) -> usize {
+        self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Accepts connections on `listener` (with TLS if `tls` is given) until
+    /// the listener fails; each connection's handshake runs on its own.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> io::Result<()> {
+        loop {
+            let (tcp, peer) = listener.accept().await?;
+            let _ = tcp.set_nodelay(true);
+            let server = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let io: BoxIo = match tls {
+                    None => Box::new(tcp),
+                    Some(tls) => {
+                        match tokio::time::timeout(server.inner.config.handshake_timeout, tls.accept(tcp)).await {
+                            Ok(Ok(s)) => Box::new(s),
+                            Ok(Err(e)) => {
+                                warn!(%peer, "tunnel connection refused: TLS handshake failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                warn!(%peer, "tunnel connection refused: no TLS handshake in time");
+                                return;
+                            }
+                        }
+                    }
+                };
+                server.handle(io, peer).await;
+            });
+        }
+    }
+
+    /// Runs the handshake on one transport. Nothing is dialed and no
+    /// session is touched before the hello is checked.
+    pub async fn handle(&self, mut io: BoxIo, peer: SocketAddr) {
+        let config = &self.inner.config;
+        let hello = match tokio::time::timeout(config.handshake_timeout, read_msg(&mut io, decode_hello)).await {
+            Err(_) => {
+                warn!(%peer, "tunnel connection refused: no hello within {:?}", config.handshake_timeout);
+                return;
+            }
+            Ok(Err(e)) => {
+                warn!(%peer, "tunnel connection refused: closed before its hello: {e}");
+                return;
+            }
+            Ok(Ok(Err(e))) => {
+                warn!(%peer, "tunnel connection refused: not a tpbpf hello: {e}");
+                return;
+            }
+            Ok(Ok(Ok(h))) => h,
+        };
+        let (hello, leftover) = hello;
+        let refuse = |status, message: String| Welcome {
+            version: VERSION,
+            status,
+            received: 0,
+            message,
+        };
+        let refusal = if hello.version < 1 {
+            Some(refuse(
+                WelcomeStatus::Version,
+                format!("protocol version {} is not supported (this agent speaks {VERSION})", hello.version),
+            ))
+        } else if !same_token(&hello.token, &self.inner.token) {
+            let what = if hello.token.is_empty() { "missing" } else { "wrong" };
+            warn!(%peer, "tunnel connection refused: {what} token");
+            Some(refuse(
+                WelcomeStatus::Unauthorized,
+                format!("{what} token: get the current one from the agent (tpbpf up does)"),
+            ))
+        } else {
+            None
+        };
+        if let Some(w) = refusal {
+            let mut buf = Vec::new();
+            encode_welcome(&w, &mut buf);
+            let _ = io.write_all(&buf).await;
+            let _ = io.shutdown().await;
+            return;
+        }
+        if hello.resume {
+            let resumer = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&hello.session)
+                .cloned();
+            match resumer {
+                Some(tx) => {
+                    debug!(%peer, "tunnel session resuming");
+                    let _ = tx.send((io, hello.received, leftover)).await;
+                }
+                None => {
+                    warn!(%peer, "tunnel resume refused: unknown or expired session");
+                    let mut buf = Vec::new();
+                    encode_welcome(
+                        &refuse(
+                            WelcomeStatus::UnknownSession,
+                            "the session is unknown or expired: start a new one".to_string(),
+                        ),
+                        &mut buf,
+                    );
+                    let _ = io.write_all(&buf).await;
+                }
+            }
+            return;
+        }
+        let mut buf = Vec::new();
+        encode_welcome(
+            &Welcome {
+                version: VERSION.min(hello.version),
+                status: WelcomeStatus::Accepted,
+                received: 0,
+                message: String::new(),
+            },
+            &mut buf,
+        );
+        if let Err(e) = io.write_all(&buf).await {
+            warn!(%peer, "tunnel connection lost during its hello: {e}");
+            return;
+        }
+        let shared = Shared::new(config.clone(), hello.session, false);
+        let (tx, rx) = mpsc::channel(4);
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hello.session, tx);
+        info!(%peer, "tunnel session started");
+        let _ = self
+            .inner
+            .new_sessions
+            .send((Session::from_shared(shared.clone()), peer))
+            .await;
+        let server = self.clone();
+        tokio::spawn(async move {
+            server_driver(&shared, io, leftover, rx).await;
+            server
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&shared.id);
+            shared.closed.notify_waiters();
+        });
+    }
+}
+
+async fn server_driver(
+    shared: &Arc<Shared>,
+    io: BoxIo,
+    leftover: BytesMut,
+    mut resumes: mpsc::Receiver<(BoxIo, u64, BytesMut)>,
+) {
+    let config = shared.config.clone();
+    let mut next = Some((io, 0u64, leftover));
+    while let Some((io, peer_received, leftover)) = next.take() {
+        let ended = tokio::select! {
+            e = conn::run(shared, io, peer_received, leftover) => Some(e),
+            r = resumes.recv() => {
+                // The client came back before this side noticed the loss.
+                next = r;
+                None
+            }
+        };
+        match ended {
+            Some(Ended::Closed) => return,
+            Some(Ended::Protocol(m)) => {
+                warn!("tunnel session ended: {m}");
+                shared.lock().end(ResetReason::ProtocolError, m);
+                return;
+            }
+            Some(Ended::Lost(e)) => {
+                debug!("tunnel transport lost ({e}); waiting for the client to resume");
+                shared.lock().connected = false;
+                match tokio::time::timeout(config.resume_window, resumes.recv()).await {
+                    Ok(Some(t)) => next = Some(t),
+                    _ => {
+                        let m = format!(
+                            "the tunnel client did not come back within the resume window ({:?}); streams were reset",
+                            config.resume_window
+                        );
+                        warn!("{m}");
+                        shared.lock().end(ResetReason::ResumeExpired, m);
+                        return;
+                    }
+                }
+            }
+            None if next.is_none() => return,
+            None => {}
+        }
+        // Tell the client where to replay from, then carry on.
+        let mut candidate = next.take();
+        loop {
+            let Some((mut io, r, l)) = candidate else {
+                shared.lock().end(
+                    ResetReason::ResumeExpired,
+                    "the tunnel client did not come back within the resume window".to_string(),
+                );
+                return;
+            };
+            let received = shared.lock().recv_seq;
+            let mut buf = Vec::new();
+            encode_welcome(
+                &Welcome {
+                    version: VERSION,
+                    status: WelcomeStatus::Resumed,
+                    received,
+                    message: String::new(),
+                },
+                &mut buf,
+            );
+            if io.write_all(&buf).await.is_ok() {
+                shared.lock().resumes += 1;
+                next = Some((io, r, l));
+                break;
+            }
+            // That transport died at once; wait for another.
+            candidate = tokio::time::timeout(config.resume_window, resumes.recv())
+                .await
+                .ok()
+                .flatten();
+        }
+    }
+}

@@ -1,0 +1,804 @@
+//! A session's state, shared by its streams and its driver: streams and
+//! their buffers, the send schedule, the replay buffer. No I/O here.
+use std::{
+    collections::{HashMap, VecDeque},
+    io,
+    sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll, Waker},
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Notify;
+use tpbpf_proto::{encode, encode_data, Destination, Frame, ResetReason, INITIAL_WINDOW};
+
+use crate::{stream::Stream, Config, CHUNK};
+
+/// What one write to the transport carries at most.
+const BATCH: usize = 256 * 1024;
+/// A receiver acknowledges after this many reliable bytes.
+pub(crate) const ACK_EVERY: u64 = 256 * 1024;
+
+/// A session: open streams with [`Session::open`], take the peer's with
+/// [`Session::accept`]. Cloning gives another handle to the same session.
+#[derive(Clone)]
+pub struct Session {
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) inner: Mutex<Inner>,
+    /// Wakes the writer: frames to send.
+    pub(crate) write: Notify,
+    /// Wakes the driver: the session ended locally.
+    pub(crate) closed: Notify,
+    pub(crate) config: Config,
+    pub(crate) id: [u8; 16],
+}
+
+/// A snapshot of a session, for `tpbpf status`.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub connected: bool,
+    pub rtt: Option<Duration>,
+    pub streams: usize,
+    /// Application bytes written into and read out of streams.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Transports that replaced a lost one.
+    pub resumes: u64,
+    /// Bytes waiting for the peer's acknowledgement.
+    pub unacked: u64,
+    /// Bytes received and not yet read by the streams' applications.
+    pub buffered: usize,
+}
+
+pub(crate) struct StreamState {
+    // Receiving.
+    recv: VecDeque<Bytes>,
+    recv_len: usize,
+    /// What the peer may still send.
+    recv_window: u32,
+    /// The window this stream is at; grows for fast readers.
+    window: u32,
+    /// Read by the application and not yet returned as credit.
+    unreturned: u32,
+    read_total: u64,
+    remote_fin: bool,
+    read_waker: Option<Waker>,
+    // Sending.
+    open: Option<Destination>,
+    send: BytesMut,
+    send_credit: u64,
+    local_fin: bool,
+    fin_sent: bool,
+    write_waker: Option<Waker>,
+    queued: bool,
+    // Both.
+    reset: Option<(ResetReason, String)>,
+    dropped: bool,
+    pub(crate) dst: Option<Destination>,
+}
+
+pub(crate) struct Inner {
+    next_id: u32,
+    max_peer_id: u32,
+    peer_parity: u32,
+    streams: HashMap<u32, StreamState>,
+    /// Streams with something to send, in turn.
+    ready: VecDeque<u32>,
+    /// Reliable frames that are not stream data (credit, reset, go-away).
+    control: Vec<u8>,
+    /// Unreliable frames for the current transport (ping, pong, ack).
+    pub(crate) unreliable: Vec<Frame>,
+    incoming: VecDeque<u32>,
+    accept_waker: Option<Waker>,
+    /// The sum of receive windows and buffered bytes: what the peer can make
+    /// this session hold.
+    granted: usize,
+    /// Set when the session is over; every stream fails with it.
+    pub(crate) ended: Option<(ResetReason, String)>,
+    go_away: Option<String>,
+    // Resume: the reliable bytes sent but not acknowledged.
+    pub(crate) replay: VecDeque<Bytes>,
+    pub(crate) replay_len: usize,
+    /// Sequence number of the next reliable byte sent.
+    pub(crate) sent_seq: u64,
+    /// Reliable bytes received and processed.
+    pub(crate) recv_seq: u64,
+    pub(crate) acked_seq: u64,
+    pub(crate) ack_sent: u64,
+    // Stats.
+    pub(crate) connected: bool,
+    pub(crate) rtt: Option<Duration>,
+    pub(crate) resumes: u64,
+    bytes_sent: u64,
+    bytes_received: u64,
+    pub(crate) ping_started: Option<(u64, Instant)>,
+}
+
+pub(crate) fn reset_error(reason: ResetReason, message: &str) -> io::Error {
+    let kind = match reason {
+        ResetReason::Refused => io::ErrorKind::ConnectionRefused,
+        ResetReason::Unreachable => io::ErrorKind::HostUnreachable,
+        ResetReason::ProtocolError => io::ErrorKind::InvalidData,
+        ResetReason::Aborted | ResetReason::ResumeExpired | ResetReason::Other => {
+            io::ErrorKind::ConnectionReset
+        }
+    };
+    io::Error::new(kind, message.to_string())
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config, id: [u8; 16], client: bool) -> Arc<Shared> {
+        Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                next_id: if client { 1 } else { 2 },
+                max_peer_id: 0,
+                peer_parity: if client { 0 } else { 1 },
+                streams: HashMap::new(),
+                ready: VecDeque::new(),
+                control: Vec::new(),
+                unreliable: Vec::new(),
+                incoming: VecDeque::new(),
+                accept_waker: None,
+                granted: 0,
+                ended: None,
+                go_away: None,
+                replay: VecDeque::new(),
+                replay_len: 0,
+                sent_seq: 0,
+                recv_seq: 0,
+                acked_seq: 0,
+                ack_sent: 0,
+                connected: true,
+                rtt: None,
+                resumes: 0,
+                bytes_sent: 0,
+                bytes_received: 0,
+                ping_started: None,
+            }),
+            write: Notify::new(),
+            closed: Notify::new(),
+            config,
+            id,
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl StreamState {
+    fn new(dst: Option<Destination>, open: Option<Destination>) -> StreamState {
+        StreamState {
+            recv: VecDeque::new(),
+            recv_len: 0,
+            recv_window: INITIAL_WINDOW,
+            window: INITIAL_WINDOW,
+            unreturned: 0,
+            read_total: 0,
+            remote_fin: false,
+            read_waker: None,
+            open,
+            send: BytesMut::new(),
+            send_credit: u64::from(INITIAL_WINDOW),
+            local_fin: false,
+            fin_sent: false,
+            write_waker: None,
+            queued: false,
+            reset: None,
+            dropped: false,
+            dst,
+        }
+    }
+
+    fn wake(&mut self) {
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+    }
+
+    fn has_output(&self) -> bool {
+        self.reset.is_none()
+            && (self.open.is_some() || !self.send.is_empty() || (self.local_fin && !self.fin_sent))
+    }
+
+    fn finished(&self) -> bool {
+        self.dropped
+            && (self.reset.is_some()
+                || (self.fin_sent && self.remote_fin && self.recv_len == 0 && !self.queued))
+    }
+}
+
+impl Inner {
+    pub(crate) fn streams_dst(&self, id: u32) -> Option<Destination> {
+        self.streams.get(&id).and_then(|s| s.dst.clone())
+    }
+
+    fn queue(&mut self, id: u32) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if !s.queued && s.has_output() {
+                s.queued = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn push_control(&mut self, frame: &Frame) {
+        // Control frames are small: they always fit.
+        let _ = encode(frame, &mut self.control);
+    }
+
+    fn remove_if_finished(&mut self, id: u32) {
+        if self.streams.get(&id).is_some_and(StreamState::finished) {
+            if let Some(s) = self.streams.remove(&id) {
+                self.granted -= s.recv_window as usize + s.recv_len;
+            }
+        }
+    }
+
+    /// Resets a stream from this side: the peer is told.
+    pub(crate) fn reset_local(&mut self, id: u32, reason: ResetReason, message: &str) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.reset.is_some() {
+            return;
+        }
+        s.reset = Some((reason, message.to_string()));
+        s.send.clear();
+        s.open = None;
+        s.wake();
+        self.push_control(&Frame::Reset {
+            stream: id,
+            reason,
+            message: message.to_string(),
+        });
+        self.remove_if_finished(id);
+    }
+
+    /// Ends the session: every stream fails with `message`.
+    pub(crate) fn end(&mut self, reason: ResetReason, message: String) {
+        if self.ended.is_some() {
+            return;
+        }
+        self.ended = Some((reason, message.clone()));
+        self.connected = false;
+        for s in self.streams.values_mut() {
+            if s.reset.is_none() {
+                s.reset = Some((reason, message.clone()));
+            }
+            s.wake();
+        }
+        let ids: Vec<u32> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.remove_if_finished(id);
+        }
+        if let Some(w) = self.accept_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Handles one frame from the peer. An error is a protocol violation
+    /// that ends the session.
+    pub(crate) fn on_frame(&mut self, frame: Frame, config: &Config) -> Result<bool, String> {
+        let mut wake_writer = false;
+        match frame {
+            Frame::Open { stream, dst, data } => {
+                if stream % 2 != self.peer_parity || stream <= self.max_peer_id {
+                    return Err(format!("the peer opened stream {stream}, an id it may not use (ids must grow, odd from the client, even from the server)"));
+                }
+                self.max_peer_id = stream;
+                let refuse = if self.streams.len() >= config.max_streams {
+                    Some(format!(
+                        "too many streams on this tunnel session (limit {})",
+                        config.max_streams
+                    ))
+                } else if self.granted + INITIAL_WINDOW as usize > config.max_buffered {
+                    Some(format!(
+                        "the tunnel session's receive buffers are full (limit {} bytes)",
+                        config.max_buffered
+                    ))
+                } else {
+                    None
+                };
+                if let Some(message) = refuse {
+                    self.push_control(&Frame::Reset {
+                        stream,
+                        reason: ResetReason::Refused,
+                        message,
+                    });
+                    return Ok(true);
+                }
+                self.granted += INITIAL_WINDOW as usize;
+                self.streams
+                    .insert(stream, StreamState::new(Some(dst), None));
+                self.incoming.push_back(stream);
+                if let Some(w) = self.accept_waker.take() {
+                    w.wake();
+                }
+                if !data.is_empty() {
+                    wake_writer |= self.on_data(stream, Bytes::from(data))?;
+                }
+            }
+            Frame::Data { stream, data } => {
+                wake_writer |= self.on_data(stream, Bytes::from(data))?;
+            }
+            Frame::Credit { stream, bytes } => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.send_credit += u64::from(bytes);
+                    if let Some(w) = s.write_waker.take() {
+                        w.wake();
+                    }
+                }
+            }
+            Frame::HalfClose { stream } => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.remote_fin = true;
+                    if let Some(w) = s.read_waker.take() {
+                        w.wake();
+                    }
+                    self.remove_if_finished(stream);
+                }
+            }
+            Frame::Reset {
+                stream,
+                reason,
+                message,
+            } => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    if s.reset.is_none() {
+                        s.reset = Some((reason, message));
+                        s.send.clear();
+                        s.open = None;
+                        s.wake();
+                    }
+                    self.remove_if_finished(stream);
+                }
+            }
+            Frame::GoAway { message } => {
+                self.go_away = Some(message);
+            }
+            Frame::Ping { nonce } => {
+                self.unreliable.push(Frame::Pong { nonce });
+                wake_writer = true;
+            }
+            Frame::Pong { nonce } => {
+                if let Some((n, at)) = self.ping_started {
+                    if n == nonce {
+                        self.rtt = Some(at.elapsed());
+                        self.ping_started = None;
+                    }
+                }
+            }
+            Frame::Ack { received } => self.on_ack(received)?,
+            // Datagrams, DNS and intercepts are carried by later layers;
+            // this multiplexer does not route them yet.
+            Frame::Datagram { .. }
+            | Frame::DnsQuery { .. }
+            | Frame::DnsAnswer { .. }
+            | Frame::InterceptIncoming { .. } => {}
+        }
+        Ok(wake_writer)
+    }
+
+    /// Stream data from the peer.
+    pub(crate) fn on_data(&mut self, stream: u32, data: Bytes) -> Result<bool, String> {
+        let Some(s) = self.streams.get_mut(&stream) else {
+            if stream % 2 == self.peer_parity && stream > self.max_peer_id {
+                return Err(format!("the peer sent data on stream {stream} it never opened"));
+            }
+            // A stream that ended here; its reset is on its way to the peer.
+            return Ok(false);
+        };
+        if s.reset.is_some() {
+            return Ok(false);
+        }
+        if s.dropped {
+            self.reset_local(stream, ResetReason::Aborted, "the stream was closed by the application");
+            return Ok(true);
+        }
+        if data.len() > s.recv_window as usize {
+            let message = format!(
+                "the peer sent {} bytes on stream {stream} with {} bytes of credit",
+                data.len(),
+                s.recv_window
+            );
+            self.reset_local(stream, ResetReason::ProtocolError, &message);
+            return Ok(true);
+        }
+        s.recv_window -= data.len() as u32;
+        s.recv_len += data.len();
+        s.recv.push_back(data);
+        if let Some(w) = s.read_waker.take() {
+            w.wake();
+        }
+        Ok(false)
+    }
+
+    pub(crate) fn on_ack(&mut self, received: u64) -> Result<(), String> {
+        if received > self.sent_seq || received < self.acked_seq {
+            return Err(format!(
+                "the peer acknowledged byte {received}, outside what was sent ({}..{})",
+                self.acked_seq, self.sent_seq
+            ));
+        }
+        self.drop_acked(received);
+        Ok(())
+    }
+
+    /// Forgets replay bytes the peer has.
+    pub(crate) fn drop_acked(&mut self, received: u64) {
+        let mut drop = (received - self.acked_seq) as usize;
+        self.acked_seq = received;
+        while drop > 0 {
+            let Some(front) = self.replay.front_mut() else {
+                break;
+            };
+            if front.len() <= drop {
+                drop -= front.len();
+                self.replay_len -= front.len();
+                self.replay.pop_front();
+            } else {
+                let _ = front.split_to(drop);
+                self.replay_len -= drop;
+                drop = 0;
+            }
+        }
+    }
+
+    /// Takes what should go out next: unreliable frames, and a batch of
+    /// reliable bytes (control first, then streams' data in turn), which is
+    /// also kept for replay. `None` when there is nothing to send.
+    pub(crate) fn take_output(&mut self, config: &Config) -> Option<(Vec<u8>, Bytes)> {
+        let mut unreliable = Vec::new();
+        for f in self.unreliable.drain(..) {
+            let _ = encode(&f, &mut unreliable);
+        }
+        let mut out = std::mem::take(&mut self.control);
+        // A full replay buffer stops new data until the peer acknowledges.
+        while out.len() < BATCH && self.replay_len + out.len() < config.resume_bytes {
+            let Some(id) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.queued = false;
+            if s.reset.is_some() {
+                continue;
+            }
+            let n = s.send.len().min(CHUNK);
+            if let Some(dst) = s.open.take() {
+                let data = s.send.split_to(n).to_vec();
+                let _ = encode(
+                    &Frame::Open {
+                        stream: id,
+                        dst,
+                        data,
+                    },
+                    &mut out,
+                );
+            } else if n > 0 {
+                encode_data(id, &s.send[..n], &mut out);
+                let _ = s.send.split_to(n);
+            }
+            if s.send.is_empty() && s.local_fin && !s.fin_sent {
+                s.fin_sent = true;
+                let _ = encode(&Frame::HalfClose { stream: id }, &mut out);
+            }
+            if s.has_output() {
+                s.queued = true;
+                self.ready.push_back(id);
+            } else {
+                self.remove_if_finished(id);
+            }
+        }
+        if out.is_empty() && unreliable.is_empty() {
+            return None;
+        }
+        let out = Bytes::from(out);
+        if !out.is_empty() {
+            self.sent_seq += out.len() as u64;
+            self.replay_len += out.len();
+            self.replay.push_back(out.clone());
+        }
+        Some((unreliable, out))
+    }
+
+    /// Queues an acknowledgement if enough arrived since the last one (or
+    /// anything, when `force`).
+    pub(crate) fn maybe_ack(&mut self, force: bool) -> bool {
+        let pending = self.recv_seq - self.ack_sent;
+        if pending >= ACK_EVERY || (force && pending > 0) {
+            self.ack_sent = self.recv_seq;
+            self.unreliable.push(Frame::Ack {
+                received: self.recv_seq,
+            });
+            return true;
+        }
+        false
+    }
+}
+
+// Stream operations, called by `Stream`.
+impl Shared {
+    pub(crate) fn poll_read(
+        &self,
+        id: u32,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(s) = inner.streams.get_mut(&id) else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the tunnel stream is gone",
+            )));
+        };
+        if s.recv_len == 0 {
+            if let Some((reason, message)) = &s.reset {
+                return Poll::Ready(Err(reset_error(*reason, message)));
+            }
+            if s.remote_fin {
+                return Poll::Ready(Ok(()));
+            }
+            s.read_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let mut n = 0;
+        while buf.remaining() > 0 {
+            let Some(front) = s.recv.front_mut() else {
+                break;
+            };
+            let take = front.len().min(buf.remaining());
+            buf.put_slice(&front[..take]);
+            n += take;
+            if take == front.len() {
+                s.recv.pop_front();
+            } else {
+                let _ = front.split_to(take);
+            }
+        }
+        s.recv_len -= n;
+        s.read_total += n as u64;
+        s.unreturned += n as u32;
+        inner.bytes_received += n as u64;
+        // Return credit once a quarter of the window was read; grow the
+        // window of a stream that reads a lot, within the session's limit.
+        if s.unreturned >= s.window / 4 && !s.remote_fin {
+            let mut grant = s.unreturned;
+            s.unreturned = 0;
+            if s.read_total >= 4 * u64::from(s.window)
+                && s.window < self.config.max_window
+                && inner.granted + s.window as usize <= self.config.max_buffered
+            {
+                let extra = s.window.min(self.config.max_window - s.window);
+                s.window += extra;
+                grant += extra;
+                inner.granted += extra as usize;
+            }
+            s.recv_window += grant;
+            inner.push_control(&Frame::Credit {
+                stream: id,
+                bytes: grant,
+            });
+            drop(guard);
+            self.write.notify_one();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    pub(crate) fn poll_write(
+        &self,
+        id: u32,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut inner = self.lock();
+        let Some(s) = inner.streams.get_mut(&id) else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the tunnel stream is gone",
+            )));
+        };
+        if let Some((reason, message)) = &s.reset {
+            return Poll::Ready(Err(reset_error(*reason, message)));
+        }
+        if s.local_fin {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown of the tunnel stream",
+            )));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if s.send_credit == 0 {
+            s.write_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = buf.len().min(s.send_credit as usize);
+        s.send_credit -= n as u64;
+        s.send.extend_from_slice(&buf[..n]);
+        inner.bytes_sent += n as u64;
+        let was_idle = inner.ready.is_empty() && inner.control.is_empty();
+        inner.queue(id);
+        drop(inner);
+        if was_idle {
+            self.write.notify_one();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    pub(crate) fn shutdown(&self, id: u32) -> io::Result<()> {
+        let mut inner = self.lock();
+        let Some(s) = inner.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        if let Some((reason, message)) = &s.reset {
+            return Err(reset_error(*reason, message));
+        }
+        if !s.local_fin {
+            s.local_fin = true;
+            inner.queue(id);
+            drop(inner);
+            self.write.notify_one();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn reset(&self, id: u32, reason: ResetReason, message: &str) {
+        self.lock().reset_local(id, reason, message);
+        self.write.notify_one();
+    }
+
+    pub(crate) fn dropped(&self, id: u32) {
+        let mut inner = self.lock();
+        let Some(s) = inner.streams.get_mut(&id) else {
+            return;
+        };
+        s.dropped = true;
+        if s.reset.is_none() {
+            if s.recv_len > 0 {
+                // Like TCP: closing with unread data resets; data that
+                // arrives later is answered with a reset too (on_data).
+                inner.reset_local(id, ResetReason::Aborted, "the stream was closed by the application");
+            } else if !s.local_fin {
+                s.local_fin = true;
+                inner.queue(id);
+            }
+        }
+        inner.remove_if_finished(id);
+        drop(inner);
+        self.write.notify_one();
+    }
+}
+
+impl Session {
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Session {
+        Session { shared }
+    }
+
+    /// Opens a stream to `dst`. No round trip: the open frame leaves with
+    /// the first bytes written (or at once, if nothing is written before
+    /// the session's writer runs).
+    pub fn open(&self, dst: Destination) -> io::Result<Stream> {
+        self.open_with(dst, &[])
+    }
+
+    /// Opens a stream whose first bytes travel in the open frame itself.
+    pub fn open_with(&self, dst: Destination, first: &[u8]) -> io::Result<Stream> {
+        let config = &self.shared.config;
+        let mut inner = self.shared.lock();
+        if let Some((reason, message)) = &inner.ended {
+            return Err(reset_error(*reason, message));
+        }
+        if let Some(message) = &inner.go_away {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("the tunnel peer accepts no new streams: {message}"),
+            ));
+        }
+        if inner.streams.len() >= config.max_streams {
+            return Err(io::Error::other(format!(
+                "too many streams on this tunnel session (limit {}): close some or raise the limit",
+                config.max_streams
+            )));
+        }
+        if inner.granted + INITIAL_WINDOW as usize > config.max_buffered {
+            return Err(io::Error::other(format!(
+                "the tunnel session's receive buffers are full (limit {} bytes)",
+                config.max_buffered
+            )));
+        }
+        let id = inner.next_id;
+        inner.next_id = id.checked_add(2).ok_or_else(|| {
+            io::Error::other("this tunnel session used all its stream ids: start a new session")
+        })?;
+        let mut s = StreamState::new(None, Some(dst));
+        let n = first.len().min(INITIAL_WINDOW as usize);
+        s.send.extend_from_slice(&first[..n]);
+        s.send_credit -= n as u64;
+        inner.bytes_sent += n as u64;
+        inner.granted += INITIAL_WINDOW as usize;
+        inner.streams.insert(id, s);
+        inner.queue(id);
+        drop(inner);
+        self.shared.write.notify_one();
+        let mut stream = Stream::new(self.shared.clone(), id);
+        if n < first.len() {
+            stream.pending_first = first[n..].to_vec();
+        }
+        Ok(stream)
+    }
+
+    /// The next stream the peer opened; `None` once the session is over.
+    pub async fn accept(&self) -> Option<Stream> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if let Some(id) = inner.incoming.pop_front() {
+                return Poll::Ready(Some(Stream::new(self.shared.clone(), id)));
+            }
+            if inner.ended.is_some() {
+                return Poll::Ready(None);
+            }
+            inner.accept_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Tells the peer no new streams will be accepted, and ends the session
+    /// for everything still open.
+    pub fn close(&self, message: &str) {
+        let mut inner = self.shared.lock();
+        inner.push_control(&Frame::GoAway {
+            message: message.to_string(),
+        });
+        inner.end(ResetReason::Aborted, format!("the tunnel session was closed: {message}"));
+        drop(inner);
+        self.shared.closed.notify_one();
+        self.shared.write.notify_one();
+    }
+
+    /// Why the session ended, if it did.
+    pub fn ended(&self) -> Option<String> {
+        self.shared.lock().ended.as_ref().map(|(_, m)| m.clone())
+    }
+
+    /// Waits until the session ends and says why.
+    pub async fn closed(&self) -> String {
+        loop {
+            let notified = self.shared.closed.notified();
+            if let Some(m) = self.ended() {
+                return m;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn id(&self) -> [u8; 16] {
+        self.shared.id
+    }
+
+    pub fn stats(&self) -> Stats {
+        let inner = self.shared.lock();
+        Stats {
+            connected: inner.connected,
+            rtt: inner.rtt,
+            streams: inner.streams.len(),
+            bytes_sent: inner.bytes_sent,
+            bytes_received: inner.bytes_received,
+            resumes: inner.resumes,
+            unacked: inner.sent_seq - inner.acked_seq,
+            buffered: inner.streams.values().map(|s| s.recv_len).sum(),
+        }
+    }
+}
