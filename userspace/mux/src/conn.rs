@@ -46,9 +46,13 @@ pub(crate) async fn run(
             ));
         }
         inner.drop_acked(peer_received);
+        // Pings, pongs and acks queued for the last transport are stale.
+        inner.unreliable.clear();
+        inner.ping_started = None;
         // The handshake told the peer what we received.
         inner.ack_sent = inner.recv_seq;
         inner.connected = true;
+        inner.replayed += inner.replay_len as u64;
         inner.replay.iter().cloned().collect::<Vec<_>>()
     };
     let config = &shared.config;

@@ -269,7 +269,11 @@ impl Server {
 
     /// Sessions alive (connected or waiting to resume).
     pub fn sessions(&self) -> usize {
-        self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Accepts connections on `listener` (with TLS if `tls` is given) until
@@ -281,14 +285,19 @@ impl Server {
     ) -> io::Result<()> {
         loop {
             let (tcp, peer) = listener.accept().await?;
-            let _ = tcp.set_nodelay(true);
+            let _ = crate::transport::tune(&tcp);
             let server = self.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
                 let io: BoxIo = match tls {
                     None => Box::new(tcp),
                     Some(tls) => {
-                        match tokio::time::timeout(server.inner.config.handshake_timeout, tls.accept(tcp)).await {
+                        match tokio::time::timeout(
+                            server.inner.config.handshake_timeout,
+                            tls.accept(tcp),
+                        )
+                        .await
+                        {
                             Ok(Ok(s)) => Box::new(s),
                             Ok(Err(e)) => {
                                 warn!(%peer, "tunnel connection refused: TLS handshake failed: {e}");
@@ -310,7 +319,12 @@ impl Server {
     /// session is touched before the hello is checked.
     pub async fn handle(&self, mut io: BoxIo, peer: SocketAddr) {
         let config = &self.inner.config;
-        let hello = match tokio::time::timeout(config.handshake_timeout, read_msg(&mut io, decode_hello)).await {
+        let hello = match tokio::time::timeout(
+            config.handshake_timeout,
+            read_msg(&mut io, decode_hello),
+        )
+        .await
+        {
             Err(_) => {
                 warn!(%peer, "tunnel connection refused: no hello within {:?}", config.handshake_timeout);
                 return;
@@ -335,10 +349,17 @@ impl Server {
         let refusal = if hello.version < 1 {
             Some(refuse(
                 WelcomeStatus::Version,
-                format!("protocol version {} is not supported (this agent speaks {VERSION})", hello.version),
+                format!(
+                    "protocol version {} is not supported (this agent speaks {VERSION})",
+                    hello.version
+                ),
             ))
         } else if !same_token(&hello.token, &self.inner.token) {
-            let what = if hello.token.is_empty() { "missing" } else { "wrong" };
+            let what = if hello.token.is_empty() {
+                "missing"
+            } else {
+                "wrong"
+            };
             warn!(%peer, "tunnel connection refused: {what} token");
             Some(refuse(
                 WelcomeStatus::Unauthorized,

@@ -51,6 +51,8 @@ pub struct Stats {
     pub unacked: u64,
     /// Bytes received and not yet read by the streams' applications.
     pub buffered: usize,
+    /// Bytes sent again after resumes.
+    pub replayed: u64,
 }
 
 pub(crate) struct StreamState {
@@ -112,6 +114,7 @@ pub(crate) struct Inner {
     pub(crate) connected: bool,
     pub(crate) rtt: Option<Duration>,
     pub(crate) resumes: u64,
+    pub(crate) replayed: u64,
     bytes_sent: u64,
     bytes_received: u64,
     pub(crate) ping_started: Option<(u64, Instant)>,
@@ -154,6 +157,7 @@ impl Shared {
                 connected: true,
                 rtt: None,
                 resumes: 0,
+                replayed: 0,
                 bytes_sent: 0,
                 bytes_received: 0,
                 ping_started: None,
@@ -391,7 +395,9 @@ impl Inner {
     pub(crate) fn on_data(&mut self, stream: u32, data: Bytes) -> Result<bool, String> {
         let Some(s) = self.streams.get_mut(&stream) else {
             if stream % 2 == self.peer_parity && stream > self.max_peer_id {
-                return Err(format!("the peer sent data on stream {stream} it never opened"));
+                return Err(format!(
+                    "the peer sent data on stream {stream} it never opened"
+                ));
             }
             // A stream that ended here; its reset is on its way to the peer.
             return Ok(false);
@@ -400,7 +406,11 @@ impl Inner {
             return Ok(false);
         }
         if s.dropped {
-            self.reset_local(stream, ResetReason::Aborted, "the stream was closed by the application");
+            self.reset_local(
+                stream,
+                ResetReason::Aborted,
+                "the stream was closed by the application",
+            );
             return Ok(true);
         }
         if data.len() > s.recv_window as usize {
@@ -422,13 +432,16 @@ impl Inner {
     }
 
     pub(crate) fn on_ack(&mut self, received: u64) -> Result<(), String> {
-        if received > self.sent_seq || received < self.acked_seq {
+        if received > self.sent_seq {
             return Err(format!(
-                "the peer acknowledged byte {received}, outside what was sent ({}..{})",
-                self.acked_seq, self.sent_seq
+                "the peer acknowledged byte {received}, beyond what was sent ({})",
+                self.sent_seq
             ));
         }
-        self.drop_acked(received);
+        // An older acknowledgement can follow a newer one across a resume.
+        if received > self.acked_seq {
+            self.drop_acked(received);
+        }
         Ok(())
     }
 
@@ -669,7 +682,11 @@ impl Shared {
             if s.recv_len > 0 {
                 // Like TCP: closing with unread data resets; data that
                 // arrives later is answered with a reset too (on_data).
-                inner.reset_local(id, ResetReason::Aborted, "the stream was closed by the application");
+                inner.reset_local(
+                    id,
+                    ResetReason::Aborted,
+                    "the stream was closed by the application",
+                );
             } else if !s.local_fin {
                 s.local_fin = true;
                 inner.queue(id);
@@ -762,7 +779,10 @@ impl Session {
         inner.push_control(&Frame::GoAway {
             message: message.to_string(),
         });
-        inner.end(ResetReason::Aborted, format!("the tunnel session was closed: {message}"));
+        inner.end(
+            ResetReason::Aborted,
+            format!("the tunnel session was closed: {message}"),
+        );
         drop(inner);
         self.shared.closed.notify_one();
         self.shared.write.notify_one();
@@ -799,6 +819,7 @@ impl Session {
             resumes: inner.resumes,
             unacked: inner.sent_seq - inner.acked_seq,
             buffered: inner.streams.values().map(|s| s.recv_len).sum(),
+            replayed: inner.replayed,
         }
     }
 }

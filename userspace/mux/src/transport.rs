@@ -6,14 +6,7 @@
 //!   material ([`TlsIdentity`]) and hands out the certificate's SHA-256
 //!   fingerprint with the session token; the client pins that fingerprint,
 //!   so no CA is involved.
-use std::{
-    fmt::Write as _,
-    future::Future,
-    io,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-};
+use std::{fmt::Write as _, future::Future, io, net::SocketAddr, pin::Pin, sync::Arc};
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -40,6 +33,34 @@ pub trait Connector: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// How much unsent data a transport socket may queue in the kernel
+/// (TCP_NOTSENT_LOWAT). The multiplexer schedules streams fairly; a deep
+/// kernel queue would put an interactive stream's bytes behind megabytes of
+/// bulk data all the same.
+pub const NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// Prepares a TCP socket that carries a session: no Nagle, a short kernel
+/// send queue.
+pub fn tune(s: &TcpStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    s.set_nodelay(true)?;
+    let v = NOTSENT_LOWAT as libc::c_int;
+    // SAFETY: a valid socket fd and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Plain TCP.
 pub struct TcpConnector {
     pub addr: SocketAddr,
@@ -49,7 +70,7 @@ impl Connector for TcpConnector {
     fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {
             let s = TcpStream::connect(self.addr).await?;
-            s.set_nodelay(true)?;
+            tune(&s)?;
             Ok(Box::new(s) as BoxIo)
         })
     }
@@ -138,7 +159,7 @@ impl Connector for TlsConnector {
     fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {
             let s = TcpStream::connect(self.addr).await?;
-            s.set_nodelay(true)?;
+            tune(&s)?;
             let name = ServerName::try_from("tpbpf-agent").map_err(io::Error::other)?;
             let tls = self.connector.connect(name, s).await?;
             Ok(Box::new(tls) as BoxIo)

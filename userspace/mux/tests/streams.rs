@@ -95,7 +95,10 @@ async fn a_slow_reader_does_not_make_the_session_buffer_without_bound() {
     });
     let mut held = rx.recv().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!done.load(Ordering::SeqCst), "8 MiB went into a stream nobody reads");
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "8 MiB went into a stream nobody reads"
+    );
     let server_session = srv.sessions.lock().unwrap()[0].clone();
     let buffered = server_session.stats().buffered;
     assert!(
@@ -173,7 +176,10 @@ async fn a_bulk_transfer_does_not_starve_an_interactive_stream() {
     );
     // Both progressed: the bulk streams moved data while the interactive
     // one got all its turns.
-    assert!(bulk_bytes > 16 << 20, "the bulk streams barely moved ({bulk_bytes} bytes)");
+    assert!(
+        bulk_bytes > 16 << 20,
+        "the bulk streams barely moved ({bulk_bytes} bytes)"
+    );
 }
 
 #[tokio::test]

@@ -4,8 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use thiserror::Error;
 
 use crate::{
-    Destination, Frame, Hello, ResetReason, Welcome, WelcomeStatus, MAGIC, MAX_BODY,
-    WELCOME_MAGIC,
+    Destination, Frame, Hello, ResetReason, Welcome, WelcomeStatus, MAGIC, MAX_BODY, WELCOME_MAGIC,
 };
 
 /// length (4) + type (1) + flags (1) + id (4).

@@ -139,6 +139,9 @@ impl Frame {
     /// one that is counted, acknowledged and replayed on resume. Keepalive
     /// and acknowledgements belong to one transport only.
     pub fn is_reliable(&self) -> bool {
-        !matches!(self, Frame::Ping { .. } | Frame::Pong { .. } | Frame::Ack { .. })
+        !matches!(
+            self,
+            Frame::Ping { .. } | Frame::Pong { .. } | Frame::Ack { .. }
+        )
     }
 }

@@ -1,0 +1,239 @@
+//! Resume: the session outlives its transport. Connections are killed
+//! with resets through a proxy, not closed politely.
+mod common;
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use common::*;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tpbpf_mux::{transport::TcpConnector, Client, Config, Destination};
+
+const GIB: u64 = 1 << 30;
+
+fn dst() -> Destination {
+    Destination::Name {
+        host: "bulk.default".into(),
+        port: 9000,
+    }
+}
+
+/// 1 GiB through one stream while the transport is cut ten times: the
+/// receiver's SHA-256 matches, and neither application sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gib_survives_ten_transport_kills() {
+    let received = Arc::new(AtomicU64::new(0));
+    let r2 = received.clone();
+    // The server hashes what arrives and answers with the digest.
+    let srv = server(Config::default(), move |mut s| {
+        let received = r2.clone();
+        async move {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = s
+                    .read(&mut buf)
+                    .await
+                    .expect("server read: no error may reach the application");
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                received.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            s.write_all(&h.finalize()).await.expect("server write");
+            s.shutdown().await.expect("server shutdown");
+        }
+    })
+    .await;
+    let proxy = CutProxy::start(srv.addr).await;
+    let session = Client::connect(
+        Arc::new(TcpConnector { addr: proxy.addr }),
+        TOKEN.to_vec(),
+        Config::default(),
+    )
+    .await
+    .unwrap();
+
+    // Cut at every 1/11th of the way.
+    let cutter = {
+        let received = received.clone();
+        let proxy_cut = Arc::new(proxy);
+        let p = proxy_cut.clone();
+        (
+            tokio::spawn(async move {
+                let mut cuts = 0u32;
+                while cuts < 10 {
+                    let next = GIB / 11 * u64::from(cuts + 1);
+                    if received.load(Ordering::Relaxed) >= next {
+                        p.cut();
+                        cuts += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                cuts
+            }),
+            proxy_cut,
+        )
+    };
+
+    let started = Instant::now();
+    let mut s = session.open(dst()).unwrap();
+    let mut h = Sha256::new();
+    let mut src = Bytes(0x5eed);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < GIB {
+        src.fill(&mut buf);
+        h.update(&buf);
+        s.write_all(&buf)
+            .await
+            .expect("client write: no error may reach the application");
+        sent += buf.len() as u64;
+    }
+    s.shutdown().await.expect("client shutdown");
+    let mut digest = Vec::new();
+    s.read_to_end(&mut digest).await.expect("client read");
+    let cuts = cutter.0.await.unwrap();
+    let stats = session.stats();
+    println!(
+        "1 GiB in {:?} with {cuts} transport kills, {} resumes, {} KiB replayed by the client, {} connections through the proxy",
+        started.elapsed(),
+        stats.resumes,
+        stats.replayed >> 10,
+        cutter.1.accepted.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        digest.as_slice(),
+        h.finalize().as_slice(),
+        "SHA-256 differs"
+    );
+    assert_eq!(received.load(Ordering::Relaxed), GIB);
+    assert_eq!(cuts, 10);
+    assert!(stats.resumes >= 10, "only {} resumes", stats.resumes);
+    assert!(
+        stats.replayed > 0,
+        "nothing was replayed: the cuts lost nothing?"
+    );
+}
+
+/// A transport down for longer than the resume window: the application
+/// gets a clear reset error on both sides, and the server forgets the
+/// session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_resume_window_streams_fail_with_a_clear_error() {
+    let config = Config {
+        resume_window: Duration::from_millis(800),
+        ..Config::default()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let srv = server(config.clone(), move |s| {
+        let tx = tx.clone();
+        async move {
+            tx.send(s).unwrap();
+        }
+    })
+    .await;
+    let proxy = CutProxy::start(srv.addr).await;
+    let session = Client::connect(
+        Arc::new(TcpConnector { addr: proxy.addr }),
+        TOKEN.to_vec(),
+        config,
+    )
+    .await
+    .unwrap();
+    let mut s = session.open_with(dst(), b"before").unwrap();
+    let mut peer = rx.recv().await.unwrap();
+    let mut b = [0u8; 6];
+    peer.read_exact(&mut b).await.unwrap();
+    assert_eq!(srv.server.sessions(), 1);
+
+    proxy
+        .blocked
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    proxy.cut();
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let err = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("the read must fail, not hang")
+        .unwrap_err();
+    println!("client error after {:?}: {err}", t.elapsed());
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    assert!(err.to_string().contains("resume window"), "{err}");
+    let err = s.write_all(b"after").await.unwrap_err();
+    assert!(err.to_string().contains("resume window"), "{err}");
+    assert!(session.open(dst()).is_err());
+
+    let err = tokio::time::timeout(Duration::from_secs(10), peer.read(&mut buf))
+        .await
+        .expect("the server's read must fail, not hang")
+        .unwrap_err();
+    println!("server error: {err}");
+    assert!(err.to_string().contains("resume window"), "{err}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        srv.server.sessions(),
+        0,
+        "the server kept an expired session"
+    );
+}
+
+/// Many streams echoing both ways while the transport is killed: every
+/// stream gets back exactly what it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_streams_in_both_directions_survive_kills() {
+    let srv = server(Config::default(), echo).await;
+    let proxy = Arc::new(CutProxy::start(srv.addr).await);
+    let session = Client::connect(
+        Arc::new(TcpConnector { addr: proxy.addr }),
+        TOKEN.to_vec(),
+        Config::default(),
+    )
+    .await
+    .unwrap();
+    let p = proxy.clone();
+    let cutter = tokio::spawn(async move {
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            p.cut();
+        }
+    });
+    let mut tasks = Vec::new();
+    for i in 0..20u64 {
+        let mut s = session.open(dst()).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut data = vec![0u8; 8 << 20];
+            Bytes(i + 7).fill(&mut data);
+            let (mut r, mut w) = tokio::io::split(&mut s);
+            let send = async {
+                for c in data.chunks(100_000) {
+                    w.write_all(c).await.expect("write");
+                    tokio::task::yield_now().await;
+                }
+                w.shutdown().await.expect("shutdown");
+            };
+            let mut back = Vec::new();
+            let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
+            got.expect("read");
+            assert!(back == data, "stream {i} got different bytes back");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    cutter.await.unwrap();
+    let stats = session.stats();
+    println!(
+        "echo under kills: {} resumes, {} KiB replayed",
+        stats.resumes,
+        stats.replayed >> 10
+    );
+    assert!(stats.resumes >= 1);
+}
