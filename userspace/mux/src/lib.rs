@@ -24,7 +24,7 @@ pub mod transport;
 use std::time::Duration;
 
 pub use handshake::{Client, HandshakeError, Server};
-pub use session::{Session, Stats};
+pub use session::{Flow, Request, Session, Stats};
 pub use stream::Stream;
 pub use tpbpf_proto::{Destination, ResetReason};
 

@@ -55,6 +55,34 @@ pub struct Stats {
     pub replayed: u64,
 }
 
+/// What the peer asks of the serving side besides streams.
+#[derive(Debug)]
+pub enum Request {
+    /// A datagram on a flow: send it to `dst` and answer on the same flow
+    /// with [`Session::reply_datagram`].
+    Datagram {
+        flow: u32,
+        dst: Destination,
+        data: Vec<u8>,
+    },
+    /// A DNS query (wire format): answer with [`Session::answer_dns`].
+    Dns { id: u32, query: Vec<u8> },
+}
+
+/// Datagrams and DNS queries waiting for the serving application, at most.
+const MAX_REQUESTS: usize = 4096;
+/// Datagrams waiting on one flow for its reader, at most.
+const MAX_FLOW_QUEUE: usize = 256;
+/// Bytes of control frames queued before datagrams are dropped.
+const MAX_CONTROL: usize = 1024 * 1024;
+
+#[derive(Default)]
+struct FlowState {
+    queue: VecDeque<Vec<u8>>,
+    waker: Option<Waker>,
+    dropped: u64,
+}
+
 pub(crate) struct StreamState {
     // Receiving.
     recv: VecDeque<Bytes>,
@@ -95,6 +123,14 @@ pub(crate) struct Inner {
     pub(crate) unreliable: Vec<Frame>,
     incoming: VecDeque<u32>,
     accept_waker: Option<Waker>,
+    /// Datagrams and DNS queries from the peer, for the serving side.
+    requests: VecDeque<Request>,
+    request_waker: Option<Waker>,
+    /// Datagrams from the peer on flows this side opened.
+    flows: HashMap<u32, FlowState>,
+    next_flow: u32,
+    dns_pending: HashMap<u32, tokio::sync::oneshot::Sender<Vec<u8>>>,
+    next_query: u32,
     /// The sum of receive windows and buffered bytes: what the peer can make
     /// this session hold.
     granted: usize,
@@ -145,6 +181,12 @@ impl Shared {
                 unreliable: Vec::new(),
                 incoming: VecDeque::new(),
                 accept_waker: None,
+                requests: VecDeque::new(),
+                request_waker: None,
+                flows: HashMap::new(),
+                next_flow: if client { 1 } else { 2 },
+                dns_pending: HashMap::new(),
+                next_query: 1,
                 granted: 0,
                 ended: None,
                 go_away: None,
@@ -286,6 +328,15 @@ impl Inner {
         if let Some(w) = self.accept_waker.take() {
             w.wake();
         }
+        if let Some(w) = self.request_waker.take() {
+            w.wake();
+        }
+        for f in self.flows.values_mut() {
+            if let Some(w) = f.waker.take() {
+                w.wake();
+            }
+        }
+        self.dns_pending.clear();
     }
 
     /// Handles one frame from the peer. An error is a protocol violation
@@ -381,14 +432,53 @@ impl Inner {
                 }
             }
             Frame::Ack { received } => self.on_ack(received)?,
-            // Datagrams, DNS and intercepts are carried by later layers;
-            // this multiplexer does not route them yet.
-            Frame::Datagram { .. }
-            | Frame::DnsQuery { .. }
-            | Frame::DnsAnswer { .. }
-            | Frame::InterceptIncoming { .. } => {}
+            Frame::Datagram { flow, dst, data } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    // An answer on a flow this side opened.
+                    if f.queue.len() >= MAX_FLOW_QUEUE {
+                        f.queue.pop_front();
+                        f.dropped += 1;
+                    }
+                    f.queue.push_back(data);
+                    if let Some(w) = f.waker.take() {
+                        w.wake();
+                    }
+                } else if flow % 2 == self.peer_parity {
+                    self.push_request(Request::Datagram { flow, dst, data });
+                }
+            }
+            Frame::DnsQuery { id, query } => {
+                self.push_request(Request::Dns { id, query });
+            }
+            Frame::DnsAnswer { id, answer } => {
+                if let Some(tx) = self.dns_pending.remove(&id) {
+                    let _ = tx.send(answer);
+                }
+            }
+            // Intercepts are carried by a later layer.
+            Frame::InterceptIncoming { .. } => {}
         }
         Ok(wake_writer)
+    }
+
+    fn push_request(&mut self, r: Request) {
+        // Like a full socket buffer: datagrams and queries beyond the limit
+        // are dropped; their senders retry.
+        if self.requests.len() < MAX_REQUESTS {
+            self.requests.push_back(r);
+        }
+        if let Some(w) = self.request_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Queues a datagram-like frame unless the control queue is full.
+    fn push_lossy(&mut self, frame: &Frame) -> bool {
+        if self.control.len() >= MAX_CONTROL {
+            return false;
+        }
+        self.push_control(frame);
+        true
     }
 
     /// Stream data from the peer.
@@ -772,6 +862,103 @@ impl Session {
         .await
     }
 
+    /// The next datagram or DNS query from the peer; `None` once the
+    /// session is over.
+    pub async fn next_request(&self) -> Option<Request> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if let Some(r) = inner.requests.pop_front() {
+                return Poll::Ready(Some(r));
+            }
+            if inner.ended.is_some() {
+                return Poll::Ready(None);
+            }
+            inner.request_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn send_lossy(&self, frame: &Frame) -> io::Result<()> {
+        let mut inner = self.shared.lock();
+        if let Some((reason, message)) = &inner.ended {
+            return Err(reset_error(*reason, message));
+        }
+        let queued = inner.push_lossy(frame);
+        drop(inner);
+        if queued {
+            self.shared.write.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Answers a datagram on `flow` (from `src`, the destination it went to).
+    pub fn reply_datagram(
+        &self,
+        flow: u32,
+        src: std::net::SocketAddr,
+        data: &[u8],
+    ) -> io::Result<()> {
+        self.send_lossy(&Frame::Datagram {
+            flow,
+            dst: Destination::Addr(src),
+            data: data.to_vec(),
+        })
+    }
+
+    /// Answers the DNS query `id`.
+    pub fn answer_dns(&self, id: u32, answer: Vec<u8>) -> io::Result<()> {
+        self.send_lossy(&Frame::DnsAnswer { id, answer })
+    }
+
+    /// Sends a DNS query (wire format) to the peer's resolver and waits for
+    /// the answer.
+    pub async fn dns(&self, query: Vec<u8>, timeout: Duration) -> io::Result<Vec<u8>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let id = {
+            let mut inner = self.shared.lock();
+            if let Some((reason, message)) = &inner.ended {
+                return Err(reset_error(*reason, message));
+            }
+            let id = inner.next_query;
+            inner.next_query = inner.next_query.wrapping_add(1).max(1);
+            inner.dns_pending.insert(id, tx);
+            inner.push_lossy(&Frame::DnsQuery { id, query });
+            id
+        };
+        self.shared.write.notify_one();
+        let answer = tokio::time::timeout(timeout, rx).await;
+        self.shared.lock().dns_pending.remove(&id);
+        match answer {
+            Ok(Ok(a)) => Ok(a),
+            Ok(Err(_)) => Err(match self.ended() {
+                Some(m) => io::Error::new(io::ErrorKind::ConnectionReset, m),
+                None => io::Error::other("the DNS query was dropped"),
+            }),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no DNS answer through the tunnel within {timeout:?}"),
+            )),
+        }
+    }
+
+    /// Opens a datagram flow to `dst`: what is sent goes there from the
+    /// peer's side; what comes back arrives on [`Flow::recv`].
+    pub fn flow(&self, dst: Destination) -> io::Result<Flow> {
+        let mut inner = self.shared.lock();
+        if let Some((reason, message)) = &inner.ended {
+            return Err(reset_error(*reason, message));
+        }
+        let id = inner.next_flow;
+        inner.next_flow = id.wrapping_add(2);
+        inner.flows.insert(id, FlowState::default());
+        Ok(Flow {
+            shared: self.shared.clone(),
+            id,
+            dst,
+        })
+    }
+
     /// Tells the peer no new streams will be accepted, and ends the session
     /// for everything still open.
     pub fn close(&self, message: &str) {
@@ -821,5 +1008,51 @@ impl Session {
             buffered: inner.streams.values().map(|s| s.recv_len).sum(),
             replayed: inner.replayed,
         }
+    }
+}
+
+/// A datagram flow opened with [`Session::flow`]. Datagrams may be dropped
+/// when queues are full, as UDP's may.
+pub struct Flow {
+    shared: Arc<Shared>,
+    id: u32,
+    dst: Destination,
+}
+
+impl Flow {
+    pub fn send(&self, data: &[u8]) -> io::Result<()> {
+        Session::from_shared(self.shared.clone()).send_lossy(&Frame::Datagram {
+            flow: self.id,
+            dst: self.dst.clone(),
+            data: data.to_vec(),
+        })
+    }
+
+    /// The next datagram back on this flow.
+    pub async fn recv(&self) -> io::Result<Vec<u8>> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if let Some((reason, message)) = &inner.ended {
+                return Poll::Ready(Err(reset_error(*reason, message)));
+            }
+            let Some(f) = inner.flows.get_mut(&self.id) else {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "flow closed",
+                )));
+            };
+            if let Some(d) = f.queue.pop_front() {
+                return Poll::Ready(Ok(d));
+            }
+            f.waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.shared.lock().flows.remove(&self.id);
     }
 }

@@ -286,3 +286,40 @@ async fn closing_a_session_fails_its_streams_on_both_sides_with_the_reason() {
     assert!(err.to_string().contains("closed"), "{err}");
     assert!(session.open(dst()).is_err());
 }
+
+#[tokio::test]
+async fn dns_queries_and_datagram_flows_go_both_ways() {
+    let srv = server(Config::default(), echo).await;
+    let session = client(srv.addr, Config::default()).await;
+    let served = srv.sessions.lock().unwrap()[0].clone();
+    tokio::spawn(async move {
+        while let Some(r) = served.next_request().await {
+            match r {
+                tpbpf_mux::Request::Dns { id, mut query } => {
+                    query.reverse();
+                    served.answer_dns(id, query).unwrap();
+                }
+                tpbpf_mux::Request::Datagram { flow, dst, data } => {
+                    let Destination::Addr(from) = dst else {
+                        panic!("{dst:?}")
+                    };
+                    served
+                        .reply_datagram(flow, from, &data.to_ascii_uppercase())
+                        .unwrap();
+                }
+            }
+        }
+    });
+    let answer = session
+        .dns(b"abc".to_vec(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(answer, b"cba");
+    let flow = session
+        .flow(Destination::Addr("10.96.0.10:53".parse().unwrap()))
+        .unwrap();
+    for word in [&b"one"[..], b"two", b"three"] {
+        flow.send(word).unwrap();
+        assert_eq!(flow.recv().await.unwrap(), word.to_ascii_uppercase());
+    }
+}
