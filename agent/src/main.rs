@@ -1,8 +1,11 @@
 //! tpbpf's node agent: one per node (a DaemonSet with hostNetwork; in the
 //! lab, a process in each node's network namespace). It reports its node,
-//! version and health; the tunnel endpoint that dials destinations from the
-//! node and answers DNS through the cluster's DNS is served on the same
-//! port as it lands.
+//! version and health over HTTP, hands the tunnel's credentials to
+//! connections from the node itself (port-forwards), and serves tunnel
+//! sessions: streams dialed from the node, datagrams, DNS through the
+//! cluster's DNS.
+mod tunnel;
+
 use std::{
     net::SocketAddr,
     process::ExitCode,
@@ -16,6 +19,8 @@ use serde_json::{json, Value};
 
 /// The agent's port on every node.
 pub const DEFAULT_PORT: u16 = 4390;
+/// The agent's tunnel port (TLS).
+pub const TUNNEL_PORT: u16 = 4391;
 
 #[derive(Parser)]
 #[command(name = "tpbpf-agent", version, about = "tpbpf's node agent")]
@@ -47,10 +52,17 @@ enum Command {
         #[arg(long)]
         to: SocketAddr,
     },
-    /// Serve: /healthz and /info over HTTP on the node's address.
+    /// Serve: /healthz, /info and /credentials over HTTP, and tunnel
+    /// sessions (TLS, token).
     Serve {
         #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
         listen: SocketAddr,
+        /// The tunnel's listening address.
+        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], TUNNEL_PORT)))]
+        tunnel_listen: SocketAddr,
+        /// The cluster's DNS server (default: the node's resolver).
+        #[arg(long)]
+        cluster_dns: Option<SocketAddr>,
         #[arg(long)]
         node: Option<String>,
     },
@@ -88,6 +100,26 @@ fn info(node: &str, started: Option<Instant>) -> Value {
 struct AgentState {
     node: String,
     started: Instant,
+    creds: Arc<tunnel::Credentials>,
+}
+
+/// Both ends of an HTTP connection, to tell the node's own connections.
+#[derive(Clone, Copy)]
+struct Ends {
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+}
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Ends
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Ends {
+            peer: *stream.remote_addr(),
+            local: stream.io().local_addr().ok(),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -111,10 +143,23 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve { listen, node } => {
+        Command::Serve {
+            listen,
+            tunnel_listen,
+            cluster_dns,
+            node,
+        } => {
+            let creds = match tunnel::Credentials::generate(tunnel_listen) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    eprintln!("tpbpf-agent: making the tunnel's credentials: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let state = Arc::new(AgentState {
                 node: node_name(node),
                 started: Instant::now(),
+                creds: creds.clone(),
             });
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -133,7 +178,19 @@ fn main() -> ExitCode {
                         "binding {listen}: {e} (is another agent running on this node?)"
                     )
                 })?;
-                tracing::info!(%listen, node = state.node, "tpbpf-agent serving");
+                let tunnel_listener = tokio::net::TcpListener::bind(tunnel_listen).await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "binding the tunnel's {tunnel_listen}: {e} (is another agent running on this node?)"
+                    )
+                })?;
+                tunnel::warn_unreachable(tunnel_listen);
+                tokio::spawn(async move {
+                    if let Err(e) = tunnel::serve(tunnel_listener, creds, cluster_dns).await {
+                        tracing::error!("the tunnel endpoint failed: {e}");
+                        std::process::exit(1);
+                    }
+                });
+                tracing::info!(%listen, %tunnel_listen, node = state.node, "tpbpf-agent serving");
                 let app = Router::new()
                     .route("/healthz", get(|| async { "ok" }))
                     .route(
@@ -146,8 +203,30 @@ fn main() -> ExitCode {
                             )
                         }),
                     )
+                    .route(
+                        "/credentials",
+                        get(
+                            |State(s): State<Arc<AgentState>>,
+                             axum::extract::ConnectInfo(ends): axum::extract::ConnectInfo<Ends>| async move {
+                                let local = ends.local.map(|l| l.ip());
+                                if local.is_some_and(|l| tunnel::from_the_node(ends.peer.ip(), l)) {
+                                    Ok(Json(s.creds.to_json()))
+                                } else {
+                                    tracing::warn!(peer = %ends.peer, "credentials refused: not a connection from the node (use a port-forward)");
+                                    Err((
+                                        axum::http::StatusCode::FORBIDDEN,
+                                        "the tunnel's credentials are given only to connections from the node itself: reach the agent through a Kubernetes port-forward\n",
+                                    ))
+                                }
+                            },
+                        ),
+                    )
                     .with_state(state);
-                axum::serve(listener, app).await?;
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<Ends>(),
+                )
+                .await?;
                 Ok(())
             });
             match result {

@@ -164,7 +164,7 @@ pub fn run() -> Result<()> {
         bail!("the lab is reachable without tpbpf: the demo namespaces are not isolated");
     }
 
-    step("tpbpf up: discover the cluster through the kubeconfig, start tpbpfd in the background");
+    step("tpbpf up: discover the cluster through the kubeconfig, open the tunnel to an agent (port-forward through the API server), start tpbpfd in the background");
     let instance = format!("demo-{pid}");
     cleanup.instance = Some(instance.clone());
     run_cmd(
@@ -178,7 +178,7 @@ pub fn run() -> Result<()> {
                 "--instance",
                 &instance,
             ])
-            .args(["--upstream", &format!("netns:{lab}-node1"), "--cgroup"])
+            .arg("--cgroup")
             .arg(&parent),
     )?;
 

@@ -12,6 +12,7 @@
 pub mod dns;
 pub mod policy;
 mod tcp;
+pub mod tunnel;
 mod udp;
 pub mod upstream;
 
@@ -28,6 +29,7 @@ use tpbpf_loader::{AttachedIds, Cidr, LoadError, ProxyConfig, Redirector};
 use tracing::info;
 
 pub use dns::DnsConfig;
+pub use tunnel::TunnelUpstream;
 pub use upstream::{NetnsUpstream, Upstream};
 
 #[derive(Debug, Error)]

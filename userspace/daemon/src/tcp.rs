@@ -52,7 +52,14 @@ async fn handle(
             return;
         }
     }
-    match upstream.connect_tcp(orig).await {
+    // Bytes the client already sent travel with the open.
+    let mut first = vec![0u8; 16 * 1024];
+    let n = match client.try_read(&mut first) {
+        Ok(n) => n,
+        Err(_) => 0,
+    };
+    first.truncate(n);
+    match upstream.connect_tcp_with(orig, first).await {
         Ok(mut up) => {
             debug!(%peer, %orig, "connected");
             if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut up).await {

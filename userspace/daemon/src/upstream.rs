@@ -35,6 +35,20 @@ pub trait DatagramFlow: Send + Sync {
 pub trait Upstream: Send + Sync + 'static {
     /// Opens a TCP stream to `dst` as seen from the cluster.
     fn connect_tcp(&self, dst: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Stream>>>;
+    /// Opens a TCP stream to `dst` whose first bytes are `first` (a tunnel
+    /// sends them with the open, saving a round trip).
+    fn connect_tcp_with(
+        &self,
+        dst: SocketAddr,
+        first: Vec<u8>,
+    ) -> BoxFuture<'_, io::Result<Box<dyn Stream>>> {
+        Box::pin(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut s = self.connect_tcp(dst).await?;
+            s.write_all(&first).await?;
+            Ok(s)
+        })
+    }
     /// Opens a datagram flow to `dst` as seen from the cluster.
     fn udp(&self, dst: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn DatagramFlow>>>;
     /// Sends a DNS query (wire format) to the cluster's DNS and returns the answer.
@@ -44,6 +58,10 @@ pub trait Upstream: Send + Sync + 'static {
     fn exempt(&self, _bypass: Bypass) {}
     /// For status output and logs.
     fn describe(&self) -> String;
+    /// Live state for `tpbpf status` (a tunnel's session, RTT, bytes).
+    fn status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 type SocketRequest = (Domain, Type, oneshot::Sender<io::Result<Socket>>);

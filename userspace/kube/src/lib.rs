@@ -250,54 +250,81 @@ pub struct AgentInfo {
     pub node: String,
     pub version: String,
     pub healthy: bool,
+    /// The pod's (the node's: hostNetwork) address, for direct transports.
+    pub address: Option<String>,
 }
 
 /// The namespace and label of tpbpf's agent DaemonSet.
 pub const AGENT_NAMESPACE: &str = "tpbpf-system";
 pub const AGENT_PORT: u16 = 4390;
 
-/// Finds a running agent and asks it, through a port-forward via the API
-/// server (the path the tunnel takes), who it is.
-pub async fn find_agent(client: &Client) -> Result<Option<AgentInfo>, String> {
+/// GET `path` from the agent pod `name` through a port-forward via the API
+/// server; returns the body.
+async fn agent_get(pods: &Api<Pod>, name: &str, path: &str) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut pf = pods
+        .portforward(name, &[AGENT_PORT])
+        .await
+        .map_err(|e| format!("port-forward to {name}: {e}"))?;
+    let mut stream = pf.take_stream(AGENT_PORT).ok_or("no stream")?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: tpbpf-agent\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut buf),
+    )
+    .await
+    .map_err(|_| "the agent did not answer in 10 s".to_string())?
+    .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!(
+            "agent {path}: {} {}",
+            head.lines().next().unwrap_or("no answer"),
+            body.trim()
+        ));
+    }
+    Ok(body.to_string())
+}
+
+/// Running agent pods, on the nodes of the cluster.
+async fn agent_pods(client: &Client) -> Result<Vec<Pod>, String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let list = pods
         .list(&ListParams::default().labels("app=tpbpf-agent"))
         .await
         .map_err(|e| format!("listing agent pods in {AGENT_NAMESPACE}: {e}"))?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .collect())
+}
+
+/// Finds a running agent and asks it, through a port-forward via the API
+/// server (the path the tunnel takes), who it is.
+pub async fn find_agent(client: &Client) -> Result<Option<AgentInfo>, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let mut last_err = None;
-    for pod in list.items {
-        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-        let Some(name) = pod.metadata.name.clone().filter(|_| running) else {
+    for pod in agent_pods(client).await? {
+        let Some(name) = pod.metadata.name.clone() else {
             continue;
         };
+        let address = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
         let attempt = async {
-            let mut pf = pods
-                .portforward(&name, &[AGENT_PORT])
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut stream = pf.take_stream(AGENT_PORT).ok_or("no stream")?;
-            stream
-                .write_all(b"GET /info HTTP/1.0\r\nHost: tpbpf-agent\r\n\r\n")
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut buf = Vec::new();
-            tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                stream.read_to_end(&mut buf),
-            )
-            .await
-            .map_err(|_| "the agent did not answer in 10 s".to_string())?
-            .map_err(|e| e.to_string())?;
-            let text = String::from_utf8_lossy(&buf);
-            let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-            let v: k8s_openapi::serde_json::Value =
-                k8s_openapi::serde_json::from_str(body).map_err(|e| format!("agent /info: {e}"))?;
+            let body = agent_get(&pods, &name, "/info").await?;
+            let v: k8s_openapi::serde_json::Value = k8s_openapi::serde_json::from_str(&body)
+                .map_err(|e| format!("agent /info: {e}"))?;
             Ok::<_, String>(AgentInfo {
                 pod: name.clone(),
                 node: v["node"].as_str().unwrap_or("?").to_string(),
                 version: v["version"].as_str().unwrap_or("?").to_string(),
                 healthy: v["healthy"] == true,
+                address: address.clone(),
             })
         };
         match attempt.await {
@@ -308,6 +335,79 @@ pub async fn find_agent(client: &Client) -> Result<Option<AgentInfo>, String> {
     match last_err {
         Some(e) => Err(format!("no agent answered: {e}")),
         None => Ok(None),
+    }
+}
+
+/// What opening a tunnel session with an agent takes.
+#[derive(Clone, Debug)]
+pub struct AgentCredentials {
+    pub token: String,
+    pub fingerprint: String,
+    pub tunnel_port: u16,
+}
+
+/// Asks the agent `pod` for the tunnel's credentials, through a
+/// port-forward: the agent gives them only to connections from its node,
+/// so whoever may port-forward into tpbpf's namespace may open sessions.
+pub async fn agent_credentials(client: &Client, pod: &str) -> Result<AgentCredentials, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    let body = agent_get(&pods, pod, "/credentials").await?;
+    let v: k8s_openapi::serde_json::Value =
+        k8s_openapi::serde_json::from_str(&body).map_err(|e| format!("agent /credentials: {e}"))?;
+    Ok(AgentCredentials {
+        token: v["token"]
+            .as_str()
+            .ok_or("agent /credentials: no token")?
+            .to_string(),
+        fingerprint: v["fingerprint"]
+            .as_str()
+            .ok_or("agent /credentials: no fingerprint")?
+            .to_string(),
+        tunnel_port: v["tunnel_port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or("agent /credentials: no tunnel port")?,
+    })
+}
+
+/// A tunnel transport through the API server: every connection is a new
+/// port-forward to the agent pod's tunnel port.
+pub struct PortForward {
+    pods: Api<Pod>,
+    pod: String,
+    port: u16,
+}
+
+impl PortForward {
+    pub fn new(client: &Client, pod: &str, port: u16) -> PortForward {
+        PortForward {
+            pods: Api::namespaced(client.clone(), AGENT_NAMESPACE),
+            pod: pod.to_string(),
+            port,
+        }
+    }
+}
+
+impl tpbpf_mux::transport::Connector for PortForward {
+    fn connect(&self) -> tpbpf_mux::transport::ConnectFuture<'_> {
+        Box::pin(async move {
+            let mut pf = self
+                .pods
+                .portforward(&self.pod, &[self.port])
+                .await
+                .map_err(|e| std::io::Error::other(format!("port-forward to {}: {e}", self.pod)))?;
+            let stream = pf
+                .take_stream(self.port)
+                .ok_or_else(|| std::io::Error::other("port-forward gave no stream"))?;
+            Ok(Box::new(stream) as tpbpf_mux::transport::BoxIo)
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "port-forward to {AGENT_NAMESPACE}/{}:{}",
+            self.pod, self.port
+        )
     }
 }
 

@@ -64,6 +64,8 @@ pub struct Lab {
 
 /// The node agent's port (tpbpf-agent's default).
 pub const AGENT_PORT: u16 = 4390;
+/// The node agent's tunnel port (tpbpf-agent's default).
+pub const AGENT_TUNNEL_PORT: u16 = 4391;
 
 /// Where the lab's API endpoint listens: on the fabric, like a control plane
 /// that the developer machine reaches while pods and services stay out of
@@ -554,6 +556,11 @@ impl Lab {
         let Some(agent) = &self.agent else {
             return Ok(());
         };
+        let cluster_dns = spec::services()
+            .iter()
+            .find(|s| s.name == "kube-dns")
+            .map(|s| format!("{}:53", s.cluster_ip))
+            .unwrap_or_default();
         for node in spec::nodes() {
             let log = fs::File::create(self.state.join(format!("agent-{}.log", node.name)))
                 .map_err(|source| LabError::Io {
@@ -571,6 +578,10 @@ impl Lab {
                     "serve",
                     "--listen",
                     &format!("{}:{AGENT_PORT}", node.ip),
+                    "--tunnel-listen",
+                    &format!("{}:{AGENT_TUNNEL_PORT}", node.ip),
+                    "--cluster-dns",
+                    &cluster_dns,
                     "--node",
                     node.name,
                 ])

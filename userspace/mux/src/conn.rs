@@ -156,7 +156,10 @@ pub(crate) async fn run(
 
     let ticker = async {
         let mut tick = tokio::time::interval(ACK_INTERVAL);
-        let mut last_ping = Instant::now();
+        // The first ping goes at once: the RTT is known from the start.
+        let mut last_ping = Instant::now()
+            .checked_sub(config.keepalive)
+            .unwrap_or_else(Instant::now);
         let mut nonce = 0u64;
         loop {
             tick.tick().await;

@@ -128,16 +128,22 @@ pub fn fingerprint(cert: &[u8]) -> String {
     s
 }
 
-/// TCP with TLS to a server whose certificate has the pinned fingerprint.
+/// TLS over another transport (TCP, a port-forward) to a server whose
+/// certificate has the pinned fingerprint.
 pub struct TlsConnector {
-    pub addr: SocketAddr,
+    inner: Arc<dyn Connector>,
     connector: tokio_rustls::TlsConnector,
 }
 
 impl TlsConnector {
-    /// `fingerprint`: the SHA-256 of the server's certificate, hex, as
-    /// [`TlsIdentity::fingerprint`] gives it.
+    /// TLS over TCP to `addr`. `fingerprint`: the SHA-256 of the server's
+    /// certificate, hex, as [`TlsIdentity::fingerprint`] gives it.
     pub fn pinned(addr: SocketAddr, fingerprint: &str) -> io::Result<TlsConnector> {
+        Self::over(Arc::new(TcpConnector { addr }), fingerprint)
+    }
+
+    /// TLS over what `inner` dials.
+    pub fn over(inner: Arc<dyn Connector>, fingerprint: &str) -> io::Result<TlsConnector> {
         let verifier = Arc::new(Pinned {
             fingerprint: fingerprint.to_ascii_lowercase(),
             provider: provider(),
@@ -149,7 +155,7 @@ impl TlsConnector {
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
         Ok(TlsConnector {
-            addr,
+            inner,
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         })
     }
@@ -158,15 +164,14 @@ impl TlsConnector {
 impl Connector for TlsConnector {
     fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {
-            let s = TcpStream::connect(self.addr).await?;
-            tune(&s)?;
+            let io = self.inner.connect().await?;
             let name = ServerName::try_from("tpbpf-agent").map_err(io::Error::other)?;
-            let tls = self.connector.connect(name, s).await?;
+            let tls = self.connector.connect(name, io).await?;
             Ok(Box::new(tls) as BoxIo)
         })
     }
     fn describe(&self) -> String {
-        format!("tls://{}", self.addr)
+        format!("tls over {}", self.inner.describe())
     }
 }
 

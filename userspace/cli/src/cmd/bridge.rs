@@ -6,20 +6,55 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tpbpf_cgroup::{reaper::Reaper, ChildCgroup};
-use tpbpf_daemon::{policy, Bridge, BridgeOptions, DnsConfig, NetnsUpstream, Upstream};
+use tpbpf_daemon::{
+    policy, tunnel, Bridge, BridgeOptions, DnsConfig, NetnsUpstream, TunnelUpstream, Upstream,
+};
 use tpbpf_loader::Cidr;
+use tpbpf_mux::{
+    transport::{Connector, TcpConnector, TlsConnector},
+    Client, Config as MuxConfig,
+};
 use tracing::info;
 
 use super::scope::{exit_code, forward, spawn_in_cgroup};
 use crate::Output;
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Transport {
+    Portforward,
+    Direct,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Portforward => "port-forward",
+            Transport::Direct => "direct TLS",
+        }
+    }
+}
+
 /// What to bridge and where to, shared by `run` and `daemon`.
 #[derive(clap::Args, Clone)]
 pub struct BridgeArgs {
-    /// Where bridged traffic goes: `netns:NAME` dials every original
-    /// destination from inside network namespace NAME (no cluster needed).
-    #[arg(long, value_name = "UPSTREAM")]
+    /// Where bridged traffic goes: `agent` (the default) is a tunnel to
+    /// tpbpf's agent in the kubeconfig's cluster; `netns:NAME` dials every
+    /// original destination from inside network namespace NAME (no cluster
+    /// needed).
+    #[arg(long, value_name = "UPSTREAM", default_value = "agent")]
     upstream: String,
+    /// How the tunnel reaches the agent: `portforward` (through the API
+    /// server, works wherever kubectl does) or `direct` (TLS straight to the
+    /// agent's node address, or --agent-address).
+    #[arg(long, value_enum, default_value_t = Transport::Portforward)]
+    transport: Transport,
+    /// With --transport direct: the agent's tunnel address (default: its
+    /// node's address and tunnel port).
+    #[arg(long, value_name = "ADDR")]
+    agent_address: Option<std::net::SocketAddr>,
+    /// Write the bridge's live state (tunnel, RTT, bytes) here every second.
+    #[arg(long, value_name = "PATH")]
+    status_file: Option<PathBuf>,
     /// A cluster range to bridge (repeatable), e.g. the service and pod CIDRs.
     #[arg(long = "cidr", value_name = "CIDR")]
     cidrs: Vec<Cidr>,
@@ -97,10 +132,13 @@ impl BridgeArgs {
         Ok(())
     }
 
-    fn upstream(&self) -> Result<Arc<dyn Upstream>> {
+    async fn upstream(&self) -> Result<Arc<dyn Upstream>> {
+        if self.upstream == "agent" {
+            return self.tunnel().await;
+        }
         let Some(name) = self.upstream.strip_prefix("netns:") else {
             bail!(
-                "unknown upstream `{}`: use `netns:NAME` (a network namespace to dial from)",
+                "unknown upstream `{}`: use `agent` (the tunnel to tpbpf's agent) or `netns:NAME` (a network namespace to dial from)",
                 self.upstream
             );
         };
@@ -115,6 +153,80 @@ impl BridgeArgs {
             ),
         };
         Ok(NetnsUpstream::new(name, cluster_dns)?)
+    }
+
+    /// The tunnel to an agent of the kubeconfig's cluster.
+    async fn tunnel(&self) -> Result<Arc<dyn Upstream>> {
+        let (client, _, _, _) =
+            tpbpf_kube::client(self.kubeconfig.as_deref(), self.context.as_deref())
+                .await
+                .context("the tunnel to tpbpf's agent needs the cluster's kubeconfig")?;
+        let transport = self.transport;
+        let agent_address = self.agent_address;
+        let factory: tunnel::Factory = Arc::new(move || {
+            let client = client.clone();
+            Box::pin(async move {
+                let agent = tpbpf_kube::find_agent(&client)
+                    .await?
+                    .ok_or_else(|| format!("no running tpbpf agent in namespace {} (install it, or check `kubectl -n {} get pods`)", tpbpf_kube::AGENT_NAMESPACE, tpbpf_kube::AGENT_NAMESPACE))?;
+                let creds = tpbpf_kube::agent_credentials(&client, &agent.pod).await?;
+                let inner: Arc<dyn Connector> = match transport {
+                    Transport::Portforward => Arc::new(tpbpf_kube::PortForward::new(
+                        &client,
+                        &agent.pod,
+                        creds.tunnel_port,
+                    )),
+                    Transport::Direct => {
+                        let addr = match agent_address {
+                            Some(a) => a,
+                            None => {
+                                let ip: std::net::IpAddr = agent
+                                    .address
+                                    .as_deref()
+                                    .and_then(|a| a.parse().ok())
+                                    .ok_or_else(|| format!("agent {} has no address for a direct transport: give --agent-address", agent.pod))?;
+                                (ip, creds.tunnel_port).into()
+                            }
+                        };
+                        Arc::new(TcpConnector { addr })
+                    }
+                };
+                let tls =
+                    TlsConnector::over(inner, &creds.fingerprint).map_err(|e| e.to_string())?;
+                let describe =
+                    format!("{} (agent {} on {})", tls.describe(), agent.pod, agent.node);
+                let session = Client::connect(
+                    Arc::new(tls),
+                    creds.token.into_bytes(),
+                    MuxConfig::default(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok((session, describe))
+            })
+        });
+        let describe = format!("agent via {}", self.transport.name());
+        let up = TunnelUpstream::start(factory, describe)
+            .await
+            .map_err(|e| anyhow::anyhow!("opening the tunnel to tpbpf's agent: {e}"))?;
+        Ok(up)
+    }
+
+    /// Writes the live state every second, for `tpbpf status`.
+    fn write_status(&self, upstream: Arc<dyn Upstream>) {
+        let Some(path) = self.status_file.clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let tmp = path.with_extension("tmp");
+            loop {
+                let v = json!({"upstream": upstream.describe(), "tunnel": upstream.status(), "time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)});
+                if std::fs::write(&tmp, v.to_string()).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        });
     }
 
     fn options(&self) -> Result<BridgeOptions> {
@@ -264,7 +376,8 @@ pub struct RunArgs {
 pub fn run(mut args: RunArgs) -> Result<ExitCode> {
     runtime()?.block_on(async move {
         args.bridge.discover_if_needed().await?;
-        let upstream = args.bridge.upstream()?;
+        let upstream = args.bridge.upstream().await?;
+        args.bridge.write_status(upstream.clone());
         let parent = match &args.cgroup_parent {
             Some(p) => p.clone(),
             None => tpbpf_cgroup::current_cgroup_dir()?,
@@ -319,7 +432,8 @@ pub struct DaemonArgs {
 pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
     runtime()?.block_on(async move {
         args.bridge.discover_if_needed().await?;
-        let upstream = args.bridge.upstream()?;
+        let upstream = args.bridge.upstream().await?;
+        args.bridge.write_status(upstream.clone());
         let cgroup = match &args.cgroup {
             Some(p) => p.clone(),
             None => tpbpf_cgroup::cgroup2_mount()?,

@@ -24,10 +24,18 @@ pub struct UpArgs {
     /// The namespace bare names resolve in (default: the context's).
     #[arg(short, long)]
     namespace: Option<String>,
-    /// Where bridged traffic goes. `netns:NAME` dials from inside network
-    /// namespace NAME (e.g. a lab node: `netns:tpbpf-lab-node1`).
+    /// Where bridged traffic goes: `agent` (default), a tunnel to tpbpf's
+    /// agent; `netns:NAME` dials from inside network namespace NAME (e.g. a
+    /// lab node: `netns:tpbpf-lab-node1`), for debugging without a tunnel.
+    #[arg(long, default_value = "agent")]
+    upstream: String,
+    /// How the tunnel reaches the agent: `portforward` through the API
+    /// server, or `direct` TLS to the agent's node.
+    #[arg(long, default_value = "portforward")]
+    transport: String,
+    /// With --transport direct: the agent's tunnel address.
     #[arg(long)]
-    upstream: Option<String>,
+    agent_address: Option<String>,
     /// Bridge this cgroup subtree (default: the whole machine).
     #[arg(long)]
     cgroup: Option<PathBuf>,
@@ -120,9 +128,7 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
             );
         }
     }
-    let Some(upstream) = args.upstream.clone() else {
-        bail!("no upstream: the tunnel to tpbpf's cluster agent is not available in this build; pass --upstream netns:NAME to dial from a network namespace that reaches the cluster (the lab's nodes: netns:<lab>-node1)");
-    };
+    let upstream = args.upstream.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -186,9 +192,21 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         "json",
         "--upstream",
         &upstream,
+        "--transport",
+        &args.transport,
         "--cluster-domain",
         &args.cluster_domain,
     ]);
+    cmd.arg("--status-file").arg(dir.join("live.json"));
+    if let Some(k) = &args.kubeconfig {
+        cmd.arg("--kubeconfig").arg(k);
+    }
+    if let Some(c) = &args.context {
+        cmd.args(["--context", c]);
+    }
+    if let Some(a) = &args.agent_address {
+        cmd.args(["--agent-address", a]);
+    }
     for c in &cidrs {
         cmd.args(["--cidr", c]);
     }
@@ -221,7 +239,7 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let ready: Value = match rx.recv_timeout(Duration::from_secs(30)) {
+    let ready: Value = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(line) if !line.is_empty() => {
             serde_json::from_str(&line).context("tpbpfd's ready event")?
         }
@@ -271,7 +289,8 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
             );
             println!("  agent: {agent_text}");
             println!(
-                "  upstream: {upstream}; tpbpfd pid {} (log {})",
+                "  upstream: {}; tpbpfd pid {} (log {})",
+                ready["upstream"].as_str().unwrap_or(&upstream),
                 child.id(),
                 log_path.display()
             );
@@ -299,6 +318,12 @@ pub fn status(args: StateArgs) -> Result<ExitCode> {
     };
     let running = state["pid"].as_i64().is_some_and(alive);
     state["up"] = json!(running);
+    let live = std::fs::read_to_string(state_dir(&args.instance).join("live.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    if let Some(live) = live.filter(|_| running) {
+        state["live"] = live;
+    }
     match args.output {
         Output::Json => println!("{state}"),
         Output::Table => {
@@ -316,7 +341,36 @@ pub fn status(args: StateArgs) -> Result<ExitCode> {
                 state["cluster"]["server"].as_str().unwrap_or("?")
             );
             println!("  ranges: {}", state["bridge"]["cidrs"]);
-            println!("  upstream: {}", state["upstream"].as_str().unwrap_or("?"));
+            println!(
+                "  upstream: {}",
+                state["bridge"]["upstream"]
+                    .as_str()
+                    .or(state["upstream"].as_str())
+                    .unwrap_or("?")
+            );
+            let t = &state["live"]["tunnel"];
+            if t.is_object() {
+                let health = if t["connected"] == true {
+                    "connected".to_string()
+                } else if let Some(p) = t["problem"].as_str() {
+                    format!("DOWN: {p} (retrying by itself)")
+                } else {
+                    "transport lost, resuming".to_string()
+                };
+                println!(
+                    "  tunnel: {health}, via {}",
+                    t["transport"].as_str().unwrap_or("?")
+                );
+                println!(
+                    "  session: rtt {}, {} streams, {} bytes sent, {} received, {} resumes, {} sessions since up",
+                    t["rtt_ms"].as_f64().map(|r| format!("{r:.2} ms")).unwrap_or("?".into()),
+                    t["streams"],
+                    t["bytes_sent"],
+                    t["bytes_received"],
+                    t["resumes"],
+                    t["sessions"]
+                );
+            }
             match state["agent"].as_object() {
                 Some(a) => println!(
                     "  agent: {} on {} (v{}, healthy: {}) when tpbpf up ran",

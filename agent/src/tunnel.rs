@@ -1,0 +1,257 @@
+//! The agent's tunnel endpoint: TLS with key material made at start, a
+//! token that is handed out only to connections from the node itself (the
+//! path a Kubernetes port-forward takes), and for every session: streams
+//! dialed from the node, datagram flows, DNS through the cluster's DNS.
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tpbpf_mux::{
+    transport::TlsIdentity, Config, Destination, Request, ResetReason, Server, Session, Stream,
+};
+use tracing::{debug, info, warn};
+
+/// How long dialing a destination may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A datagram flow with no traffic for this long is closed.
+const FLOW_IDLE: Duration = Duration::from_secs(60);
+/// How long the cluster DNS may take to answer.
+const DNS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a client needs to open a session: the token and the certificate's
+/// fingerprint to pin.
+pub struct Credentials {
+    pub token: String,
+    pub identity: TlsIdentity,
+    pub tunnel: SocketAddr,
+}
+
+impl Credentials {
+    pub fn generate(tunnel: SocketAddr) -> io::Result<Credentials> {
+        let mut raw = [0u8; 32];
+        getrandom::getrandom(&mut raw).map_err(|e| io::Error::other(e.to_string()))?;
+        let token = raw.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Credentials {
+            token,
+            identity: TlsIdentity::generate()?,
+            tunnel,
+        })
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "token": self.token,
+            "fingerprint": self.identity.fingerprint(),
+            "tunnel_port": self.tunnel.port(),
+            "tunnel_address": self.tunnel.to_string(),
+        })
+    }
+}
+
+/// Whether a connection comes from the node itself: loopback, or from one
+/// of the node's own addresses to another (kubelet's port-forward, or a
+/// port-forward into a hostNetwork pod). Pods have addresses of their own.
+pub fn from_the_node(peer: IpAddr, local: IpAddr) -> bool {
+    peer.is_loopback() || peer == local
+}
+
+/// Serves tunnel sessions on `listener` until it fails.
+pub async fn serve(
+    listener: TcpListener,
+    creds: Arc<Credentials>,
+    cluster_dns: Option<SocketAddr>,
+) -> io::Result<()> {
+    let (server, mut sessions) = Server::new(Config::default(), creds.token.as_bytes().to_vec());
+    let acceptor = creds.identity.acceptor()?;
+    tokio::spawn(async move {
+        while let Some((session, peer)) = sessions.recv().await {
+            tokio::spawn(serve_session(session, peer, cluster_dns));
+        }
+    });
+    server.serve(listener, Some(acceptor)).await
+}
+
+async fn serve_session(session: Session, peer: SocketAddr, cluster_dns: Option<SocketAddr>) {
+    info!(%peer, "tunnel session open");
+    let requests = tokio::spawn(serve_requests(session.clone(), cluster_dns));
+    while let Some(stream) = session.accept().await {
+        tokio::spawn(serve_stream(stream));
+    }
+    requests.abort();
+    info!(%peer, "tunnel session over: {}", session.ended().unwrap_or_default());
+}
+
+async fn resolve(dst: &Destination) -> io::Result<SocketAddr> {
+    match dst {
+        Destination::Addr(a) => Ok(*a),
+        Destination::Name { host, port } => tokio::net::lookup_host((host.as_str(), *port))
+            .await?
+            .next()
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))
+            }),
+    }
+}
+
+async fn serve_stream(mut stream: Stream) {
+    let Some(dst) = stream.destination() else {
+        return;
+    };
+    let addr = match resolve(&dst).await {
+        Ok(a) => a,
+        Err(e) => {
+            stream.reset(
+                ResetReason::Unreachable,
+                &format!("resolving {dst:?} on the node: {e}"),
+            );
+            return;
+        }
+    };
+    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(mut tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            debug!(%addr, "tunnel stream connected");
+            match tokio::io::copy_bidirectional(&mut stream, &mut tcp).await {
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(%addr, "tunnel stream ended: {e}");
+                    stream.reset(ResetReason::Aborted, &format!("{addr}: {e}"));
+                }
+            }
+        }
+        Ok(Err(e)) => {
+            let reason = if e.kind() == io::ErrorKind::ConnectionRefused {
+                ResetReason::Refused
+            } else {
+                ResetReason::Unreachable
+            };
+            stream.reset(reason, &format!("connecting to {addr} from the node: {e}"));
+        }
+        Err(_) => stream.reset(
+            ResetReason::Unreachable,
+            &format!("connecting to {addr} from the node: no answer in {DIAL_TIMEOUT:?}"),
+        ),
+    }
+}
+
+/// The cluster's DNS server: given, else the node's resolver.
+fn dns_server(given: Option<SocketAddr>) -> Option<SocketAddr> {
+    given.or_else(|| {
+        let conf = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+        conf.lines()
+            .filter_map(|l| l.strip_prefix("nameserver"))
+            .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, 53))
+            .next()
+    })
+}
+
+async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>) {
+    let dns = dns_server(cluster_dns);
+    let mut flows: HashMap<u32, Arc<UdpSocket>> = HashMap::new();
+    while let Some(request) = session.next_request().await {
+        match request {
+            Request::Dns { id, query } => {
+                let session = session.clone();
+                tokio::spawn(async move {
+                    match ask_dns(dns, &query).await {
+                        Ok(answer) => {
+                            let _ = session.answer_dns(id, answer);
+                        }
+                        Err(e) => debug!("cluster DNS: {e}"),
+                    }
+                });
+            }
+            Request::Datagram { flow, dst, data } => {
+                flows.retain(|_, s| Arc::strong_count(s) > 1);
+                let sock = match flows.get(&flow) {
+                    Some(s) => s.clone(),
+                    None => match open_flow(&session, flow, &dst).await {
+                        Ok(s) => {
+                            flows.insert(flow, s.clone());
+                            s
+                        }
+                        Err(e) => {
+                            debug!(?dst, "datagram flow: {e}");
+                            continue;
+                        }
+                    },
+                };
+                let _ = sock.send(&data).await;
+            }
+        }
+    }
+}
+
+async fn ask_dns(server: Option<SocketAddr>, query: &[u8]) -> io::Result<Vec<u8>> {
+    let server = server.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no cluster DNS server known (--cluster-dns)",
+        )
+    })?;
+    let sock = UdpSocket::bind(if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .await?;
+    sock.connect(server).await?;
+    let mut buf = vec![0u8; 65535];
+    for _ in 0..2 {
+        sock.send(query).await?;
+        if let Ok(r) = tokio::time::timeout(DNS_TIMEOUT, sock.recv(&mut buf)).await {
+            let n = r?;
+            return Ok(buf[..n].to_vec());
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{server} did not answer"),
+    ))
+}
+
+/// A UDP socket for one flow, and a task that carries its answers back
+/// until the flow is idle.
+async fn open_flow(session: &Session, flow: u32, dst: &Destination) -> io::Result<Arc<UdpSocket>> {
+    let addr = resolve(dst).await?;
+    let sock = UdpSocket::bind(if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .await?;
+    sock.connect(addr).await?;
+    let sock = Arc::new(sock);
+    let (s2, session) = (sock.clone(), session.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65535];
+        loop {
+            match tokio::time::timeout(FLOW_IDLE, s2.recv(&mut buf)).await {
+                Ok(Ok(n)) => {
+                    if session.reply_datagram(flow, addr, &buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    debug!(%addr, "datagram flow: {e}");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    Ok(sock)
+}
+
+pub fn warn_unreachable(listen: SocketAddr) {
+    if listen.ip().is_loopback() {
+        warn!(%listen, "the tunnel listens on loopback only: only port-forward transports reach it");
+    }
+}
