@@ -54,10 +54,7 @@ async fn handle(
     }
     // Bytes the client already sent travel with the open.
     let mut first = vec![0u8; 16 * 1024];
-    let n = match client.try_read(&mut first) {
-        Ok(n) => n,
-        Err(_) => 0,
-    };
+    let n = client.try_read(&mut first).unwrap_or_default();
     first.truncate(n);
     match upstream.connect_tcp_with(orig, first).await {
         Ok(mut up) => {

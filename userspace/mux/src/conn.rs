@@ -53,7 +53,7 @@ pub(crate) async fn run(
         inner.ack_sent = inner.recv_seq;
         inner.connected = true;
         inner.replayed += inner.replay_len as u64;
-        inner.replay.iter().cloned().collect::<Vec<_>>()
+        inner.replay_chunks()
     };
     let config = &shared.config;
     let (mut rd, mut wr) = tokio::io::split(io);

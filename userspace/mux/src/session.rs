@@ -8,14 +8,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::Notify;
-use tpbpf_proto::{encode, encode_data, Destination, Frame, ResetReason, INITIAL_WINDOW};
+use tpbpf_proto::{encode, encode_data_parts, Destination, Frame, ResetReason, INITIAL_WINDOW};
 
 use crate::{stream::Stream, Config, CHUNK};
 
 /// What one write to the transport carries at most.
 const BATCH: usize = 256 * 1024;
+/// Bytes a stream may have written and not yet framed: the session's
+/// writer paces streams, so more would only cost memory.
+const SEND_BUFFER: usize = 8 * CHUNK;
 /// A receiver acknowledges after this many reliable bytes.
 pub(crate) const ACK_EVERY: u64 = 256 * 1024;
 
@@ -98,7 +101,7 @@ pub(crate) struct StreamState {
     read_waker: Option<Waker>,
     // Sending.
     open: Option<Destination>,
-    send: BytesMut,
+    send: VecDeque<u8>,
     send_credit: u64,
     local_fin: bool,
     fin_sent: bool,
@@ -139,7 +142,12 @@ pub(crate) struct Inner {
     go_away: Option<String>,
     // Resume: the reliable bytes sent but not acknowledged.
     pub(crate) replay: VecDeque<Bytes>,
+    /// Bytes of the first replay chunk already acknowledged.
+    pub(crate) replay_skip: usize,
     pub(crate) replay_len: usize,
+    /// Batch buffers back from the replay buffer, for reuse: fresh ones
+    /// would cost page faults on every batch.
+    pool: Vec<Vec<u8>>,
     /// Sequence number of the next reliable byte sent.
     pub(crate) sent_seq: u64,
     /// Reliable bytes received and processed.
@@ -191,7 +199,9 @@ impl Shared {
                 ended: None,
                 go_away: None,
                 replay: VecDeque::new(),
+                replay_skip: 0,
                 replay_len: 0,
+                pool: Vec::new(),
                 sent_seq: 0,
                 recv_seq: 0,
                 acked_seq: 0,
@@ -228,7 +238,7 @@ impl StreamState {
             remote_fin: false,
             read_waker: None,
             open,
-            send: BytesMut::new(),
+            send: VecDeque::new(),
             send_credit: u64::from(INITIAL_WINDOW),
             local_fin: false,
             fin_sent: false,
@@ -539,18 +549,42 @@ impl Inner {
     pub(crate) fn drop_acked(&mut self, received: u64) {
         let mut drop = (received - self.acked_seq) as usize;
         self.acked_seq = received;
+        self.replay_len -= drop.min(self.replay_len);
         while drop > 0 {
-            let Some(front) = self.replay.front_mut() else {
+            let Some(front) = self.replay.front() else {
                 break;
             };
-            if front.len() <= drop {
-                drop -= front.len();
-                self.replay_len -= front.len();
-                self.replay.pop_front();
+            let left = front.len() - self.replay_skip;
+            if left <= drop {
+                drop -= left;
+                self.replay_skip = 0;
+                if let Some(chunk) = self.replay.pop_front() {
+                    self.recycle(chunk);
+                }
             } else {
-                let _ = front.split_to(drop);
-                self.replay_len -= drop;
+                self.replay_skip += drop;
                 drop = 0;
+            }
+        }
+    }
+
+    /// The unacknowledged bytes, for a replay.
+    pub(crate) fn replay_chunks(&self) -> Vec<Bytes> {
+        let mut out: Vec<Bytes> = self.replay.iter().cloned().collect();
+        if let Some(first) = out.first_mut() {
+            *first = first.slice(self.replay_skip..);
+        }
+        out
+    }
+
+    fn recycle(&mut self, chunk: Bytes) {
+        if self.pool.len() < 8 {
+            if let Ok(m) = chunk.try_into_mut() {
+                let mut v: Vec<u8> = m.into();
+                if v.capacity() >= BATCH {
+                    v.clear();
+                    self.pool.push(v);
+                }
             }
         }
     }
@@ -563,7 +597,12 @@ impl Inner {
         for f in self.unreliable.drain(..) {
             let _ = encode(&f, &mut unreliable);
         }
-        let mut out = std::mem::take(&mut self.control);
+        let mut out = self
+            .pool
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BATCH + CHUNK + 1024));
+        out.extend_from_slice(&self.control);
+        self.control.clear();
         // A full replay buffer stops new data until the peer acknowledges.
         while out.len() < BATCH && self.replay_len + out.len() < config.resume_bytes {
             let Some(id) = self.ready.pop_front() else {
@@ -578,7 +617,7 @@ impl Inner {
             }
             let n = s.send.len().min(CHUNK);
             if let Some(dst) = s.open.take() {
-                let data = s.send.split_to(n).to_vec();
+                let data: Vec<u8> = s.send.drain(..n).collect();
                 let _ = encode(
                     &Frame::Open {
                         stream: id,
@@ -588,8 +627,16 @@ impl Inner {
                     &mut out,
                 );
             } else if n > 0 {
-                encode_data(id, &s.send[..n], &mut out);
-                let _ = s.send.split_to(n);
+                let (a, b) = s.send.as_slices();
+                let a = &a[..n.min(a.len())];
+                let b = &b[..n - a.len()];
+                encode_data_parts(id, a, b, &mut out);
+                s.send.drain(..n);
+                if s.send.len() < SEND_BUFFER / 2 {
+                    if let Some(w) = s.write_waker.take() {
+                        w.wake();
+                    }
+                }
             }
             if s.send.is_empty() && s.local_fin && !s.fin_sent {
                 s.fin_sent = true;
@@ -673,12 +720,12 @@ impl Shared {
         s.read_total += n as u64;
         s.unreturned += n as u32;
         inner.bytes_received += n as u64;
-        // Return credit once a quarter of the window was read; grow the
-        // window of a stream that reads a lot, within the session's limit.
-        if s.unreturned >= s.window / 4 && !s.remote_fin {
+        // Return credit once half the window was read; grow the window of
+        // a stream that reads a lot, within the session's limit.
+        if s.unreturned >= s.window / 2 && !s.remote_fin {
             let mut grant = s.unreturned;
             s.unreturned = 0;
-            if s.read_total >= 4 * u64::from(s.window)
+            if s.read_total >= 2 * u64::from(s.window)
                 && s.window < self.config.max_window
                 && inner.granted + s.window as usize <= self.config.max_buffered
             {
@@ -723,13 +770,14 @@ impl Shared {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if s.send_credit == 0 {
+        let room = (s.send_credit as usize).min(SEND_BUFFER.saturating_sub(s.send.len()));
+        if room == 0 {
             s.write_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        let n = buf.len().min(s.send_credit as usize);
+        let n = buf.len().min(room);
         s.send_credit -= n as u64;
-        s.send.extend_from_slice(&buf[..n]);
+        s.send.extend(&buf[..n]);
         inner.bytes_sent += n as u64;
         let was_idle = inner.ready.is_empty() && inner.control.is_empty();
         inner.queue(id);
@@ -831,7 +879,7 @@ impl Session {
         })?;
         let mut s = StreamState::new(None, Some(dst));
         let n = first.len().min(INITIAL_WINDOW as usize);
-        s.send.extend_from_slice(&first[..n]);
+        s.send.extend(&first[..n]);
         s.send_credit -= n as u64;
         inner.bytes_sent += n as u64;
         inner.granted += INITIAL_WINDOW as usize;

@@ -355,6 +355,18 @@ pub fn encode_data(stream: u32, data: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(data);
 }
 
+/// Like [`encode_data`] for data in two pieces (a ring buffer's halves).
+pub fn encode_data_parts(stream: u32, a: &[u8], b: &[u8], out: &mut Vec<u8>) {
+    let len = a.len() + b.len();
+    debug_assert!(len <= MAX_BODY as usize);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.push(DATA);
+    out.push(0);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(a);
+    out.extend_from_slice(b);
+}
+
 /// If `buf` starts with a complete, valid data frame: its stream and total
 /// length (the data is `buf[HEADER_LEN..total]`), so a receiver can take the
 /// bytes without copying. `None` for anything else, which [`decode`] handles.

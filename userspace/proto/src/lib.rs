@@ -31,8 +31,8 @@ mod codec;
 mod frame;
 
 pub use codec::{
-    data_frame, decode, decode_hello, decode_welcome, encode, encode_data, encode_hello,
-    encode_welcome, DecodeError, HEADER_LEN,
+    data_frame, decode, decode_hello, decode_welcome, encode, encode_data, encode_data_parts,
+    encode_hello, encode_welcome, DecodeError, HEADER_LEN,
 };
 pub use frame::{Destination, Frame, Hello, ResetReason, Welcome, WelcomeStatus};
 
