@@ -159,10 +159,21 @@ fn bench() -> Result<()> {
         bail!("the benchmarks load eBPF programs and create network namespaces: run them as root (sudo bash xtask/dev.sh bench)");
     }
     step("build (release)");
-    run(cargo().args(["build", "--release", "-p", "tpbpf", "-p", "tpbpf-vm-tests"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "tpbpf",
+        "-p",
+        "tpbpf-vm-tests",
+        "-p",
+        "tpbpf-mux-bench",
+    ]))?;
     step("connect() + close(): tpbpf's hooks against the same loop without tpbpf");
     let dir = root_dir().join("target/release");
     run(Command::new(dir.join("tpbpf-bench")).env("TPBPF_BIN", dir.join("tpbpf")))?;
+    step("the tunnel's multiplexer against plain TCP, yamux and h2 (loopback)");
+    run(&mut Command::new(dir.join("tpbpf-tunnel-bench")))?;
     Ok(())
 }
 

@@ -293,7 +293,7 @@ impl Inner {
     fn remove_if_finished(&mut self, id: u32) {
         if self.streams.get(&id).is_some_and(StreamState::finished) {
             if let Some(s) = self.streams.remove(&id) {
-                self.granted -= s.recv_window as usize + s.recv_len;
+                self.granted -= s.window as usize;
             }
         }
     }
@@ -650,9 +650,19 @@ impl Inner {
             }
         }
         if out.is_empty() && unreliable.is_empty() {
+            self.pool.push(out);
             return None;
         }
-        let out = Bytes::from(out);
+        // A small batch is copied out, so the replay buffer does not hold a
+        // whole batch buffer for a few bytes until they are acknowledged.
+        let out = if out.len() < BATCH / 8 {
+            let small = Bytes::copy_from_slice(&out);
+            out.clear();
+            self.pool.push(out);
+            small
+        } else {
+            Bytes::from(out)
+        };
         if !out.is_empty() {
             self.sent_seq += out.len() as u64;
             self.replay_len += out.len();
