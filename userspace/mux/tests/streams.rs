@@ -323,3 +323,30 @@ async fn dns_queries_and_datagram_flows_go_both_ways() {
         assert_eq!(flow.recv().await.unwrap(), word.to_ascii_uppercase());
     }
 }
+
+#[tokio::test]
+async fn finished_streams_give_their_windows_back_to_the_session() {
+    // Room for only a few windows: any window left accounted after a
+    // stream ends would soon refuse new streams.
+    let config = Config {
+        max_buffered: 8 * INITIAL_WINDOW as usize,
+        ..Config::default()
+    };
+    let srv = server(config.clone(), echo).await;
+    let session = client(srv.addr, config).await;
+    let data = vec![5u8; 300 * 1024];
+    for i in 0..100 {
+        let mut s = session
+            .open(dst())
+            .unwrap_or_else(|e| panic!("stream {i}: {e}"));
+        let (mut r, mut w) = tokio::io::split(&mut s);
+        let send = async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut back = Vec::new();
+        let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
+        got.unwrap_or_else(|e| panic!("stream {i}: {e}"));
+        assert_eq!(back.len(), data.len());
+    }
+}
