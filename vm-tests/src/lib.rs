@@ -629,3 +629,19 @@ pub fn process_running(pid: u64) -> bool {
 pub fn agent_bin() -> PathBuf {
     built_bin("tpbpf-agent")
 }
+
+/// A shell command run in `cgroup` and network namespace `netns`, with
+/// `resolv` bind-mounted over /etc/resolv.conf in a mount namespace of its
+/// own: a process of the developer machine, bridged by tpbpf.
+pub fn bridged_shell(cgroup: &Path, netns: &str, resolv: &Path, script: &str) -> Command {
+    let inner = format!(
+        "mount --bind {} /etc/resolv.conf && {script}",
+        resolv.display()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {netns} unshare -m sh -c '{inner}'",
+        cgroup.display()
+    ));
+    cmd
+}

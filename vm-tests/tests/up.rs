@@ -62,11 +62,7 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
                 "--instance",
                 &instance.0,
             ])
-            .args([
-                "--upstream",
-                &format!("netns:{}-node1", lab.name),
-                "--cgroup",
-            ])
+            .arg("--cgroup")
             .arg(cg.path())
             .args(extra)
             .output()
@@ -131,13 +127,26 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
         String::from_utf8_lossy(&r.stderr)
     );
 
-    let st = Command::new(tpbpf_bin())
-        .args(["status", "-o", "json", "--instance", &instance.0])
-        .output()
-        .unwrap();
-    assert!(st.status.success());
-    let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+    // The session through the tunnel: connected, with an RTT and the bytes
+    // the clients moved (the live state is written twice a second).
+    let mut st = Value::Null;
+    for _ in 0..20 {
+        let out = Command::new(tpbpf_bin())
+            .args(["status", "-o", "json", "--instance", &instance.0])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        st = serde_json::from_slice(&out.stdout).unwrap();
+        if st["live"]["tunnel"]["bytes_received"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(st["up"], true);
+    let t = &st["live"]["tunnel"];
+    assert_eq!(t["connected"], true, "{st}");
+    assert!(t["rtt_ms"].as_f64().is_some(), "{st}");
+    assert!(t["bytes_received"].as_u64().unwrap_or(0) > 0, "{st}");
 
     // tpbpfd killed: status says so; nothing stays attached.
     let pid = st["pid"].as_i64().unwrap() as libc::pid_t;
@@ -204,11 +213,8 @@ fn run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing() {
             "--kubeconfig",
             &kubeconfig,
         ])
-        .args([
-            "--upstream",
-            &format!("netns:{}-node2", lab.name),
-            "--cgroup-parent",
-        ])
+        // The direct transport: TLS straight to the agent's node address.
+        .args(["--transport", "direct", "--cgroup-parent"])
         .arg(parent.path())
         .args(["--", "unshare", "-m", "sh", "-c", &script])
         .output()
@@ -220,6 +226,10 @@ fn run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     let ready: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(
+        ready["upstream"].as_str().unwrap_or("") == "agent via direct TLS",
+        "not through the tunnel: {ready}"
+    );
     assert_eq!(
         ready["cidrs"],
         serde_json::json!(["10.96.0.0/12", "10.244.1.0/24", "10.244.2.0/24"]),

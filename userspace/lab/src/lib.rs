@@ -64,6 +64,24 @@ pub struct Lab {
 
 /// The node agent's port (tpbpf-agent's default).
 pub const AGENT_PORT: u16 = 4390;
+/// The size of `/blob`, which every nginx pod serves: the same
+/// pseudo-random bytes everywhere ([`blob_bytes`]), for download tests.
+pub const BLOB_LEN: usize = 24 << 20;
+
+/// The content of every nginx pod's `/blob` (xorshift64*, fixed seed).
+pub fn blob_bytes() -> Vec<u8> {
+    let mut out = vec![0u8; BLOB_LEN];
+    let mut x: u64 = 0x7470_6270_665f_6c61;
+    for chunk in out.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    out
+}
+
 /// The node agent's tunnel port (tpbpf-agent's default).
 pub const AGENT_TUNNEL_PORT: u16 = 4391;
 
@@ -184,6 +202,24 @@ impl Lab {
         if status.up {
             info!(lab = self.name, "lab already up");
             return Ok(status);
+        }
+        // Everything up but agents: restart those, as a DaemonSet would.
+        let others_up = status.pods.iter().all(|p| p.running)
+            && status.nodes.iter().all(|(_, ns)| netns_exists(ns))
+            && (self.api_command.is_none() || status.api_running);
+        if others_up && self.agent.is_some() {
+            for node in spec::nodes() {
+                if !self.agent_pid(node.name).is_some_and(alive) {
+                    info!(
+                        lab = self.name,
+                        node = node.name,
+                        "restarting the node's agent"
+                    );
+                    self.start_agent(&node)?;
+                }
+            }
+            self.wait_ready(Duration::from_secs(30))?;
+            return Ok(self.status());
         }
         // Half up (a crash, an interrupted run): start from a clean slate.
         self.down()?;
@@ -415,6 +451,13 @@ impl Lab {
             App::Nginx => {
                 let tmp = dir.join("tmp");
                 mkdir(&tmp)?;
+                let blob = dir.join("blob");
+                if fs::metadata(&blob).map(|m| m.len()).ok() != Some(BLOB_LEN as u64) {
+                    fs::write(&blob, blob_bytes()).map_err(|source| LabError::Io {
+                        what: format!("writing {}", blob.display()),
+                        source,
+                    })?;
+                }
                 let conf = dir.join("nginx.conf");
                 let body = format!(
                     "hello from {} ({} in {}), served by nginx\\n",
@@ -423,7 +466,7 @@ impl Lab {
                 write(
                     &conf,
                     &format!(
-                        "daemon on;\nworker_processes 1;\npid {pid};\nerror_log {dir}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n access_log {dir}/access.log;\n client_body_temp_path {tmp}/body;\n proxy_temp_path {tmp}/proxy;\n fastcgi_temp_path {tmp}/fastcgi;\n uwsgi_temp_path {tmp}/uwsgi;\n scgi_temp_path {tmp}/scgi;\n server {{\n  listen {ip}:80;\n  location / {{ default_type text/plain; return 200 \"{body}\"; }}\n }}\n}}\n",
+                        "daemon on;\nworker_processes 1;\npid {pid};\nerror_log {dir}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n access_log {dir}/access.log;\n client_body_temp_path {tmp}/body;\n proxy_temp_path {tmp}/proxy;\n fastcgi_temp_path {tmp}/fastcgi;\n uwsgi_temp_path {tmp}/uwsgi;\n scgi_temp_path {tmp}/scgi;\n server {{\n  listen {ip}:80;\n  location = /blob {{ default_type application/octet-stream; alias {dir}/blob; }}\n  location / {{ default_type text/plain; return 200 \"{body}\"; }}\n }}\n}}\n",
                         pid = pid.display(),
                         dir = dir.display(),
                         tmp = tmp.display(),
@@ -553,6 +596,14 @@ impl Lab {
     }
 
     fn start_agents(&self) -> Result<()> {
+        for node in spec::nodes() {
+            self.start_agent(&node)?;
+        }
+        Ok(())
+    }
+
+    /// The agent of one node, as a process in the node's namespace.
+    fn start_agent(&self, node: &spec::Node) -> Result<()> {
         let Some(agent) = &self.agent else {
             return Ok(());
         };
@@ -561,8 +612,11 @@ impl Lab {
             .find(|s| s.name == "kube-dns")
             .map(|s| format!("{}:53", s.cluster_ip))
             .unwrap_or_default();
-        for node in spec::nodes() {
-            let log = fs::File::create(self.state.join(format!("agent-{}.log", node.name)))
+        {
+            let log = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.state.join(format!("agent-{}.log", node.name)))
                 .map_err(|source| LabError::Io {
                     what: "creating the agent's log".into(),
                     source,

@@ -192,6 +192,7 @@ async fn client_driver(
             Ended::Lost(e) => e,
         };
         warn!(error = %lost, "tunnel transport lost; resuming");
+        shared.lock().last_error = Some(format!("transport lost: {lost}"));
         let deadline = Instant::now() + config.resume_window;
         let mut backoff = Duration::from_millis(20);
         let mut last_error = lost.to_string();
@@ -209,7 +210,10 @@ async fn client_driver(
             let received = shared.lock().recv_seq;
             match hello(&*connector, &token, shared.id, true, received, &config).await {
                 Ok((io, w, leftover)) if w.status == WelcomeStatus::Resumed => {
-                    shared.lock().resumes += 1;
+                    let mut inner = shared.lock();
+                    inner.resumes += 1;
+                    inner.last_error = None;
+                    drop(inner);
                     info!("tunnel session resumed on {}", connector.describe());
                     next = Some((io, w.received, leftover));
                 }
@@ -224,9 +228,23 @@ async fn client_driver(
                     shared.lock().end(ResetReason::ResumeExpired, m);
                     break;
                 }
+                Err(HandshakeError::Dial { source, endpoint })
+                    if source.kind() == io::ErrorKind::InvalidData =>
+                {
+                    // A TLS refusal: the endpoint is not the one this
+                    // session was made with (an agent that restarted has
+                    // new key material). Waiting will not help.
+                    let m = format!(
+                        "the tunnel endpoint {endpoint} is no longer the one this session was made with ({source}); streams were reset"
+                    );
+                    warn!("{m}");
+                    shared.lock().end(ResetReason::ResumeExpired, m);
+                    break;
+                }
                 Err(e) => {
                     debug!("resume attempt failed: {e}");
                     last_error = e.to_string();
+                    shared.lock().last_error = Some(last_error.clone());
                     let left = deadline.saturating_duration_since(Instant::now());
                     tokio::time::sleep(backoff.min(left)).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));

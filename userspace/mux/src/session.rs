@@ -56,6 +56,8 @@ pub struct Stats {
     pub buffered: usize,
     /// Bytes sent again after resumes.
     pub replayed: u64,
+    /// While the transport is down: why the last attempt to resume failed.
+    pub last_error: Option<String>,
 }
 
 /// What the peer asks of the serving side besides streams.
@@ -159,6 +161,7 @@ pub(crate) struct Inner {
     pub(crate) rtt: Option<Duration>,
     pub(crate) resumes: u64,
     pub(crate) replayed: u64,
+    pub(crate) last_error: Option<String>,
     bytes_sent: u64,
     bytes_received: u64,
     pub(crate) ping_started: Option<(u64, Instant)>,
@@ -210,6 +213,7 @@ impl Shared {
                 rtt: None,
                 resumes: 0,
                 replayed: 0,
+                last_error: None,
                 bytes_sent: 0,
                 bytes_received: 0,
                 ping_started: None,
@@ -1065,6 +1069,7 @@ impl Session {
             unacked: inner.sent_seq - inner.acked_seq,
             buffered: inner.streams.values().map(|s| s.recv_len).sum(),
             replayed: inner.replayed,
+            last_error: inner.last_error.clone(),
         }
     }
 }

@@ -355,7 +355,10 @@ pub fn status(args: StateArgs) -> Result<ExitCode> {
                 } else if let Some(p) = t["problem"].as_str() {
                     format!("DOWN: {p} (retrying by itself)")
                 } else {
-                    "transport lost, resuming".to_string()
+                    format!(
+                        "DOWN: {}; resuming",
+                        t["last_error"].as_str().unwrap_or("transport lost")
+                    )
                 };
                 println!(
                     "  tunnel: {health}, via {}",
