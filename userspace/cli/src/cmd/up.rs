@@ -75,24 +75,18 @@ fn alive(pid: i64) -> bool {
 /// Routes this machine already has that overlap a range to bridge: a VPN
 /// or a local network that tpbpf must not silently take over.
 fn overlapping_routes(cidrs: &[String], never: &[Cidr]) -> Vec<(String, String, String)> {
-    let Ok(out) = Command::new("ip")
-        .args(["-j", "route", "show", "table", "main"])
-        .output()
-    else {
-        return Vec::new();
+    let routes = match crate::routes::main_table() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(
+                "reading the routing table over rtnetlink: {e}; not checking for overlaps"
+            );
+            return Vec::new();
+        }
     };
-    let routes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let mut found = Vec::new();
     for r in routes {
-        let Some(dst) = r["dst"].as_str() else {
-            continue;
-        };
-        if dst == "default" {
-            continue;
-        }
-        let Ok(route) = dst.parse::<Cidr>() else {
-            continue;
-        };
+        let route = r.dst;
         for c in cidrs {
             let Ok(cidr) = c.parse::<Cidr>() else {
                 continue;
@@ -102,11 +96,7 @@ fn overlapping_routes(cidrs: &[String], never: &[Cidr]) -> Vec<(String, String, 
                 .iter()
                 .any(|n| n.contains(route.addr()) && n.prefix_len() <= route.prefix_len());
             if overlap && !excluded {
-                found.push((
-                    c.clone(),
-                    dst.to_string(),
-                    r["dev"].as_str().unwrap_or("?").to_string(),
-                ));
+                found.push((c.clone(), route.to_string(), r.dev.clone()));
             }
         }
     }
