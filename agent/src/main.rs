@@ -4,6 +4,7 @@
 //! connections from the node itself (port-forwards), and serves tunnel
 //! sessions: streams dialed from the node, datagrams, DNS through the
 //! cluster's DNS.
+mod intercept;
 mod tunnel;
 
 use std::{

@@ -155,8 +155,32 @@ fn dns_server(given: Option<SocketAddr>) -> Option<SocketAddr> {
 async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>) {
     let dns = dns_server(cluster_dns);
     let mut flows: HashMap<u32, Arc<UdpSocket>> = HashMap::new();
+    // Dropped with this task when the session ends: intercepts detach.
+    let mut intercepts: HashMap<u32, crate::intercept::Active> = HashMap::new();
     while let Some(request) = session.next_request().await {
         match request {
+            Request::InterceptStart { id, target, mode } => {
+                let s2 = session.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    crate::intercept::start(&s2, target, &mode)
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+                match result {
+                    Ok(active) => {
+                        intercepts.insert(id, active);
+                        let _ = session.intercept_status(id, true, "");
+                    }
+                    Err(e) => {
+                        warn!(%target, "intercept refused: {e}");
+                        let _ = session.intercept_status(id, false, &e);
+                    }
+                }
+            }
+            Request::InterceptStop { id } => {
+                intercepts.remove(&id);
+            }
             Request::Dns { id, query } => {
                 let session = session.clone();
                 tokio::spawn(async move {

@@ -53,6 +53,13 @@ enum Command {
     Run(cmd::bridge::RunArgs),
     /// Run tpbpfd in the foreground, bridging a whole cgroup subtree.
     Daemon(cmd::bridge::DaemonArgs),
+    /// Send a workload's incoming connections to a local port (no sidecar,
+    /// no restart; the pod gets them back when the intercept ends).
+    Intercept(cmd::intercept::InterceptArgs),
+    /// End an intercept.
+    Leave(cmd::intercept::LeaveArgs),
+    /// The workloads of a namespace and their intercepts.
+    List(cmd::intercept::ListArgs),
     /// The lab: a Kubernetes-like cluster out of network namespaces on this
     /// machine, with real nginx, Redis, PostgreSQL and DNS.
     Lab(cmd::lab::LabArgs),
@@ -92,6 +99,9 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd::bridge::run(args),
         Command::Lab(args) => cmd::lab::run(args),
         Command::Daemon(args) => cmd::bridge::daemon(args),
+        Command::Intercept(args) => cmd::intercept::intercept(args),
+        Command::Leave(args) => cmd::intercept::leave(args),
+        Command::List(args) => cmd::intercept::list(args),
         Command::Debug(DebugCommand::Redirect(args)) => cmd::redirect::run(args),
         Command::ReapCgroup { path } => tpbpf_cgroup::reaper::run_reaper(path)
             .map(|()| ExitCode::SUCCESS)

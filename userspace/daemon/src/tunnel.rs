@@ -187,6 +187,12 @@ impl Upstream for TunnelUpstream {
         self.describe.clone()
     }
 
+    fn close(&self, why: &str) {
+        if let Some(s) = self.session.borrow().clone() {
+            s.close(why);
+        }
+    }
+
     fn status(&self) -> Value {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let session = self.session.borrow().clone();

@@ -58,6 +58,8 @@ pub trait Upstream: Send + Sync + 'static {
     fn exempt(&self, _bypass: Bypass) {}
     /// For status output and logs.
     fn describe(&self) -> String;
+    /// Ends what the upstream holds open (a tunnel session), saying why.
+    fn close(&self, _why: &str) {}
     /// Live state for `tpbpf status` (a tunnel's session, RTT, bytes).
     fn status(&self) -> serde_json::Value {
         serde_json::Value::Null

@@ -15,6 +15,8 @@ use kube::{
 use serde::Serialize;
 use thiserror::Error;
 use tpbpf_loader::Cidr;
+
+pub use kube::Client as KubeClient;
 use tracing::debug;
 
 #[derive(Debug, Error)]
@@ -308,9 +310,21 @@ async fn agent_pods(client: &Client) -> Result<Vec<Pod>, String> {
 /// Finds a running agent and asks it, through a port-forward via the API
 /// server (the path the tunnel takes), who it is.
 pub async fn find_agent(client: &Client) -> Result<Option<AgentInfo>, String> {
+    find_agent_on(client, None).await
+}
+
+/// Like [`find_agent`], on one node only (the node of a pod to intercept).
+pub async fn find_agent_on(
+    client: &Client,
+    node: Option<&str>,
+) -> Result<Option<AgentInfo>, String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let mut last_err = None;
     for pod in agent_pods(client).await? {
+        let on = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+        if node.is_some() && on != node {
+            continue;
+        }
         let Some(name) = pod.metadata.name.clone() else {
             continue;
         };
@@ -336,6 +350,117 @@ pub async fn find_agent(client: &Client) -> Result<Option<AgentInfo>, String> {
         Some(e) => Err(format!("no agent answered: {e}")),
         None => Ok(None),
     }
+}
+
+/// A pod of a workload: where it runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadPod {
+    pub name: String,
+    pub ip: IpAddr,
+    pub node: String,
+}
+
+/// The running pods of a workload in `namespace`: a deployment, a
+/// statefulset, or a pod, by name (tried in that order).
+pub async fn workload_pods(
+    client: &Client,
+    namespace: &str,
+    workload: &str,
+) -> Result<(String, Vec<WorkloadPod>), String> {
+    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+    let selector = |labels: Option<std::collections::BTreeMap<String, String>>| {
+        labels
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let (kind, list) = if let Some(d) = deployments
+        .get_opt(workload)
+        .await
+        .map_err(|e| format!("getting deployment {namespace}/{workload}: {e}"))?
+    {
+        let sel = selector(d.spec.and_then(|s| s.selector.match_labels));
+        let list = pods
+            .list(&ListParams::default().labels(&sel))
+            .await
+            .map_err(|e| format!("listing the pods of deployment {workload}: {e}"))?;
+        ("deployment", list.items)
+    } else if let Some(st) = statefulsets.get_opt(workload).await.ok().flatten() {
+        let sel = selector(st.spec.and_then(|s| s.selector.match_labels));
+        let list = pods
+            .list(&ListParams::default().labels(&sel))
+            .await
+            .map_err(|e| format!("listing the pods of statefulset {workload}: {e}"))?;
+        ("statefulset", list.items)
+    } else if let Some(p) = pods
+        .get_opt(workload)
+        .await
+        .map_err(|e| format!("getting pod {namespace}/{workload}: {e}"))?
+    {
+        ("pod", vec![p])
+    } else {
+        return Err(format!(
+            "no deployment, statefulset or pod named {workload} in namespace {namespace} (`tpbpf list -n {namespace}` lists them)"
+        ));
+    };
+    let mut out = Vec::new();
+    for p in list {
+        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        let ip = p
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
+        let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+        if let (true, Some(ip), Some(node), Some(name)) = (running, ip, node, p.metadata.name) {
+            out.push(WorkloadPod { name, ip, node });
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("{kind} {namespace}/{workload} has no running pod"));
+    }
+    Ok((kind.to_string(), out))
+}
+
+/// The workloads of a namespace that `tpbpf intercept` takes: deployments
+/// and statefulsets, with their replicas.
+pub async fn workloads(
+    client: &Client,
+    namespace: &str,
+) -> Result<Vec<(String, String, i32)>, String> {
+    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+    let mut out = Vec::new();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    for d in deployments
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("listing deployments in {namespace}: {e}"))?
+        .items
+    {
+        let replicas = d.spec.and_then(|s| s.replicas).unwrap_or(1);
+        out.push((
+            "deployment".into(),
+            d.metadata.name.unwrap_or_default(),
+            replicas,
+        ));
+    }
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    if let Ok(list) = statefulsets.list(&ListParams::default()).await {
+        for st in list.items {
+            let replicas = st.spec.and_then(|s| s.replicas).unwrap_or(1);
+            out.push((
+                "statefulset".into(),
+                st.metadata.name.unwrap_or_default(),
+                replicas,
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// What opening a tunnel session with an agent takes.

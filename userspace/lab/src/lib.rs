@@ -400,8 +400,18 @@ impl Lab {
                 ));
             }
         }
+        // Hairpin: a pod that reaches a service and is sent to itself is
+        // masqueraded (as kube-proxy does), or it would get a packet from its
+        // own address and answer it locally.
+        let mut hairpin = String::new();
+        for pod in spec::pods() {
+            hairpin.push_str(&format!(
+                "  ct status dnat ip saddr {ip} ip daddr {ip} masquerade\n",
+                ip = pod.ip
+            ));
+        }
         format!(
-            "table ip tpbpf_lab {{\n chain services {{\n{rules} }}\n chain prerouting {{\n  type nat hook prerouting priority dstnat; policy accept;\n  jump services\n }}\n chain output {{\n  type nat hook output priority -100; policy accept;\n  jump services\n }}\n}}\n"
+            "table ip tpbpf_lab {{\n chain services {{\n{rules} }}\n chain prerouting {{\n  type nat hook prerouting priority dstnat; policy accept;\n  jump services\n }}\n chain output {{\n  type nat hook output priority -100; policy accept;\n  jump services\n }}\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n{hairpin} }}\n}}\n"
         )
     }
 

@@ -24,9 +24,9 @@ pub mod transport;
 use std::time::Duration;
 
 pub use handshake::{Client, HandshakeError, Server};
-pub use session::{Flow, Request, Session, Stats};
+pub use session::{Flow, Intercept, Request, Session, Stats};
 pub use stream::Stream;
-pub use tpbpf_proto::{Destination, ResetReason};
+pub use tpbpf_proto::{Destination, InterceptMode, ResetReason};
 
 /// The largest piece of one stream's data sent in one turn.
 pub const CHUNK: usize = 16 * 1024;

@@ -10,7 +10,9 @@ use std::{
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-use tpbpf_proto::{encode, encode_data_parts, Destination, Frame, ResetReason, INITIAL_WINDOW};
+use tpbpf_proto::{
+    encode, encode_data_parts, Destination, Frame, InterceptMode, ResetReason, INITIAL_WINDOW,
+};
 
 use crate::{stream::Stream, Config, CHUNK};
 
@@ -72,6 +74,15 @@ pub enum Request {
     },
     /// A DNS query (wire format): answer with [`Session::answer_dns`].
     Dns { id: u32, query: Vec<u8> },
+    /// Steer `target`'s new connections into this session; answer with
+    /// [`Session::intercept_status`], then open a stream per connection.
+    InterceptStart {
+        id: u32,
+        target: std::net::SocketAddr,
+        mode: InterceptMode,
+    },
+    /// Remove the intercept `id`.
+    InterceptStop { id: u32 },
 }
 
 /// Datagrams and DNS queries waiting for the serving application, at most.
@@ -80,6 +91,13 @@ const MAX_REQUESTS: usize = 4096;
 const MAX_FLOW_QUEUE: usize = 256;
 /// Bytes of control frames queued before datagrams are dropped.
 const MAX_CONTROL: usize = 1024 * 1024;
+
+#[derive(Default)]
+struct InterceptState {
+    ready: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ended: Option<String>,
+    waker: Option<Waker>,
+}
 
 #[derive(Default)]
 struct FlowState {
@@ -136,6 +154,10 @@ pub(crate) struct Inner {
     next_flow: u32,
     dns_pending: HashMap<u32, tokio::sync::oneshot::Sender<Vec<u8>>>,
     next_query: u32,
+    /// Intercepts this side asked for: waiting for the agent's answer, or
+    /// in place until it says they ended.
+    intercepts: HashMap<u32, InterceptState>,
+    next_intercept: u32,
     /// The sum of receive windows and buffered bytes: what the peer can make
     /// this session hold.
     granted: usize,
@@ -198,6 +220,8 @@ impl Shared {
                 next_flow: if client { 1 } else { 2 },
                 dns_pending: HashMap::new(),
                 next_query: 1,
+                intercepts: HashMap::new(),
+                next_intercept: 1,
                 granted: 0,
                 ended: None,
                 go_away: None,
@@ -351,6 +375,13 @@ impl Inner {
             }
         }
         self.dns_pending.clear();
+        for i in self.intercepts.values_mut() {
+            i.ready = None;
+            i.ended.get_or_insert_with(|| message.clone());
+            if let Some(w) = i.waker.take() {
+                w.wake();
+            }
+        }
     }
 
     /// Handles one frame from the peer. An error is a protocol violation
@@ -469,7 +500,36 @@ impl Inner {
                     let _ = tx.send(answer);
                 }
             }
-            // Intercepts are carried by a later layer.
+            Frame::InterceptStart {
+                intercept,
+                target,
+                mode,
+            } => self.push_request(Request::InterceptStart {
+                id: intercept,
+                target,
+                mode,
+            }),
+            Frame::InterceptStop { intercept } => {
+                self.push_request(Request::InterceptStop { id: intercept })
+            }
+            Frame::InterceptStatus {
+                intercept,
+                ok,
+                message,
+            } => {
+                if let Some(i) = self.intercepts.get_mut(&intercept) {
+                    if let Some(tx) = i.ready.take() {
+                        let _ = tx.send(if ok { Ok(()) } else { Err(message) });
+                    } else if !ok {
+                        i.ended = Some(message);
+                        if let Some(w) = i.waker.take() {
+                            w.wake();
+                        }
+                    }
+                }
+            }
+            // The agent's announcement of a connection's source; the
+            // stream's open carries what is needed.
             Frame::InterceptIncoming { .. } => {}
         }
         Ok(wake_writer)
@@ -1004,6 +1064,74 @@ impl Session {
         }
     }
 
+    /// Answers an intercept request (`ok`), or says it failed or ended.
+    pub fn intercept_status(&self, id: u32, ok: bool, message: &str) -> io::Result<()> {
+        let mut inner = self.shared.lock();
+        if let Some((reason, m)) = &inner.ended {
+            return Err(reset_error(*reason, m));
+        }
+        inner.push_control(&Frame::InterceptStatus {
+            intercept: id,
+            ok,
+            message: message.to_string(),
+        });
+        drop(inner);
+        self.shared.write.notify_one();
+        Ok(())
+    }
+
+    /// Asks the peer (an agent) to steer `target`'s new connections into
+    /// this session. They arrive as streams ([`Session::accept`]) whose
+    /// destination is `target`. Dropping the handle removes the intercept.
+    pub async fn intercept(
+        &self,
+        target: std::net::SocketAddr,
+        mode: InterceptMode,
+        timeout: Duration,
+    ) -> io::Result<Intercept> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let id = {
+            let mut inner = self.shared.lock();
+            if let Some((reason, m)) = &inner.ended {
+                return Err(reset_error(*reason, m));
+            }
+            let id = inner.next_intercept;
+            inner.next_intercept += 1;
+            inner.intercepts.insert(
+                id,
+                InterceptState {
+                    ready: Some(tx),
+                    ..InterceptState::default()
+                },
+            );
+            inner.push_control(&Frame::InterceptStart {
+                intercept: id,
+                target,
+                mode,
+            });
+            id
+        };
+        self.shared.write.notify_one();
+        let handle = Intercept {
+            shared: self.shared.clone(),
+            id,
+            target,
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(()))) => Ok(handle),
+            Ok(Ok(Err(m))) => Err(io::Error::other(m)),
+            Ok(Err(_)) => Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                self.ended()
+                    .unwrap_or_else(|| "the tunnel session ended".into()),
+            )),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the agent did not answer the intercept of {target} within {timeout:?}"),
+            )),
+        }
+    }
+
     /// Opens a datagram flow to `dst`: what is sent goes there from the
     /// peer's side; what comes back arrives on [`Flow::recv`].
     pub fn flow(&self, dst: Destination) -> io::Result<Flow> {
@@ -1117,5 +1245,47 @@ impl Flow {
 impl Drop for Flow {
     fn drop(&mut self) {
         self.shared.lock().flows.remove(&self.id);
+    }
+}
+
+/// An intercept in place; dropping it asks the agent to remove it.
+pub struct Intercept {
+    shared: Arc<Shared>,
+    id: u32,
+    target: std::net::SocketAddr,
+}
+
+impl Intercept {
+    pub fn target(&self) -> std::net::SocketAddr {
+        self.target
+    }
+
+    /// Waits until the agent says the intercept ended (or the session did),
+    /// and says why.
+    pub async fn ended(&self) -> String {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            let Some(i) = inner.intercepts.get_mut(&self.id) else {
+                return Poll::Ready("the intercept was removed".to_string());
+            };
+            if let Some(m) = &i.ended {
+                return Poll::Ready(m.clone());
+            }
+            i.waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl Drop for Intercept {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.intercepts.remove(&self.id);
+        if inner.ended.is_none() {
+            inner.push_control(&Frame::InterceptStop { intercept: self.id });
+            drop(inner);
+            self.shared.write.notify_one();
+        }
     }
 }

@@ -4,7 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use thiserror::Error;
 
 use crate::{
-    Destination, Frame, Hello, ResetReason, Welcome, WelcomeStatus, MAGIC, MAX_BODY, WELCOME_MAGIC,
+    Destination, Frame, Hello, InterceptMode, ResetReason, Welcome, WelcomeStatus, MAGIC, MAX_BODY,
+    WELCOME_MAGIC,
 };
 
 /// length (4) + type (1) + flags (1) + id (4).
@@ -45,6 +46,10 @@ const PING: u8 = 10;
 const PONG: u8 = 11;
 const GO_AWAY: u8 = 12;
 const ACK: u8 = 13;
+const INTERCEPT_START: u8 = 14;
+const INTERCEPT_STATUS: u8 = 15;
+const INTERCEPT_STOP: u8 = 16;
+const LAST: u8 = INTERCEPT_STOP;
 
 /// Appends `frame` to `out`. Fails, appending nothing, if its body would be
 /// larger than [`MAX_BODY`] (split data before encoding it).
@@ -99,6 +104,37 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), DecodeError> {
             put_addr(out, dst);
             (INTERCEPT_INCOMING, *intercept)
         }
+        Frame::InterceptStart {
+            intercept,
+            target,
+            mode,
+        } => {
+            put_addr(out, target);
+            match mode {
+                InterceptMode::Steal => out.push(0),
+                InterceptMode::Header { name, value } => {
+                    out.push(1);
+                    put_str(out, name);
+                    put_str(out, value);
+                }
+                InterceptMode::PathPrefix(p) => {
+                    out.push(2);
+                    put_str(out, p);
+                }
+                InterceptMode::Mirror => out.push(3),
+            }
+            (INTERCEPT_START, *intercept)
+        }
+        Frame::InterceptStatus {
+            intercept,
+            ok,
+            message,
+        } => {
+            out.push(u8::from(*ok));
+            put_str(out, message);
+            (INTERCEPT_STATUS, *intercept)
+        }
+        Frame::InterceptStop { intercept } => (INTERCEPT_STOP, *intercept),
         Frame::Ping { nonce } => {
             out.extend_from_slice(&nonce.to_be_bytes());
             (PING, 0)
@@ -151,7 +187,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
     }
     let (kind, flags) = (buf[4], buf[5]);
     let id = u32::from_be_bytes([buf[6], buf[7], buf[8], buf[9]]);
-    if !(OPEN..=ACK).contains(&kind) {
+    if !(OPEN..=LAST).contains(&kind) {
         return Err(DecodeError::UnknownType(kind));
     }
     if flags != 0 {
@@ -212,9 +248,41 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
         GO_AWAY => Frame::GoAway {
             message: r.str("go-away message")?,
         },
-        _ => Frame::Ack {
+        ACK => Frame::Ack {
             received: r.u64("ack")?,
         },
+        INTERCEPT_START => Frame::InterceptStart {
+            intercept: id,
+            target: r.addr()?,
+            mode: match r.u8("intercept mode")? {
+                0 => InterceptMode::Steal,
+                1 => InterceptMode::Header {
+                    name: r.str("intercept header")?,
+                    value: r.str("intercept header value")?,
+                },
+                2 => InterceptMode::PathPrefix(r.str("intercept path")?),
+                3 => InterceptMode::Mirror,
+                _ => {
+                    return Err(DecodeError::Malformed {
+                        what: "intercept mode",
+                    })
+                }
+            },
+        },
+        INTERCEPT_STATUS => Frame::InterceptStatus {
+            intercept: id,
+            ok: match r.u8("intercept status")? {
+                0 => false,
+                1 => true,
+                _ => {
+                    return Err(DecodeError::Malformed {
+                        what: "intercept status",
+                    })
+                }
+            },
+            message: r.str("intercept message")?,
+        },
+        _ => Frame::InterceptStop { intercept: id },
     };
     if !r.0.is_empty() {
         return Err(DecodeError::Malformed {

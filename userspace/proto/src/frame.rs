@@ -69,6 +69,20 @@ pub enum WelcomeStatus {
     Version,
 }
 
+/// What an intercept does with the workload's incoming connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InterceptMode {
+    /// Every new connection goes to the developer.
+    Steal,
+    /// HTTP requests with the header go to the developer, the rest to the
+    /// workload.
+    Header { name: String, value: String },
+    /// HTTP requests whose path starts with the prefix go to the developer.
+    PathPrefix(String),
+    /// The workload answers; the developer gets a copy of each request.
+    Mirror,
+}
+
 /// A frame after the hello.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -117,6 +131,25 @@ pub enum Frame {
         stream: u32,
         src: SocketAddr,
         dst: SocketAddr,
+    },
+    /// Client to agent: steer new connections to `target` (a pod's IP and
+    /// port) into this session; the agent opens a stream per connection,
+    /// with `target` as its destination.
+    InterceptStart {
+        intercept: u32,
+        target: SocketAddr,
+        mode: InterceptMode,
+    },
+    /// Agent to client: the intercept is in place (`ok`), failed, or ended
+    /// on the agent's side; `message` says why.
+    InterceptStatus {
+        intercept: u32,
+        ok: bool,
+        message: String,
+    },
+    /// Client to agent: remove the intercept.
+    InterceptStop {
+        intercept: u32,
     },
     Ping {
         nonce: u64,

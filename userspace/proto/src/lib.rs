@@ -34,7 +34,7 @@ pub use codec::{
     data_frame, decode, decode_hello, decode_welcome, encode, encode_data, encode_data_parts,
     encode_hello, encode_welcome, DecodeError, HEADER_LEN,
 };
-pub use frame::{Destination, Frame, Hello, ResetReason, Welcome, WelcomeStatus};
+pub use frame::{Destination, Frame, Hello, InterceptMode, ResetReason, Welcome, WelcomeStatus};
 
 /// The protocol version this crate speaks.
 pub const VERSION: u16 = 1;

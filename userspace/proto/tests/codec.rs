@@ -36,8 +36,32 @@ fn reason() -> impl Strategy<Value = ResetReason> {
     ]
 }
 
+fn mode() -> impl Strategy<Value = InterceptMode> {
+    prop_oneof![
+        Just(InterceptMode::Steal),
+        Just(InterceptMode::Mirror),
+        (".{0,20}", ".{0,20}").prop_map(|(name, value)| InterceptMode::Header { name, value }),
+        ".{0,40}".prop_map(InterceptMode::PathPrefix),
+    ]
+}
+
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
+        (any::<u32>(), addr(), mode()).prop_map(|(intercept, target, mode)| {
+            Frame::InterceptStart {
+                intercept,
+                target,
+                mode,
+            }
+        }),
+        (any::<u32>(), any::<bool>(), ".{0,40}").prop_map(|(intercept, ok, message)| {
+            Frame::InterceptStatus {
+                intercept,
+                ok,
+                message,
+            }
+        }),
+        any::<u32>().prop_map(|intercept| Frame::InterceptStop { intercept }),
         (any::<u32>(), dst(), bytes()).prop_map(|(stream, dst, data)| Frame::Open {
             stream,
             dst,

@@ -34,6 +34,61 @@ impl Transport {
     }
 }
 
+/// Opens a tunnel session with an agent (on `node`, or any): finds it,
+/// asks it for credentials through a port-forward, dials the transport.
+pub async fn connect_agent(
+    client: &tpbpf_kube::KubeClient,
+    transport: Transport,
+    agent_address: Option<std::net::SocketAddr>,
+    node: Option<&str>,
+) -> std::result::Result<(tpbpf_mux::Session, String), String> {
+    let agent = tpbpf_kube::find_agent_on(client, node).await?.ok_or_else(|| {
+        format!(
+            "no running tpbpf agent{} in namespace {} (install it, or check `kubectl -n {} get pods`)",
+            node.map(|n| format!(" on node {n}")).unwrap_or_default(),
+            tpbpf_kube::AGENT_NAMESPACE,
+            tpbpf_kube::AGENT_NAMESPACE
+        )
+    })?;
+    let creds = tpbpf_kube::agent_credentials(client, &agent.pod).await?;
+    let inner: Arc<dyn Connector> = match transport {
+        Transport::Portforward => Arc::new(tpbpf_kube::PortForward::new(
+            client,
+            &agent.pod,
+            creds.tunnel_port,
+        )),
+        Transport::Direct => {
+            let addr = match agent_address.filter(|_| node.is_none()) {
+                Some(a) => a,
+                None => {
+                    let ip: std::net::IpAddr = agent
+                        .address
+                        .as_deref()
+                        .and_then(|a| a.parse().ok())
+                        .ok_or_else(|| {
+                            format!(
+                                "agent {} has no address for a direct transport: give --agent-address",
+                                agent.pod
+                            )
+                        })?;
+                    (ip, creds.tunnel_port).into()
+                }
+            };
+            Arc::new(TcpConnector { addr })
+        }
+    };
+    let tls = TlsConnector::over(inner, &creds.fingerprint).map_err(|e| e.to_string())?;
+    let describe = format!("{} (agent {} on {})", tls.describe(), agent.pod, agent.node);
+    let session = Client::connect(
+        Arc::new(tls),
+        creds.token.into_bytes(),
+        MuxConfig::default(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok((session, describe))
+}
+
 /// What to bridge and where to, shared by `run` and `daemon`.
 #[derive(clap::Args, Clone)]
 pub struct BridgeArgs {
@@ -165,45 +220,7 @@ impl BridgeArgs {
         let agent_address = self.agent_address;
         let factory: tunnel::Factory = Arc::new(move || {
             let client = client.clone();
-            Box::pin(async move {
-                let agent = tpbpf_kube::find_agent(&client)
-                    .await?
-                    .ok_or_else(|| format!("no running tpbpf agent in namespace {} (install it, or check `kubectl -n {} get pods`)", tpbpf_kube::AGENT_NAMESPACE, tpbpf_kube::AGENT_NAMESPACE))?;
-                let creds = tpbpf_kube::agent_credentials(&client, &agent.pod).await?;
-                let inner: Arc<dyn Connector> = match transport {
-                    Transport::Portforward => Arc::new(tpbpf_kube::PortForward::new(
-                        &client,
-                        &agent.pod,
-                        creds.tunnel_port,
-                    )),
-                    Transport::Direct => {
-                        let addr = match agent_address {
-                            Some(a) => a,
-                            None => {
-                                let ip: std::net::IpAddr = agent
-                                    .address
-                                    .as_deref()
-                                    .and_then(|a| a.parse().ok())
-                                    .ok_or_else(|| format!("agent {} has no address for a direct transport: give --agent-address", agent.pod))?;
-                                (ip, creds.tunnel_port).into()
-                            }
-                        };
-                        Arc::new(TcpConnector { addr })
-                    }
-                };
-                let tls =
-                    TlsConnector::over(inner, &creds.fingerprint).map_err(|e| e.to_string())?;
-                let describe =
-                    format!("{} (agent {} on {})", tls.describe(), agent.pod, agent.node);
-                let session = Client::connect(
-                    Arc::new(tls),
-                    creds.token.into_bytes(),
-                    MuxConfig::default(),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                Ok((session, describe))
-            })
+            Box::pin(async move { connect_agent(&client, transport, agent_address, None).await })
         });
         let describe = format!("agent via {}", self.transport.name());
         let up = TunnelUpstream::start(factory, describe)
@@ -425,6 +442,9 @@ pub struct DaemonArgs {
     /// cgroup v2 hierarchy, i.e. the whole machine).
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Serve `tpbpf intercept`, `leave` and `list` on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
 }
 
 /// tpbpfd in the foreground: bridges a whole cgroup subtree until SIGINT or
@@ -444,6 +464,32 @@ pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
         bridge.attach(&dir, &cgroup.display().to_string())?;
         drop(dir);
         let tc = args.bridge.start_tc(&mut bridge)?;
+        let intercepts = match (&args.control_socket, args.bridge.upstream.as_str()) {
+            (Some(path), "agent") => {
+                let (client, _, _, _) = tpbpf_kube::client(
+                    args.bridge.kubeconfig.as_deref(),
+                    args.bridge.context.as_deref(),
+                )
+                .await?;
+                let m = super::intercept::Manager::new(
+                    client,
+                    args.bridge.transport,
+                    args.bridge
+                        .namespaces
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| "default".into()),
+                );
+                let (m2, path) = (m.clone(), path.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = m2.serve(&path).await {
+                        tracing::error!("the control socket {} failed: {e}", path.display());
+                    }
+                });
+                Some(m)
+            }
+            _ => None,
+        };
         args.bridge
             .ready_event(&bridge, &cgroup, tc.as_ref(), upstream.as_ref());
         let mut sigint = signal(SignalKind::interrupt())?;
@@ -453,6 +499,12 @@ pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
             _ = sigterm.recv() => {}
         }
         info!("signal received: detaching");
+        if let Some(m) = intercepts {
+            m.shutdown().await;
+        }
+        upstream.close("tpbpf down");
+        // Let the go-aways leave.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         drop(bridge);
         if let Some(tc) = tc {
             tc.finish();

@@ -1,5 +1,6 @@
 pub mod bridge;
 pub mod doctor;
+pub mod intercept;
 pub mod lab;
 pub mod redirect;
 pub mod scope;

@@ -188,6 +188,7 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         &args.cluster_domain,
     ]);
     cmd.arg("--status-file").arg(dir.join("live.json"));
+    cmd.arg("--control-socket").arg(dir.join("control.sock"));
     if let Some(k) = &args.kubeconfig {
         cmd.arg("--kubeconfig").arg(k);
     }

@@ -1,0 +1,482 @@
+//! `tpbpf intercept` / `leave` / `list`: the cluster's traffic for a
+//! workload comes to a local port. The commands talk to the running tpbpfd
+//! over its control socket; tpbpfd asks the agent on each of the
+//! workload's pods' nodes, over a tunnel session, to steer the pod port's
+//! new connections into the session, and carries them to the local port.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{TcpStream, UnixListener, UnixStream},
+};
+use tpbpf_kube::KubeClient;
+use tpbpf_mux::{Intercept, InterceptMode, Session};
+use tracing::{debug, info, warn};
+
+use super::bridge::{connect_agent, Transport};
+use crate::Output;
+
+const INTERCEPT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The control socket of a bridge started by `tpbpf up`.
+pub fn control_socket(instance: &str) -> PathBuf {
+    PathBuf::from("/run/tpbpf")
+        .join(instance)
+        .join("control.sock")
+}
+
+#[derive(clap::Args)]
+pub struct InterceptArgs {
+    /// The workload: a deployment, a statefulset or a pod.
+    workload: String,
+    /// REMOTE[:LOCAL]: the workload's port, and the local port its
+    /// connections go to (default: the same number).
+    #[arg(long)]
+    port: String,
+    /// The workload's namespace (default: the bridge's first namespace).
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Name of the intercept, for `tpbpf leave` (default: WORKLOAD-REMOTE).
+    #[arg(long)]
+    name: Option<String>,
+    /// Name of the bridge.
+    #[arg(long, default_value = "default")]
+    instance: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+pub struct LeaveArgs {
+    /// The intercept's name (`tpbpf list` shows them).
+    name: String,
+    #[arg(long, default_value = "default")]
+    instance: String,
+}
+
+#[derive(clap::Args)]
+pub struct ListArgs {
+    #[arg(short, long)]
+    namespace: Option<String>,
+    #[arg(long, default_value = "default")]
+    instance: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+fn ask(instance: &str, request: Value) -> Result<Value> {
+    let path = control_socket(instance);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut s = UnixStream::connect(&path).await.with_context(|| {
+            format!(
+                "tpbpf is not up (bridge `{instance}`: no control socket at {}): run `tpbpf up` first",
+                path.display()
+            )
+        })?;
+        s.write_all(format!("{request}\n").as_bytes()).await?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).await?;
+        let v: Value = serde_json::from_str(&line).context("tpbpfd's answer")?;
+        if let Some(e) = v["error"].as_str() {
+            bail!("{e}");
+        }
+        Ok(v)
+    })
+}
+
+pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
+    let (remote, local) = match args.port.split_once(':') {
+        Some((r, l)) => (r.parse::<u16>(), l.parse::<u16>()),
+        None => (args.port.parse(), args.port.parse()),
+    };
+    let (Ok(remote), Ok(local)) = (remote, local) else {
+        bail!(
+            "--port `{}` is not REMOTE[:LOCAL] (e.g. 80:8080)",
+            args.port
+        );
+    };
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{remote}", args.workload));
+    let v = ask(
+        &args.instance,
+        json!({"op": "intercept", "name": name, "workload": args.workload, "namespace": args.namespace,
+               "remote": remote, "local": local}),
+    )?;
+    match args.output {
+        Output::Json => println!("{v}"),
+        Output::Table => {
+            println!(
+                "intercepting {} {}/{} port {remote}: new connections go to 127.0.0.1:{local} (name {name}; `tpbpf leave {name}` ends it)",
+                v["kind"].as_str().unwrap_or("workload"),
+                v["namespace"].as_str().unwrap_or("?"),
+                args.workload
+            );
+            for p in v["pods"].as_array().into_iter().flatten() {
+                println!(
+                    "  pod {} ({}) on {}",
+                    p["name"].as_str().unwrap_or("?"),
+                    p["ip"].as_str().unwrap_or("?"),
+                    p["node"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn leave(args: LeaveArgs) -> Result<ExitCode> {
+    ask(&args.instance, json!({"op": "leave", "name": args.name}))?;
+    println!(
+        "intercept {} removed: the workload gets its connections again",
+        args.name
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(args: ListArgs) -> Result<ExitCode> {
+    let v = ask(
+        &args.instance,
+        json!({"op": "list", "namespace": args.namespace}),
+    )?;
+    match args.output {
+        Output::Json => println!("{v}"),
+        Output::Table => {
+            println!(
+                "{:<12} {:<24} {:<9} INTERCEPTED",
+                "KIND", "NAME", "REPLICAS"
+            );
+            for w in v["workloads"].as_array().into_iter().flatten() {
+                let state = match w["intercepts"].as_array() {
+                    Some(a) if !a.is_empty() => a
+                        .iter()
+                        .map(|i| {
+                            format!(
+                                "{} (port {} -> {}{})",
+                                i["name"].as_str().unwrap_or("?"),
+                                i["remote"],
+                                i["local"],
+                                i["problem"]
+                                    .as_str()
+                                    .map(|p| format!("; {p}"))
+                                    .unwrap_or_default()
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    _ => "-".into(),
+                };
+                println!(
+                    "{:<12} {:<24} {:<9} {state}",
+                    w["kind"].as_str().unwrap_or("?"),
+                    w["name"].as_str().unwrap_or("?"),
+                    w["replicas"]
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// tpbpfd's side: intercepts by name, and tunnel sessions per node.
+pub struct Manager {
+    client: KubeClient,
+    transport: Transport,
+    default_namespace: String,
+    sessions: tokio::sync::Mutex<HashMap<String, Session>>,
+    /// Pod address and port → local port, for the streams agents open.
+    routes: Arc<Mutex<HashMap<SocketAddr, u16>>>,
+    active: Mutex<HashMap<String, Entry>>,
+}
+
+struct Entry {
+    workload: String,
+    namespace: String,
+    remote: u16,
+    local: u16,
+    pods: Vec<tpbpf_kube::WorkloadPod>,
+    /// One watcher per pod: holds the intercept, puts it back if the
+    /// agent loses it.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    problems: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Manager {
+    pub fn new(client: KubeClient, transport: Transport, default_namespace: String) -> Arc<Self> {
+        Arc::new(Manager {
+            client,
+            transport,
+            default_namespace,
+            sessions: tokio::sync::Mutex::new(HashMap::new()),
+            routes: Arc::new(Mutex::new(HashMap::new())),
+            active: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A live session with the agent on `node`, made if needed; its
+    /// incoming streams (intercepted connections) go to local ports.
+    async fn session(&self, node: &str) -> Result<Session, String> {
+        let mut sessions = self.sessions.lock().await;
+        if let Some(s) = sessions.get(node).filter(|s| s.ended().is_none()) {
+            return Ok(s.clone());
+        }
+        let (session, describe) =
+            connect_agent(&self.client, self.transport, None, Some(node)).await?;
+        info!(node, %describe, "intercept session made");
+        let (s2, routes) = (session.clone(), self.routes.clone());
+        tokio::spawn(async move {
+            while let Some(mut stream) = s2.accept().await {
+                let target = match stream.destination() {
+                    Some(tpbpf_mux::Destination::Addr(a)) => a,
+                    other => {
+                        warn!(?other, "an intercepted connection without a pod address");
+                        continue;
+                    }
+                };
+                let local = routes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&target)
+                    .copied();
+                let Some(local) = local else {
+                    stream.reset(
+                        tpbpf_mux::ResetReason::Refused,
+                        &format!("{target} is not intercepted here"),
+                    );
+                    continue;
+                };
+                tokio::spawn(async move {
+                    match TcpStream::connect(("127.0.0.1", local)).await {
+                        Ok(mut tcp) => {
+                            let _ = tcp.set_nodelay(true);
+                            debug!(%target, local, "intercepted connection");
+                            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                        }
+                        Err(e) => {
+                            warn!(%target, local, "the local port does not answer: {e}");
+                            stream.reset(
+                                tpbpf_mux::ResetReason::Refused,
+                                &format!("nothing answers on the developer's port {local}: {e}"),
+                            );
+                        }
+                    }
+                });
+            }
+        });
+        sessions.insert(node.to_string(), session.clone());
+        Ok(session)
+    }
+
+    async fn intercept(self: &Arc<Self>, req: &Value) -> Result<Value, String> {
+        let name = req["name"].as_str().ok_or("no name")?.to_string();
+        let workload = req["workload"].as_str().ok_or("no workload")?.to_string();
+        let namespace = req["namespace"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| self.default_namespace.clone());
+        let remote = req["remote"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or("no port")?;
+        let local = req["local"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or("no local port")?;
+        if self
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&name)
+        {
+            return Err(format!("an intercept named {name} exists: `tpbpf leave {name}` first, or pick another --name"));
+        }
+        let (kind, pods) = tpbpf_kube::workload_pods(&self.client, &namespace, &workload).await?;
+        // Every pod, wherever it runs; the first failure undoes the rest.
+        let mut handles = Vec::new();
+        for p in &pods {
+            let target = SocketAddr::new(p.ip, remote);
+            self.routes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(target, local);
+            let attempt = async {
+                let session = self.session(&p.node).await?;
+                session
+                    .intercept(target, InterceptMode::Steal, INTERCEPT_TIMEOUT)
+                    .await
+                    .map_err(|e| format!("pod {} on {}: {e}", p.name, p.node))
+            };
+            match attempt.await {
+                Ok(h) => handles.push((p.clone(), h)),
+                Err(e) => {
+                    let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+                    for p in &pods {
+                        routes.remove(&SocketAddr::new(p.ip, remote));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let problems = Arc::new(Mutex::new(HashMap::new()));
+        let tasks = handles
+            .into_iter()
+            .map(|(pod, h)| tokio::spawn(self.clone().hold(pod, remote, h, problems.clone())))
+            .collect();
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                name.clone(),
+                Entry {
+                    workload: workload.clone(),
+                    namespace: namespace.clone(),
+                    remote,
+                    local,
+                    pods: pods.clone(),
+                    tasks,
+                    problems,
+                },
+            );
+        Ok(
+            json!({"name": name, "kind": kind, "namespace": namespace, "workload": workload, "pods": pods}),
+        )
+    }
+
+    /// Keeps one pod's intercept: when the agent or the session loses it,
+    /// puts it back as soon as the agent is there again.
+    async fn hold(
+        self: Arc<Self>,
+        pod: tpbpf_kube::WorkloadPod,
+        remote: u16,
+        mut handle: Intercept,
+        problems: Arc<Mutex<HashMap<String, String>>>,
+    ) {
+        let target = SocketAddr::new(pod.ip, remote);
+        loop {
+            let why = handle.ended().await;
+            warn!(pod = pod.name, "intercept lost: {why}; putting it back");
+            problems
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(pod.name.clone(), format!("lost on {}: {why}", pod.node));
+            handle = loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let attempt = async {
+                    let s = self.session(&pod.node).await?;
+                    s.intercept(target, InterceptMode::Steal, INTERCEPT_TIMEOUT)
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                match attempt.await {
+                    Ok(h) => break h,
+                    Err(e) => debug!(pod = pod.name, "intercept not back yet: {e}"),
+                }
+            };
+            info!(pod = pod.name, "intercept back");
+            problems
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&pod.name);
+        }
+    }
+
+    fn leave(&self, name: &str) -> Result<Value, String> {
+        let entry = self
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .ok_or_else(|| format!("no intercept named {name} (`tpbpf list` shows them)"))?;
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &entry.pods {
+            routes.remove(&SocketAddr::new(p.ip, entry.remote));
+        }
+        Ok(json!({"left": name}))
+    }
+
+    async fn list(&self, req: &Value) -> Result<Value, String> {
+        let namespace = req["namespace"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| self.default_namespace.clone());
+        let workloads = tpbpf_kube::workloads(&self.client, &namespace).await?;
+        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let out: Vec<Value> = workloads
+            .into_iter()
+            .map(|(kind, name, replicas)| {
+                let intercepts: Vec<Value> = active
+                    .iter()
+                    .filter(|(_, e)| e.workload == name && e.namespace == namespace)
+                    .map(|(n, e)| {
+                        let problems = e.problems.lock().unwrap_or_else(|e| e.into_inner());
+                        json!({"name": n, "remote": e.remote, "local": e.local,
+                               "pods": e.pods.iter().map(|p| &p.name).collect::<Vec<_>>(),
+                               "problem": problems.values().next()})
+                    })
+                    .collect();
+                json!({"kind": kind, "name": name, "replicas": replicas, "intercepts": intercepts})
+            })
+            .collect();
+        Ok(json!({"namespace": namespace, "workloads": out}))
+    }
+
+    /// Ends every intercept and closes the sessions (`tpbpf down`).
+    pub async fn shutdown(&self) {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        for (_, s) in self.sessions.lock().await.drain() {
+            s.close("tpbpf down");
+        }
+    }
+
+    /// Serves the control socket at `path` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, path: &Path) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        loop {
+            let (conn, _) = listener.accept().await?;
+            let me = self.clone();
+            tokio::spawn(async move {
+                let (rd, mut wr) = conn.into_split();
+                let mut line = String::new();
+                if BufReader::new(rd).read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let answer = match serde_json::from_str::<Value>(&line) {
+                    Err(e) => Err(format!("not a request: {e}")),
+                    Ok(req) => match req["op"].as_str() {
+                        Some("intercept") => me.intercept(&req).await,
+                        Some("leave") => me.leave(req["name"].as_str().unwrap_or("")),
+                        Some("list") => me.list(&req).await,
+                        _ => Err("unknown operation".to_string()),
+                    },
+                };
+                let v = answer.unwrap_or_else(|e| json!({"error": e}));
+                let _ = wr.write_all(format!("{v}\n").as_bytes()).await;
+            });
+        }
+    }
+}
