@@ -1,0 +1,270 @@
+//! `tpbpf intercept` end to end in the lab: after `tpbpf up`, a deployment's
+//! incoming connections (both replicas, on both nodes) come to a server on
+//! the developer machine; nginx keeps its pid and the connections it had;
+//! `leave` gives them back; an agent's death gives them back at once; and
+//! nothing stays attached in the pods' namespaces.
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    os::unix::fs::MetadataExt,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tpbpf_vm_tests::*;
+
+struct Instance(String);
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = Command::new(tpbpf_bin())
+            .args(["down", "--instance", &self.0])
+            .output();
+    }
+}
+
+fn curl_from(netns: &str, url: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-sS", "-m", "3", url])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn connect_in(netns: &str, addr: &str) -> TcpStream {
+    let (netns, addr) = (netns.to_string(), addr.to_string());
+    std::thread::spawn(move || {
+        enter_netns(&netns).unwrap();
+        TcpStream::connect(addr).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+fn http_get(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// sk_lookup links attached in the network namespace `netns`.
+fn sk_lookup_links_in(netns: &str) -> Vec<Value> {
+    let ino = std::fs::metadata(format!("/run/netns/{netns}"))
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    let out = Command::new("bpftool")
+        .args(["link", "show", "-j"])
+        .output()
+        .unwrap();
+    let links: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    links
+        .into_iter()
+        .filter(|l| l["attach_type"] == "sk_lookup" && l["netns_ino"].as_u64() == Some(ino))
+        .collect()
+}
+
+fn tpbpf(args: &[&str]) -> std::process::Output {
+    Command::new(tpbpf_bin()).args(args).output().unwrap()
+}
+
+#[test]
+fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_back() {
+    if !require_root(
+        "intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_back",
+    ) {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tx") else {
+        return;
+    };
+    let dev = lab.dev_netns();
+    let pods = [
+        (
+            format!("{}-default-web-7d4b9c-a1", lab.name),
+            "default-web-7d4b9c-a1",
+            "10.244.1.10",
+        ),
+        (
+            format!("{}-default-web-7d4b9c-b2", lab.name),
+            "default-web-7d4b9c-b2",
+            "10.244.2.10",
+        ),
+    ];
+    let client_pod = format!("{}-cache-redis-0", lab.name);
+    let nginx_pid = |dir: &str| {
+        std::fs::read_to_string(format!("/run/tpbpf-lab/{}/{dir}/server.pid", lab.name)).unwrap()
+    };
+    let pids_before: Vec<String> = pods.iter().map(|p| nginx_pid(p.1)).collect();
+
+    let cg = TestCgroup::new();
+    let instance = Instance(unique_name("ix"));
+    let up = tpbpf(&[
+        "--netns",
+        &dev,
+        "up",
+        "--kubeconfig",
+        &lab.kubeconfig(),
+        "--instance",
+        &instance.0,
+        "--cgroup",
+        &cg.path().display().to_string(),
+    ]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+
+    // The developer's server, on the developer machine's loopback.
+    let mut server = Command::new(testserver_bin());
+    server
+        .args(["--netns", &dev, "http", "127.0.0.1:18080"])
+        .env("TAG", "developer");
+    let mut server = Bg::spawn(&mut server);
+    server
+        .wait_event(Duration::from_secs(5), |e| e["event"] == "ready")
+        .expect("developer server");
+
+    // A keep-alive connection to nginx opened before the intercept.
+    let mut before = connect_in(&client_pod, "10.244.1.10:80");
+    assert!(http_get(&mut before).contains("served by nginx"));
+
+    let out = tpbpf(&[
+        "intercept",
+        "web",
+        "--port",
+        "80:18080",
+        "--instance",
+        &instance.0,
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pods"].as_array().map(Vec::len), Some(2), "{v}");
+    for (ns, _, _) in &pods {
+        assert_eq!(
+            sk_lookup_links_in(ns).len(),
+            1,
+            "no intercept attached in {ns}"
+        );
+    }
+
+    // From another pod, through the service and to each pod: the developer.
+    for _ in 0..4 {
+        let got = curl_from(&client_pod, "http://10.96.0.20/");
+        assert!(got.contains("developer"), "{got}");
+    }
+    for (_, _, ip) in &pods {
+        let got = curl_from(&client_pod, &format!("http://{ip}/"));
+        assert!(got.contains("developer"), "{ip}: {got}");
+    }
+    // From the developer machine, by name, through tpbpf.
+    let resolv = std::env::temp_dir().join(format!("{}.resolv.conf", lab.name));
+    std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+    let r = bridged_shell(
+        cg.path(),
+        &dev,
+        &resolv,
+        "curl -sS -m 5 http://web.default/",
+    )
+    .output()
+    .unwrap();
+    let _ = std::fs::remove_file(&resolv);
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains("developer"),
+        "{}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // The connection opened before stays with nginx; nginx was not touched.
+    assert!(
+        http_get(&mut before).contains("served by nginx"),
+        "an existing connection moved"
+    );
+    let pids: Vec<String> = pods.iter().map(|p| nginx_pid(p.1)).collect();
+    assert_eq!(pids, pids_before, "nginx restarted");
+
+    let list = tpbpf(&["list", "--instance", &instance.0, "-o", "json"]);
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let web = list["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "web")
+        .cloned()
+        .unwrap();
+    assert_eq!(web["intercepts"][0]["name"], "web-80", "{list}");
+
+    // leave: the next request is nginx's, nothing stays attached.
+    let out = tpbpf(&["leave", "web-80", "--instance", &instance.0]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (ns, _, ip) in &pods {
+        assert!(
+            wait_for(Duration::from_secs(2), || sk_lookup_links_in(ns).is_empty()),
+            "intercept left attached in {ns}"
+        );
+        let got = curl_from(&client_pod, &format!("http://{ip}/"));
+        assert!(got.contains("served by nginx"), "{got}");
+    }
+
+    // Again, then the agents die: within a second nginx answers, none hangs.
+    let out = tpbpf(&[
+        "intercept",
+        "web",
+        "--port",
+        "80:18080",
+        "--instance",
+        &instance.0,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(curl_from(&client_pod, "http://10.244.1.10/").contains("developer"));
+    for node in ["node1", "node2"] {
+        let pid: i32 =
+            std::fs::read_to_string(format!("/run/tpbpf-lab/{}/agent-{node}.pid", lab.name))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+        // SAFETY: an agent of this test's lab.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let t = Instant::now();
+    for (ns, _, ip) in &pods {
+        assert!(
+            wait_for(Duration::from_secs(1), || sk_lookup_links_in(ns).is_empty()),
+            "intercept left attached in {ns} after the agent died"
+        );
+        let got = curl_from(&client_pod, &format!("http://{ip}/"));
+        assert!(got.contains("served by nginx"), "{got}");
+    }
+    println!(
+        "pods answered by nginx again {:?} after the agents died",
+        t.elapsed()
+    );
+    let pids: Vec<String> = pods.iter().map(|p| nginx_pid(p.1)).collect();
+    assert_eq!(pids, pids_before, "nginx restarted");
+}
