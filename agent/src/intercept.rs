@@ -23,6 +23,8 @@ static TAKEN: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
 
 /// One intercept in place. Dropping it detaches the program.
 pub struct Active {
+    /// The environment of the pod's process, as /proc/PID/environ has it.
+    pub environ: String,
     target: SocketAddr,
     task: JoinHandle<()>,
     _interceptor: tpbpf_loader::Interceptor,
@@ -64,6 +66,45 @@ pub fn netns_of(ip: IpAddr) -> Result<PathBuf, String> {
     Err(format!(
         "no network namespace on this node has the address {ip}: is the pod on this node?"
     ))
+}
+
+/// The environment of the pod's main process: the lowest pid in the
+/// namespace of `ns_path` whose /proc/PID/environ reads as `KEY=VALUE`
+/// entries (some servers overwrite theirs with their process title).
+fn environ_in(ns_path: &std::path::Path) -> String {
+    let Ok(want) = std::fs::metadata(ns_path) else {
+        return String::new();
+    };
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| m.dev() == want.dev() && m.ino() == want.ino())
+        })
+        .collect();
+    pids.sort_unstable();
+    for pid in pids {
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let Ok(text) = String::from_utf8(raw) else {
+            continue;
+        };
+        let entries: Vec<&str> = text.split('\0').filter(|e| !e.is_empty()).collect();
+        let valid = !entries.is_empty()
+            && entries.iter().all(|e| {
+                e.split_once('=').is_some_and(|(k, _)| {
+                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                })
+            });
+        if valid {
+            return entries.join("\0");
+        }
+    }
+    String::new()
 }
 
 /// Whether `ip` is a local address in the namespace at `path` (binding a
@@ -127,8 +168,10 @@ pub fn start(
             .unwrap_or_else(|e| e.into_inner())
             .retain(|t| *t != target);
     };
-    let setup = || -> Result<(tpbpf_loader::Interceptor, std::net::TcpListener), String> {
+    let mut environ = String::new();
+    let mut setup = || -> Result<(tpbpf_loader::Interceptor, std::net::TcpListener), String> {
         let path = netns_of(target.ip())?;
+        environ = environ_in(&path);
         let listener = listener_in(&path)?;
         let ns = File::open(&path).map_err(|e| e.to_string())?;
         let interceptor = tpbpf_loader::Interceptor::attach(&ns, target.port(), &listener)
@@ -170,6 +213,7 @@ pub fn start(
     });
     info!(%target, "intercept in place");
     Ok(Active {
+        environ,
         target,
         task,
         _interceptor: interceptor,

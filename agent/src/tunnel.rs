@@ -169,8 +169,8 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>) {
                 .and_then(|r| r);
                 match result {
                     Ok(active) => {
+                        let _ = session.intercept_status(id, true, &active.environ);
                         intercepts.insert(id, active);
-                        let _ = session.intercept_status(id, true, "");
                     }
                     Err(e) => {
                         warn!(%target, "intercept refused: {e}");

@@ -18,6 +18,37 @@ use tokio::{
 use tpbpf_lab::spec;
 use tracing::{debug, warn};
 
+/// Where a pod (or the agent of a node) is reached: its IP, dialed from its
+/// node's network namespace.
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    pub ip: std::net::IpAddr,
+    pub netns: String,
+}
+
+/// The pod `ns/pod` of lab `lab`, if the lab has it.
+pub(crate) fn target(lab: &str, ns: &str, pod: &str) -> Option<Target> {
+    let agent = (ns == crate::objects::AGENT_NAMESPACE)
+        .then(|| {
+            spec::nodes()
+                .into_iter()
+                .find(|n| format!("tpbpf-agent-{}", n.name) == pod)
+        })
+        .flatten()
+        .map(|n| (n.ip.to_string(), format!("{lab}-{}", n.name)));
+    spec::pods()
+        .into_iter()
+        .find(|p| p.namespace == ns && p.name == pod)
+        .map(|p| (p.ip.to_string(), format!("{lab}-{}", p.node)))
+        .or(agent)
+        .and_then(|(ip, netns)| {
+            Some(Target {
+                ip: ip.parse().ok()?,
+                netns,
+            })
+        })
+}
+
 pub fn upgrade(ws: WebSocketUpgrade, lab: &str, ns: &str, pod: &str, uri: &Uri) -> Response {
     let ports: Vec<u16> = uri
         .query()
@@ -27,24 +58,12 @@ pub fn upgrade(ws: WebSocketUpgrade, lab: &str, ns: &str, pod: &str, uri: &Uri) 
         .flat_map(|v| v.split(','))
         .filter_map(|p| p.parse().ok())
         .collect();
-    let agent = (ns == crate::objects::AGENT_NAMESPACE)
-        .then(|| {
-            spec::nodes()
-                .into_iter()
-                .find(|n| format!("tpbpf-agent-{}", n.name) == pod)
-        })
-        .flatten()
-        .map(|n| (n.ip.to_string(), format!("{lab}-{}", n.name)));
-    let target = spec::pods()
-        .into_iter()
-        .find(|p| p.namespace == ns && p.name == pod)
-        .map(|p| (p.ip.to_string(), format!("{lab}-{}", p.node)))
-        .or(agent);
+    let target = target(lab, ns, pod);
     let (ns, pod) = (ns.to_string(), pod.to_string());
     ws.protocols(["v4.channel.k8s.io", "portforward.k8s.io"])
         .on_upgrade(move |socket| async move {
             match target {
-                Some((ip, netns)) => forward(socket, ip, netns, ports).await,
+                Some(t) => forward(socket, t.ip.to_string(), t.netns, ports).await,
                 None => {
                     let mut socket = socket;
                     let msg = format!("pods \"{pod}\" not found in namespace {ns}");
@@ -56,20 +75,26 @@ pub fn upgrade(ws: WebSocketUpgrade, lab: &str, ns: &str, pod: &str, uri: &Uri) 
         })
 }
 
-async fn dial(netns: String, addr: SocketAddr) -> std::io::Result<TcpStream> {
+/// Connects to `addr` from network namespace `netns`.
+pub(crate) async fn dial(netns: String, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let ns = netns.clone();
     let std = tokio::task::spawn_blocking(move || {
-        tpbpf_lab::in_netns(&netns, move || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()
+        tpbpf_lab::in_netns(&ns, move || {
+            Some(std::net::TcpStream::connect_timeout(
+                &addr,
+                Duration::from_secs(5),
+            ))
         })
     })
     .await
     .map_err(std::io::Error::other)?
     .ok_or_else(|| {
         std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            format!("connecting to {addr}"),
+            std::io::ErrorKind::NotFound,
+            format!("entering network namespace {netns}"),
         )
-    })?;
+    })?
+    .map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {addr}: {e}")))?;
     std.set_nonblocking(true)?;
     TcpStream::from_std(std)
 }

@@ -455,8 +455,10 @@ impl Lab {
                         p.ip
                     ));
                 }
-                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-                ip(&refs)?;
+                run(
+                    app_cmd(pod, &args[2]).args(&args[3..]),
+                    "is dnsmasq installed? sudo bash xtask/setup.sh",
+                )?;
             }
             App::Nginx => {
                 let tmp = dir.join("tmp");
@@ -476,47 +478,43 @@ impl Lab {
                 write(
                     &conf,
                     &format!(
-                        "daemon on;\nworker_processes 1;\npid {pid};\nerror_log {dir}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n access_log {dir}/access.log;\n client_body_temp_path {tmp}/body;\n proxy_temp_path {tmp}/proxy;\n fastcgi_temp_path {tmp}/fastcgi;\n uwsgi_temp_path {tmp}/uwsgi;\n scgi_temp_path {tmp}/scgi;\n server {{\n  listen {ip}:80;\n  location = /blob {{ default_type application/octet-stream; alias {dir}/blob; }}\n  location / {{ default_type text/plain; return 200 \"{body}\"; }}\n }}\n}}\n",
+                        "daemon on;\nmaster_process off;\nworker_processes 1;\npid {pid};\nerror_log {dir}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n access_log {dir}/access.log;\n client_body_temp_path {tmp}/body;\n proxy_temp_path {tmp}/proxy;\n fastcgi_temp_path {tmp}/fastcgi;\n uwsgi_temp_path {tmp}/uwsgi;\n scgi_temp_path {tmp}/scgi;\n server {{\n  listen {ip}:80;\n  location = /blob {{ default_type application/octet-stream; alias {dir}/blob; }}\n  location / {{ default_type text/plain; return 200 \"{body}\"; }}\n }}\n}}\n",
                         pid = pid.display(),
                         dir = dir.display(),
                         tmp = tmp.display(),
                         ip = pod.ip,
                     ),
                 )?;
-                ip(&[
-                    "netns",
-                    "exec",
-                    &ns,
-                    "nginx",
-                    "-c",
-                    &conf.display().to_string(),
-                ])?;
+                run(
+                    app_cmd(pod, &ns).args(["nginx", "-c", &conf.display().to_string()]),
+                    "is nginx installed? sudo bash xtask/setup.sh",
+                )?;
             }
             App::Redis => {
-                ip(&[
-                    "netns",
-                    "exec",
-                    &ns,
-                    "redis-server",
-                    "--bind",
-                    pod.ip,
-                    "--port",
-                    "6379",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--protected-mode",
-                    "no",
-                    "--daemonize",
-                    "yes",
-                    "--pidfile",
-                    &pid.display().to_string(),
-                    "--dir",
-                    &dir.display().to_string(),
-                    "--logfile",
-                    &dir.join("redis.log").display().to_string(),
-                ])?;
+                run(
+                    app_cmd(pod, &ns).args([
+                        "redis-server",
+                        "--bind",
+                        pod.ip,
+                        "--port",
+                        "6379",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--protected-mode",
+                        "no",
+                        "--daemonize",
+                        "yes",
+                        "--pidfile",
+                        &pid.display().to_string(),
+                        "--dir",
+                        &dir.display().to_string(),
+                        "--logfile",
+                        &dir.join("redis.log").display().to_string(),
+                    ]),
+                    "is redis-server installed? sudo bash xtask/setup.sh",
+                )?;
             }
             App::Postgres => {
                 // PostgreSQL refuses to run as root: its files belong to `postgres`.
@@ -558,10 +556,7 @@ impl Lab {
                 text.push_str("host all all 0.0.0.0/0 trust\n");
                 write(&hba, &text)?;
                 run(
-                    Command::new("ip").args([
-                        "netns",
-                        "exec",
-                        &ns,
+                    app_cmd(pod, &ns).args([
                         "runuser",
                         "-u",
                         "postgres",
@@ -1036,6 +1031,22 @@ fn nft(netns: &str, rules: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// A pod's process: `ip netns exec` into its namespace with the
+/// environment a container would have (the pod spec's variables, PATH,
+/// HOSTNAME) and nothing of the machine that runs the lab.
+fn app_cmd(pod: &Pod, netns: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOSTNAME", pod.name)
+        .envs(pod.env.iter().copied())
+        .args(["netns", "exec", netns]);
+    cmd
 }
 
 fn ip(args: &[&str]) -> Result<()> {

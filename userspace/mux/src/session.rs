@@ -94,7 +94,7 @@ const MAX_CONTROL: usize = 1024 * 1024;
 
 #[derive(Default)]
 struct InterceptState {
-    ready: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ready: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
     ended: Option<String>,
     waker: Option<Waker>,
 }
@@ -519,7 +519,7 @@ impl Inner {
             } => {
                 if let Some(i) = self.intercepts.get_mut(&intercept) {
                     if let Some(tx) = i.ready.take() {
-                        let _ = tx.send(if ok { Ok(()) } else { Err(message) });
+                        let _ = tx.send(if ok { Ok(message) } else { Err(message) });
                     } else if !ok {
                         i.ended = Some(message);
                         if let Some(w) = i.waker.take() {
@@ -1112,13 +1112,17 @@ impl Session {
             id
         };
         self.shared.write.notify_one();
-        let handle = Intercept {
+        let mut handle = Intercept {
             shared: self.shared.clone(),
             id,
             target,
+            info: String::new(),
         };
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(()))) => Ok(handle),
+            Ok(Ok(Ok(info))) => {
+                handle.info = info;
+                Ok(handle)
+            }
             Ok(Ok(Err(m))) => Err(io::Error::other(m)),
             Ok(Err(_)) => Err(io::Error::new(
                 io::ErrorKind::ConnectionReset,
@@ -1253,9 +1257,17 @@ pub struct Intercept {
     shared: Arc<Shared>,
     id: u32,
     target: std::net::SocketAddr,
+    info: String,
 }
 
 impl Intercept {
+    /// What the agent said when the intercept was put in place: the
+    /// environment of the pod's process, `KEY=VALUE` entries separated by
+    /// NUL bytes, as in /proc/PID/environ.
+    pub fn info(&self) -> &str {
+        &self.info
+    }
+
     pub fn target(&self) -> std::net::SocketAddr {
         self.target
     }

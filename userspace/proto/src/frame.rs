@@ -140,8 +140,10 @@ pub enum Frame {
         target: SocketAddr,
         mode: InterceptMode,
     },
-    /// Agent to client: the intercept is in place (`ok`), failed, or ended
-    /// on the agent's side; `message` says why.
+    /// Agent to client: the intercept is in place (`ok`; `message` is then
+    /// the environment of the pod's process, `KEY=VALUE` entries separated
+    /// by NUL bytes), failed, or ended on the agent's side (`message` says
+    /// why).
     InterceptStatus {
         intercept: u32,
         ok: bool,

@@ -48,6 +48,14 @@ pub struct InterceptArgs {
     /// Name of the intercept, for `tpbpf leave` (default: WORKLOAD-REMOTE).
     #[arg(long)]
     name: Option<String>,
+    /// Write the intercepted container's environment here, one KEY=VALUE
+    /// per line (docker's --env-file format; in a shell:
+    /// `while IFS= read -r l; do export "$l"; done < FILE`).
+    #[arg(long, value_name = "FILE")]
+    env_file: Option<PathBuf>,
+    /// Write the intercepted container's environment here as a JSON object.
+    #[arg(long, value_name = "FILE")]
+    env_json: Option<PathBuf>,
     /// Name of the bridge.
     #[arg(long, default_value = "default")]
     instance: String,
@@ -116,6 +124,27 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
         json!({"op": "intercept", "name": name, "workload": args.workload, "namespace": args.namespace,
                "remote": remote, "local": local}),
     )?;
+    let env = v["env"].as_object().cloned().unwrap_or_default();
+    if let Some(path) = &args.env_file {
+        let mut text = String::new();
+        for (k, val) in &env {
+            let val = val.as_str().unwrap_or("");
+            if val.contains('\n') {
+                // One variable per line: a multi-line value cannot be written.
+                eprintln!(
+                    "tpbpf: {k} has a multi-line value; left out of {}",
+                    path.display()
+                );
+                continue;
+            }
+            text.push_str(&format!("{k}={val}\n"));
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.env_json {
+        std::fs::write(path, serde_json::to_string_pretty(&env)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     match args.output {
         Output::Json => println!("{v}"),
         Output::Table => {
@@ -338,6 +367,16 @@ impl Manager {
                 }
             }
         }
+        // The environment of the first pod's process (every replica has
+        // the same spec).
+        let env: serde_json::Map<String, Value> = handles
+            .first()
+            .map(|(_, h)| h.info())
+            .unwrap_or("")
+            .split('\0')
+            .filter_map(|e| e.split_once('='))
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect();
         let problems = Arc::new(Mutex::new(HashMap::new()));
         let tasks = handles
             .into_iter()
@@ -359,7 +398,7 @@ impl Manager {
                 },
             );
         Ok(
-            json!({"name": name, "kind": kind, "namespace": namespace, "workload": workload, "pods": pods}),
+            json!({"name": name, "kind": kind, "namespace": namespace, "workload": workload, "pods": pods, "env": env}),
         )
     }
 
