@@ -307,6 +307,7 @@ async fn dns_queries_and_datagram_flows_go_both_ways() {
                         .reply_datagram(flow, from, &data.to_ascii_uppercase())
                         .unwrap();
                 }
+                other => panic!("unexpected request {other:?}"),
             }
         }
     });
