@@ -10,40 +10,75 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::PathBuf,
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
-use tokio::task::JoinHandle;
+use tokio::{net::TcpStream, task::JoinHandle};
 use tpbpf_mux::{Destination, InterceptMode, Session};
 use tracing::{debug, info, warn};
 
-/// Targets intercepted on this node, by any session: a second steal of
-/// the same pod port is refused.
-static TAKEN: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+/// Intercepted targets on this node: one sk_lookup program and listener
+/// per pod port, shared by the sessions intercepting it.
+static TARGETS: Mutex<Vec<(SocketAddr, Arc<Target>)>> = Mutex::new(Vec::new());
 
-/// One intercept in place. Dropping it detaches the program.
+/// One pod port taken over: its kernel side, its listener's task, and the
+/// intercepts (routes) that share it.
+struct Target {
+    addr: SocketAddr,
+    netns: PathBuf,
+    bypass: tpbpf_loader::InterceptBypass,
+    routes: Mutex<Vec<Route>>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    _interceptor: tpbpf_loader::Interceptor,
+}
+
+#[derive(Clone)]
+pub(crate) struct Route {
+    key: u64,
+    pub(crate) session: Session,
+    pub(crate) mode: InterceptMode,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+        info!(target = %self.addr, "intercept removed");
+    }
+}
+
+static NEXT_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// One session's intercept of a target. Dropping it removes its route, and
+/// the target's program with the last one.
 pub struct Active {
     /// The environment of the pod's process, as /proc/PID/environ has it.
     pub environ: String,
     target: SocketAddr,
-    task: JoinHandle<()>,
-    _interceptor: tpbpf_loader::Interceptor,
+    key: u64,
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.task.abort();
-        TAKEN
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|t| *t != self.target);
-        info!(target = %self.target, "intercept removed");
+        let mut targets = TARGETS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = targets.iter().position(|(a, _)| *a == self.target) {
+            let t = targets[pos].1.clone();
+            let mut routes = t.routes.lock().unwrap_or_else(|e| e.into_inner());
+            routes.retain(|r| r.key != self.key);
+            if routes.is_empty() {
+                drop(routes);
+                targets.remove(pos);
+            }
+        }
     }
 }
 
-/// The network namespace in which `ip` is a local address: found among the
-/// namespaces of the node's processes (a pod's sandbox and containers are
-/// processes of the node), not from any name.
+/// The network namespace in which `ip` is a local address and which this
+/// node reaches: found among the namespaces of the node's processes (a
+/// pod's sandbox and containers are processes of the node), not from any
+/// name. Reachability tells this node's pod from another namespace that
+/// happens to have the same address (another cluster's, on one machine).
 pub fn netns_of(ip: IpAddr) -> Result<PathBuf, String> {
     let mut seen = HashSet::new();
     let entries = std::fs::read_dir("/proc").map_err(|e| format!("reading /proc: {e}"))?;
@@ -59,13 +94,63 @@ pub fn netns_of(ip: IpAddr) -> Result<PathBuf, String> {
         if !seen.insert((meta.dev(), meta.ino())) {
             continue;
         }
-        if has_address(&path, ip) {
-            return Ok(path);
+        if let Some(sock) = bound_in(&path, ip) {
+            if reached(&sock) {
+                return Ok(path);
+            }
         }
     }
     Err(format!(
-        "no network namespace on this node has the address {ip}: is the pod on this node?"
+        "no network namespace reachable from this node has the address {ip}: is the pod on this node?"
     ))
+}
+
+/// A UDP socket bound to `ip` in the namespace at `path`, if `ip` is a
+/// local address there.
+fn bound_in(path: &std::path::Path, ip: IpAddr) -> Option<std::net::UdpSocket> {
+    let ns = File::open(path).ok()?;
+    std::thread::spawn(move || {
+        // SAFETY: a valid namespace fd; setns affects only this thread,
+        // which ends here.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        std::net::UdpSocket::bind((ip, 0)).ok()
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+/// Whether a datagram sent from this node's namespace reaches `sock`.
+fn reached(sock: &std::net::UdpSocket) -> bool {
+    let Ok(to) = sock.local_addr() else {
+        return false;
+    };
+    let probe: [u8; 8] = rand_probe();
+    let from = match std::net::UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }) {
+        Ok(s) => s,
+        Err(_) => return false,
+    };
+    let _ = sock.set_read_timeout(Some(std::time::Duration::from_millis(100)));
+    let mut buf = [0u8; 16];
+    for _ in 0..3 {
+        if from.send_to(&probe, to).is_err() {
+            return false;
+        }
+        if let Ok(n) = sock.recv(&mut buf) {
+            if buf[..n] == probe {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn rand_probe() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    let _ = getrandom::getrandom(&mut b);
+    b
 }
 
 /// The environment of the pod's main process: the lowest pid in the
@@ -107,24 +192,6 @@ fn environ_in(ns_path: &std::path::Path) -> String {
     String::new()
 }
 
-/// Whether `ip` is a local address in the namespace at `path` (binding a
-/// socket to it succeeds only then).
-fn has_address(path: &std::path::Path, ip: IpAddr) -> bool {
-    let Ok(ns) = File::open(path) else {
-        return false;
-    };
-    std::thread::spawn(move || {
-        // SAFETY: a valid namespace fd; setns affects only this thread,
-        // which ends here.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return false;
-        }
-        std::net::UdpSocket::bind((ip, 0)).is_ok()
-    })
-    .join()
-    .unwrap_or(false)
-}
-
 /// A listening socket made inside the namespace at `path`.
 fn listener_in(path: &std::path::Path) -> Result<std::net::TcpListener, String> {
     let ns = File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
@@ -142,80 +209,131 @@ fn listener_in(path: &std::path::Path) -> Result<std::net::TcpListener, String> 
     .map_err(|_| "the namespace thread panicked".to_string())?
 }
 
-/// Puts an intercept of `target` in place for `session`.
+/// Puts an intercept of `target` in place for `session`. Two steals of
+/// one port are refused; filtered intercepts and mirrors share it.
 pub fn start(
     session: &Session,
     target: SocketAddr,
     mode: &InterceptMode,
 ) -> Result<Active, String> {
-    if *mode != InterceptMode::Steal {
-        return Err(format!(
-            "intercept mode {mode:?} is not supported by this agent (steal is)"
-        ));
-    }
-    {
-        let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
-        if taken.contains(&target) {
+    let key = NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let route = Route {
+        key,
+        session: session.clone(),
+        mode: mode.clone(),
+    };
+    let mut targets = TARGETS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, t)) = targets.iter().find(|(a, _)| *a == target) {
+        let mut routes = t.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let steal = |m: &InterceptMode| *m == InterceptMode::Steal;
+        if steal(mode) || routes.iter().any(|r| steal(&r.mode)) {
             return Err(format!(
-                "{target} is already intercepted by another session: two steals of one port are refused"
+                "{target} is already intercepted by another developer: two intercepts of one port need HTTP filters (--http-header, --http-path-prefix) or mirror on both"
             ));
         }
-        taken.push(target);
+        routes.push(route);
+        return Ok(Active {
+            environ: environ_in(&t.netns),
+            target,
+            key,
+        });
     }
-    let release = || {
-        TAKEN
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|t| *t != target);
-    };
-    let mut environ = String::new();
-    let mut setup = || -> Result<(tpbpf_loader::Interceptor, std::net::TcpListener), String> {
-        let path = netns_of(target.ip())?;
-        environ = environ_in(&path);
-        let listener = listener_in(&path)?;
-        let ns = File::open(&path).map_err(|e| e.to_string())?;
-        let interceptor = tpbpf_loader::Interceptor::attach(&ns, target.port(), &listener)
-            .map_err(|e| format!("attaching the intercept in the pod's namespace: {e}"))?;
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        Ok((interceptor, listener))
-    };
-    let (interceptor, listener) = setup().inspect_err(|_| release())?;
-    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| {
-        release();
-        e.to_string()
-    })?;
-    let session = session.clone();
-    let task = tokio::spawn(async move {
+    let path = netns_of(target.ip())?;
+    let environ = environ_in(&path);
+    let listener = listener_in(&path)?;
+    let ns = File::open(&path).map_err(|e| e.to_string())?;
+    let interceptor = tpbpf_loader::Interceptor::attach(&ns, target.port(), &listener)
+        .map_err(|e| format!("attaching the intercept in the pod's namespace: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+    let t = Arc::new(Target {
+        addr: target,
+        netns: path,
+        bypass: interceptor.bypass(),
+        routes: Mutex::new(vec![route]),
+        task: Mutex::new(None),
+        _interceptor: interceptor,
+    });
+    let weak = Arc::downgrade(&t);
+    *t.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::spawn(async move {
         loop {
-            let (mut conn, peer) = match listener.accept().await {
+            let (conn, peer) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(%target, "accepting an intercepted connection: {e}");
                     continue;
                 }
             };
+            let Some(t) = weak.upgrade() else {
+                return;
+            };
             let _ = conn.set_nodelay(true);
-            let mut first = vec![0u8; 16 * 1024];
-            let n = conn.try_read(&mut first).unwrap_or_default();
-            first.truncate(n);
-            match session.open_with(Destination::Addr(target), &first) {
-                Ok(mut stream) => {
-                    debug!(%target, %peer, "intercepted connection");
-                    tokio::spawn(async move {
-                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
-                    });
+            tokio::spawn(async move {
+                if let Err(e) = serve_conn(&t, conn, peer).await {
+                    debug!(target = %t.addr, %peer, "intercepted connection: {e}");
                 }
-                Err(e) => {
-                    warn!(%target, %peer, "no stream to the developer: {e}");
-                }
-            }
+            });
         }
-    });
-    info!(%target, "intercept in place");
+    }));
+    let t_netns = t.netns.clone();
+    targets.push((target, t));
+    info!(%target, ?mode, netns = %t_netns.display(), "intercept in place");
     Ok(Active {
         environ,
         target,
-        task,
-        _interceptor: interceptor,
+        key,
     })
+}
+
+/// A connection to the app itself, from inside the pod's namespace, that
+/// the intercept leaves alone.
+async fn dial_app(t: &Target) -> std::io::Result<TcpStream> {
+    let ns = File::open(&t.netns)?;
+    let ip = t.addr.ip();
+    let sock = std::thread::spawn(move || -> std::io::Result<socket2::Socket> {
+        // SAFETY: a valid namespace fd; setns affects only this thread.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(SocketAddr::new(ip, 0)),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the namespace thread panicked"))??;
+    let port = sock
+        .local_addr()?
+        .as_socket()
+        .map(|a| a.port())
+        .unwrap_or(0);
+    t.bypass.add(port).map_err(std::io::Error::other)?;
+    sock.set_nonblocking(true)?;
+    let result = tokio::net::TcpSocket::from_std_stream(sock.into())
+        .connect(t.addr)
+        .await;
+    t.bypass.remove(port);
+    let s = result?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// One intercepted connection: to the developer whole (steal), or request
+/// by request (filters), or to the app with a copy to the developer
+/// (mirror).
+async fn serve_conn(t: &Arc<Target>, mut conn: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+    let routes = t.routes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(r) = routes.iter().find(|r| r.mode == InterceptMode::Steal) {
+        let mut first = vec![0u8; 16 * 1024];
+        let n = conn.try_read(&mut first).unwrap_or_default();
+        first.truncate(n);
+        let mut stream = r.session.open_with(Destination::Addr(t.addr), &first)?;
+        debug!(target = %t.addr, %peer, "intercepted connection");
+        tokio::io::copy_bidirectional(&mut conn, &mut stream).await?;
+        return Ok(());
+    }
+    crate::http::serve(t.addr, conn, routes, || dial_app(t)).await
 }

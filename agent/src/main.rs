@@ -4,6 +4,7 @@
 //! connections from the node itself (port-forwards), and serves tunnel
 //! sessions: streams dialed from the node, datagrams, DNS through the
 //! cluster's DNS.
+mod http;
 mod intercept;
 mod tunnel;
 
@@ -126,6 +127,10 @@ impl
 fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TPBPF_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .try_init();
     match Cli::parse().command {
         Command::Info { node } => {

@@ -268,3 +268,173 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
     let pids: Vec<String> = pods.iter().map(|p| nginx_pid(p.1)).collect();
     assert_eq!(pids, pids_before, "nginx restarted");
 }
+
+/// Sends `request` on a keep-alive connection and reads one response
+/// (Content-Length framed).
+fn exchange(stream: &mut TcpStream, request: &str) -> String {
+    stream.write_all(request.as_bytes()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text;
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&buf).into_owned(),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[test]
+fn http_filtered_intercepts_and_mirrors() {
+    if !require_root("http_filtered_intercepts_and_mirrors") {
+        return;
+    }
+    let Some(lab) = LabGuard::up("th") else {
+        return;
+    };
+    let dev = lab.dev_netns();
+    let client_pod = format!("{}-cache-redis-0", lab.name);
+    let web_a = format!("{}-default-web-7d4b9c-a1", lab.name);
+    let cg = TestCgroup::new();
+    let instance = Instance(unique_name("ih"));
+    let up = tpbpf(&[
+        "--netns",
+        &dev,
+        "up",
+        "--kubeconfig",
+        &lab.kubeconfig(),
+        "--instance",
+        &instance.0,
+        "--cgroup",
+        &cg.path().display().to_string(),
+    ]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let mut server = Command::new(testserver_bin());
+    server
+        .args(["--netns", &dev, "http11", "127.0.0.1:18080"])
+        .env("TAG", "developer");
+    let mut server = Bg::spawn(&mut server);
+    server
+        .wait_event(Duration::from_secs(5), |e| e["event"] == "ready")
+        .expect("developer server");
+
+    // Header filter: requests with x-dev: me come to the developer.
+    let out = tpbpf(&[
+        "intercept",
+        "web",
+        "--port",
+        "80:18080",
+        "--http-header",
+        "x-dev=me",
+        "--instance",
+        &instance.0,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let with = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &client_pod,
+            "curl",
+            "-sS",
+            "-m",
+            "3",
+            "-H",
+            "x-dev: me",
+            "http://10.244.1.10/",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&with.stdout).contains("developer"));
+    assert!(curl_from(&client_pod, "http://10.244.1.10/").contains("served by nginx"));
+    // Over one keep-alive connection, request by request.
+    let mut conn = connect_in(&client_pod, "10.244.1.10:80");
+    let plain = "GET / HTTP/1.1\r\nHost: web\r\n\r\n";
+    let marked = "GET / HTTP/1.1\r\nHost: web\r\nX-Dev: me\r\n\r\n";
+    for (req, want) in [
+        (plain, "served by nginx"),
+        (marked, "developer"),
+        (plain, "served by nginx"),
+        (marked, "developer"),
+    ] {
+        let got = exchange(&mut conn, req);
+        assert!(got.contains(want), "wanted {want}, got {got}");
+    }
+    drop(conn);
+    // A second developer may filter the same port; a steal is refused.
+    let steal = tpbpf(&[
+        "intercept",
+        "web",
+        "--port",
+        "80:18080",
+        "--name",
+        "web-steal",
+        "--instance",
+        &instance.0,
+    ]);
+    assert!(!steal.status.success());
+    let err = String::from_utf8_lossy(&steal.stderr);
+    assert!(err.contains("already intercepted"), "{err}");
+    assert!(tpbpf(&["leave", "web-80", "--instance", &instance.0])
+        .status
+        .success());
+    assert!(curl_from(&client_pod, "http://10.244.1.10/").contains("served by nginx"));
+
+    // Mirror: nginx answers, the developer gets a copy of each request.
+    let out = tpbpf(&[
+        "intercept",
+        "web",
+        "--port",
+        "80:18080",
+        "--mode",
+        "mirror",
+        "--instance",
+        &instance.0,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..3 {
+        let got = curl_from(&client_pod, &format!("http://10.244.1.10/mirror-{i}"));
+        assert!(got.contains("served by nginx"), "{got}");
+        server
+            .wait_event(Duration::from_secs(3), |e| {
+                e["event"] == "request" && e["request"] == format!("GET /mirror-{i} HTTP/1.1")
+            })
+            .unwrap_or_else(|| panic!("the developer got no copy of request {i}"));
+    }
+    assert!(tpbpf(&["leave", "web-80", "--instance", &instance.0])
+        .status
+        .success());
+    assert!(
+        wait_for(Duration::from_secs(2), || sk_lookup_links_in(&web_a)
+            .is_empty()),
+        "intercept left attached"
+    );
+}

@@ -33,6 +33,10 @@ pub mod maps {
     pub const INTERCEPT_PORTS: &str = "TPBPF_INTERCEPT_PORTS";
     /// `SockMap`: the agent's listeners in the intercepted pod's namespace.
     pub const INTERCEPT_SOCKS: &str = "TPBPF_INTERCEPT_SOCKS";
+    /// Source ports (host order) of the agent's own connections to the
+    /// intercepted app: not steered (HTTP-filtered intercepts and mirrors
+    /// pass requests on to the app).
+    pub const INTERCEPT_BYPASS: &str = "TPBPF_INTERCEPT_BYPASS";
     /// `LruHashMap<u64 (socket cookie), OrigDst>`: filled on connect, read by
     /// getpeername and by the sock_ops re-keying.
     pub const COOKIE_ORIG: &str = "TPBPF_COOKIE_ORIG";

@@ -47,6 +47,11 @@ pub static UDP6_LAST: LruHashMap<SockKey, OrigDst> =
 #[map(name = "TPBPF_INTERCEPT_PORTS")]
 pub static INTERCEPT_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
 
+/// Source ports (host order) of the agent's own connections to the app:
+/// left alone.
+#[map(name = "TPBPF_INTERCEPT_BYPASS")]
+pub static INTERCEPT_BYPASS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
 /// The agent's listening sockets in the pod's namespace.
 #[map(name = "TPBPF_INTERCEPT_SOCKS")]
 pub static INTERCEPT_SOCKS: SockMap = SockMap::with_max_entries(64, 0);

@@ -5,7 +5,7 @@
 //! owned by the agent, so when it dies the app gets its port back.
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 
-use crate::maps::{INTERCEPT_PORTS, INTERCEPT_SOCKS};
+use crate::maps::{INTERCEPT_BYPASS, INTERCEPT_PORTS, INTERCEPT_SOCKS};
 
 const IPPROTO_TCP: u32 = 6;
 const SK_PASS: u32 = 1;
@@ -15,6 +15,13 @@ pub fn tpbpf_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands the program a valid context for the call.
     let (protocol, port) = unsafe { ((*ctx.lookup).protocol, (*ctx.lookup).local_port) };
     if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    // The agent's own connections to the app go to the app.
+    // SAFETY: a 2-byte read of the context's remote port.
+    let remote_port = u32::from(u16::from_be(unsafe { (*ctx.lookup).remote_port }));
+    // SAFETY: only tested for presence.
+    if unsafe { INTERCEPT_BYPASS.get(&remote_port) }.is_some() {
         return SK_PASS;
     }
     // SAFETY: copied out at once.

@@ -2,12 +2,15 @@
 //! (k8s-openapi types) for namespaces, nodes, pods, services,
 //! endpointslices, deployments, replicasets and daemonsets; list, get and
 //! watch; label and field selectors; server-side tables for kubectl; and
-//! pod port-forward over WebSocket (`v4.channel.k8s.io`) as kube-rs and
-//! recent kubectl speak it. It is a test double: faithful to the API so the
-//! client code has one path for the lab and for real clusters.
+//! pod port-forward: over WebSocket (`v4.channel.k8s.io`) as kube-rs speaks
+//! it, and over SPDY/3.1 as kubectl speaks it (tunneled in WebSocket, or
+//! after an `Upgrade: SPDY/3.1`). It is a test double: faithful to the API
+//! so the client code has one path for the lab and for real clusters.
 pub mod objects;
 mod portforward;
+mod portforward_spdy;
 mod server;
+pub mod spdy;
 
 pub use server::{serve, ApiConfig};
 

@@ -36,7 +36,7 @@ fn created() -> Timestamp {
     Timestamp::from_second(1_767_225_600).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
-fn uid(kind: &str, ns: &str, name: &str) -> String {
+pub(crate) fn uid(kind: &str, ns: &str, name: &str) -> String {
     // Stable, unique per object; shaped like a UUID.
     let mut h: u64 = 0xcbf29ce484222325;
     for b in format!("{kind}/{ns}/{name}").bytes() {

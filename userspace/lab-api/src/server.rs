@@ -11,7 +11,10 @@ use axum::{
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
-use crate::objects;
+use crate::{
+    objects,
+    portforward_spdy::{self, SpdyUpgrade},
+};
 
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
@@ -156,6 +159,7 @@ async fn handle(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    spdy: SpdyUpgrade,
 ) -> Response {
     let path = uri.path().trim_end_matches('/').to_string();
     debug!(%method, %path, "request");
@@ -201,12 +205,39 @@ async fn handle(
         ["apis", g, v] => return resource_list(g, v),
         _ => {}
     }
-    // Pod port-forward.
+    // Pod port-forward: the lab upgrades where the API server would have
+    // the kubelet upgrade.
     if let ["api", "v1", "namespaces", ns, "pods", name, "portforward"] = segs.as_slice() {
-        let Ok(ws) = ws else {
-            return status(StatusCode::BAD_REQUEST, "BadRequest", "port-forward needs a WebSocket upgrade (protocol v4.channel.k8s.io); SPDY is not served by the lab".into());
+        let pod = || {
+            crate::portforward::target(&cfg.lab, ns, name)
+                .map(|t| portforward_spdy::Pod::in_lab(name, objects::uid("Pod", ns, name), t))
         };
-        return crate::portforward::upgrade(ws, &cfg.lab, ns, name, &uri);
+        let not_found = || {
+            status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("pods \"{name}\" not found"),
+            )
+        };
+        return match (ws, spdy) {
+            // kubectl: SPDY/3.1 tunneled in WebSocket.
+            (Ok(ws), _) if portforward_spdy::wants_tunnel(&ws) => match pod() {
+                Some(pod) => portforward_spdy::tunnel(ws, pod),
+                None => not_found(),
+            },
+            // kube-rs: v4.channel.k8s.io.
+            (Ok(ws), _) => crate::portforward::upgrade(ws, &cfg.lab, ns, name, &uri),
+            // kubectl's fallback: Upgrade: SPDY/3.1.
+            (Err(_), SpdyUpgrade(Some(on_upgrade))) => match pod() {
+                Some(pod) => portforward_spdy::upgrade(on_upgrade, &headers, pod),
+                None => not_found(),
+            },
+            (Err(_), SpdyUpgrade(None)) => status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "Upgrade request required".into(),
+            ),
+        };
     }
     if method != Method::GET {
         return status(

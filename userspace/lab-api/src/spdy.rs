@@ -353,7 +353,10 @@ impl Decoder {
                 let n = be32(p) as usize;
                 let body = &p[4..];
                 if body.len() != n.saturating_mul(8) {
-                    return Err(invalid("SETTINGS", format!("{n} entries in {} bytes", body.len())));
+                    return Err(invalid(
+                        "SETTINGS",
+                        format!("{n} entries in {} bytes", body.len()),
+                    ));
                 }
                 Frame::Settings {
                     flags,
@@ -423,8 +426,8 @@ impl Decoder {
                 },
             }
             let used = (self.inflate.total_in() - start) as usize;
-            let stalled = self.inflate.total_in() == in_before
-                && self.inflate.total_out() == out_before;
+            let stalled =
+                self.inflate.total_in() == in_before && self.inflate.total_out() == out_before;
             if (used == input.len() && out.len() < out.capacity()) || stalled {
                 break;
             }
@@ -714,7 +717,10 @@ mod tests {
         let mut dec = Decoder::new();
         let mut buf = vec![0x80, 3, 0, 10, 0, 0, 0, 2, 0xaa, 0xbb];
         buf.extend(Encoder::new().encode(&Frame::Ping { id: 5 }));
-        assert_eq!(dec.next_frame(&mut buf).unwrap(), Some(Frame::Ping { id: 5 }));
+        assert_eq!(
+            dec.next_frame(&mut buf).unwrap(),
+            Some(Frame::Ping { id: 5 })
+        );
         let mut buf = vec![0x80, 2, 0, 6, 0, 0, 0, 4, 0, 0, 0, 1];
         assert!(matches!(dec.next_frame(&mut buf), Err(Error::Version(2))));
     }

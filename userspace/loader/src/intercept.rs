@@ -17,6 +17,28 @@ use crate::{AttachedIds, LoadError, EBPF_OBJECT};
 pub struct Interceptor {
     _ebpf: Ebpf,
     attached: AttachedIds,
+    bypass: Bypass,
+}
+
+/// The source ports whose connections the intercept leaves alone: the
+/// agent's own connections to the app. Cloneable, shared.
+#[derive(Clone)]
+pub struct Bypass(std::sync::Arc<std::sync::Mutex<HashMap<aya::maps::MapData, u32, u8>>>);
+
+impl Bypass {
+    pub fn add(&self, port: u16) -> Result<(), aya::maps::MapError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(u32::from(port), 1, 0)
+    }
+    pub fn remove(&self, port: u16) {
+        let _ = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&u32::from(port));
+    }
 }
 
 impl std::fmt::Debug for Interceptor {
@@ -56,6 +78,11 @@ impl Interceptor {
             .insert(u32::from(port), 0, 0)
             .map_err(|source| LoadError::Map { name, source })?;
 
+        let name = maps::INTERCEPT_BYPASS;
+        let bypass: HashMap<_, u32, u8> =
+            HashMap::try_from(ebpf.take_map(name).ok_or(LoadError::MissingMap { name })?)
+                .map_err(|source| LoadError::Map { name, source })?;
+
         let name = programs::SK_LOOKUP;
         let prog: &mut SkLookup = ebpf
             .program_mut(name)
@@ -85,7 +112,13 @@ impl Interceptor {
                 program_ids: vec![id],
                 link_ids,
             },
+            bypass: Bypass(std::sync::Arc::new(std::sync::Mutex::new(bypass))),
         })
+    }
+
+    /// The ports whose connections are left to the app.
+    pub fn bypass(&self) -> Bypass {
+        self.bypass.clone()
     }
 
     pub fn attached(&self) -> &AttachedIds {

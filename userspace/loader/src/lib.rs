@@ -12,7 +12,7 @@ mod intercept;
 mod redirect;
 
 pub use cidr::{Cidr, CidrParseError};
-pub use intercept::Interceptor;
+pub use intercept::{Bypass as InterceptBypass, Interceptor};
 pub use redirect::{
     AttachedIds, Bypass, OrigDstTable, ProxyConfig, Redirector, Udp6Last, UdpSlots,
 };

@@ -47,7 +47,7 @@ fn main() {
                     }
                 }));
             }
-            "http" | "bulk" => {
+            "http" | "bulk" | "http11" => {
                 let l =
                     TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
                 threads.push(thread::spawn(move || serve_tcp(l, addr, &mode, &tag)));
@@ -56,7 +56,7 @@ fn main() {
                 let s = UdpSocket::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
                 threads.push(thread::spawn(move || serve_udp(s)));
             }
-            _ => die("mode must be http, udp-echo, bulk or sink"),
+            _ => die("mode must be http, http11, udp-echo, bulk or sink"),
         }
     }
     println!("{}", serde_json::json!({"event": "ready"}));
@@ -70,6 +70,10 @@ fn serve_tcp(l: TcpListener, addr: SocketAddr, mode: &str, tag: &str) {
         let (mode, tag) = (mode.to_string(), tag.to_string());
         thread::spawn(move || {
             let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+            if mode == "http11" {
+                serve_keepalive(conn, addr, &peer, &tag);
+                return;
+            }
             let mut reader = BufReader::new(conn);
             let mut request_line = String::new();
             let _ = reader.read_line(&mut request_line);
@@ -107,6 +111,45 @@ fn serve_tcp(l: TcpListener, addr: SocketAddr, mode: &str, tag: &str) {
             let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
             let _ = conn.read_to_end(&mut rest);
         });
+    }
+}
+
+/// HTTP/1.1 with keep-alive: every request on the connection is answered
+/// (requests without bodies).
+fn serve_keepalive(conn: std::net::TcpStream, addr: SocketAddr, peer: &str, tag: &str) {
+    let mut writer = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut request_line = String::new();
+        match reader.read_line(&mut request_line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line == "\r\n" || line == "\n" => break,
+                Ok(_) => {}
+            }
+        }
+        println!(
+            "{}",
+            serde_json::json!({"event": "request", "addr": addr.to_string(), "peer": peer, "request": request_line.trim()})
+        );
+        let body = format!("served-by {addr} {tag}\n");
+        if write!(
+            writer,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .is_err()
+        {
+            return;
+        }
     }
 }
 

@@ -48,6 +48,17 @@ pub struct InterceptArgs {
     /// Name of the intercept, for `tpbpf leave` (default: WORKLOAD-REMOTE).
     #[arg(long)]
     name: Option<String>,
+    /// steal: every new connection comes to you; mirror: the workload
+    /// answers as usual and you get a copy of each HTTP request.
+    #[arg(long, value_enum, default_value_t = Mode::Steal)]
+    mode: Mode,
+    /// Only HTTP requests with this header (NAME=VALUE) come to you; the
+    /// rest go to the workload, on the same connection too.
+    #[arg(long, value_name = "NAME=VALUE", conflicts_with = "http_path_prefix")]
+    http_header: Option<String>,
+    /// Only HTTP requests whose path starts with this come to you.
+    #[arg(long, value_name = "PREFIX")]
+    http_path_prefix: Option<String>,
     /// Write the intercepted container's environment here, one KEY=VALUE
     /// per line (docker's --env-file format; in a shell:
     /// `while IFS= read -r l; do export "$l"; done < FILE`).
@@ -61,6 +72,28 @@ pub struct InterceptArgs {
     instance: String,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    Steal,
+    Mirror,
+}
+
+/// The mode as the protocol has it, from a request's JSON.
+fn mode_of(req: &Value) -> Result<InterceptMode, String> {
+    Ok(match req["mode"].as_str().unwrap_or("steal") {
+        "steal" => InterceptMode::Steal,
+        "mirror" => InterceptMode::Mirror,
+        "header" => InterceptMode::Header {
+            name: req["header"].as_str().ok_or("no header name")?.to_string(),
+            value: req["value"].as_str().unwrap_or("").to_string(),
+        },
+        "path" => {
+            InterceptMode::PathPrefix(req["prefix"].as_str().ok_or("no path prefix")?.to_string())
+        }
+        m => return Err(format!("unknown intercept mode {m}")),
+    })
 }
 
 #[derive(clap::Args)]
@@ -119,11 +152,29 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
         .name
         .clone()
         .unwrap_or_else(|| format!("{}-{remote}", args.workload));
-    let v = ask(
-        &args.instance,
-        json!({"op": "intercept", "name": name, "workload": args.workload, "namespace": args.namespace,
-               "remote": remote, "local": local}),
-    )?;
+    let mut request = json!({"op": "intercept", "name": name, "workload": args.workload, "namespace": args.namespace,
+               "remote": remote, "local": local, "mode": if args.mode == Mode::Mirror { "mirror" } else { "steal" }});
+    if let Some(h) = &args.http_header {
+        let Some((n, v)) = h.split_once('=') else {
+            bail!("--http-header `{h}` is not NAME=VALUE");
+        };
+        if args.mode == Mode::Mirror {
+            bail!(
+                "--http-header and --mode mirror do not go together: a mirror gets every request"
+            );
+        }
+        request["mode"] = json!("header");
+        request["header"] = json!(n);
+        request["value"] = json!(v);
+    }
+    if let Some(p) = &args.http_path_prefix {
+        if args.mode == Mode::Mirror {
+            bail!("--http-path-prefix and --mode mirror do not go together: a mirror gets every request");
+        }
+        request["mode"] = json!("path");
+        request["prefix"] = json!(p);
+    }
+    let v = ask(&args.instance, request)?;
     let env = v["env"].as_object().cloned().unwrap_or_default();
     if let Some(path) = &args.env_file {
         let mut text = String::new();
@@ -236,6 +287,7 @@ struct Entry {
     namespace: String,
     remote: u16,
     local: u16,
+    mode: InterceptMode,
     pods: Vec<tpbpf_kube::WorkloadPod>,
     /// One watcher per pod: holds the intercept, puts it back if the
     /// agent loses it.
@@ -332,6 +384,7 @@ impl Manager {
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
             .ok_or("no local port")?;
+        let mode = mode_of(req)?;
         if self
             .active
             .lock()
@@ -352,7 +405,7 @@ impl Manager {
             let attempt = async {
                 let session = self.session(&p.node).await?;
                 session
-                    .intercept(target, InterceptMode::Steal, INTERCEPT_TIMEOUT)
+                    .intercept(target, mode.clone(), INTERCEPT_TIMEOUT)
                     .await
                     .map_err(|e| format!("pod {} on {}: {e}", p.name, p.node))
             };
@@ -380,7 +433,12 @@ impl Manager {
         let problems = Arc::new(Mutex::new(HashMap::new()));
         let tasks = handles
             .into_iter()
-            .map(|(pod, h)| tokio::spawn(self.clone().hold(pod, remote, h, problems.clone())))
+            .map(|(pod, h)| {
+                tokio::spawn(
+                    self.clone()
+                        .hold(pod, remote, mode.clone(), h, problems.clone()),
+                )
+            })
             .collect();
         self.active
             .lock()
@@ -392,6 +450,7 @@ impl Manager {
                     namespace: namespace.clone(),
                     remote,
                     local,
+                    mode: mode.clone(),
                     pods: pods.clone(),
                     tasks,
                     problems,
@@ -408,6 +467,7 @@ impl Manager {
         self: Arc<Self>,
         pod: tpbpf_kube::WorkloadPod,
         remote: u16,
+        mode: InterceptMode,
         mut handle: Intercept,
         problems: Arc<Mutex<HashMap<String, String>>>,
     ) {
@@ -423,7 +483,7 @@ impl Manager {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let attempt = async {
                     let s = self.session(&pod.node).await?;
-                    s.intercept(target, InterceptMode::Steal, INTERCEPT_TIMEOUT)
+                    s.intercept(target, mode.clone(), INTERCEPT_TIMEOUT)
                         .await
                         .map_err(|e| e.to_string())
                 };
@@ -469,7 +529,7 @@ impl Manager {
                     .filter(|(_, e)| e.workload == name && e.namespace == namespace)
                     .map(|(n, e)| {
                         let problems = e.problems.lock().unwrap_or_else(|e| e.into_inner());
-                        json!({"name": n, "remote": e.remote, "local": e.local,
+                        json!({"name": n, "remote": e.remote, "local": e.local, "mode": format!("{:?}", e.mode),
                                "pods": e.pods.iter().map(|p| &p.name).collect::<Vec<_>>(),
                                "problem": problems.values().next()})
                     })
