@@ -437,4 +437,27 @@ fn http_filtered_intercepts_and_mirrors() {
             .is_empty()),
         "intercept left attached"
     );
+
+    // `tpbpf down` with an intercept in place: the agents drop it at once.
+    let out = tpbpf(&[
+        "intercept",
+        "web",
+        "--port",
+        "80:18080",
+        "--instance",
+        &instance.0,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sk_lookup_links_in(&web_a).len(), 1);
+    assert!(tpbpf(&["down", "--instance", &instance.0]).status.success());
+    assert!(
+        wait_for(Duration::from_secs(2), || sk_lookup_links_in(&web_a)
+            .is_empty()),
+        "intercept left attached after tpbpf down"
+    );
+    assert!(curl_from(&client_pod, "http://10.244.1.10/").contains("served by nginx"));
 }
