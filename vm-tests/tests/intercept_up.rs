@@ -200,6 +200,33 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
     let pids: Vec<String> = pods.iter().map(|p| nginx_pid(p.1)).collect();
     assert_eq!(pids, pids_before, "nginx restarted");
 
+    // The transports die (killed in the kernel): the sessions resume and
+    // the intercepts stay.
+    let ss = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &dev,
+            "ss",
+            "-K",
+            "-t",
+            "dst",
+            "172.31.0.1",
+            "dport",
+            "=",
+            "6443",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&ss.stdout).contains("6443"),
+        "no transport to kill"
+    );
+    for _ in 0..3 {
+        let got = curl_from(&client_pod, "http://10.96.0.20/");
+        assert!(got.contains("developer"), "after a transport kill: {got}");
+    }
+
     let list = tpbpf(&["list", "--instance", &instance.0, "-o", "json"]);
     let list: Value = serde_json::from_slice(&list.stdout).unwrap();
     let web = list["workloads"]
