@@ -194,6 +194,82 @@ pub fn run() -> Result<()> {
         bail!("reaching the lab through tpbpf failed ({status})");
     }
 
+    step("intercept: the cluster's requests for deployment web come to a server on the developer machine (no sidecar, no restart)");
+    // The "developer's server": socat answering on the developer
+    // namespace's loopback with a fixed page.
+    let body = "hello from the developer machine";
+    let page = std::env::temp_dir().join(format!("tpbpf-demo-{pid}.http"));
+    fs::write(
+        &page,
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
+            body.len() + 1
+        ),
+    )?;
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &dev, "socat"])
+        .arg("TCP-LISTEN:8080,bind=127.0.0.1,fork,reuseaddr")
+        .arg(format!("SYSTEM:cat {}", page.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let client_pod = format!("{lab}-cache-redis-0");
+    let from_pod = || -> Result<String> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &client_pod,
+                "curl",
+                "-sS",
+                "-m",
+                "5",
+                "http://10.96.0.20/",
+            ])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    println!("$ tpbpf intercept web --port 80:8080");
+    let intercepted = Command::new(&tpbpf)
+        .args([
+            "intercept",
+            "web",
+            "--port",
+            "80:8080",
+            "--instance",
+            &instance,
+        ])
+        .status();
+    let result = (|| -> Result<()> {
+        if !intercepted?.success() {
+            bail!("tpbpf intercept failed");
+        }
+        println!("$ curl http://web.default/    (from pod redis-0, inside the cluster)");
+        let got = from_pod()?;
+        print!("{got}");
+        if !got.contains(body) {
+            bail!("the intercepted request did not reach the developer's server");
+        }
+        println!("$ tpbpf list");
+        let _ = Command::new(&tpbpf)
+            .args(["list", "--instance", &instance])
+            .status();
+        println!("$ tpbpf leave web-80");
+        run_cmd(Command::new(&tpbpf).args(["leave", "web-80", "--instance", &instance]))?;
+        println!("$ curl http://web.default/    (from pod redis-0)");
+        let got = from_pod()?;
+        print!("{got}");
+        if !got.contains("served by nginx") {
+            bail!("after leave, nginx did not answer");
+        }
+        Ok(())
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = fs::remove_file(&page);
+    result?;
+
     step("tpbpf status, then tpbpf down");
     let _ = Command::new(&tpbpf)
         .args(["status", "--instance", &instance])

@@ -263,7 +263,7 @@ pub fn list(args: ListArgs) -> Result<ExitCode> {
                     "{:<12} {:<24} {:<9} {state}",
                     w["kind"].as_str().unwrap_or("?"),
                     w["name"].as_str().unwrap_or("?"),
-                    w["replicas"]
+                    w["replicas"].to_string()
                 );
             }
         }
