@@ -645,3 +645,42 @@ pub fn bridged_shell(cgroup: &Path, netns: &str, resolv: &Path, script: &str) ->
     ));
     cmd
 }
+
+/// `curl -sS -m 3 URL` run in network namespace `netns`: its output and
+/// errors.
+pub fn curl_from(netns: &str, url: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-sS", "-m", "3", url])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A TCP connection made inside `netns` (usable from any thread after).
+pub fn connect_in(netns: &str, addr: &str) -> std::net::TcpStream {
+    let (netns, addr) = (netns.to_string(), addr.to_string());
+    std::thread::spawn(move || {
+        enter_netns(&netns).unwrap();
+        std::net::TcpStream::connect(addr).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// One `GET /` on a keep-alive connection; the first read of the answer.
+pub fn http_get(stream: &mut std::net::TcpStream) -> String {
+    use std::io::{Read, Write};
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}

@@ -2,46 +2,10 @@
 //! namespace and takes new connections to its port; nginx keeps running with
 //! the same pid, connections opened before keep talking to it, and when the
 //! agent dies (SIGKILL) the pod gets its port back at once (fail-open).
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use serde_json::Value;
 use tpbpf_vm_tests::*;
-
-fn curl_from(netns: &str, url: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "curl", "-sS", "-m", "3", url])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A TCP connection created inside `netns` (usable from any thread after).
-fn connect_in(netns: &str, addr: &str) -> TcpStream {
-    let (netns, addr) = (netns.to_string(), addr.to_string());
-    std::thread::spawn(move || {
-        enter_netns(&netns).unwrap();
-        TcpStream::connect(addr).unwrap()
-    })
-    .join()
-    .unwrap()
-}
-
-fn http_get(stream: &mut TcpStream) -> String {
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
-        .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = stream.read(&mut buf).unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}
 
 #[test]
 fn intercept_takes_new_connections_and_the_pod_gets_them_back_when_the_agent_dies() {

@@ -24,40 +24,6 @@ impl Drop for Instance {
     }
 }
 
-fn curl_from(netns: &str, url: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "curl", "-sS", "-m", "3", url])
-        .output()
-        .unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn connect_in(netns: &str, addr: &str) -> TcpStream {
-    let (netns, addr) = (netns.to_string(), addr.to_string());
-    std::thread::spawn(move || {
-        enter_netns(&netns).unwrap();
-        TcpStream::connect(addr).unwrap()
-    })
-    .join()
-    .unwrap()
-}
-
-fn http_get(stream: &mut TcpStream) -> String {
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
-        .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = stream.read(&mut buf).unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}
-
 /// sk_lookup links attached in the network namespace `netns`.
 fn sk_lookup_links_in(netns: &str) -> Vec<Value> {
     let ino = std::fs::metadata(format!("/run/netns/{netns}"))
@@ -76,6 +42,37 @@ fn sk_lookup_links_in(netns: &str) -> Vec<Value> {
 
 fn tpbpf(args: &[&str]) -> std::process::Output {
     Command::new(tpbpf_bin()).args(args).output().unwrap()
+}
+
+/// `tpbpf up` in the lab's developer namespace, bridging `cg`, and the
+/// developer's server (`mode`: http or http11) on its loopback, port 18080.
+fn up_with_server(lab: &LabGuard, cg: &TestCgroup, instance: &Instance, mode: &str) -> Bg {
+    let dev = lab.dev_netns();
+    let up = tpbpf(&[
+        "--netns",
+        &dev,
+        "up",
+        "--kubeconfig",
+        &lab.kubeconfig(),
+        "--instance",
+        &instance.0,
+        "--cgroup",
+        &cg.path().display().to_string(),
+    ]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let mut server = Command::new(testserver_bin());
+    server
+        .args(["--netns", &dev, mode, "127.0.0.1:18080"])
+        .env("TAG", "developer");
+    let mut server = Bg::spawn(&mut server);
+    server
+        .wait_event(Duration::from_secs(5), |e| e["event"] == "ready")
+        .expect("developer server");
+    server
 }
 
 #[test]
@@ -109,32 +106,8 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
 
     let cg = TestCgroup::new();
     let instance = Instance(unique_name("ix"));
-    let up = tpbpf(&[
-        "--netns",
-        &dev,
-        "up",
-        "--kubeconfig",
-        &lab.kubeconfig(),
-        "--instance",
-        &instance.0,
-        "--cgroup",
-        &cg.path().display().to_string(),
-    ]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-
     // The developer's server, on the developer machine's loopback.
-    let mut server = Command::new(testserver_bin());
-    server
-        .args(["--netns", &dev, "http", "127.0.0.1:18080"])
-        .env("TAG", "developer");
-    let mut server = Bg::spawn(&mut server);
-    server
-        .wait_event(Duration::from_secs(5), |e| e["event"] == "ready")
-        .expect("developer server");
+    let _server = up_with_server(&lab, &cg, &instance, "http");
 
     // A keep-alive connection to nginx opened before the intercept.
     let mut before = connect_in(&client_pod, "10.244.1.10:80");
@@ -335,35 +308,11 @@ fn http_filtered_intercepts_and_mirrors() {
     let Some(lab) = LabGuard::up("th") else {
         return;
     };
-    let dev = lab.dev_netns();
     let client_pod = format!("{}-cache-redis-0", lab.name);
     let web_a = format!("{}-default-web-7d4b9c-a1", lab.name);
     let cg = TestCgroup::new();
     let instance = Instance(unique_name("ih"));
-    let up = tpbpf(&[
-        "--netns",
-        &dev,
-        "up",
-        "--kubeconfig",
-        &lab.kubeconfig(),
-        "--instance",
-        &instance.0,
-        "--cgroup",
-        &cg.path().display().to_string(),
-    ]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-    let mut server = Command::new(testserver_bin());
-    server
-        .args(["--netns", &dev, "http11", "127.0.0.1:18080"])
-        .env("TAG", "developer");
-    let mut server = Bg::spawn(&mut server);
-    server
-        .wait_event(Duration::from_secs(5), |e| e["event"] == "ready")
-        .expect("developer server");
+    let mut server = up_with_server(&lab, &cg, &instance, "http11");
 
     // Header filter: requests with x-dev: me come to the developer.
     let out = tpbpf(&[
