@@ -65,6 +65,10 @@ enum Command {
         /// The cluster's DNS server (default: the node's resolver).
         #[arg(long)]
         cluster_dns: Option<SocketAddr>,
+        /// How long a session whose client is gone (tpbpfd killed, network
+        /// lost) waits for it to resume; then its intercepts are removed.
+        #[arg(long, default_value_t = 30)]
+        resume_window_s: u64,
         #[arg(long)]
         node: Option<String>,
     },
@@ -153,6 +157,7 @@ fn main() -> ExitCode {
             listen,
             tunnel_listen,
             cluster_dns,
+            resume_window_s,
             node,
         } => {
             let creds = match tunnel::Credentials::generate(tunnel_listen) {
@@ -191,7 +196,13 @@ fn main() -> ExitCode {
                 })?;
                 tunnel::warn_unreachable(tunnel_listen);
                 tokio::spawn(async move {
-                    if let Err(e) = tunnel::serve(tunnel_listener, creds, cluster_dns).await {
+                    if let Err(e) = tunnel::serve(
+                        tunnel_listener,
+                        creds,
+                        cluster_dns,
+                        std::time::Duration::from_secs(resume_window_s),
+                    )
+                    .await {
                         tracing::error!("the tunnel endpoint failed: {e}");
                         std::process::exit(1);
                     }

@@ -66,8 +66,13 @@ pub async fn serve(
     listener: TcpListener,
     creds: Arc<Credentials>,
     cluster_dns: Option<SocketAddr>,
+    resume_window: Duration,
 ) -> io::Result<()> {
-    let (server, mut sessions) = Server::new(Config::default(), creds.token.as_bytes().to_vec());
+    let config = Config {
+        resume_window,
+        ..Config::default()
+    };
+    let (server, mut sessions) = Server::new(config, creds.token.as_bytes().to_vec());
     let acceptor = creds.identity.acceptor()?;
     tokio::spawn(async move {
         while let Some((session, peer)) = sessions.recv().await {

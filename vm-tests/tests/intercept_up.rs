@@ -44,13 +44,11 @@ fn tpbpf(args: &[&str]) -> std::process::Output {
     Command::new(tpbpf_bin()).args(args).output().unwrap()
 }
 
-/// `tpbpf up` in the lab's developer namespace, bridging `cg`, and the
-/// developer's server (`mode`: http or http11) on its loopback, port 18080.
-fn up_with_server(lab: &LabGuard, cg: &TestCgroup, instance: &Instance, mode: &str) -> Bg {
-    let dev = lab.dev_netns();
+/// `tpbpf up` in the lab's developer namespace, bridging `cg`.
+fn bring_up(lab: &LabGuard, cg: &TestCgroup, instance: &Instance) {
     let up = tpbpf(&[
         "--netns",
-        &dev,
+        &lab.dev_netns(),
         "up",
         "--kubeconfig",
         &lab.kubeconfig(),
@@ -64,6 +62,13 @@ fn up_with_server(lab: &LabGuard, cg: &TestCgroup, instance: &Instance, mode: &s
         "{}",
         String::from_utf8_lossy(&up.stderr)
     );
+}
+
+/// [`bring_up`], and the
+/// developer's server (`mode`: http or http11) on its loopback, port 18080.
+fn up_with_server(lab: &LabGuard, cg: &TestCgroup, instance: &Instance, mode: &str) -> Bg {
+    bring_up(lab, cg, instance);
+    let dev = lab.dev_netns();
     let mut server = Command::new(testserver_bin());
     server
         .args(["--netns", &dev, mode, "127.0.0.1:18080"])
@@ -413,6 +418,42 @@ fn http_filtered_intercepts_and_mirrors() {
             .is_empty()),
         "intercept left attached"
     );
+
+    // tpbpfd killed with an intercept in place: the agent drops it when the
+    // session's resume window (5 s in the lab) passes; the pod answers.
+    let out = tpbpf(&[
+        "intercept",
+        "web",
+        "--port",
+        "80:18080",
+        "--instance",
+        &instance.0,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sk_lookup_links_in(&web_a).len(), 1);
+    let st = tpbpf(&["status", "-o", "json", "--instance", &instance.0]);
+    let pid = serde_json::from_slice::<Value>(&st.stdout).unwrap()["pid"]
+        .as_i64()
+        .unwrap() as libc::pid_t;
+    // SAFETY: the tpbpfd this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let t = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(10), || sk_lookup_links_in(&web_a)
+            .is_empty()),
+        "intercept left attached after tpbpfd died"
+    );
+    println!(
+        "intercept removed {:?} after tpbpfd was killed",
+        t.elapsed()
+    );
+    assert!(curl_from(&client_pod, "http://10.244.1.10/").contains("served by nginx"));
+    run(Command::new(tpbpf_bin()).args(["down", "--instance", &instance.0]));
+    bring_up(&lab, &cg, &instance);
 
     // `tpbpf down` with an intercept in place: the agents drop it at once.
     let out = tpbpf(&[

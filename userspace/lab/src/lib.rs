@@ -641,6 +641,10 @@ impl Lab {
                     &format!("{}:{AGENT_TUNNEL_PORT}", node.ip),
                     "--cluster-dns",
                     &cluster_dns,
+                    // Short, so the tests see a killed tpbpfd's intercepts
+                    // go in seconds (the default is 30).
+                    "--resume-window-s",
+                    "5",
                     "--node",
                     node.name,
                 ])
