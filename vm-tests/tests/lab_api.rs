@@ -1,7 +1,14 @@
 //! The lab's Kubernetes API endpoint against real clients: kubectl (Debian's)
-//! and kube-rs (the client tpbpf uses), including a watch and a pod
-//! port-forward over WebSocket.
-use std::{process::Command, time::Duration};
+//! and kube-rs (the client tpbpf uses), including a watch and pod
+//! port-forwards: kube-rs over WebSocket, kubectl over SPDY/3.1 (tunneled in
+//! WebSocket, and after a plain `Upgrade: SPDY/3.1`).
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
@@ -134,4 +141,196 @@ fn lab_api_serves_kubectl_and_kube_rs_with_watch_and_port_forward() {
         });
     });
     handle.join().expect("kube-rs checks");
+}
+
+/// A running `kubectl port-forward`, killed on drop (also when the test
+/// fails); its stderr goes to a file kept for failure messages.
+struct KubectlPortForward {
+    child: Child,
+    stderr: PathBuf,
+    /// The local port kubectl listens on.
+    port: u16,
+}
+
+impl KubectlPortForward {
+    /// `kubectl port-forward <target> :<remote>` in the developer namespace,
+    /// once it listens. `websockets` sets KUBECTL_PORT_FORWARD_WEBSOCKETS:
+    /// true tunnels SPDY in WebSocket, false makes kubectl ask for the plain
+    /// SPDY upgrade.
+    fn start(
+        dev: &str,
+        kubeconfig: &str,
+        namespace: &str,
+        target: &str,
+        remote: u16,
+        websockets: bool,
+    ) -> Self {
+        let stderr =
+            std::env::temp_dir().join(format!("{}.kubectl-pf.err", unique_name("tpbpf-lab-api")));
+        let child = Command::new("ip")
+            .args(["netns", "exec", dev, "kubectl", "--kubeconfig", kubeconfig])
+            .args(["-n", namespace, "port-forward", target])
+            .arg(format!(":{remote}"))
+            .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("kubectl's stderr file"))
+            .spawn()
+            .expect("starting kubectl port-forward");
+        let mut pf = Self {
+            child,
+            stderr,
+            port: 0,
+        };
+        // "Forwarding from 127.0.0.1:41234 -> 80" once it listens.
+        let stdout = pf.child.stdout.take().expect("kubectl's stdout");
+        let (tx, rx) = mpsc::channel();
+        // Read to the end: kubectl writes a line per connection, and a
+        // closed pipe would kill it (SIGPIPE).
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pf.port == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    pf.port = line
+                        .strip_prefix("Forwarding from 127.0.0.1:")
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(0);
+                }
+                Err(_) => panic!(
+                    "kubectl port-forward {target} :{remote} (websockets={websockets}) did not \
+                     start listening: {}",
+                    pf.stderr_text()
+                ),
+            }
+        }
+        pf
+    }
+
+    fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for KubectlPortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+/// kubectl's own `port-forward` to nginx and redis in lab pods, over both
+/// SPDY transports the API server offers kubectl.
+#[test]
+fn lab_api_serves_kubectl_port_forward_over_spdy() {
+    let test = "lab_api_serves_kubectl_port_forward_over_spdy";
+    if !require_root(test) {
+        return;
+    }
+    let Ok(version) = Command::new("kubectl")
+        .args(["version", "--client", "-o", "json"])
+        .output()
+    else {
+        println!("SKIP {test}: kubectl is not installed (sudo bash xtask/setup.sh installs it)");
+        return;
+    };
+    // kubectl tunnels SPDY in WebSocket from 1.30 (by default from 1.31).
+    let minor = serde_json::from_slice::<Value>(&version.stdout)
+        .ok()
+        .and_then(|v| {
+            v["clientVersion"]["minor"]
+                .as_str()
+                .map(|m| m.trim_end_matches('+').parse::<u32>().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    let Some(lab) = LabGuard::up("tk") else {
+        return;
+    };
+    assert_eq!(lab.status["api_running"], true, "{}", lab.status);
+    let (kubeconfig, dev) = (lab.kubeconfig(), lab.dev_netns());
+    let in_dev = |argv: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &dev])
+            .args(argv)
+            .output()
+            .unwrap_or_else(|e| panic!("running {argv:?}: {e}"));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+
+    let transports: &[bool] = if minor >= 30 {
+        &[true, false]
+    } else {
+        println!(
+            "kubectl 1.{minor} has no SPDY-over-WebSocket tunnel: checking the plain upgrade only"
+        );
+        &[false]
+    };
+    for &websockets in transports {
+        // nginx in web-7d4b9c-a1, port 80.
+        let web = KubectlPortForward::start(
+            &dev,
+            &kubeconfig,
+            "default",
+            "pod/web-7d4b9c-a1",
+            80,
+            websockets,
+        );
+        let url = format!("http://127.0.0.1:{}/", web.port);
+        for _ in 0..2 {
+            let (ok, page) = in_dev(&["curl", "-sS", "-m", "10", &url]);
+            assert!(
+                ok && page.contains("served by nginx") && page.contains("web-7d4b9c-a1"),
+                "curl through kubectl port-forward (websockets={websockets}): {page}\nkubectl: {}",
+                web.stderr_text()
+            );
+        }
+
+        // redis in redis-0 (namespace cache), port 6379.
+        let redis =
+            KubectlPortForward::start(&dev, &kubeconfig, "cache", "pod/redis-0", 6379, websockets);
+        let port = redis.port.to_string();
+        for _ in 0..2 {
+            let (ok, reply) = in_dev(&["timeout", "10", "redis-cli", "-p", &port, "ping"]);
+            assert!(
+                ok && reply.trim() == "PONG",
+                "redis-cli ping through kubectl port-forward (websockets={websockets}): \
+                 {reply}\nkubectl: {}",
+                redis.stderr_text()
+            );
+        }
+        // kubectl is still forwarding (no error closed its connection).
+        for pf in [web, redis] {
+            let mut pf = pf;
+            assert!(
+                pf.child.try_wait().expect("kubectl status").is_none(),
+                "kubectl port-forward exited: {}",
+                pf.stderr_text()
+            );
+        }
+    }
+
+    // Both transports really were used (kubectl falls back silently).
+    let log = std::fs::read_to_string(Path::new(&kubeconfig).with_file_name("api.log"))
+        .expect("the lab API's log");
+    assert!(
+        log.contains("SPDY/3.1 over an HTTP upgrade"),
+        "the plain SPDY upgrade was not used:\n{log}"
+    );
+    if transports.contains(&true) {
+        assert!(
+            log.contains("SPDY/3.1 tunneled in WebSocket"),
+            "kubectl did not tunnel SPDY in WebSocket:\n{log}"
+        );
+    }
 }

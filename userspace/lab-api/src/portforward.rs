@@ -1,8 +1,9 @@
-//! Pod port-forward over WebSocket, as kube-rs (and kubectl 1.30+) speak
-//! it: subprotocol `v4.channel.k8s.io`, binary messages whose first byte is
-//! the channel; port i uses channel 2i for data and 2i+1 for errors, and the
-//! first message on each channel carries the port (u16, little endian).
-//! The endpoint dials the pod from its node's network namespace.
+//! Pod port-forward over WebSocket, as kube-rs speaks it: subprotocol
+//! `v4.channel.k8s.io`, binary messages whose first byte is the channel;
+//! port i uses channel 2i for data and 2i+1 for errors, and the first
+//! message on each channel carries the port (u16, little endian). kubectl
+//! speaks SPDY instead (`portforward_spdy`). Either way the endpoint dials
+//! the pod from its node's network namespace ([`target`], [`dial`]).
 use std::{net::SocketAddr, time::Duration};
 
 use axum::{

@@ -248,7 +248,7 @@ fn plain(code: StatusCode, extra: &[(&'static str, &'static str)], msg: &str) ->
     )
         .into_response();
     for (k, v) in extra {
-        resp.headers_mut().append(*k, HeaderValue::from_static(*v));
+        resp.headers_mut().append(*k, HeaderValue::from_static(v));
     }
     resp
 }
@@ -471,7 +471,7 @@ impl Conn {
         if self.streams.contains_key(&id) {
             return self.send(rst(spdy::RST_STREAM_IN_USE)).await;
         }
-        if id % 2 == 0 || id <= self.last_stream_id {
+        if id.is_multiple_of(2) || id <= self.last_stream_id {
             return self.send(rst(spdy::RST_PROTOCOL_ERROR)).await;
         }
         self.last_stream_id = id;
