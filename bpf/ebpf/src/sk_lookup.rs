@@ -21,7 +21,7 @@ pub fn tpbpf_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: a 2-byte read of the context's remote port.
     let remote_port = u32::from(u16::from_be(unsafe { (*ctx.lookup).remote_port }));
     // SAFETY: only tested for presence.
-    if unsafe { INTERCEPT_BYPASS.get(&remote_port) }.is_some() {
+    if unsafe { INTERCEPT_BYPASS.get(remote_port) }.is_some() {
         return SK_PASS;
     }
     // SAFETY: copied out at once.
