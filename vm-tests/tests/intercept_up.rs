@@ -319,6 +319,31 @@ fn http_filtered_intercepts_and_mirrors() {
     let instance = Instance(unique_name("ih"));
     let mut server = up_with_server(&lab, &cg, &instance, "http11");
 
+    // A port nothing in the pod listens on: the developer serves it. The
+    // workload is a bare pod here, in another namespace.
+    let client_of_redis = format!("{}-default-web-7d4b9c-b2", lab.name);
+    assert!(!curl_from(&client_of_redis, "http://10.244.2.20:9999/").contains("developer"));
+    let out = tpbpf(&[
+        "intercept",
+        "redis-0",
+        "-n",
+        "cache",
+        "--port",
+        "9999:18080",
+        "--instance",
+        &instance.0,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = curl_from(&client_of_redis, "http://10.244.2.20:9999/");
+    assert!(got.contains("developer"), "{got}");
+    assert!(tpbpf(&["leave", "redis-0-9999", "--instance", &instance.0])
+        .status
+        .success());
+
     // Header filter: requests with x-dev: me come to the developer.
     let out = tpbpf(&[
         "intercept",
