@@ -209,6 +209,74 @@ fn listener_in(path: &std::path::Path) -> Result<std::net::TcpListener, String> 
     .map_err(|_| "the namespace thread panicked".to_string())?
 }
 
+/// How long a client has to prove it may port-forward into the pod.
+const PROOF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Checks through the API server that the session's user may port-forward
+/// into the target pod, as `kubectl port-forward` needs: the agent listens
+/// on a fresh port inside the pod's namespace and asks the client to
+/// port-forward there and send a nonce. The API server only lets the
+/// port-forward through if the user's identity may (`pods/portforward` in
+/// the pod's namespace).
+pub async fn check_access(session: &Session, id: u32, target: SocketAddr) -> Result<(), String> {
+    let ip = target.ip();
+    let listener = tokio::task::spawn_blocking(move || -> Result<std::net::TcpListener, String> {
+        let path = netns_of(ip)?;
+        let ns = File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        std::thread::spawn(move || {
+            // SAFETY: a valid namespace fd; setns affects only this thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "entering the pod's network namespace: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let addr: SocketAddr = if ip.is_ipv4() {
+                "0.0.0.0:0".parse().expect("an address")
+            } else {
+                "[::]:0".parse().expect("an address")
+            };
+            std::net::TcpListener::bind(addr).map_err(|e| e.to_string())
+        })
+        .join()
+        .map_err(|_| "the namespace thread panicked".to_string())?
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+    let nonce = {
+        let mut n = [0u8; 16];
+        getrandom::getrandom(&mut n).map_err(|e| e.to_string())?;
+        n
+    };
+    session
+        .intercept_challenge(id, port, nonce)
+        .map_err(|e| e.to_string())?;
+    let wait = async {
+        loop {
+            let (mut conn, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            let mut got = [0u8; 16];
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read_exact(&mut conn, &mut got),
+            )
+            .await;
+            if matches!(read, Ok(Ok(_))) && got == nonce {
+                return Ok::<(), String>(());
+            }
+        }
+    };
+    tokio::time::timeout(PROOF_TIMEOUT, wait)
+        .await
+        .map_err(|_| {
+            format!(
+                "no proof that you may port-forward into the pod at {ip} (tpbpf port-forwards to it through the API server first): intercept refused"
+            )
+        })?
+}
+
 /// Puts an intercept of `target` in place for `session`. Two steals of
 /// one port are refused; filtered intercepts and mirrors share it.
 pub fn start(

@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -160,31 +160,49 @@ fn dns_server(given: Option<SocketAddr>) -> Option<SocketAddr> {
 async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>) {
     let dns = dns_server(cluster_dns);
     let mut flows: HashMap<u32, Arc<UdpSocket>> = HashMap::new();
-    // Dropped with this task when the session ends: intercepts detach.
-    let mut intercepts: HashMap<u32, crate::intercept::Active> = HashMap::new();
+    // Cleared when the session ends: intercepts detach.
+    let intercepts: Arc<Mutex<HashMap<u32, crate::intercept::Active>>> = Arc::default();
     while let Some(request) = session.next_request().await {
         match request {
             Request::InterceptStart { id, target, mode } => {
-                let s2 = session.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    crate::intercept::start(&s2, target, &mode)
-                })
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r);
-                match result {
-                    Ok(active) => {
-                        let _ = session.intercept_status(id, true, &active.environ);
-                        intercepts.insert(id, active);
+                let (session, intercepts) = (session.clone(), intercepts.clone());
+                tokio::spawn(async move {
+                    // First the client proves it may port-forward into the
+                    // pod, through the API server; then the intercept.
+                    let result = match crate::intercept::check_access(&session, id, target).await {
+                        Err(e) => Err(e),
+                        Ok(()) => {
+                            let s2 = session.clone();
+                            tokio::task::spawn_blocking(move || {
+                                crate::intercept::start(&s2, target, &mode)
+                            })
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r)
+                        }
+                    };
+                    match result {
+                        Ok(active) => {
+                            let _ = session.intercept_status(id, true, &active.environ);
+                            if session.ended().is_none() {
+                                intercepts
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(id, active);
+                            }
+                        }
+                        Err(e) => {
+                            warn!(%target, "intercept refused: {e}");
+                            let _ = session.intercept_status(id, false, &e);
+                        }
                     }
-                    Err(e) => {
-                        warn!(%target, "intercept refused: {e}");
-                        let _ = session.intercept_status(id, false, &e);
-                    }
-                }
+                });
             }
             Request::InterceptStop { id } => {
-                intercepts.remove(&id);
+                intercepts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
             }
             Request::Dns { id, query } => {
                 let session = session.clone();
@@ -216,6 +234,7 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>) {
             }
         }
     }
+    intercepts.lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
 
 async fn ask_dns(server: Option<SocketAddr>, query: &[u8]) -> io::Result<Vec<u8>> {

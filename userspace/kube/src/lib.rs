@@ -495,6 +495,44 @@ pub async fn agent_credentials(client: &Client, pod: &str) -> Result<AgentCreden
     })
 }
 
+/// Proves to an agent that this identity may port-forward into pod
+/// `namespace/pod`: port-forwards to the pod's `port` through the API
+/// server (which checks `pods/portforward`) and sends `nonce` there.
+pub async fn prove_port_forward(
+    client: &Client,
+    namespace: &str,
+    pod: &str,
+    port: u16,
+    nonce: [u8; 16],
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let mut pf = pods.portforward(pod, &[port]).await.map_err(|e| {
+        format!(
+            "your Kubernetes identity may not port-forward into pod {namespace}/{pod}, which an intercept needs: {e}"
+        )
+    })?;
+    let mut stream = pf
+        .take_stream(port)
+        .ok_or("the port-forward gave no stream")?;
+    stream
+        .write_all(&nonce)
+        .await
+        .map_err(|e| format!("port-forward to {namespace}/{pod}: {e}"))?;
+    stream
+        .shutdown()
+        .await
+        .map_err(|e| format!("port-forward to {namespace}/{pod}: {e}"))?;
+    // The agent closes once it has the nonce.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+    Ok(())
+}
+
 /// A tunnel transport through the API server: every connection is a new
 /// port-forward to the agent pod's tunnel port.
 pub struct PortForward {

@@ -94,6 +94,7 @@ const MAX_CONTROL: usize = 1024 * 1024;
 
 #[derive(Default)]
 struct InterceptState {
+    challenges: Option<tokio::sync::mpsc::UnboundedSender<(u16, [u8; 16])>>,
     ready: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
     ended: Option<String>,
     waker: Option<Waker>,
@@ -512,6 +513,7 @@ impl Inner {
             Frame::InterceptStop { intercept } => {
                 self.push_request(Request::InterceptStop { id: intercept })
             }
+
             Frame::InterceptStatus {
                 intercept,
                 ok,
@@ -526,6 +528,19 @@ impl Inner {
                             w.wake();
                         }
                     }
+                }
+            }
+            Frame::InterceptChallenge {
+                intercept,
+                port,
+                nonce,
+            } => {
+                if let Some(tx) = self
+                    .intercepts
+                    .get(&intercept)
+                    .and_then(|i| i.challenges.as_ref())
+                {
+                    let _ = tx.send((port, nonce));
                 }
             }
             // The agent's announcement of a connection's source; the
@@ -1080,16 +1095,41 @@ impl Session {
         Ok(())
     }
 
+    /// Asks the client to prove it may reach the pod (see
+    /// [`Frame::InterceptChallenge`]).
+    pub fn intercept_challenge(&self, id: u32, port: u16, nonce: [u8; 16]) -> io::Result<()> {
+        let mut inner = self.shared.lock();
+        if let Some((reason, m)) = &inner.ended {
+            return Err(reset_error(*reason, m));
+        }
+        inner.push_control(&Frame::InterceptChallenge {
+            intercept: id,
+            port,
+            nonce,
+        });
+        drop(inner);
+        self.shared.write.notify_one();
+        Ok(())
+    }
+
     /// Asks the peer (an agent) to steer `target`'s new connections into
     /// this session. They arrive as streams ([`Session::accept`]) whose
-    /// destination is `target`. Dropping the handle removes the intercept.
-    pub async fn intercept(
+    /// destination is `target`. If the agent asks for a proof of access
+    /// first, `prove(port, nonce)` gives it. Dropping the handle removes the
+    /// intercept.
+    pub async fn intercept<P, F>(
         &self,
         target: std::net::SocketAddr,
         mode: InterceptMode,
         timeout: Duration,
-    ) -> io::Result<Intercept> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        prove: P,
+    ) -> io::Result<Intercept>
+    where
+        P: Fn(u16, [u8; 16]) -> F,
+        F: std::future::Future<Output = Result<(), String>>,
+    {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel();
         let id = {
             let mut inner = self.shared.lock();
             if let Some((reason, m)) = &inner.ended {
@@ -1101,6 +1141,7 @@ impl Session {
                 id,
                 InterceptState {
                     ready: Some(tx),
+                    challenges: Some(ctx),
                     ..InterceptState::default()
                 },
             );
@@ -1118,18 +1159,30 @@ impl Session {
             target,
             info: String::new(),
         };
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(info))) => {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let answer = loop {
+            tokio::select! {
+                a = &mut rx => break Some(a),
+                Some((port, nonce)) = crx.recv() => {
+                    if let Err(e) = prove(port, nonce).await {
+                        return Err(io::Error::new(io::ErrorKind::PermissionDenied, e));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => break None,
+            }
+        };
+        match answer {
+            Some(Ok(Ok(info))) => {
                 handle.info = info;
                 Ok(handle)
             }
-            Ok(Ok(Err(m))) => Err(io::Error::other(m)),
-            Ok(Err(_)) => Err(io::Error::new(
+            Some(Ok(Err(m))) => Err(io::Error::other(m)),
+            Some(Err(_)) => Err(io::Error::new(
                 io::ErrorKind::ConnectionReset,
                 self.ended()
                     .unwrap_or_else(|| "the tunnel session ended".into()),
             )),
-            Err(_) => Err(io::Error::new(
+            None => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("the agent did not answer the intercept of {target} within {timeout:?}"),
             )),

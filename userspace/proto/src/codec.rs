@@ -49,7 +49,8 @@ const ACK: u8 = 13;
 const INTERCEPT_START: u8 = 14;
 const INTERCEPT_STATUS: u8 = 15;
 const INTERCEPT_STOP: u8 = 16;
-const LAST: u8 = INTERCEPT_STOP;
+const INTERCEPT_CHALLENGE: u8 = 17;
+const LAST: u8 = INTERCEPT_CHALLENGE;
 
 /// Appends `frame` to `out`. Fails, appending nothing, if its body would be
 /// larger than [`MAX_BODY`] (split data before encoding it).
@@ -135,6 +136,15 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), DecodeError> {
             (INTERCEPT_STATUS, *intercept)
         }
         Frame::InterceptStop { intercept } => (INTERCEPT_STOP, *intercept),
+        Frame::InterceptChallenge {
+            intercept,
+            port,
+            nonce,
+        } => {
+            out.extend_from_slice(&port.to_be_bytes());
+            out.extend_from_slice(nonce);
+            (INTERCEPT_CHALLENGE, *intercept)
+        }
         Frame::Ping { nonce } => {
             out.extend_from_slice(&nonce.to_be_bytes());
             (PING, 0)
@@ -282,7 +292,16 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
             },
             message: r.str("intercept message")?,
         },
-        _ => Frame::InterceptStop { intercept: id },
+        INTERCEPT_STOP => Frame::InterceptStop { intercept: id },
+        _ => Frame::InterceptChallenge {
+            intercept: id,
+            port: r.u16("challenge port")?,
+            nonce: {
+                let mut n = [0u8; 16];
+                n.copy_from_slice(r.take(16, "challenge nonce")?);
+                n
+            },
+        },
     };
     if !r.0.is_empty() {
         return Err(DecodeError::Malformed {

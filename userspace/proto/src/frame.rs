@@ -153,6 +153,14 @@ pub enum Frame {
     InterceptStop {
         intercept: u32,
     },
+    /// Agent to client: before intercepting, prove that your Kubernetes
+    /// identity may port-forward into the pod: port-forward to the pod's
+    /// `port` through the API server and send `nonce` there.
+    InterceptChallenge {
+        intercept: u32,
+        port: u16,
+        nonce: [u8; 16],
+    },
     Ping {
         nonce: u64,
     },

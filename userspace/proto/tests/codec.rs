@@ -62,6 +62,13 @@ fn frame() -> impl Strategy<Value = Frame> {
             }
         }),
         any::<u32>().prop_map(|intercept| Frame::InterceptStop { intercept }),
+        (any::<u32>(), any::<u16>(), any::<[u8; 16]>()).prop_map(|(intercept, port, nonce)| {
+            Frame::InterceptChallenge {
+                intercept,
+                port,
+                nonce,
+            }
+        }),
         (any::<u32>(), dst(), bytes()).prop_map(|(stream, dst, data)| Frame::Open {
             stream,
             dst,

@@ -315,6 +315,27 @@ impl Manager {
         })
     }
 
+    /// Answers an agent's access check for pod `namespace/pod`: a
+    /// port-forward through the API server with this bridge's identity.
+    fn prover(
+        &self,
+        namespace: &str,
+        pod: &str,
+    ) -> impl Fn(
+        u16,
+        [u8; 16],
+    )
+        -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+        let (client, namespace, pod) =
+            (self.client.clone(), namespace.to_string(), pod.to_string());
+        move |port, nonce| {
+            let (client, namespace, pod) = (client.clone(), namespace.clone(), pod.clone());
+            Box::pin(async move {
+                tpbpf_kube::prove_port_forward(&client, &namespace, &pod, port, nonce).await
+            })
+        }
+    }
+
     /// A live session with the agent on `node`, made if needed; its
     /// incoming streams (intercepted connections) go to local ports.
     async fn session(&self, node: &str) -> Result<Session, String> {
@@ -405,7 +426,12 @@ impl Manager {
             let attempt = async {
                 let session = self.session(&p.node).await?;
                 session
-                    .intercept(target, mode.clone(), INTERCEPT_TIMEOUT)
+                    .intercept(
+                        target,
+                        mode.clone(),
+                        INTERCEPT_TIMEOUT,
+                        self.prover(&namespace, &p.name),
+                    )
                     .await
                     .map_err(|e| format!("pod {} on {}: {e}", p.name, p.node))
             };
@@ -434,10 +460,14 @@ impl Manager {
         let tasks = handles
             .into_iter()
             .map(|(pod, h)| {
-                tokio::spawn(
-                    self.clone()
-                        .hold(pod, remote, mode.clone(), h, problems.clone()),
-                )
+                tokio::spawn(self.clone().hold(
+                    namespace.clone(),
+                    pod,
+                    remote,
+                    mode.clone(),
+                    h,
+                    problems.clone(),
+                ))
             })
             .collect();
         self.active
@@ -465,6 +495,7 @@ impl Manager {
     /// puts it back as soon as the agent is there again.
     async fn hold(
         self: Arc<Self>,
+        namespace: String,
         pod: tpbpf_kube::WorkloadPod,
         remote: u16,
         mode: InterceptMode,
@@ -483,9 +514,14 @@ impl Manager {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let attempt = async {
                     let s = self.session(&pod.node).await?;
-                    s.intercept(target, mode.clone(), INTERCEPT_TIMEOUT)
-                        .await
-                        .map_err(|e| e.to_string())
+                    s.intercept(
+                        target,
+                        mode.clone(),
+                        INTERCEPT_TIMEOUT,
+                        self.prover(&namespace, &pod.name),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
                 };
                 match attempt.await {
                     Ok(h) => break h,
