@@ -503,3 +503,67 @@ fn http_filtered_intercepts_and_mirrors() {
     );
     assert!(curl_from(&client_pod, "http://10.244.1.10/").contains("served by nginx"));
 }
+
+#[test]
+fn an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace() {
+    if !require_root("an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace") {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tr") else {
+        return;
+    };
+    // The lab's second identity may port-forward into `default` and
+    // `tpbpf-system` only, as a namespace-scoped RBAC role would allow.
+    let restricted = format!("/run/tpbpf-lab/{}/kubeconfig-restricted", lab.name);
+    let cg = TestCgroup::new();
+    let instance = Instance(unique_name("ir"));
+    let up = tpbpf(&[
+        "--netns",
+        &lab.dev_netns(),
+        "up",
+        "--kubeconfig",
+        &restricted,
+        "--instance",
+        &instance.0,
+        "--cgroup",
+        &cg.path().display().to_string(),
+    ]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let refused = tpbpf(&[
+        "intercept",
+        "redis-0",
+        "-n",
+        "cache",
+        "--port",
+        "6379:16379",
+        "--instance",
+        &instance.0,
+    ]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("may not port-forward") && err.contains("cache"),
+        "{err}"
+    );
+    let redis_ns = format!("{}-cache-redis-0", lab.name);
+    assert!(sk_lookup_links_in(&redis_ns).is_empty());
+    let allowed = tpbpf(&[
+        "intercept",
+        "web",
+        "--port",
+        "80:18080",
+        "--instance",
+        &instance.0,
+    ]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    let web_a = format!("{}-default-web-7d4b9c-a1", lab.name);
+    assert_eq!(sk_lookup_links_in(&web_a).len(), 1);
+}

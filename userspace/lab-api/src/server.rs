@@ -22,6 +22,16 @@ pub struct ApiConfig {
     pub lab: String,
     /// Bearer token clients must present.
     pub token: String,
+    /// A second identity, `lab-developer`: its token, and the namespaces
+    /// where it may port-forward (RBAC's `pods/portforward`, as a real
+    /// cluster would grant it per namespace).
+    pub restricted: Option<(String, Vec<String>)>,
+}
+
+/// Who a request is from.
+enum Who {
+    Admin,
+    Restricted(Vec<String>),
 }
 
 /// One resource kind the endpoint serves.
@@ -166,21 +176,25 @@ async fn handle(
     // A wrong token is refused. No token is served as an anonymous reader:
     // client-go does not send bearer tokens over plain HTTP, and the lab's
     // endpoint is only reachable from its own fabric.
-    let authorized = match headers.get(header::AUTHORIZATION) {
-        None => true,
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t == cfg.token),
+    let who = match headers.get(header::AUTHORIZATION) {
+        None => Some(Who::Admin),
+        Some(v) => match v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
+            Some(t) if t == cfg.token => Some(Who::Admin),
+            Some(t) => cfg
+                .restricted
+                .as_ref()
+                .filter(|(rt, _)| rt == t)
+                .map(|(_, ns)| Who::Restricted(ns.clone())),
+            None => None,
+        },
     };
-    if !authorized {
+    let Some(who) = who else {
         return status(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
             "Unauthorized: present the lab's bearer token (see its kubeconfig)".into(),
         );
-    }
+    };
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {
         ["healthz"] => return "ok".into_response(),
@@ -208,6 +222,15 @@ async fn handle(
     // Pod port-forward: the lab upgrades where the API server would have
     // the kubelet upgrade.
     if let ["api", "v1", "namespaces", ns, "pods", name, "portforward"] = segs.as_slice() {
+        if let Who::Restricted(allowed) = &who {
+            if !allowed.iter().any(|a| a == ns) {
+                return status(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    format!("pods \"{name}\" is forbidden: User \"lab-developer\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"{ns}\""),
+                );
+            }
+        }
         let pod = || {
             crate::portforward::target(&cfg.lab, ns, name)
                 .map(|t| portforward_spdy::Pod::in_lab(name, objects::uid("Pod", ns, name), t))

@@ -85,6 +85,11 @@ pub fn blob_bytes() -> Vec<u8> {
 /// The node agent's tunnel port (tpbpf-agent's default).
 pub const AGENT_TUNNEL_PORT: u16 = 4391;
 
+/// Where the lab's second identity (`kubeconfig-restricted`, user
+/// `lab-developer`) may port-forward: a developer allowed in `default` but
+/// not in `cache` or `db`.
+pub const RESTRICTED_NAMESPACES: &str = "default,tpbpf-system";
+
 /// Where the lab's API endpoint listens: on the fabric, like a control plane
 /// that the developer machine reaches while pods and services stay out of
 /// its reach.
@@ -675,6 +680,7 @@ impl Lab {
             return Ok(());
         };
         let token = format!("lab-{:016x}", random_u64());
+        let restricted = format!("lab-dev-{:016x}", random_u64());
         let log = fs::File::create(self.state.join("api.log")).map_err(|source| LabError::Io {
             what: "creating api.log".into(),
             source,
@@ -686,6 +692,12 @@ impl Lab {
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .args(["--listen", API_ADDR, "--token", &token])
+            .args([
+                "--restricted-token",
+                &restricted,
+                "--restricted-namespaces",
+                RESTRICTED_NAMESPACES,
+            ])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
@@ -704,6 +716,10 @@ impl Lab {
         write(
             &self.kubeconfig_path(),
             &kubeconfig(&format!("http://{API_ADDR}"), &self.name, &token),
+        )?;
+        write(
+            &self.state.join("kubeconfig-restricted"),
+            &kubeconfig(&format!("http://{API_ADDR}"), &self.name, &restricted),
         )?;
         Ok(())
     }

@@ -27,6 +27,9 @@ use crate::Output;
 
 const INTERCEPT_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The answer to an agent's access check, under way.
+type Proof = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
 /// The control socket of a bridge started by `tpbpf up`.
 pub fn control_socket(instance: &str) -> PathBuf {
     PathBuf::from("/run/tpbpf")
@@ -317,15 +320,7 @@ impl Manager {
 
     /// Answers an agent's access check for pod `namespace/pod`: a
     /// port-forward through the API server with this bridge's identity.
-    fn prover(
-        &self,
-        namespace: &str,
-        pod: &str,
-    ) -> impl Fn(
-        u16,
-        [u8; 16],
-    )
-        -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+    fn prover(&self, namespace: &str, pod: &str) -> impl Fn(u16, [u8; 16]) -> Proof {
         let (client, namespace, pod) =
             (self.client.clone(), namespace.to_string(), pod.to_string());
         move |port, nonce| {

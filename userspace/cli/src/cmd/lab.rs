@@ -33,14 +33,29 @@ enum LabAction {
         listen: std::net::SocketAddr,
         #[arg(long)]
         token: String,
+        /// A second, restricted identity's token.
+        #[arg(long)]
+        restricted_token: Option<String>,
+        /// Where the restricted identity may port-forward (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        restricted_namespaces: Vec<String>,
     },
 }
 
 pub fn run(args: LabArgs) -> Result<ExitCode> {
-    if let LabAction::Api { listen, token } = &args.action {
+    if let LabAction::Api {
+        listen,
+        token,
+        restricted_token,
+        restricted_namespaces,
+    } = &args.action
+    {
         let cfg = tpbpf_lab_api::ApiConfig {
             lab: args.name.clone(),
             token: token.clone(),
+            restricted: restricted_token
+                .clone()
+                .map(|t| (t, restricted_namespaces.clone())),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
