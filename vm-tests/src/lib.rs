@@ -684,3 +684,29 @@ pub fn http_get(stream: &mut std::net::TcpStream) -> String {
     let n = stream.read(&mut buf).unwrap_or(0);
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
+
+/// Kills, in the kernel (`ss -K`), the TCP connections from network
+/// namespace `netns` to the lab's API endpoint: tpbpf's port-forward
+/// transports, reset rather than closed. Returns how many.
+pub fn kill_transports(netns: &str) -> usize {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "ss",
+            "-K",
+            "-t",
+            "dst",
+            "172.31.0.1",
+            "dport",
+            "=",
+            "6443",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("6443"))
+        .count()
+}

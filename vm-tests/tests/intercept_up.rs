@@ -44,9 +44,20 @@ fn tpbpf(args: &[&str]) -> std::process::Output {
     Command::new(tpbpf_bin()).args(args).output().unwrap()
 }
 
+/// `tpbpf ARGS`, which must succeed.
+fn tpbpf_ok(args: &[&str]) -> std::process::Output {
+    let out = tpbpf(args);
+    assert!(
+        out.status.success(),
+        "tpbpf {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// `tpbpf up` in the lab's developer namespace, bridging `cg`.
 fn bring_up(lab: &LabGuard, cg: &TestCgroup, instance: &Instance) {
-    let up = tpbpf(&[
+    tpbpf_ok(&[
         "--netns",
         &lab.dev_netns(),
         "up",
@@ -57,11 +68,6 @@ fn bring_up(lab: &LabGuard, cg: &TestCgroup, instance: &Instance) {
         "--cgroup",
         &cg.path().display().to_string(),
     ]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
 }
 
 /// [`bring_up`], and the
@@ -118,7 +124,7 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
     let mut before = connect_in(&client_pod, "10.244.1.10:80");
     assert!(http_get(&mut before).contains("served by nginx"));
 
-    let out = tpbpf(&[
+    let out = tpbpf_ok(&[
         "intercept",
         "web",
         "--port",
@@ -128,11 +134,6 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
         "-o",
         "json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["pods"].as_array().map(Vec::len), Some(2), "{v}");
     for (ns, _, _) in &pods {
@@ -180,26 +181,7 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
 
     // The transports die (killed in the kernel): the sessions resume and
     // the intercepts stay.
-    let ss = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &dev,
-            "ss",
-            "-K",
-            "-t",
-            "dst",
-            "172.31.0.1",
-            "dport",
-            "=",
-            "6443",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&ss.stdout).contains("6443"),
-        "no transport to kill"
-    );
+    assert!(kill_transports(&dev) > 0, "no transport to kill");
     for _ in 0..3 {
         let got = curl_from(&client_pod, "http://10.96.0.20/");
         assert!(got.contains("developer"), "after a transport kill: {got}");
@@ -217,12 +199,7 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
     assert_eq!(web["intercepts"][0]["name"], "web-80", "{list}");
 
     // leave: the next request is nginx's, nothing stays attached.
-    let out = tpbpf(&["leave", "web-80", "--instance", &instance.0]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tpbpf_ok(&["leave", "web-80", "--instance", &instance.0]);
     for (ns, _, ip) in &pods {
         assert!(
             wait_for(Duration::from_secs(2), || sk_lookup_links_in(ns).is_empty()),
@@ -233,7 +210,7 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
     }
 
     // Again, then the agents die: within a second nginx answers, none hangs.
-    let out = tpbpf(&[
+    tpbpf_ok(&[
         "intercept",
         "web",
         "--port",
@@ -241,11 +218,6 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
         "--instance",
         &instance.0,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(curl_from(&client_pod, "http://10.244.1.10/").contains("developer"));
     for node in ["node1", "node2"] {
         let pid: i32 =
@@ -323,7 +295,7 @@ fn http_filtered_intercepts_and_mirrors() {
     // workload is a bare pod here, in another namespace.
     let client_of_redis = format!("{}-default-web-7d4b9c-b2", lab.name);
     assert!(!curl_from(&client_of_redis, "http://10.244.2.20:9999/").contains("developer"));
-    let out = tpbpf(&[
+    tpbpf_ok(&[
         "intercept",
         "redis-0",
         "-n",
@@ -333,19 +305,12 @@ fn http_filtered_intercepts_and_mirrors() {
         "--instance",
         &instance.0,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let got = curl_from(&client_of_redis, "http://10.244.2.20:9999/");
     assert!(got.contains("developer"), "{got}");
-    assert!(tpbpf(&["leave", "redis-0-9999", "--instance", &instance.0])
-        .status
-        .success());
+    tpbpf_ok(&["leave", "redis-0-9999", "--instance", &instance.0]);
 
     // Header filter: requests with x-dev: me come to the developer.
-    let out = tpbpf(&[
+    tpbpf_ok(&[
         "intercept",
         "web",
         "--port",
@@ -355,11 +320,6 @@ fn http_filtered_intercepts_and_mirrors() {
         "--instance",
         &instance.0,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let with = Command::new("ip")
         .args([
             "netns",
@@ -405,13 +365,11 @@ fn http_filtered_intercepts_and_mirrors() {
     assert!(!steal.status.success());
     let err = String::from_utf8_lossy(&steal.stderr);
     assert!(err.contains("already intercepted"), "{err}");
-    assert!(tpbpf(&["leave", "web-80", "--instance", &instance.0])
-        .status
-        .success());
+    tpbpf_ok(&["leave", "web-80", "--instance", &instance.0]);
     assert!(curl_from(&client_pod, "http://10.244.1.10/").contains("served by nginx"));
 
     // Mirror: nginx answers, the developer gets a copy of each request.
-    let out = tpbpf(&[
+    tpbpf_ok(&[
         "intercept",
         "web",
         "--port",
@@ -421,11 +379,6 @@ fn http_filtered_intercepts_and_mirrors() {
         "--instance",
         &instance.0,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for i in 0..3 {
         let got = curl_from(&client_pod, &format!("http://10.244.1.10/mirror-{i}"));
         assert!(got.contains("served by nginx"), "{got}");
@@ -435,9 +388,7 @@ fn http_filtered_intercepts_and_mirrors() {
             })
             .unwrap_or_else(|| panic!("the developer got no copy of request {i}"));
     }
-    assert!(tpbpf(&["leave", "web-80", "--instance", &instance.0])
-        .status
-        .success());
+    tpbpf_ok(&["leave", "web-80", "--instance", &instance.0]);
     assert!(
         wait_for(Duration::from_secs(2), || sk_lookup_links_in(&web_a)
             .is_empty()),
@@ -446,7 +397,7 @@ fn http_filtered_intercepts_and_mirrors() {
 
     // tpbpfd killed with an intercept in place: the agent drops it when the
     // session's resume window (5 s in the lab) passes; the pod answers.
-    let out = tpbpf(&[
+    tpbpf_ok(&[
         "intercept",
         "web",
         "--port",
@@ -454,11 +405,6 @@ fn http_filtered_intercepts_and_mirrors() {
         "--instance",
         &instance.0,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(sk_lookup_links_in(&web_a).len(), 1);
     let st = tpbpf(&["status", "-o", "json", "--instance", &instance.0]);
     let pid = serde_json::from_slice::<Value>(&st.stdout).unwrap()["pid"]
@@ -481,7 +427,7 @@ fn http_filtered_intercepts_and_mirrors() {
     bring_up(&lab, &cg, &instance);
 
     // `tpbpf down` with an intercept in place: the agents drop it at once.
-    let out = tpbpf(&[
+    tpbpf_ok(&[
         "intercept",
         "web",
         "--port",
@@ -489,13 +435,8 @@ fn http_filtered_intercepts_and_mirrors() {
         "--instance",
         &instance.0,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(sk_lookup_links_in(&web_a).len(), 1);
-    assert!(tpbpf(&["down", "--instance", &instance.0]).status.success());
+    tpbpf_ok(&["down", "--instance", &instance.0]);
     assert!(
         wait_for(Duration::from_secs(2), || sk_lookup_links_in(&web_a)
             .is_empty()),
@@ -517,7 +458,7 @@ fn an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace() {
     let restricted = format!("/run/tpbpf-lab/{}/kubeconfig-restricted", lab.name);
     let cg = TestCgroup::new();
     let instance = Instance(unique_name("ir"));
-    let up = tpbpf(&[
+    tpbpf_ok(&[
         "--netns",
         &lab.dev_netns(),
         "up",
@@ -528,11 +469,6 @@ fn an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace() {
         "--cgroup",
         &cg.path().display().to_string(),
     ]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
     let refused = tpbpf(&[
         "intercept",
         "redis-0",
@@ -551,7 +487,7 @@ fn an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace() {
     );
     let redis_ns = format!("{}-cache-redis-0", lab.name);
     assert!(sk_lookup_links_in(&redis_ns).is_empty());
-    let allowed = tpbpf(&[
+    tpbpf_ok(&[
         "intercept",
         "web",
         "--port",
@@ -559,11 +495,6 @@ fn an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace() {
         "--instance",
         &instance.0,
     ]);
-    assert!(
-        allowed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&allowed.stderr)
-    );
     let web_a = format!("{}-default-web-7d4b9c-a1", lab.name);
     assert_eq!(sk_lookup_links_in(&web_a).len(), 1);
 }

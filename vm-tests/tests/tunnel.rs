@@ -125,24 +125,7 @@ fn a_download_survives_killing_the_port_forward_connection() {
         std::thread::sleep(Duration::from_millis(1200));
         // Kill tpbpfd's connections to the API endpoint (the port-forward
         // transport) in the kernel: a reset, not a polite close.
-        let ss = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &dev,
-                "ss",
-                "-K",
-                "-t",
-                "dst",
-                "172.31.0.1",
-                "dport",
-                "=",
-                "6443",
-            ])
-            .output()
-            .unwrap();
-        let listed = String::from_utf8_lossy(&ss.stdout);
-        killed += listed.lines().filter(|l| l.contains("6443")).count();
+        killed += kill_transports(&dev);
     }
     assert!(killed >= 2, "ss -K killed no transport connection");
     let status = curl
