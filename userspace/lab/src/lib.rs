@@ -622,57 +622,33 @@ impl Lab {
             .find(|s| s.name == "kube-dns")
             .map(|s| format!("{}:53", s.cluster_ip))
             .unwrap_or_default();
-        {
-            let log = fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.state.join(format!("agent-{}.log", node.name)))
-                .map_err(|source| LabError::Io {
-                    what: "creating the agent's log".into(),
-                    source,
-                })?;
-            let err = log.try_clone().map_err(|source| LabError::Io {
-                what: "agent log".into(),
-                source,
-            })?;
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &self.node_netns(node.name)])
-                .arg(agent)
-                .args([
-                    "serve",
-                    "--listen",
-                    &format!("{}:{AGENT_PORT}", node.ip),
-                    "--tunnel-listen",
-                    &format!("{}:{AGENT_TUNNEL_PORT}", node.ip),
-                    "--cluster-dns",
-                    &cluster_dns,
-                    // Short, so the tests see a killed tpbpfd's intercepts
-                    // go in seconds (the default is 30).
-                    "--resume-window-s",
-                    "5",
-                    "--node",
-                    node.name,
-                ])
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(err);
-            // SAFETY: setsid is async-signal-safe; the agent outlives `lab up`.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                    libc::setsid();
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn().map_err(|source| LabError::Io {
-                what: format!("starting the agent ({})", agent.display()),
-                source,
-            })?;
-            write(
-                &self.state.join(format!("agent-{}.pid", node.name)),
-                &child.id().to_string(),
-            )?;
-        }
-        Ok(())
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.node_netns(node.name)])
+            .arg(agent)
+            .args([
+                "serve",
+                "--listen",
+                &format!("{}:{AGENT_PORT}", node.ip),
+                "--tunnel-listen",
+                &format!("{}:{AGENT_TUNNEL_PORT}", node.ip),
+                "--cluster-dns",
+                &cluster_dns,
+                // Short, so the tests see a killed tpbpfd's intercepts
+                // go in seconds (the default is 30).
+                "--resume-window-s",
+                "5",
+                "--node",
+                node.name,
+            ]);
+        let pid = spawn_detached(
+            &mut cmd,
+            &self.state.join(format!("agent-{}.log", node.name)),
+            &format!("the agent ({})", agent.display()),
+        )?;
+        write(
+            &self.state.join(format!("agent-{}.pid", node.name)),
+            &pid.to_string(),
+        )
     }
 
     fn start_api(&self) -> Result<()> {
@@ -681,14 +657,6 @@ impl Lab {
         };
         let token = format!("lab-{:016x}", random_u64());
         let restricted = format!("lab-dev-{:016x}", random_u64());
-        let log = fs::File::create(self.state.join("api.log")).map_err(|source| LabError::Io {
-            what: "creating api.log".into(),
-            source,
-        })?;
-        let err = log.try_clone().map_err(|source| LabError::Io {
-            what: "api.log".into(),
-            source,
-        })?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .args(["--listen", API_ADDR, "--token", &token])
@@ -697,22 +665,13 @@ impl Lab {
                 &restricted,
                 "--restricted-namespaces",
                 RESTRICTED_NAMESPACES,
-            ])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
-        // SAFETY: setsid is async-signal-safe; the endpoint outlives `lab up`.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|source| LabError::Io {
-            what: format!("starting the lab API endpoint ({})", argv[0]),
-            source,
-        })?;
-        write(&self.state.join("api.pid"), &child.id().to_string())?;
+            ]);
+        let pid = spawn_detached(
+            &mut cmd,
+            &self.state.join("api.log"),
+            &format!("the lab API endpoint ({})", argv[0]),
+        )?;
+        write(&self.state.join("api.pid"), &pid.to_string())?;
         write(
             &self.kubeconfig_path(),
             &kubeconfig(&format!("http://{API_ADDR}"), &self.name, &token),
@@ -1051,6 +1010,36 @@ fn nft(netns: &str, rules: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Starts `cmd` in a session of its own (it outlives `lab up` and the
+/// terminal), its output appended to `log`. Returns its pid.
+fn spawn_detached(cmd: &mut Command, log: &Path, what: &str) -> Result<u32> {
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|source| LabError::Io {
+            what: format!("opening {}", log.display()),
+            source,
+        })?;
+    let err = out.try_clone().map_err(|source| LabError::Io {
+        what: format!("opening {}", log.display()),
+        source,
+    })?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| LabError::Io {
+        what: format!("starting {what}"),
+        source,
+    })?;
+    Ok(child.id())
 }
 
 /// A pod's process: `ip netns exec` into its namespace with the
