@@ -29,7 +29,26 @@ struct Target {
     bypass: tpbpf_loader::InterceptBypass,
     routes: Mutex<Vec<Route>>,
     task: Mutex<Option<JoinHandle<()>>>,
-    _interceptor: tpbpf_loader::Interceptor,
+    interceptor: Mutex<Option<tpbpf_loader::Interceptor>>,
+}
+
+impl Target {
+    /// Detaches the program and stops accepting, at once: connections
+    /// already carried (which hold the target) go on.
+    fn detach(&self) {
+        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+        if self
+            .interceptor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_some()
+        {
+            info!(target = %self.addr, "intercept removed");
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -41,10 +60,7 @@ pub(crate) struct Route {
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            t.abort();
-        }
-        info!(target = %self.addr, "intercept removed");
+        self.detach();
     }
 }
 
@@ -69,6 +85,7 @@ impl Drop for Active {
             if routes.is_empty() {
                 drop(routes);
                 targets.remove(pos);
+                t.detach();
             }
         }
     }
@@ -320,7 +337,7 @@ pub fn start(
         bypass: interceptor.bypass(),
         routes: Mutex::new(vec![route]),
         task: Mutex::new(None),
-        _interceptor: interceptor,
+        interceptor: Mutex::new(Some(interceptor)),
     });
     let weak = Arc::downgrade(&t);
     *t.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::spawn(async move {

@@ -199,10 +199,15 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>) {
                 });
             }
             Request::InterceptStop { id } => {
-                intercepts
+                let removed = intercepts
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&id);
+                // Detached (with the last route of its target) before the
+                // answer: the client's `leave` returns once the app gets its
+                // connections again.
+                drop(removed);
+                let _ = session.intercept_status(id, false, "removed");
             }
             Request::Dns { id, query } => {
                 let session = session.clone();

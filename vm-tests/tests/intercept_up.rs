@@ -198,12 +198,15 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
         .unwrap();
     assert_eq!(web["intercepts"][0]["name"], "web-80", "{list}");
 
-    // leave: the next request is nginx's, nothing stays attached.
+    // leave returns once the pods have their port back: the very next
+    // request is nginx's, and nothing stays attached.
     tpbpf_ok(&["leave", "web-80", "--instance", &instance.0]);
+    let got = curl_from(&client_pod, "http://10.96.0.20/");
+    assert!(got.contains("served by nginx"), "right after leave: {got}");
     for (ns, _, ip) in &pods {
         assert!(
-            wait_for(Duration::from_secs(2), || sk_lookup_links_in(ns).is_empty()),
-            "intercept left attached in {ns}"
+            sk_lookup_links_in(ns).is_empty(),
+            "intercept left attached in {ns} after leave returned"
         );
         let got = curl_from(&client_pod, &format!("http://{ip}/"));
         assert!(got.contains("served by nginx"), "{got}");

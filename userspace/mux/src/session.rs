@@ -1158,6 +1158,7 @@ impl Session {
             id,
             target,
             info: String::new(),
+            stop_sent: false,
         };
         let deadline = tokio::time::Instant::now() + timeout;
         let answer = loop {
@@ -1311,6 +1312,7 @@ pub struct Intercept {
     id: u32,
     target: std::net::SocketAddr,
     info: String,
+    stop_sent: bool,
 }
 
 impl Intercept {
@@ -1343,11 +1345,28 @@ impl Intercept {
     }
 }
 
+impl Intercept {
+    /// Asks the agent to remove the intercept and waits (up to `timeout`)
+    /// until it says it did: new connections then go to the app again.
+    pub async fn stop(mut self, timeout: Duration) {
+        {
+            let mut inner = self.shared.lock();
+            if inner.ended.is_some() || !inner.intercepts.contains_key(&self.id) {
+                return;
+            }
+            inner.push_control(&Frame::InterceptStop { intercept: self.id });
+        }
+        self.shared.write.notify_one();
+        self.stop_sent = true;
+        let _ = tokio::time::timeout(timeout, self.ended()).await;
+    }
+}
+
 impl Drop for Intercept {
     fn drop(&mut self) {
         let mut inner = self.shared.lock();
         inner.intercepts.remove(&self.id);
-        if inner.ended.is_none() {
+        if inner.ended.is_none() && !self.stop_sent {
             inner.push_control(&Frame::InterceptStop { intercept: self.id });
             drop(inner);
             self.shared.write.notify_one();

@@ -285,6 +285,14 @@ pub struct Manager {
     active: Mutex<HashMap<String, Entry>>,
 }
 
+/// One pod's intercept, as its watcher keeps it.
+struct Held {
+    namespace: String,
+    pod: tpbpf_kube::WorkloadPod,
+    remote: u16,
+    mode: InterceptMode,
+}
+
 struct Entry {
     workload: String,
     namespace: String,
@@ -295,6 +303,8 @@ struct Entry {
     /// One watcher per pod: holds the intercept, puts it back if the
     /// agent loses it.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Tells each watcher to remove its intercept; it answers when done.
+    stops: Vec<tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>>,
     problems: Arc<Mutex<HashMap<String, String>>>,
 }
 
@@ -452,17 +462,19 @@ impl Manager {
             .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
             .collect();
         let problems = Arc::new(Mutex::new(HashMap::new()));
+        let mut stops = Vec::new();
         let tasks = handles
             .into_iter()
             .map(|(pod, h)| {
-                tokio::spawn(self.clone().hold(
-                    namespace.clone(),
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                stops.push(tx);
+                let what = Held {
+                    namespace: namespace.clone(),
                     pod,
                     remote,
-                    mode.clone(),
-                    h,
-                    problems.clone(),
-                ))
+                    mode: mode.clone(),
+                };
+                tokio::spawn(self.clone().hold(what, h, problems.clone(), rx))
             })
             .collect();
         self.active
@@ -478,6 +490,7 @@ impl Manager {
                     mode: mode.clone(),
                     pods: pods.clone(),
                     tasks,
+                    stops,
                     problems,
                 },
             );
@@ -490,23 +503,45 @@ impl Manager {
     /// puts it back as soon as the agent is there again.
     async fn hold(
         self: Arc<Self>,
-        namespace: String,
-        pod: tpbpf_kube::WorkloadPod,
-        remote: u16,
-        mode: InterceptMode,
+        what: Held,
         mut handle: Intercept,
         problems: Arc<Mutex<HashMap<String, String>>>,
+        mut stop: tokio::sync::oneshot::Receiver<tokio::sync::oneshot::Sender<()>>,
     ) {
+        let Held {
+            namespace,
+            pod,
+            remote,
+            mode,
+        } = what;
         let target = SocketAddr::new(pod.ip, remote);
         loop {
-            let why = handle.ended().await;
+            let why = tokio::select! {
+                why = handle.ended() => why,
+                done = &mut stop => {
+                    // `leave`: the agent answers once the pod has its port back.
+                    handle.stop(Duration::from_secs(5)).await;
+                    if let Ok(done) = done {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+            };
             warn!(pod = pod.name, "intercept lost: {why}; putting it back");
             problems
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(pod.name.clone(), format!("lost on {}: {why}", pod.node));
             handle = loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    done = &mut stop => {
+                        if let Ok(done) = done {
+                            let _ = done.send(());
+                        }
+                        return;
+                    }
+                }
                 let attempt = async {
                     let s = self.session(&pod.node).await?;
                     s.intercept(
@@ -531,13 +566,27 @@ impl Manager {
         }
     }
 
-    fn leave(&self, name: &str) -> Result<Value, String> {
-        let entry = self
+    /// Removes an intercept and returns once the agents say every pod has
+    /// its port back.
+    async fn leave(&self, name: &str) -> Result<Value, String> {
+        let mut entry = self
             .active
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name)
             .ok_or_else(|| format!("no intercept named {name} (`tpbpf list` shows them)"))?;
+        let mut waits = Vec::new();
+        for stop in entry.stops.drain(..) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if stop.send(tx).is_ok() {
+                waits.push(rx);
+            }
+        }
+        for w in waits {
+            let _ = tokio::time::timeout(Duration::from_secs(6), w).await;
+        }
+        // Only now: streams the agents opened before they detached were
+        // still routed to the developer.
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         for p in &entry.pods {
             routes.remove(&SocketAddr::new(p.ip, entry.remote));
@@ -599,7 +648,7 @@ impl Manager {
                     Err(e) => Err(format!("not a request: {e}")),
                     Ok(req) => match req["op"].as_str() {
                         Some("intercept") => me.intercept(&req).await,
-                        Some("leave") => me.leave(req["name"].as_str().unwrap_or("")),
+                        Some("leave") => me.leave(req["name"].as_str().unwrap_or("")).await,
                         Some("list") => me.list(&req).await,
                         _ => Err("unknown operation".to_string()),
                     },
