@@ -710,3 +710,15 @@ pub fn kill_transports(netns: &str) -> usize {
         .filter(|l| l.contains("6443"))
         .count()
 }
+
+/// A bridge started with `tpbpf up --instance NAME`: `tpbpf down` when the
+/// test ends, passed or failed.
+pub struct Instance(pub String);
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = Command::new(tpbpf_bin())
+            .args(["down", "--instance", &self.0])
+            .output();
+    }
+}

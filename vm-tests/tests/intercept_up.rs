@@ -14,16 +14,6 @@ use std::{
 use serde_json::Value;
 use tpbpf_vm_tests::*;
 
-struct Instance(String);
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = Command::new(tpbpf_bin())
-            .args(["down", "--instance", &self.0])
-            .output();
-    }
-}
-
 /// sk_lookup links attached in the network namespace `netns`.
 fn sk_lookup_links_in(netns: &str) -> Vec<Value> {
     let ino = std::fs::metadata(format!("/run/netns/{netns}"))
@@ -57,12 +47,17 @@ fn tpbpf_ok(args: &[&str]) -> std::process::Output {
 
 /// `tpbpf up` in the lab's developer namespace, bridging `cg`.
 fn bring_up(lab: &LabGuard, cg: &TestCgroup, instance: &Instance) {
+    bring_up_as(lab, &lab.kubeconfig(), cg, instance);
+}
+
+/// [`bring_up`] with another identity's kubeconfig.
+fn bring_up_as(lab: &LabGuard, kubeconfig: &str, cg: &TestCgroup, instance: &Instance) {
     tpbpf_ok(&[
         "--netns",
         &lab.dev_netns(),
         "up",
         "--kubeconfig",
-        &lab.kubeconfig(),
+        kubeconfig,
         "--instance",
         &instance.0,
         "--cgroup",
@@ -70,8 +65,7 @@ fn bring_up(lab: &LabGuard, cg: &TestCgroup, instance: &Instance) {
     ]);
 }
 
-/// [`bring_up`], and the
-/// developer's server (`mode`: http or http11) on its loopback, port 18080.
+/// [`bring_up`], and the developer's server (`mode`: http or http11) on its loopback, port 18080.
 fn up_with_server(lab: &LabGuard, cg: &TestCgroup, instance: &Instance, mode: &str) -> Bg {
     bring_up(lab, cg, instance);
     let dev = lab.dev_netns();
@@ -461,17 +455,7 @@ fn an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace() {
     let restricted = format!("/run/tpbpf-lab/{}/kubeconfig-restricted", lab.name);
     let cg = TestCgroup::new();
     let instance = Instance(unique_name("ir"));
-    tpbpf_ok(&[
-        "--netns",
-        &lab.dev_netns(),
-        "up",
-        "--kubeconfig",
-        &restricted,
-        "--instance",
-        &instance.0,
-        "--cgroup",
-        &cg.path().display().to_string(),
-    ]);
+    bring_up_as(&lab, &restricted, &cg, &instance);
     let refused = tpbpf(&[
         "intercept",
         "redis-0",

@@ -11,16 +11,6 @@ use serde_json::Value;
 use tpbpf_vm_tests::*;
 use wait_timeout::ChildExt;
 
-struct Instance(String);
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = Command::new(tpbpf_bin())
-            .args(["down", "--instance", &self.0])
-            .output();
-    }
-}
-
 struct Setup {
     lab: LabGuard,
     cg: TestCgroup,

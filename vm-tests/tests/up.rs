@@ -6,16 +6,6 @@ use std::{path::Path, process::Command, time::Duration};
 use serde_json::Value;
 use tpbpf_vm_tests::*;
 
-struct Instance(String);
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = Command::new(tpbpf_bin())
-            .args(["down", "--instance", &self.0])
-            .output();
-    }
-}
-
 fn in_cgroup_and_netns(
     cgroup: &Path,
     netns: &str,

@@ -132,14 +132,7 @@ async fn past_the_resume_window_streams_fail_with_a_clear_error() {
         resume_window: Duration::from_millis(800),
         ..Config::default()
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let srv = server(config.clone(), move |s| {
-        let tx = tx.clone();
-        async move {
-            tx.send(s).unwrap();
-        }
-    })
-    .await;
+    let (srv, mut rx) = handing_server(config.clone()).await;
     let proxy = CutProxy::start(srv.addr).await;
     let session = Client::connect(
         Arc::new(TcpConnector { addr: proxy.addr }),
@@ -211,17 +204,9 @@ async fn echo_streams_in_both_directions_survive_kills() {
         tasks.push(tokio::spawn(async move {
             let mut data = vec![0u8; 8 << 20];
             Bytes(i + 7).fill(&mut data);
-            let (mut r, mut w) = tokio::io::split(&mut s);
-            let send = async {
-                for c in data.chunks(100_000) {
-                    w.write_all(c).await.expect("write");
-                    tokio::task::yield_now().await;
-                }
-                w.shutdown().await.expect("shutdown");
-            };
-            let mut back = Vec::new();
-            let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
-            got.expect("read");
+            let back = round_trip(&mut s, &data, 100_000)
+                .await
+                .expect("no error may reach the application");
             assert!(back == data, "stream {i} got different bytes back");
         }));
     }

@@ -32,15 +32,7 @@ async fn streams_carry_data_both_ways_and_half_close() {
         tasks.push(tokio::spawn(async move {
             let mut data = vec![0u8; 100_000 + i as usize * 1000];
             Bytes(i + 1).fill(&mut data);
-            let (mut r, mut w) = tokio::io::split(&mut s);
-            let send = async {
-                w.write_all(&data).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut back = Vec::new();
-            let recv = r.read_to_end(&mut back);
-            let (_, got) = tokio::join!(send, recv);
-            got.unwrap();
+            let back = round_trip(&mut s, &data, data.len()).await.unwrap();
             assert_eq!(back, data, "stream {i} echoed different bytes");
         }));
     }
@@ -74,15 +66,7 @@ async fn the_server_sees_the_destination_and_the_first_bytes_with_the_open() {
 
 #[tokio::test]
 async fn a_slow_reader_does_not_make_the_session_buffer_without_bound() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let srv = server(Config::default(), move |s| {
-        let tx = tx.clone();
-        async move {
-            // Hold the stream without reading.
-            tx.send(s).unwrap();
-        }
-    })
-    .await;
+    let (srv, mut rx) = handing_server(Config::default()).await;
     let session = client(srv.addr, Config::default()).await;
     let mut s = session.open(dst()).unwrap();
     let done = Arc::new(AtomicBool::new(false));
@@ -241,14 +225,7 @@ async fn keepalive_measures_the_rtt() {
 
 #[tokio::test]
 async fn dropping_a_stream_with_unread_data_resets_the_peer() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let srv = server(Config::default(), move |s| {
-        let tx = tx.clone();
-        async move {
-            tx.send(s).unwrap();
-        }
-    })
-    .await;
+    let (srv, mut rx) = handing_server(Config::default()).await;
     let session = client(srv.addr, Config::default()).await;
     let mut s = session.open(dst()).unwrap();
     s.write_all(b"ping").await.unwrap();
@@ -265,14 +242,7 @@ async fn dropping_a_stream_with_unread_data_resets_the_peer() {
 
 #[tokio::test]
 async fn closing_a_session_fails_its_streams_on_both_sides_with_the_reason() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let srv = server(Config::default(), move |s| {
-        let tx = tx.clone();
-        async move {
-            tx.send(s).unwrap();
-        }
-    })
-    .await;
+    let (srv, mut rx) = handing_server(Config::default()).await;
     let session = client(srv.addr, Config::default()).await;
     let mut s = session.open_with(dst(), b"x").unwrap();
     let mut peer = rx.recv().await.unwrap();
@@ -340,14 +310,9 @@ async fn finished_streams_give_their_windows_back_to_the_session() {
         let mut s = session
             .open(dst())
             .unwrap_or_else(|e| panic!("stream {i}: {e}"));
-        let (mut r, mut w) = tokio::io::split(&mut s);
-        let send = async {
-            w.write_all(&data).await.unwrap();
-            w.shutdown().await.unwrap();
-        };
-        let mut back = Vec::new();
-        let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
-        got.unwrap_or_else(|e| panic!("stream {i}: {e}"));
+        let back = round_trip(&mut s, &data, data.len())
+            .await
+            .unwrap_or_else(|e| panic!("stream {i}: {e}"));
         assert_eq!(back.len(), data.len());
     }
 }

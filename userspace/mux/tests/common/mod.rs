@@ -88,6 +88,39 @@ pub async fn echo(mut s: Stream) {
     let _ = s.shutdown().await;
 }
 
+/// Writes `data` (in `chunk`-sized writes, yielding between them), shuts
+/// the write side, and returns all the stream sends back until EOF.
+pub async fn round_trip(s: &mut Stream, data: &[u8], chunk: usize) -> std::io::Result<Vec<u8>> {
+    let (mut r, mut w) = tokio::io::split(s);
+    let send = async {
+        for c in data.chunks(chunk.max(1)) {
+            w.write_all(c).await?;
+            tokio::task::yield_now().await;
+        }
+        w.shutdown().await
+    };
+    let mut back = Vec::new();
+    let (sent, got) = tokio::join!(send, r.read_to_end(&mut back));
+    sent?;
+    got?;
+    Ok(back)
+}
+
+/// A server that hands every stream it accepts to the test, unread.
+pub async fn handing_server(
+    config: Config,
+) -> (TestServer, tokio::sync::mpsc::UnboundedReceiver<Stream>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let srv = server(config, move |s| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(s);
+        }
+    })
+    .await;
+    (srv, rx)
+}
+
 pub async fn client(addr: SocketAddr, config: Config) -> Session {
     Client::connect(Arc::new(TcpConnector { addr }), TOKEN.to_vec(), config)
         .await
