@@ -172,6 +172,18 @@ impl Head {
     }
 }
 
+fn owned(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
 fn parse_request(raw: &[u8]) -> io::Result<Head> {
     let mut headers = [httparse::EMPTY_HEADER; 100];
     let mut req = httparse::Request::new(&mut headers);
@@ -183,16 +195,7 @@ fn parse_request(raw: &[u8]) -> io::Result<Head> {
         method: req.method.unwrap_or("").to_string(),
         path: req.path.unwrap_or("").to_string(),
         status: 0,
-        headers: req
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_string(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect(),
+        headers: owned(req.headers),
     })
 }
 
@@ -207,16 +210,7 @@ fn parse_response(raw: &[u8]) -> io::Result<Head> {
         method: String::new(),
         path: String::new(),
         status: res.code.unwrap_or(0),
-        headers: res
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_string(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect(),
+        headers: owned(res.headers),
     })
 }
 
