@@ -22,32 +22,94 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
-/// Returns false, after printing why, when the test cannot run here.
-pub fn require_root(test: &str) -> bool {
+/// Returns false, after saying why ([`skip`]), when the test cannot run
+/// here.
+pub fn require_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!(
-            "SKIP {test}: needs root (eBPF, cgroups, network namespaces); run the tests as root"
-        );
+        skip("needs root (eBPF, cgroups, network namespaces); run the tests as root");
         return false;
     }
-    if tpbpf_cgroup_mount().is_none() {
-        println!("SKIP {test}: no cgroup v2 hierarchy is mounted on this machine");
+    if !tpbpf_cgroup::kernel_has_cgroup2() {
+        skip(&tpbpf_cgroup::CgroupError::NoCgroup2.to_string());
         return false;
     }
     true
 }
 
-/// Where cgroup v2 is mounted, from /proc/self/mountinfo.
+/// The expected skips for the machine kind CI runs on, one test name per
+/// line (`#` starts a comment): the one place that says which privileged
+/// tests may not run there. `$TPBPF_EXPECTED_SKIPS` names another file.
+pub const EXPECTED_SKIPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/expected-skips");
+
+/// Says that the running test cannot run here, and why, on a line of its
+/// own written straight to stderr (libtest captures `println!`, so a skip
+/// would otherwise read as a pass). Under `CI=true` an unexpected skip — a
+/// test not listed in [`EXPECTED_SKIPS`] — fails the test. The caller
+/// returns after this.
+pub fn skip(reason: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("an unnamed test")
+        .to_string();
+    let _ = writeln!(io::stderr(), "SKIP {test}: {reason}");
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        let file = std::env::var("TPBPF_EXPECTED_SKIPS").unwrap_or_else(|_| EXPECTED_SKIPS.into());
+        let listed = fs::read_to_string(&file).unwrap_or_default();
+        let expected = listed
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .any(|l| !l.is_empty() && (l == test || test.ends_with(&format!("::{l}"))));
+        assert!(
+            expected,
+            "unexpected SKIP under CI=true: {test} did not run ({reason}). Make the machine able \
+             to run it, or list it in {file} if this machine kind cannot"
+        );
+    }
+}
+
+/// Where the cgroup v2 hierarchy is, as tpbpf finds it (mounting its own
+/// where none is visible).
 pub fn tpbpf_cgroup_mount() -> Option<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        Some(PathBuf::from(left.split_whitespace().nth(4)?))
-    })
+    tpbpf_cgroup::cgroup2_mount().ok()
+}
+
+/// A copy of a binary that any user can execute (in a 0755 directory under
+/// the temporary directory), for tests that drop privileges: the build's
+/// own directory may sit where other users cannot enter (a 0700 home or
+/// `mktemp -d`). Removed on drop.
+pub struct PublicCopy {
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PublicCopy {
+    pub fn of(bin: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(unique_name("tpbpf-bin"));
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let guard = Self {
+            bin: dir.join(bin.file_name().expect("a binary's file name")),
+            dir,
+        };
+        fs::set_permissions(&guard.dir, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::copy(bin, &guard.bin).unwrap_or_else(|e| {
+            panic!("copying {} to {}: {e}", bin.display(), guard.dir.display())
+        });
+        fs::set_permissions(&guard.bin, fs::Permissions::from_mode(0o755)).unwrap();
+        guard
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.bin
+    }
+}
+
+impl Drop for PublicCopy {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The `tpbpf` binary of this build (next to the test's `deps/` directory),
@@ -579,7 +641,7 @@ impl LabGuard {
             .output()
             .is_err()
         {
-            println!("SKIP: the lab's servers are not installed (sudo bash xtask/setup.sh installs them)");
+            skip("the lab's servers are not installed (sudo bash xtask/setup.sh installs them)");
             return None;
         }
         // The guard exists before `up`, so a failed `up` is still cleaned.

@@ -94,7 +94,7 @@ fn assert_programs_gone(ready: &Value, within: Duration) {
 
 #[test]
 fn run_bridges_curl_to_cluster_ipv4_and_ipv6() {
-    if !require_root("run_bridges_curl_to_cluster_ipv4_and_ipv6") {
+    if !require_root() {
         return;
     }
     let mut cluster = Cluster::new("cluster-a");
@@ -155,7 +155,7 @@ fn run_bridges_curl_to_cluster_ipv4_and_ipv6() {
 
 #[test]
 fn run_resolves_cluster_names_and_forwards_the_rest() {
-    if !require_root("run_resolves_cluster_names_and_forwards_the_rest") {
+    if !require_root() {
         return;
     }
     let cluster = Cluster::new("dns");
@@ -198,7 +198,7 @@ fn run_resolves_cluster_names_and_forwards_the_rest() {
 
 #[test]
 fn run_relays_udp_connected_and_unconnected_with_original_source() {
-    if !require_root("run_relays_udp_connected_and_unconnected_with_original_source") {
+    if !require_root() {
         return;
     }
     let mut cluster = Cluster::new("udp");
@@ -299,7 +299,7 @@ fn client_in(client: &Client, cgroup: Option<&Path>, flags: &[&str], addr: &str)
 
 #[test]
 fn daemon_bridges_a_subtree_and_leaves_the_rest_untouched() {
-    if !require_root("daemon_bridges_a_subtree_and_leaves_the_rest_untouched") {
+    if !require_root() {
         return;
     }
     let cluster = Cluster::new("subtree");
@@ -348,7 +348,7 @@ fn daemon_bridges_a_subtree_and_leaves_the_rest_untouched() {
 
 #[test]
 fn two_runs_with_the_same_cidr_reach_their_own_upstream() {
-    if !require_root("two_runs_with_the_same_cidr_reach_their_own_upstream") {
+    if !require_root() {
         return;
     }
     let (a, b) = (Cluster::new("cluster-a"), Cluster::new("cluster-b"));
@@ -385,7 +385,7 @@ fn two_runs_with_the_same_cidr_reach_their_own_upstream() {
 
 #[test]
 fn sigkill_of_tpbpfd_during_a_transfer_detaches_at_once_and_it_starts_again() {
-    if !require_root("sigkill_of_tpbpfd_during_a_transfer_detaches_at_once_and_it_starts_again") {
+    if !require_root() {
         return;
     }
     let cluster = Cluster::new("kill");
@@ -442,7 +442,7 @@ fn sigkill_of_tpbpfd_during_a_transfer_detaches_at_once_and_it_starts_again() {
 
 #[test]
 fn tc_path_bridges_a_container_namespace_and_sigkill_leaves_nothing() {
-    if !require_root("tc_path_bridges_a_container_namespace_and_sigkill_leaves_nothing") {
+    if !require_root() {
         return;
     }
     let cluster = Cluster::new("tc");
@@ -565,7 +565,7 @@ fn tc_path_bridges_a_container_namespace_and_sigkill_leaves_nothing() {
 
 #[test]
 fn run_passes_the_exit_status_and_signals_through() {
-    if !require_root("run_passes_the_exit_status_and_signals_through") {
+    if !require_root() {
         return;
     }
     let cluster = Cluster::new("status");

@@ -9,9 +9,7 @@ use tpbpf_vm_tests::*;
 
 #[test]
 fn intercept_takes_new_connections_and_the_pod_gets_them_back_when_the_agent_dies() {
-    if !require_root(
-        "intercept_takes_new_connections_and_the_pod_gets_them_back_when_the_agent_dies",
-    ) {
+    if !require_root() {
         return;
     }
     let Some(lab) = LabGuard::up("ti") else {

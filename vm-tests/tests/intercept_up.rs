@@ -82,9 +82,7 @@ fn up_with_server(lab: &LabGuard, cg: &TestCgroup, instance: &Instance, mode: &s
 
 #[test]
 fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_back() {
-    if !require_root(
-        "intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_back",
-    ) {
+    if !require_root() {
         return;
     }
     let Some(lab) = LabGuard::up("tx") else {
@@ -276,7 +274,7 @@ fn exchange(stream: &mut TcpStream, request: &str) -> String {
 
 #[test]
 fn http_filtered_intercepts_and_mirrors() {
-    if !require_root("http_filtered_intercepts_and_mirrors") {
+    if !require_root() {
         return;
     }
     let Some(lab) = LabGuard::up("th") else {
@@ -444,7 +442,7 @@ fn http_filtered_intercepts_and_mirrors() {
 
 #[test]
 fn an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace() {
-    if !require_root("an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace") {
+    if !require_root() {
         return;
     }
     let Some(lab) = LabGuard::up("tr") else {

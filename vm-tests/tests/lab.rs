@@ -1,14 +1,14 @@
 //! The lab cluster (`tpbpf lab`), reached end to end through `tpbpf run`
 //! with a node as upstream: real clients (curl, getent, redis-cli, psql)
 //! against real servers (nginx, Redis, PostgreSQL, dnsmasq) by name.
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use serde_json::Value;
 use tpbpf_vm_tests::*;
 
 #[test]
 fn lab_serves_web_redis_and_postgres_by_name_through_tpbpf_run() {
-    if !require_root("lab_serves_web_redis_and_postgres_by_name_through_tpbpf_run") {
+    if !require_root() {
         return;
     }
     let Some(lab) = LabGuard::up("tl") else {
@@ -134,4 +134,115 @@ fn lab_serves_web_redis_and_postgres_by_name_through_tpbpf_run() {
                 .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
         assert!(zombie_or_gone, "lab server {p} still running: {state}");
     }
+}
+
+/// A lab never pretends: without its agent binary `lab up` fails and says
+/// which binary and how to build it, leaving nothing; and the lab's API
+/// lists only pods whose processes run.
+#[test]
+fn lab_up_without_its_agent_fails_and_the_api_lists_only_running_pods() {
+    if !require_root() {
+        return;
+    }
+    // `tpbpf` alone in a directory: no tpbpf-agent beside it.
+    let alone = PublicCopy::of(&tpbpf_bin());
+    let name = unique_name("tn");
+    let out = Command::new(alone.path())
+        .args(["lab", "up", "--name", &name])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "lab up without the agent succeeded");
+    let missing = alone.path().with_file_name("tpbpf-agent");
+    assert!(
+        err.contains(&missing.display().to_string()) && err.contains("cargo build -p tpbpf-agent"),
+        "the error must name the missing binary and how to build it:\n{err}"
+    );
+    let netns = run(Command::new("ip").args(["netns", "list"]));
+    assert!(
+        !netns.contains(&name),
+        "a failed lab up left namespaces:\n{netns}"
+    );
+    let out = Command::new(tpbpf_bin())
+        .args([
+            "lab",
+            "up",
+            "--name",
+            &name,
+            "--agent",
+            "/nonexistent/tpbpf-agent",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tpbpf-agent"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let Some(lab) = LabGuard::up("tn") else {
+        return;
+    };
+    let dev = lab.dev_netns();
+    let api = |path: &str| -> Value {
+        let text = curl_from(&dev, &format!("http://172.31.0.1:6443{path}"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"))
+    };
+    let pod_names = |list: &Value| -> Vec<String> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let before = pod_names(&api("/api/v1/pods"));
+    assert!(
+        before.iter().any(|n| n == "web-7d4b9c-a1")
+            && before.iter().any(|n| n == "tpbpf-agent-node1"),
+        "{before:?}"
+    );
+    // Kill a web pod's server and node1's agent, as a crash would.
+    let pid_of = |list: &str, key: &str, value: &str| -> i32 {
+        lab.status[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p[key] == value)
+            .and_then(|p| p["pid"].as_i64())
+            .unwrap_or_else(|| panic!("no pid for {value} in {}", lab.status)) as i32
+    };
+    for pid in [
+        pid_of("pods", "name", "web-7d4b9c-a1"),
+        pid_of("agents", "node", "node1"),
+    ] {
+        // SAFETY: pids of processes this test's lab started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let now = pod_names(&api("/api/v1/pods"));
+            !now.iter()
+                .any(|n| n == "web-7d4b9c-a1" || n == "tpbpf-agent-node1")
+        }),
+        "the API still lists pods whose processes are dead: {:?}",
+        pod_names(&api("/api/v1/pods"))
+    );
+    let now = pod_names(&api("/api/v1/pods"));
+    assert_eq!(now.len(), before.len() - 2, "{now:?}");
+    let ds = api("/apis/apps/v1/namespaces/tpbpf-system/daemonsets/tpbpf-agent");
+    assert_eq!(ds["status"]["numberReady"], 1, "{ds}");
+    let web = api("/apis/apps/v1/namespaces/default/deployments/web");
+    assert_eq!(
+        web["status"]["readyReplicas"].as_i64(),
+        web["spec"]["replicas"].as_i64().map(|r| r - 1),
+        "{web}"
+    );
+    // A port-forward to the dead pod is refused like a missing pod.
+    let pf = curl_from(
+        &dev,
+        "http://172.31.0.1:6443/api/v1/namespaces/default/pods/web-7d4b9c-a1/portforward",
+    );
+    assert!(pf.contains("NotFound"), "{pf}");
 }

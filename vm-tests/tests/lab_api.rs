@@ -23,7 +23,7 @@ use tpbpf_vm_tests::*;
 
 #[test]
 fn lab_api_serves_kubectl_and_kube_rs_with_watch_and_port_forward() {
-    if !require_root("lab_api_serves_kubectl_and_kube_rs_with_watch_and_port_forward") {
+    if !require_root() {
         return;
     }
     let Some(lab) = LabGuard::up("ta") else {
@@ -230,15 +230,14 @@ impl Drop for KubectlPortForward {
 /// SPDY transports the API server offers kubectl.
 #[test]
 fn lab_api_serves_kubectl_port_forward_over_spdy() {
-    let test = "lab_api_serves_kubectl_port_forward_over_spdy";
-    if !require_root(test) {
+    if !require_root() {
         return;
     }
     let Ok(version) = Command::new("kubectl")
         .args(["version", "--client", "-o", "json"])
         .output()
     else {
-        println!("SKIP {test}: kubectl is not installed (sudo bash xtask/setup.sh installs it)");
+        skip("kubectl is not installed (sudo bash xtask/setup.sh installs it)");
         return;
     };
     // kubectl tunnels SPDY in WebSocket from 1.30 (by default from 1.31).

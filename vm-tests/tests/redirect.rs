@@ -157,7 +157,7 @@ fn assert_gone(loader_ready: &Value, cgroup: &std::path::Path) {
 
 #[test]
 fn connect4_redirect_recovers_original_destination_and_leaves_nothing() {
-    if !require_root("connect4_redirect_recovers_original_destination_and_leaves_nothing") {
+    if !require_root() {
         return;
     }
     let ns = NetNs::new();
@@ -225,7 +225,7 @@ fn connect4_redirect_recovers_original_destination_and_leaves_nothing() {
 
 #[test]
 fn sigkill_of_the_loader_detaches_everything_and_removes_its_cgroup() {
-    if !require_root("sigkill_of_the_loader_detaches_everything_and_removes_its_cgroup") {
+    if !require_root() {
         return;
     }
     let ns = NetNs::new();

@@ -88,7 +88,7 @@ fn curl_page(s: &Setup) -> std::process::Output {
 
 #[test]
 fn a_download_survives_killing_the_port_forward_connection() {
-    if !require_root("a_download_survives_killing_the_port_forward_connection") {
+    if !require_root() {
         return;
     }
     let Some(s) = setup("tk") else {
@@ -168,7 +168,7 @@ fn status_after(instance: &str, ok: impl Fn(&Value) -> bool) -> Value {
 
 #[test]
 fn the_bridge_comes_back_by_itself_when_the_agents_do() {
-    if !require_root("the_bridge_comes_back_by_itself_when_the_agents_do") {
+    if !require_root() {
         return;
     }
     let Some(s) = setup("ta") else {

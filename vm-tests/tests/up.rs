@@ -28,7 +28,7 @@ fn in_cgroup_and_netns(
 
 #[test]
 fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
-    if !require_root("up_discovers_the_cluster_and_bridges_a_subtree_until_down") {
+    if !require_root() {
         return;
     }
     let Some(lab) = LabGuard::up("tu") else {
@@ -179,7 +179,7 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
 
 #[test]
 fn run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing() {
-    if !require_root("run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing") {
+    if !require_root() {
         return;
     }
     let Some(lab) = LabGuard::up("tr") else {

@@ -46,8 +46,10 @@ pub fn run() -> Result<()> {
     if !is_root() {
         bail!("the demo loads eBPF programs and creates a network namespace: run it as root (sudo bash xtask/dev.sh demo)");
     }
-    step("build tpbpf (the kernel programs are built from bpf/ebpf and embedded)");
-    run_cmd(cargo().args(["build", "-p", "tpbpf"]))?;
+    step(
+        "build tpbpf and its node agent (the kernel programs are built from bpf/ebpf and embedded)",
+    );
+    run_cmd(cargo().args(["build", "-p", "tpbpf", "-p", "tpbpf-agent"]))?;
     let tpbpf = root_dir().join("target/debug/tpbpf");
 
     step("tpbpf doctor: what this machine offers");
@@ -58,7 +60,7 @@ pub fn run() -> Result<()> {
 
     let pid = std::process::id();
     let netns = format!("tpbpf-demo-{pid}");
-    let mount = cgroup2_mount()?;
+    let mount = tpbpf_cgroup::cgroup2_mount()?;
     let parent = mount.join(format!("tpbpf-demo-{pid}"));
     let resolv = std::env::temp_dir().join(format!("tpbpf-demo-{pid}.resolv.conf"));
     let mut cleanup = Cleanup {
@@ -300,18 +302,4 @@ pub fn run() -> Result<()> {
     drop(cleanup);
     println!("\ndemo done: the machine is as it was.");
     Ok(())
-}
-
-fn cgroup2_mount() -> Result<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo")?;
-    for line in text.lines() {
-        if let Some((left, right)) = line.split_once(" - ") {
-            if right.split_whitespace().next() == Some("cgroup2") {
-                if let Some(mp) = left.split_whitespace().nth(4) {
-                    return Ok(PathBuf::from(mp));
-                }
-            }
-        }
-    }
-    bail!("no cgroup v2 hierarchy is mounted: run `tpbpf doctor` for the remedy")
 }

@@ -5,8 +5,12 @@
 //!
 //! The hierarchy is found from `/proc/self/mountinfo`, not assumed: systems
 //! with the unified layout mount it at `/sys/fs/cgroup`, hybrid systems at
-//! `/sys/fs/cgroup/unified`, and cgroup v1-only systems (some WSL2 setups)
-//! have none.
+//! `/sys/fs/cgroup/unified`. Where none is visible — cgroup v1-only systems
+//! (older WSL2 set-ups), `ip netns exec` (which remounts `/sys` and so hides
+//! it), containers that bind-mount only their own subtree — tpbpf mounts one
+//! of its own at [`OWN_MOUNT`], as Cilium does with `/run/cilium/cgroupv2`:
+//! cgroup v2 can be mounted beside v1 controllers, and attaching programs
+//! needs no controllers.
 
 pub mod reaper;
 
@@ -23,12 +27,22 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum CgroupError {
     #[error(
-        "no cgroup v2 hierarchy is mounted (checked /proc/self/mountinfo): tpbpf attaches its \
-         programs to a cgroup v2. Mount one (`mount -t cgroup2 none /sys/fs/cgroup`) or boot \
-         with `systemd.unified_cgroup_hierarchy=1`; on WSL2 set `kernelCommandLine = \
-         cgroup_no_v1=all` in .wslconfig"
+        "this kernel has no cgroup v2 (no `cgroup2` in /proc/filesystems): tpbpf attaches its \
+         programs to a cgroup v2, which Linux has had since 4.5; use a kernel built with \
+         CONFIG_CGROUPS (every distribution kernel is)"
     )]
     NoCgroup2,
+    #[error(
+        "no cgroup v2 hierarchy is visible here, and mounting one at {path} failed: {source}. \
+         Run tpbpf as root, or mount one yourself (`mount -t cgroup2 none {path}`)"
+    )]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} names no cgroup v2 path for this process (no `0::` line)")]
+    NotInCgroup2 { path: PathBuf },
     #[error("reading {path}: {source}")]
     Read {
         path: PathBuf,
@@ -60,19 +74,95 @@ pub enum CgroupError {
 
 pub type Result<T, E = CgroupError> = std::result::Result<T, E>;
 
-/// Where the cgroup v2 hierarchy is mounted, from `/proc/self/mountinfo`.
+/// Where tpbpf mounts a cgroup v2 hierarchy of its own when none is visible.
+pub const OWN_MOUNT: &str = "/run/tpbpf/cgroupv2";
+
+/// A cgroup v2 hierarchy tpbpf can use, and whether tpbpf mounted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup2Mount {
+    pub path: PathBuf,
+    /// Mounted by tpbpf at [`OWN_MOUNT`] (now or by an earlier run in this
+    /// mount namespace), because none was visible.
+    pub own: bool,
+}
+
+/// Where the cgroup v2 hierarchy is mounted: the first whole-hierarchy
+/// `cgroup2` mount in `/proc/self/mountinfo`, else one tpbpf mounts at
+/// [`OWN_MOUNT`] (see [`cgroup2`]).
 pub fn cgroup2_mount() -> Result<PathBuf> {
+    cgroup2().map(|m| m.path)
+}
+
+/// Finds a whole-hierarchy cgroup v2 mount, mounting one at [`OWN_MOUNT`]
+/// where none is visible. The mount is made in the caller's mount namespace
+/// and stays there (a later run reuses it); it holds no processes of its
+/// own, so leaving it is harmless.
+pub fn cgroup2() -> Result<Cgroup2Mount> {
     let path = Path::new("/proc/self/mountinfo");
     let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
         path: path.into(),
         source,
     })?;
-    parse_cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2)
+    if let Some(found) = parse_cgroup2_mount(&text) {
+        let own = found == Path::new(OWN_MOUNT);
+        return Ok(Cgroup2Mount { path: found, own });
+    }
+    if !kernel_has_cgroup2() {
+        return Err(CgroupError::NoCgroup2);
+    }
+    mount_own(Path::new(OWN_MOUNT))?;
+    Ok(Cgroup2Mount {
+        path: OWN_MOUNT.into(),
+        own: true,
+    })
 }
 
-/// Finds the first `cgroup2` mount in mountinfo text.
+/// Whether the kernel offers the `cgroup2` filesystem (`/proc/filesystems`).
+pub fn kernel_has_cgroup2() -> bool {
+    fs::read_to_string("/proc/filesystems")
+        .map(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().last() == Some("cgroup2"))
+        })
+        // No /proc/filesystems: let the mount itself tell.
+        .unwrap_or(true)
+}
+
+fn mount_own(dir: &Path) -> Result<()> {
+    let mount_err = |source| CgroupError::Mount {
+        path: dir.into(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(mount_err)?;
+    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| mount_err(io::Error::new(ErrorKind::InvalidInput, e)))?;
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            c"cgroup2".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENODEV) {
+            return Err(CgroupError::NoCgroup2);
+        }
+        return Err(mount_err(e));
+    }
+    tracing::info!(path = %dir.display(), "no cgroup v2 hierarchy was visible: mounted one");
+    Ok(())
+}
+
+/// Finds the first `cgroup2` mount of the whole hierarchy in mountinfo text.
 ///
 /// A mountinfo line is `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [TAGS...] - FSTYPE SOURCE SUPER_OPTS`.
+/// A mount whose ROOT is not `/` shows only a subtree (a container's
+/// bind mount of its own cgroup): the paths in `/proc/PID/cgroup` do not
+/// resolve under it, so it is passed over.
 pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
@@ -80,7 +170,11 @@ pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
         if fstype != "cgroup2" {
             return None;
         }
-        let mountpoint = left.split_whitespace().nth(4)?;
+        let mut fields = left.split_whitespace();
+        if fields.nth(3)? != "/" {
+            return None;
+        }
+        let mountpoint = fields.next()?;
         Some(PathBuf::from(unescape_mountinfo(mountpoint)))
     })
 }
@@ -123,7 +217,7 @@ pub fn cgroup_of(pid: Option<u32>) -> Result<PathBuf> {
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(|p| PathBuf::from(p.trim_start_matches('/')))
-        .ok_or(CgroupError::NoCgroup2)
+        .ok_or(CgroupError::NotInCgroup2 { path })
 }
 
 /// The absolute path of the cgroup the calling process is in.
@@ -288,6 +382,23 @@ mod tests {
 32 30 0:28 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu
 ";
         assert_eq!(parse_cgroup2_mount(text), None);
+    }
+
+    #[test]
+    fn passes_over_a_mount_of_a_subtree() {
+        // A container's bind mount of its own cgroup, then the whole hierarchy.
+        let text = "\
+40 30 0:27 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw
+41 30 0:27 / /run/tpbpf/cgroupv2 rw - cgroup2 none rw
+";
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/run/tpbpf/cgroupv2"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("40 30 0:27 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"),
+            None
+        );
     }
 
     #[test]

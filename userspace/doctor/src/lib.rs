@@ -275,20 +275,45 @@ fn helper_check(name: &str, prog: ProgramType, helper: BpfHelper, min: &str) -> 
 }
 
 fn cgroup2() -> (Option<std::path::PathBuf>, Check) {
+    use tpbpf_cgroup::{CgroupError, OWN_MOUNT};
     let name = "cgroup v2 hierarchy";
-    match tpbpf_cgroup::cgroup2_mount() {
-        Ok(path) => {
-            let layout = if path.ends_with("unified") {
-                "hybrid layout"
+    match tpbpf_cgroup::cgroup2() {
+        Ok(m) => {
+            let detail = if m.own {
+                format!(
+                    "none was visible here (cgroup v1 only, `ip netns exec`, or a container): \
+                     tpbpf uses its own mount at {}",
+                    m.path.display()
+                )
             } else {
-                "unified layout"
+                let layout = if m.path.ends_with("unified") {
+                    "hybrid layout"
+                } else {
+                    "unified layout"
+                };
+                format!("mounted at {} ({layout})", m.path.display())
             };
-            let detail = format!("mounted at {} ({layout})", path.display());
-            (Some(path), Check::ok(name, detail))
+            (Some(m.path), Check::ok(name, detail))
+        }
+        Err(e @ CgroupError::NoCgroup2) => (
+            None,
+            Check::fail(name, "the kernel has no cgroup2 filesystem", e.to_string()),
+        ),
+        Err(CgroupError::Mount { source, .. })
+            if matches!(source.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+        {
+            (
+                None,
+                Check::warn(
+                    name,
+                    format!("none visible here; as root, tpbpf mounts its own at {OWN_MOUNT}"),
+                    ROOT_REMEDY,
+                ),
+            )
         }
         Err(e) => (
             None,
-            Check::fail(name, "not mounted (cgroup v1 only)", e.to_string()),
+            Check::fail(name, "none visible, and mounting one failed", e.to_string()),
         ),
     }
 }

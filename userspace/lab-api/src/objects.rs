@@ -18,7 +18,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference, Time},
     jiff::Timestamp,
 };
-use tpbpf_lab::spec::{self, App};
+use tpbpf_lab::{
+    spec::{self, App},
+    Status,
+};
 
 fn meta(name: &str, namespace: Option<&str>, uid: &str) -> ObjectMeta {
     ObjectMeta {
@@ -149,10 +152,12 @@ fn replicaset_name(workload: &str) -> String {
     format!("{workload}-7d4b9c")
 }
 
-/// The agent's pods: one per node, hostNetwork (the pod IP is the node's).
-pub fn agent_pods() -> Vec<Pod> {
+/// The agent's pods: one per node whose agent process runs, hostNetwork
+/// (the pod IP is the node's).
+pub fn agent_pods(live: &Status) -> Vec<Pod> {
     spec::nodes()
         .into_iter()
+        .filter(|n| live.agents.iter().any(|a| a.node == n.name && a.running))
         .map(|n| {
             let name = format!("tpbpf-agent-{}", n.name);
             Pod {
@@ -199,15 +204,24 @@ pub fn agent_pods() -> Vec<Pod> {
         .collect()
 }
 
-pub fn pods() -> Vec<Pod> {
-    let mut all = workload_pods();
-    all.extend(agent_pods());
+/// The pods whose processes run: a pod whose server died is gone from the
+/// API, as a real cluster's would be until its replacement runs.
+pub fn pods(live: &Status) -> Vec<Pod> {
+    let mut all = workload_pods(live);
+    all.extend(agent_pods(live));
     all
 }
 
-fn workload_pods() -> Vec<Pod> {
+fn running(live: &Status, namespace: &str, name: &str) -> bool {
+    live.pods
+        .iter()
+        .any(|p| p.namespace == namespace && p.name == name && p.running)
+}
+
+fn workload_pods(live: &Status) -> Vec<Pod> {
     spec::pods()
         .into_iter()
+        .filter(|p| running(live, p.namespace, p.name))
         .map(|p| {
             let rs = replicaset_name(p.workload);
             let (port, proto) = port(p.app);
@@ -353,16 +367,33 @@ pub fn endpoint_slices() -> Vec<EndpointSlice> {
         .collect()
 }
 
-fn workloads() -> Vec<(&'static str, &'static str, &'static str, i32)> {
-    let mut out: Vec<(&str, &str, &str, i32)> = Vec::new();
+/// A workload of the lab: its pods, and how many of them run.
+struct Workload {
+    namespace: &'static str,
+    name: &'static str,
+    label: &'static str,
+    replicas: i32,
+    ready: i32,
+}
+
+fn workloads(live: &Status) -> Vec<Workload> {
+    let mut out: Vec<Workload> = Vec::new();
     for p in spec::pods() {
+        let ready = i32::from(running(live, p.namespace, p.name));
         if let Some(w) = out
             .iter_mut()
-            .find(|w| w.0 == p.namespace && w.1 == p.workload)
+            .find(|w| w.namespace == p.namespace && w.name == p.workload)
         {
-            w.3 += 1;
+            w.replicas += 1;
+            w.ready += ready;
         } else {
-            out.push((p.namespace, p.workload, p.label, 1));
+            out.push(Workload {
+                namespace: p.namespace,
+                name: p.workload,
+                label: p.label,
+                replicas: 1,
+                ready,
+            });
         }
     }
     out
@@ -378,35 +409,40 @@ fn template(label: &str) -> PodTemplateSpec {
     }
 }
 
-pub fn deployments() -> Vec<Deployment> {
-    workloads()
+pub fn deployments(live: &Status) -> Vec<Deployment> {
+    workloads(live)
         .into_iter()
-        .map(|(ns, name, label, replicas)| Deployment {
-            metadata: meta(name, Some(ns), &uid("Deployment", ns, name)),
+        .map(|w| Deployment {
+            metadata: meta(
+                w.name,
+                Some(w.namespace),
+                &uid("Deployment", w.namespace, w.name),
+            ),
             spec: Some(DeploymentSpec {
-                replicas: Some(replicas),
+                replicas: Some(w.replicas),
                 selector: LabelSelector {
-                    match_labels: Some(labels(&[("app", label)])),
+                    match_labels: Some(labels(&[("app", w.label)])),
                     ..Default::default()
                 },
-                template: template(label),
+                template: template(w.label),
                 ..Default::default()
             }),
             status: Some(DeploymentStatus {
-                replicas: Some(replicas),
-                ready_replicas: Some(replicas),
-                available_replicas: Some(replicas),
-                updated_replicas: Some(replicas),
+                replicas: Some(w.ready),
+                ready_replicas: Some(w.ready),
+                available_replicas: Some(w.ready),
+                updated_replicas: Some(w.replicas),
                 ..Default::default()
             }),
         })
         .collect()
 }
 
-pub fn replica_sets() -> Vec<ReplicaSet> {
-    workloads()
+pub fn replica_sets(live: &Status) -> Vec<ReplicaSet> {
+    workloads(live)
         .into_iter()
-        .map(|(ns, name, label, replicas)| {
+        .map(|w| {
+            let (ns, name, label, replicas) = (w.namespace, w.name, w.label, w.replicas);
             let rs = replicaset_name(name);
             ReplicaSet {
                 metadata: ObjectMeta {
@@ -430,9 +466,9 @@ pub fn replica_sets() -> Vec<ReplicaSet> {
                     ..Default::default()
                 }),
                 status: Some(ReplicaSetStatus {
-                    replicas,
-                    ready_replicas: Some(replicas),
-                    available_replicas: Some(replicas),
+                    replicas: w.ready,
+                    ready_replicas: Some(w.ready),
+                    available_replicas: Some(w.ready),
                     ..Default::default()
                 }),
             }
@@ -454,8 +490,9 @@ pub fn service_cidrs() -> Vec<k8s_openapi::api::networking::v1::ServiceCIDR> {
 }
 
 /// tpbpf's agent, one pod per node (in the lab, a process per node).
-pub fn daemon_sets() -> Vec<DaemonSet> {
+pub fn daemon_sets(live: &Status) -> Vec<DaemonSet> {
     let n = spec::nodes().len() as i32;
+    let ready = live.agents.iter().filter(|a| a.running).count() as i32;
     vec![DaemonSet {
         metadata: meta(
             "tpbpf-agent",
@@ -471,10 +508,11 @@ pub fn daemon_sets() -> Vec<DaemonSet> {
             ..Default::default()
         }),
         status: Some(DaemonSetStatus {
-            current_number_scheduled: n,
+            current_number_scheduled: ready,
             desired_number_scheduled: n,
-            number_ready: n,
-            number_available: Some(n),
+            number_ready: ready,
+            number_available: Some(ready),
+            number_unavailable: Some(n - ready),
             number_misscheduled: 0,
             ..Default::default()
         }),

@@ -27,19 +27,28 @@ pub(crate) struct Target {
     pub netns: String,
 }
 
-/// The pod `ns/pod` of lab `lab`, if the lab has it.
+/// The pod `ns/pod` of lab `lab`, if the lab has it and its process runs.
 pub(crate) fn target(lab: &str, ns: &str, pod: &str) -> Option<Target> {
+    let live = tpbpf_lab::Lab::new(lab).status();
     let agent = (ns == crate::objects::AGENT_NAMESPACE)
         .then(|| {
-            spec::nodes()
-                .into_iter()
-                .find(|n| format!("tpbpf-agent-{}", n.name) == pod)
+            spec::nodes().into_iter().find(|n| {
+                format!("tpbpf-agent-{}", n.name) == pod
+                    && live.agents.iter().any(|a| a.node == n.name && a.running)
+            })
         })
         .flatten()
         .map(|n| (n.ip.to_string(), format!("{lab}-{}", n.name)));
     spec::pods()
         .into_iter()
-        .find(|p| p.namespace == ns && p.name == pod)
+        .find(|p| {
+            p.namespace == ns
+                && p.name == pod
+                && live
+                    .pods
+                    .iter()
+                    .any(|l| l.namespace == ns && l.name == pod && l.running)
+        })
         .map(|p| (p.ip.to_string(), format!("{lab}-{}", p.node)))
         .or(agent)
         .and_then(|(ip, netns)| {
@@ -50,7 +59,8 @@ pub(crate) fn target(lab: &str, ns: &str, pod: &str) -> Option<Target> {
         })
 }
 
-pub fn upgrade(ws: WebSocketUpgrade, lab: &str, ns: &str, pod: &str, uri: &Uri) -> Response {
+/// Serves a port-forward to `target` (found by the caller) over the upgraded WebSocket.
+pub(crate) fn upgrade(ws: WebSocketUpgrade, target: Target, uri: &Uri) -> Response {
     let ports: Vec<u16> = uri
         .query()
         .unwrap_or("")
@@ -59,21 +69,8 @@ pub fn upgrade(ws: WebSocketUpgrade, lab: &str, ns: &str, pod: &str, uri: &Uri) 
         .flat_map(|v| v.split(','))
         .filter_map(|p| p.parse().ok())
         .collect();
-    let target = target(lab, ns, pod);
-    let (ns, pod) = (ns.to_string(), pod.to_string());
     ws.protocols(["v4.channel.k8s.io", "portforward.k8s.io"])
-        .on_upgrade(move |socket| async move {
-            match target {
-                Some(t) => forward(socket, t.ip.to_string(), t.netns, ports).await,
-                None => {
-                    let mut socket = socket;
-                    let msg = format!("pods \"{pod}\" not found in namespace {ns}");
-                    let mut frame = vec![1u8];
-                    frame.extend_from_slice(msg.as_bytes());
-                    let _ = socket.send(Message::Binary(frame.into())).await;
-                }
-            }
-        })
+        .on_upgrade(move |socket| forward(socket, target.ip.to_string(), target.netns, ports))
 }
 
 /// Connects to `addr` from network namespace `netns`.

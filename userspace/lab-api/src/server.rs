@@ -11,6 +11,8 @@ use axum::{
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
+use tpbpf_lab::Status;
+
 use crate::{
     objects,
     portforward_spdy::{self, SpdyUpgrade},
@@ -42,7 +44,8 @@ struct Kind {
     kind: &'static str,
     namespaced: bool,
     short: &'static [&'static str],
-    objects: fn() -> Vec<Value>,
+    /// The objects of this kind, given what runs in the lab now.
+    objects: fn(&Status) -> Vec<Value>,
 }
 
 fn to_values<T: serde::Serialize>(items: Vec<T>) -> Vec<Value> {
@@ -61,7 +64,7 @@ fn kinds() -> Vec<Kind> {
             kind: "Namespace",
             namespaced: false,
             short: &["ns"],
-            objects: || to_values(objects::namespaces()),
+            objects: |_| to_values(objects::namespaces()),
         },
         Kind {
             group: "",
@@ -70,7 +73,7 @@ fn kinds() -> Vec<Kind> {
             kind: "Node",
             namespaced: false,
             short: &["no"],
-            objects: || to_values(objects::nodes()),
+            objects: |_| to_values(objects::nodes()),
         },
         Kind {
             group: "",
@@ -79,7 +82,7 @@ fn kinds() -> Vec<Kind> {
             kind: "Pod",
             namespaced: true,
             short: &["po"],
-            objects: || to_values(objects::pods()),
+            objects: |live| to_values(objects::pods(live)),
         },
         Kind {
             group: "",
@@ -88,7 +91,7 @@ fn kinds() -> Vec<Kind> {
             kind: "Service",
             namespaced: true,
             short: &["svc"],
-            objects: || to_values(objects::services()),
+            objects: |_| to_values(objects::services()),
         },
         Kind {
             group: "apps",
@@ -97,7 +100,7 @@ fn kinds() -> Vec<Kind> {
             kind: "Deployment",
             namespaced: true,
             short: &["deploy"],
-            objects: || to_values(objects::deployments()),
+            objects: |live| to_values(objects::deployments(live)),
         },
         Kind {
             group: "apps",
@@ -106,7 +109,7 @@ fn kinds() -> Vec<Kind> {
             kind: "ReplicaSet",
             namespaced: true,
             short: &["rs"],
-            objects: || to_values(objects::replica_sets()),
+            objects: |live| to_values(objects::replica_sets(live)),
         },
         Kind {
             group: "apps",
@@ -115,7 +118,7 @@ fn kinds() -> Vec<Kind> {
             kind: "DaemonSet",
             namespaced: true,
             short: &["ds"],
-            objects: || to_values(objects::daemon_sets()),
+            objects: |live| to_values(objects::daemon_sets(live)),
         },
         Kind {
             group: "discovery.k8s.io",
@@ -124,7 +127,7 @@ fn kinds() -> Vec<Kind> {
             kind: "EndpointSlice",
             namespaced: true,
             short: &[],
-            objects: || to_values(objects::endpoint_slices()),
+            objects: |_| to_values(objects::endpoint_slices()),
         },
         Kind {
             group: "networking.k8s.io",
@@ -133,7 +136,7 @@ fn kinds() -> Vec<Kind> {
             kind: "ServiceCIDR",
             namespaced: false,
             short: &[],
-            objects: || to_values(objects::service_cidrs()),
+            objects: |_| to_values(objects::service_cidrs()),
         },
     ]
 }
@@ -231,30 +234,27 @@ async fn handle(
                 );
             }
         }
-        let pod = || {
-            crate::portforward::target(&cfg.lab, ns, name)
-                .map(|t| portforward_spdy::Pod::in_lab(name, objects::uid("Pod", ns, name), t))
-        };
-        let not_found = || {
-            status(
+        // Like the API server, find the pod before looking at the upgrade.
+        let Some(target) = crate::portforward::target(&cfg.lab, ns, name) else {
+            return status(
                 StatusCode::NOT_FOUND,
                 "NotFound",
                 format!("pods \"{name}\" not found"),
-            )
+            );
         };
+        let pod =
+            || portforward_spdy::Pod::in_lab(name, objects::uid("Pod", ns, name), target.clone());
         return match (ws, spdy) {
             // kubectl: SPDY/3.1 tunneled in WebSocket.
-            (Ok(ws), _) if portforward_spdy::wants_tunnel(&ws) => match pod() {
-                Some(pod) => portforward_spdy::tunnel(ws, pod),
-                None => not_found(),
-            },
+            (Ok(ws), _) if portforward_spdy::wants_tunnel(&ws) => {
+                portforward_spdy::tunnel(ws, pod())
+            }
             // kube-rs: v4.channel.k8s.io.
-            (Ok(ws), _) => crate::portforward::upgrade(ws, &cfg.lab, ns, name, &uri),
+            (Ok(ws), _) => crate::portforward::upgrade(ws, target.clone(), &uri),
             // kubectl's fallback: Upgrade: SPDY/3.1.
-            (Err(_), SpdyUpgrade(Some(on_upgrade))) => match pod() {
-                Some(pod) => portforward_spdy::upgrade(on_upgrade, &headers, pod),
-                None => not_found(),
-            },
+            (Err(_), SpdyUpgrade(Some(on_upgrade))) => {
+                portforward_spdy::upgrade(on_upgrade, &headers, pod())
+            }
             (Err(_), SpdyUpgrade(None)) => status(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
@@ -306,7 +306,8 @@ async fn handle(
             format!("the server could not find the requested resource ({plural})"),
         );
     };
-    let mut items: Vec<Value> = (kind.objects)()
+    let live = tpbpf_lab::Lab::new(&cfg.lab).status();
+    let mut items: Vec<Value> = (kind.objects)(&live)
         .into_iter()
         .filter(|o| namespace.is_none() || o["metadata"]["namespace"].as_str() == namespace)
         .filter(|o| matches_selectors(o, &query))

@@ -45,6 +45,19 @@ pub enum LabError {
     },
     #[error("{0}")]
     NotReady(String),
+    #[error(
+        "the node agent binary {} is missing: the lab runs it on every node. Build it with \
+         `cargo build -p tpbpf-agent` (it lands next to tpbpf, in target/<profile>/), or name \
+         it with `tpbpf lab up --agent PATH`",
+        path.display()
+    )]
+    AgentMissing { path: PathBuf },
+    #[error("the agent on node {node} exited at start; the end of its log ({log}):\n{tail}")]
+    AgentExited {
+        node: String,
+        log: String,
+        tail: String,
+    },
 }
 
 type Result<T, E = LabError> = std::result::Result<T, E>;
@@ -58,7 +71,8 @@ pub struct Lab {
     /// How to start the lab's Kubernetes API endpoint (argv, to which
     /// `--listen ADDR --token TOKEN` is appended), if at all.
     api_command: Option<Vec<String>>,
-    /// The node agent binary, started in every node (hostNetwork).
+    /// The node agent binary, started in every node (hostNetwork). `up`
+    /// needs it; `status` and `down` do not.
     agent: Option<PathBuf>,
 }
 
@@ -110,12 +124,22 @@ pub struct PodStatus {
     pub running: bool,
 }
 
+/// tpbpf's agent on one node: the process the lab started for it.
+#[derive(Debug, Serialize)]
+pub struct AgentStatus {
+    pub node: &'static str,
+    pub pid: Option<u32>,
+    pub running: bool,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub name: String,
     pub up: bool,
     pub nodes: Vec<(String, String)>,
     pub pods: Vec<PodStatus>,
+    /// tpbpf's agents, one per node.
+    pub agents: Vec<AgentStatus>,
     pub services: Vec<spec::Service>,
     /// The developer machine's namespace: it reaches the API endpoint only.
     pub dev_netns: String,
@@ -137,7 +161,7 @@ impl Lab {
         }
     }
 
-    /// Also run tpbpf's node agent on every node.
+    /// The node agent binary that `up` runs on every node.
     pub fn with_agent(mut self, binary: PathBuf) -> Self {
         self.agent = Some(binary);
         self
@@ -203,6 +227,15 @@ impl Lab {
 
     /// Brings the lab up; a lab that is already fully up is left as it is.
     pub fn up(&self) -> Result<Status> {
+        // A lab never pretends: without its agent, it does not come up.
+        match &self.agent {
+            Some(a) if a.is_file() => {}
+            other => {
+                return Err(LabError::AgentMissing {
+                    path: other.clone().unwrap_or_else(|| "tpbpf-agent".into()),
+                })
+            }
+        }
         let status = self.status();
         if status.up {
             info!(lab = self.name, "lab already up");
@@ -212,7 +245,7 @@ impl Lab {
         let others_up = status.pods.iter().all(|p| p.running)
             && status.nodes.iter().all(|(_, ns)| netns_exists(ns))
             && (self.api_command.is_none() || status.api_running);
-        if others_up && self.agent.is_some() {
+        if others_up {
             for node in spec::nodes() {
                 if !self.agent_pid(node.name).is_some_and(alive) {
                     info!(
@@ -615,7 +648,9 @@ impl Lab {
     /// The agent of one node, as a process in the node's namespace.
     fn start_agent(&self, node: &spec::Node) -> Result<()> {
         let Some(agent) = &self.agent else {
-            return Ok(());
+            return Err(LabError::AgentMissing {
+                path: "tpbpf-agent".into(),
+            });
         };
         let cluster_dns = spec::services()
             .iter()
@@ -685,23 +720,31 @@ impl Lab {
 
     fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        if self.agent.is_some() {
-            for node in spec::nodes() {
-                let addr: SocketAddr = format!("{}:{AGENT_PORT}", node.ip)
-                    .parse()
-                    .map_err(|_| LabError::NotReady(node.ip.into()))?;
-                let ns = self.node_netns(node.name);
-                while !in_netns(&ns, move || {
-                    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
-                }) {
-                    if Instant::now() > deadline {
-                        return Err(LabError::NotReady(format!(
-                            "the agent on {} is not answering on {addr}",
-                            node.name
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
+        for node in spec::nodes() {
+            let addr: SocketAddr = format!("{}:{AGENT_PORT}", node.ip)
+                .parse()
+                .map_err(|_| LabError::NotReady(node.ip.into()))?;
+            let ns = self.node_netns(node.name);
+            while !in_netns(&ns, move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+            }) {
+                if !self.agent_pid(node.name).is_some_and(alive) {
+                    let log = self.state.join(format!("agent-{}.log", node.name));
+                    let text = fs::read_to_string(&log).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    return Err(LabError::AgentExited {
+                        node: node.name.into(),
+                        log: log.display().to_string(),
+                        tail: lines[lines.len().saturating_sub(10)..].join("\n"),
+                    });
                 }
+                if Instant::now() > deadline {
+                    return Err(LabError::NotReady(format!(
+                        "the agent on {} is not answering on {addr}",
+                        node.name
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
         if self.api_command.is_some() {
@@ -778,18 +821,27 @@ impl Lab {
             .map(|n| (n.name.to_string(), self.node_netns(n.name)))
             .collect();
         let api_running = self.api_pid().is_some_and(alive);
-        let agents_running = spec::nodes()
+        let agents: Vec<AgentStatus> = spec::nodes()
             .iter()
-            .all(|n| self.agent_pid(n.name).is_some_and(alive));
+            .map(|n| {
+                let pid = self.agent_pid(n.name);
+                AgentStatus {
+                    node: n.name,
+                    pid: pid.map(|p| p as u32),
+                    running: pid.is_some_and(alive) && netns_exists(&self.node_netns(n.name)),
+                }
+            })
+            .collect();
         let up = pods.iter().all(|p| p.running)
             && nodes.iter().all(|(_, ns)| netns_exists(ns))
             && (self.api_command.is_none() || api_running)
-            && (self.agent.is_none() || agents_running);
+            && agents.iter().all(|a| a.running);
         Status {
             name: self.name.clone(),
             up,
             nodes,
             pods,
+            agents,
             services: spec::services(),
             dev_netns: self.dev_netns(),
             kubeconfig: api_running.then(|| self.kubeconfig_path()),

@@ -20,8 +20,14 @@ pub struct LabArgs {
 
 #[derive(clap::Subcommand)]
 enum LabAction {
-    /// Build the lab (idempotent): nodes, pods, ClusterIPs, DNS, servers.
-    Up,
+    /// Build the lab (idempotent): nodes, pods, ClusterIPs, DNS, servers,
+    /// and tpbpf's agent on every node.
+    Up {
+        /// The node agent binary (default: `tpbpf-agent` next to this
+        /// `tpbpf`, where `cargo build` puts it).
+        #[arg(long, value_name = "PATH")]
+        agent: Option<std::path::PathBuf>,
+    },
     /// Stop the lab's servers and remove everything it made.
     Down,
     /// Show what is running.
@@ -69,12 +75,11 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
     }
     let exe_path = std::env::current_exe()?;
     let exe = exe_path.display().to_string();
-    let agent = exe_path.with_file_name("tpbpf-agent");
-    let lab = if agent.exists() {
-        Lab::new(&args.name).with_agent(agent)
-    } else {
-        Lab::new(&args.name)
+    let agent = match &args.action {
+        LabAction::Up { agent: Some(a) } => a.clone(),
+        _ => exe_path.with_file_name("tpbpf-agent"),
     };
+    let lab = Lab::new(&args.name).with_agent(agent);
     let lab = lab.clone().with_api(vec![
         exe,
         "--netns".into(),
@@ -85,7 +90,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         args.name.clone(),
     ]);
     let status = match args.action {
-        LabAction::Up => lab.up()?,
+        LabAction::Up { .. } => lab.up()?,
         LabAction::Down => {
             lab.down()?;
             if args.output == Output::Table {
