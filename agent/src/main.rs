@@ -6,6 +6,7 @@
 //! cluster's DNS.
 mod http;
 mod intercept;
+mod policy;
 mod tunnel;
 
 use std::{
@@ -71,6 +72,17 @@ enum Command {
         resume_window_s: u64,
         #[arg(long)]
         node: Option<String>,
+        /// A range of the cluster (service or pod CIDR; repeatable): tunnel
+        /// peers may dial only these (and --allow-cidr).
+        #[arg(long = "cluster-cidr", value_name = "CIDR")]
+        cluster_cidrs: Vec<tpbpf_loader::Cidr>,
+        /// A further range a cluster admin lets developers reach (repeatable).
+        #[arg(long = "allow-cidr", value_name = "CIDR")]
+        allow_cidrs: Vec<tpbpf_loader::Cidr>,
+        /// The node's own address (repeatable; the downward API's
+        /// status.hostIP as $NODE_IP): never dialed for a tunnel peer.
+        #[arg(long = "node-ip", value_name = "IP", env = "NODE_IP", value_delimiter = ',')]
+        node_ips: Vec<std::net::IpAddr>,
     },
 }
 
@@ -159,7 +171,11 @@ fn main() -> ExitCode {
             cluster_dns,
             resume_window_s,
             node,
+            cluster_cidrs,
+            allow_cidrs,
+            node_ips,
         } => {
+            let policy = Arc::new(policy::Policy::new(cluster_cidrs, allow_cidrs, node_ips));
             let creds = match tunnel::Credentials::generate(tunnel_listen) {
                 Ok(c) => Arc::new(c),
                 Err(e) => {
@@ -201,6 +217,7 @@ fn main() -> ExitCode {
                         creds,
                         cluster_dns,
                         std::time::Duration::from_secs(resume_window_s),
+                        policy,
                     )
                     .await {
                         tracing::error!("the tunnel endpoint failed: {e}");

@@ -17,6 +17,8 @@ use tpbpf_mux::{
 };
 use tracing::{debug, info, warn};
 
+use crate::policy::Policy;
+
 /// How long dialing a destination may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A datagram flow with no traffic for this long is closed.
@@ -67,6 +69,7 @@ pub async fn serve(
     creds: Arc<Credentials>,
     cluster_dns: Option<SocketAddr>,
     resume_window: Duration,
+    policy: Arc<Policy>,
 ) -> io::Result<()> {
     let config = Config {
         resume_window,
@@ -76,17 +79,26 @@ pub async fn serve(
     let acceptor = creds.identity.acceptor()?;
     tokio::spawn(async move {
         while let Some((session, peer)) = sessions.recv().await {
-            tokio::spawn(serve_session(session, peer, cluster_dns));
+            tokio::spawn(serve_session(session, peer, cluster_dns, policy.clone()));
         }
     });
     server.serve(listener, Some(acceptor)).await
 }
 
-async fn serve_session(session: Session, peer: SocketAddr, cluster_dns: Option<SocketAddr>) {
+async fn serve_session(
+    session: Session,
+    peer: SocketAddr,
+    cluster_dns: Option<SocketAddr>,
+    policy: Arc<Policy>,
+) {
     info!(%peer, "tunnel session open");
-    let requests = tokio::spawn(serve_requests(session.clone(), cluster_dns));
+    let requests = tokio::spawn(serve_requests(
+        session.clone(),
+        cluster_dns,
+        policy.clone(),
+    ));
     while let Some(stream) = session.accept().await {
-        tokio::spawn(serve_stream(stream));
+        tokio::spawn(serve_stream(stream, policy.clone()));
     }
     requests.abort();
     info!(%peer, "tunnel session over: {}", session.ended().unwrap_or_default());
@@ -104,7 +116,7 @@ async fn resolve(dst: &Destination) -> io::Result<SocketAddr> {
     }
 }
 
-async fn serve_stream(mut stream: Stream) {
+async fn serve_stream(mut stream: Stream, policy: Arc<Policy>) {
     let Some(dst) = stream.destination() else {
         return;
     };
@@ -118,6 +130,11 @@ async fn serve_stream(mut stream: Stream) {
             return;
         }
     };
+    if let Err(why) = policy.check(addr) {
+        warn!(%addr, "tunnel stream refused: {why}");
+        stream.reset(ResetReason::Refused, &why);
+        return;
+    }
     match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(mut tcp)) => {
             let _ = tcp.set_nodelay(true);
@@ -157,7 +174,7 @@ fn dns_server(given: Option<SocketAddr>) -> Option<SocketAddr> {
     })
 }
 
-async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>) {
+async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, policy: Arc<Policy>) {
     let dns = dns_server(cluster_dns);
     let mut flows: HashMap<u32, Arc<UdpSocket>> = HashMap::new();
     // Cleared when the session ends: intercepts detach.
@@ -224,13 +241,13 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>) {
                 flows.retain(|_, s| Arc::strong_count(s) > 1);
                 let sock = match flows.get(&flow) {
                     Some(s) => s.clone(),
-                    None => match open_flow(&session, flow, &dst).await {
+                    None => match open_flow(&session, flow, &dst, &policy).await {
                         Ok(s) => {
                             flows.insert(flow, s.clone());
                             s
                         }
                         Err(e) => {
-                            debug!(?dst, "datagram flow: {e}");
+                            warn!(?dst, "datagram flow refused: {e}");
                             continue;
                         }
                     },
@@ -272,8 +289,16 @@ async fn ask_dns(server: Option<SocketAddr>, query: &[u8]) -> io::Result<Vec<u8>
 
 /// A UDP socket for one flow, and a task that carries its answers back
 /// until the flow is idle.
-async fn open_flow(session: &Session, flow: u32, dst: &Destination) -> io::Result<Arc<UdpSocket>> {
+async fn open_flow(
+    session: &Session,
+    flow: u32,
+    dst: &Destination,
+    policy: &Policy,
+) -> io::Result<Arc<UdpSocket>> {
     let addr = resolve(dst).await?;
+    policy
+        .check(addr)
+        .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, why))?;
     let sock = UdpSocket::bind(if addr.is_ipv4() {
         "0.0.0.0:0"
     } else {

@@ -59,8 +59,15 @@ async fn handle(
     match upstream.connect_tcp_with(orig, first).await {
         Ok(mut up) => {
             debug!(%peer, %orig, "connected");
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut up).await {
-                debug!(%peer, %orig, "connection ended: {e}");
+            match tokio::io::copy_bidirectional(&mut client, &mut up).await {
+                // The far side refused the stream (the agent's policy, a
+                // closed port): the user should see why.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    warn!(%peer, %orig, "connection refused: {e}");
+                    let _ = client.set_zero_linger();
+                }
+                Err(e) => debug!(%peer, %orig, "connection ended: {e}"),
+                Ok(_) => {}
             }
         }
         Err(e) => {

@@ -674,6 +674,13 @@ impl Lab {
                 "5",
                 "--node",
                 node.name,
+                // The dial policy: the cluster's ranges, never the node.
+                "--cluster-cidr",
+                spec::SERVICE_CIDR,
+                "--cluster-cidr",
+                spec::POD_CIDR,
+                "--node-ip",
+                node.ip,
             ]);
         let pid = spawn_detached(
             &mut cmd,

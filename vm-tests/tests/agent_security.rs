@@ -1,0 +1,126 @@
+//! The agent on a node, attacked by a developer who holds a tunnel: it may
+//! reach what a pod could reach and nothing of the node (loopback, cloud
+//! metadata, the node's own addresses, anything outside the cluster), and
+//! its tunnel credentials are per session. Through the lab, from the
+//! developer machine's namespace, with tpbpf's own client code.
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tpbpf_mux::{transport::TlsConnector, Client, Config, Destination};
+use tpbpf_vm_tests::*;
+
+/// Runs `f` with a kube client for the lab, on a thread inside the
+/// developer machine's namespace (the only one that reaches the API).
+fn as_developer<F, Fut>(lab: &LabGuard, f: F)
+where
+    F: FnOnce(kube::Client) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
+    std::thread::spawn(move || {
+        enter_netns(&dev).expect("entering the developer namespace");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (client, ..) = tpbpf_kube::client(Some(std::path::Path::new(&kubeconfig)), None)
+                .await
+                .expect("a client for the lab");
+            f(client).await
+        })
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+}
+
+/// Fresh credentials from `pod` and a session opened with them, over a
+/// port-forward.
+async fn session(client: &kube::Client, pod: &str) -> (tpbpf_mux::Session, String) {
+    let creds = tpbpf_kube::agent_credentials(client, pod)
+        .await
+        .expect("credentials through a port-forward");
+    let session = connect(client, pod, &creds, &creds.token).await.unwrap();
+    (session, creds.token)
+}
+
+async fn connect(
+    client: &kube::Client,
+    pod: &str,
+    creds: &tpbpf_kube::AgentCredentials,
+    token: &str,
+) -> Result<tpbpf_mux::Session, String> {
+    let pf = tpbpf_kube::PortForward::new(client, pod, creds.tunnel_port);
+    let tls = TlsConnector::over(Arc::new(pf), &creds.fingerprint).unwrap();
+    Client::connect(
+        Arc::new(tls),
+        token.as_bytes().to_vec(),
+        Config::default(),
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// Opens a stream to `addr` through the agent with an HTTP request; what
+/// came back, or the error the agent reset it with.
+async fn through(session: &tpbpf_mux::Session, addr: &str) -> Result<String, String> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let mut s = session
+        .open_with(Destination::Addr(addr), b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let _ = s.flush().await;
+    let mut got = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await {
+        Ok(Ok(_)) => Ok(String::from_utf8_lossy(&got).into_owned()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer in 10 s".into()),
+    }
+}
+
+#[test]
+fn the_agent_dials_only_the_cluster_never_the_node() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tg") else {
+        return;
+    };
+    // A "metadata server" on node1: were the agent to dial it, it would answer.
+    let node1 = format!("{}-node1", lab.name);
+    run(Command::new("ip").args(["-n", &node1, "addr", "add", "169.254.169.254/32", "dev", "lo"]));
+    let _metadata = Bg::spawn(Command::new("ip").args([
+        "netns",
+        "exec",
+        &node1,
+        "socat",
+        "TCP-LISTEN:80,bind=169.254.169.254,fork,reuseaddr",
+        "SYSTEM:echo node-credentials",
+    ]));
+    as_developer(&lab, |client| async move {
+        let (session, _) = session(&client, "tpbpf-agent-node1").await;
+        // What a pod could reach works: a service and a pod address.
+        for ok in ["10.96.0.20:80", "10.244.2.10:80"] {
+            let got = through(&session, ok).await;
+            assert!(
+                got.as_ref().is_ok_and(|b| b.contains("served by nginx")),
+                "{ok}: {got:?}"
+            );
+        }
+        for (addr, why) in [
+            ("169.254.169.254:80", "link-local"),
+            ("127.0.0.1:4390", "loopback"),
+            ("172.31.0.11:4390", "the node's own addresses"),
+            ("172.31.0.12:22", "outside the cluster's ranges"),
+            ("192.0.2.1:80", "outside the cluster's ranges"),
+        ] {
+            let got = through(&session, addr).await;
+            let e = got.expect_err(&format!("the agent dialed {addr}"));
+            assert!(
+                e.contains("may not dial") && e.contains(why),
+                "{addr}: the refusal must say why ({why}): {e}"
+            );
+        }
+    });
+}
+
+use std::process::Command;
