@@ -9,13 +9,14 @@ use std::{
     fs::File,
     net::{IpAddr, SocketAddr},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::PathBuf,
     sync::{Arc, Mutex},
 };
 
 use tokio::{net::TcpStream, task::JoinHandle};
 use tpbpf_mux::{Destination, InterceptMode, Session};
 use tracing::{debug, info, warn};
+
+use crate::policy::Policy;
 
 /// Intercepted targets on this node: one sk_lookup program and listener
 /// per pod port, shared by the sessions intercepting it.
@@ -25,7 +26,8 @@ static TARGETS: Mutex<Vec<(SocketAddr, Arc<Target>)>> = Mutex::new(Vec::new());
 /// intercepts (routes) that share it.
 struct Target {
     addr: SocketAddr,
-    netns: PathBuf,
+    /// The pod's network namespace, held open from the access check on.
+    netns: Arc<File>,
     bypass: tpbpf_loader::InterceptBypass,
     routes: Mutex<Vec<Route>>,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -96,7 +98,7 @@ impl Drop for Active {
 /// pod's sandbox and containers are processes of the node), not from any
 /// name. Reachability tells this node's pod from another namespace that
 /// happens to have the same address (another cluster's, on one machine).
-pub fn netns_of(ip: IpAddr) -> Result<PathBuf, String> {
+pub fn netns_of(ip: IpAddr) -> Result<File, String> {
     let mut seen = HashSet::new();
     let entries = std::fs::read_dir("/proc").map_err(|e| format!("reading /proc: {e}"))?;
     for e in entries.flatten() {
@@ -111,9 +113,14 @@ pub fn netns_of(ip: IpAddr) -> Result<PathBuf, String> {
         if !seen.insert((meta.dev(), meta.ino())) {
             continue;
         }
-        if let Some(sock) = bound_in(&path, ip) {
+        // Opened once: the checks and the attach all use this namespace,
+        // whatever happens to the process it was found through.
+        let Ok(ns) = File::open(&path) else {
+            continue;
+        };
+        if let Some(sock) = bound_in(&ns, ip) {
             if reached(&sock) {
-                return Ok(path);
+                return Ok(ns);
             }
         }
     }
@@ -124,8 +131,8 @@ pub fn netns_of(ip: IpAddr) -> Result<PathBuf, String> {
 
 /// A UDP socket bound to `ip` in the namespace at `path`, if `ip` is a
 /// local address there.
-fn bound_in(path: &std::path::Path, ip: IpAddr) -> Option<std::net::UdpSocket> {
-    let ns = File::open(path).ok()?;
+fn bound_in(ns: &File, ip: IpAddr) -> Option<std::net::UdpSocket> {
+    let ns = ns.try_clone().ok()?;
     std::thread::spawn(move || {
         // SAFETY: a valid namespace fd; setns affects only this thread,
         // which ends here.
@@ -171,10 +178,10 @@ fn rand_probe() -> [u8; 8] {
 }
 
 /// The environment of the pod's main process: the lowest pid in the
-/// namespace of `ns_path` whose /proc/PID/environ reads as `KEY=VALUE`
+/// namespace `ns` whose /proc/PID/environ reads as `KEY=VALUE`
 /// entries (some servers overwrite theirs with their process title).
-fn environ_in(ns_path: &std::path::Path) -> String {
-    let Ok(want) = std::fs::metadata(ns_path) else {
+fn environ_in(ns: &File) -> String {
+    let Ok(want) = ns.metadata() else {
         return String::new();
     };
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
@@ -209,21 +216,54 @@ fn environ_in(ns_path: &std::path::Path) -> String {
     String::new()
 }
 
-/// A listening socket made inside the namespace at `path`.
-fn listener_in(path: &std::path::Path) -> Result<std::net::TcpListener, String> {
-    let ns = File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+/// A listening socket on loopback inside the namespace `ns`: reached only
+/// from inside the pod (sk_lookup, a port-forward), never from outside it.
+fn loopback_listener_in(ns: &File, v6: bool) -> Result<std::net::TcpListener, String> {
+    let ns = ns.try_clone().map_err(|e| e.to_string())?;
     std::thread::spawn(move || {
-        // SAFETY: as above.
+        // SAFETY: a valid namespace fd; setns affects only this thread.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(format!(
                 "entering the pod's network namespace: {}",
                 std::io::Error::last_os_error()
             ));
         }
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())
+        let addr: SocketAddr = if v6 {
+            (std::net::Ipv6Addr::LOCALHOST, 0).into()
+        } else {
+            (std::net::Ipv4Addr::LOCALHOST, 0).into()
+        };
+        std::net::TcpListener::bind(addr).map_err(|e| e.to_string())
     })
     .join()
     .map_err(|_| "the namespace thread panicked".to_string())?
+}
+
+/// Refuses targets that are not a pod of the cluster: addresses the dial
+/// policy refuses (loopback, link-local, the node's own — which a
+/// hostNetwork pod has — or outside the cluster's ranges), and the node's
+/// own network namespace or the agent's.
+pub fn refuse_target(policy: &Policy, target: SocketAddr, ns: &File) -> Result<(), String> {
+    policy
+        .check(target)
+        .map_err(|why| format!("{target} cannot be intercepted: {why}"))?;
+    let same = |path: &str| {
+        std::fs::metadata(path)
+            .ok()
+            .zip(ns.metadata().ok())
+            .is_some_and(|(a, b)| a.dev() == b.dev() && a.ino() == b.ino())
+    };
+    if same("/proc/1/ns/net") {
+        return Err(format!(
+            "{target} is in the node's own network namespace (a hostNetwork pod): never an intercept target"
+        ));
+    }
+    if same("/proc/self/ns/net") {
+        return Err(format!(
+            "{target} is tpbpf's agent itself: never an intercept target"
+        ));
+    }
+    Ok(())
 }
 
 /// How long a client has to prove it may port-forward into the pod.
@@ -235,28 +275,24 @@ const PROOF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 /// port-forward there and send a nonce. The API server only lets the
 /// port-forward through if the user's identity may (`pods/portforward` in
 /// the pod's namespace).
-pub async fn check_access(session: &Session, id: u32, target: SocketAddr) -> Result<(), String> {
+///
+/// The challenge listens on the pod's loopback: a port-forward lands there
+/// (the container runtime dials localhost inside the pod), a tunnel stream
+/// to the pod's address does not. Returns the pod's namespace, held open
+/// for the attach.
+pub async fn check_access(
+    session: &Session,
+    id: u32,
+    target: SocketAddr,
+    policy: &Policy,
+) -> Result<Arc<File>, String> {
     let ip = target.ip();
-    let listener = tokio::task::spawn_blocking(move || -> Result<std::net::TcpListener, String> {
-        let path = netns_of(ip)?;
-        let ns = File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-        std::thread::spawn(move || {
-            // SAFETY: a valid namespace fd; setns affects only this thread.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!(
-                    "entering the pod's network namespace: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            let addr: SocketAddr = if ip.is_ipv4() {
-                "0.0.0.0:0".parse().expect("an address")
-            } else {
-                "[::]:0".parse().expect("an address")
-            };
-            std::net::TcpListener::bind(addr).map_err(|e| e.to_string())
-        })
-        .join()
-        .map_err(|_| "the namespace thread panicked".to_string())?
+    let policy = policy.clone();
+    let (ns, listener) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let ns = netns_of(ip)?;
+        refuse_target(&policy, target, &ns)?;
+        let listener = loopback_listener_in(&ns, ip.is_ipv6())?;
+        Ok((ns, listener))
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -283,6 +319,7 @@ pub async fn check_access(session: &Session, id: u32, target: SocketAddr) -> Res
             if matches!(read, Ok(Ok(_))) && got == nonce {
                 return Ok::<(), String>(());
             }
+            debug!(%ip, "intercept challenge: a connection without the nonce");
         }
     };
     tokio::time::timeout(PROOF_TIMEOUT, wait)
@@ -291,7 +328,8 @@ pub async fn check_access(session: &Session, id: u32, target: SocketAddr) -> Res
             format!(
                 "no proof that you may port-forward into the pod at {ip} (tpbpf port-forwards to it through the API server first): intercept refused"
             )
-        })?
+        })??;
+    Ok(Arc::new(ns))
 }
 
 /// Puts an intercept of `target` in place for `session`. Two steals of
@@ -300,6 +338,7 @@ pub fn start(
     session: &Session,
     target: SocketAddr,
     mode: &InterceptMode,
+    ns: Arc<File>,
 ) -> Result<Active, String> {
     let key = NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let route = Route {
@@ -323,17 +362,15 @@ pub fn start(
             key,
         });
     }
-    let path = netns_of(target.ip())?;
-    let environ = environ_in(&path);
-    let listener = listener_in(&path)?;
-    let ns = File::open(&path).map_err(|e| e.to_string())?;
+    let environ = environ_in(&ns);
+    let listener = loopback_listener_in(&ns, target.is_ipv6())?;
     let interceptor = tpbpf_loader::Interceptor::attach(&ns, target.port(), &listener)
         .map_err(|e| format!("attaching the intercept in the pod's namespace: {e}"))?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
     let t = Arc::new(Target {
         addr: target,
-        netns: path,
+        netns: ns,
         bypass: interceptor.bypass(),
         routes: Mutex::new(vec![route]),
         task: Mutex::new(None),
@@ -360,9 +397,8 @@ pub fn start(
             });
         }
     }));
-    let t_netns = t.netns.clone();
     targets.push((target, t));
-    info!(%target, ?mode, netns = %t_netns.display(), "intercept in place");
+    info!(%target, ?mode, "intercept in place");
     Ok(Active {
         environ,
         target,
@@ -373,7 +409,7 @@ pub fn start(
 /// A connection to the app itself, from inside the pod's namespace, that
 /// the intercept leaves alone.
 async fn dial_app(t: &Target) -> std::io::Result<TcpStream> {
-    let ns = File::open(&t.netns)?;
+    let ns = t.netns.try_clone()?;
     let ip = t.addr.ip();
     let sock = std::thread::spawn(move || -> std::io::Result<socket2::Socket> {
         // SAFETY: a valid namespace fd; setns affects only this thread.

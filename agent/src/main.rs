@@ -58,7 +58,9 @@ enum Command {
     /// Serve: /healthz, /info and /credentials over HTTP, and tunnel
     /// sessions (TLS, token).
     Serve {
-        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
+        /// HTTP (/healthz, /info, /credentials): the pod's loopback, which
+        /// only port-forwards reach.
+        #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
         listen: SocketAddr,
         /// The tunnel's listening address.
         #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], TUNNEL_PORT)))]
@@ -81,7 +83,12 @@ enum Command {
         allow_cidrs: Vec<tpbpf_loader::Cidr>,
         /// The node's own address (repeatable; the downward API's
         /// status.hostIP as $NODE_IP): never dialed for a tunnel peer.
-        #[arg(long = "node-ip", value_name = "IP", env = "NODE_IP", value_delimiter = ',')]
+        #[arg(
+            long = "node-ip",
+            value_name = "IP",
+            env = "NODE_IP",
+            value_delimiter = ','
+        )]
         node_ips: Vec<std::net::IpAddr>,
     },
 }
@@ -243,15 +250,16 @@ fn main() -> ExitCode {
                             |State(s): State<Arc<AgentState>>,
                              axum::extract::ConnectInfo(ends): axum::extract::ConnectInfo<Ends>| async move {
                                 let local = ends.local.map(|l| l.ip());
-                                if local.is_some_and(|l| tunnel::from_the_node(ends.peer.ip(), l)) {
-                                    Ok(Json(s.creds.to_json()))
-                                } else {
-                                    tracing::warn!(peer = %ends.peer, "credentials refused: not a connection from the node (use a port-forward)");
-                                    Err((
+                                if !local.is_some_and(|l| tunnel::through_port_forward(ends.peer.ip(), l)) {
+                                    tracing::warn!(peer = %ends.peer, "credentials refused: not through a port-forward");
+                                    return Err((
                                         axum::http::StatusCode::FORBIDDEN,
-                                        "the tunnel's credentials are given only to connections from the node itself: reach the agent through a Kubernetes port-forward\n",
-                                    ))
+                                        "the tunnel's credentials are given only through a Kubernetes port-forward into the agent's pod\n".to_string(),
+                                    ));
                                 }
+                                s.creds.issue().map(Json).map_err(|e| {
+                                    (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("issuing credentials: {e}\n"))
+                                })
                             },
                         ),
                     )

@@ -107,7 +107,10 @@ mod tests {
 
     fn policy() -> Policy {
         Policy::new(
-            vec!["10.96.0.0/12".parse().unwrap(), "10.244.0.0/16".parse().unwrap()],
+            vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "10.244.0.0/16".parse().unwrap(),
+            ],
             vec!["192.0.2.0/24".parse().unwrap()],
             vec!["172.31.0.11".parse().unwrap()],
         )

@@ -7,7 +7,7 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::{json, Value};
@@ -26,41 +26,133 @@ const FLOW_IDLE: Duration = Duration::from_secs(60);
 /// How long the cluster DNS may take to answer.
 const DNS_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// What a client needs to open a session: the token and the certificate's
-/// fingerprint to pin.
+/// How long an issued token may wait for the session it opens.
+const TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Issued tokens not yet used, at most: the oldest goes first.
+const MAX_PENDING_TOKENS: usize = 256;
+
+/// The tunnel's key material (made at start) and the tokens it has issued.
 pub struct Credentials {
-    pub token: String,
     pub identity: TlsIdentity,
     pub tunnel: SocketAddr,
+    tokens: Arc<Tokens>,
+}
+
+/// Tokens issued by `/credentials`: each opens one session, once, within
+/// [`TOKEN_TTL`], and is then bound to it (only that session may resume
+/// with it); it goes when the session does. No token is shared between
+/// users or sessions.
+#[derive(Default)]
+pub struct Tokens {
+    issued: Mutex<HashMap<String, Issued>>,
+}
+
+struct Issued {
+    at: Instant,
+    session: Option<[u8; 16]>,
+}
+
+impl Tokens {
+    fn issue(&self) -> io::Result<String> {
+        let mut raw = [0u8; 32];
+        getrandom::getrandom(&mut raw).map_err(|e| io::Error::other(e.to_string()))?;
+        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        issued.retain(|_, i| i.session.is_some() || i.at.elapsed() < TOKEN_TTL);
+        let pending = issued.values().filter(|i| i.session.is_none()).count();
+        if pending >= MAX_PENDING_TOKENS {
+            if let Some(oldest) = issued
+                .iter()
+                .filter(|(_, i)| i.session.is_none())
+                .min_by_key(|(_, i)| i.at)
+                .map(|(t, _)| t.clone())
+            {
+                issued.remove(&oldest);
+            }
+        }
+        issued.insert(
+            token.clone(),
+            Issued {
+                at: Instant::now(),
+                session: None,
+            },
+        );
+        Ok(token)
+    }
+}
+
+impl tpbpf_mux::Admission for Tokens {
+    fn admit(&self, token: &[u8], session: &[u8; 16], resume: bool) -> Result<(), String> {
+        let token = std::str::from_utf8(token).unwrap_or("");
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        // Compared in constant time against each; there are few.
+        let found = issued
+            .iter_mut()
+            .find(|(t, _)| tpbpf_mux::same_token(t.as_bytes(), token.as_bytes()))
+            .map(|(_, i)| i);
+        match (found, resume) {
+            (None, _) => Err(
+                "unknown token: get a fresh one from the agent's /credentials \
+                 through a port-forward (tpbpf up does)"
+                    .into(),
+            ),
+            (Some(i), false) if i.session.is_some() => Err("this token has opened a session \
+                 already: each token opens one session; get a fresh one (tpbpf up does)"
+                .into()),
+            (Some(i), false) if i.at.elapsed() >= TOKEN_TTL => Err(format!(
+                "this token expired ({} s after it was issued): get a fresh one",
+                TOKEN_TTL.as_secs()
+            )),
+            (Some(i), false) => {
+                i.session = Some(*session);
+                info!(session = %session_id(session), "tunnel token bound to a new session");
+                Ok(())
+            }
+            (Some(i), true) if i.session == Some(*session) => Ok(()),
+            (Some(_), true) => Err("this token belongs to another session".into()),
+        }
+    }
+
+    fn ended(&self, session: &[u8; 16]) {
+        self.issued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, i| i.session != Some(*session));
+    }
+}
+
+/// A session's id as the logs and `tpbpf status` show it: the first 8
+/// bytes, in hex.
+pub fn session_id(id: &[u8; 16]) -> String {
+    id[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Credentials {
     pub fn generate(tunnel: SocketAddr) -> io::Result<Credentials> {
-        let mut raw = [0u8; 32];
-        getrandom::getrandom(&mut raw).map_err(|e| io::Error::other(e.to_string()))?;
-        let token = raw.iter().map(|b| format!("{b:02x}")).collect();
         Ok(Credentials {
-            token,
             identity: TlsIdentity::generate()?,
             tunnel,
+            tokens: Arc::default(),
         })
     }
 
-    pub fn to_json(&self) -> Value {
-        json!({
-            "token": self.token,
+    /// Fresh credentials for one session.
+    pub fn issue(&self) -> io::Result<Value> {
+        Ok(json!({
+            "token": self.tokens.issue()?,
             "fingerprint": self.identity.fingerprint(),
             "tunnel_port": self.tunnel.port(),
             "tunnel_address": self.tunnel.to_string(),
-        })
+        }))
     }
 }
 
-/// Whether a connection comes from the node itself: loopback, or from one
-/// of the node's own addresses to another (kubelet's port-forward, or a
-/// port-forward into a hostNetwork pod). Pods have addresses of their own.
-pub fn from_the_node(peer: IpAddr, local: IpAddr) -> bool {
-    peer.is_loopback() || peer == local
+/// Whether an HTTP peer may have the tunnel's credentials: only from the
+/// agent pod's own loopback, which (with the agent in a pod network
+/// namespace of its own) a Kubernetes port-forward reaches and nothing
+/// else does.
+pub fn through_port_forward(peer: IpAddr, local: IpAddr) -> bool {
+    peer.is_loopback() && local.is_loopback()
 }
 
 /// Serves tunnel sessions on `listener` until it fails.
@@ -75,7 +167,7 @@ pub async fn serve(
         resume_window,
         ..Config::default()
     };
-    let (server, mut sessions) = Server::new(config, creds.token.as_bytes().to_vec());
+    let (server, mut sessions) = Server::new(config, creds.tokens.clone());
     let acceptor = creds.identity.acceptor()?;
     tokio::spawn(async move {
         while let Some((session, peer)) = sessions.recv().await {
@@ -91,17 +183,14 @@ async fn serve_session(
     cluster_dns: Option<SocketAddr>,
     policy: Arc<Policy>,
 ) {
-    info!(%peer, "tunnel session open");
-    let requests = tokio::spawn(serve_requests(
-        session.clone(),
-        cluster_dns,
-        policy.clone(),
-    ));
+    let id = session_id(&session.id());
+    info!(%peer, session = %id, "tunnel session open");
+    let requests = tokio::spawn(serve_requests(session.clone(), cluster_dns, policy.clone()));
     while let Some(stream) = session.accept().await {
         tokio::spawn(serve_stream(stream, policy.clone()));
     }
     requests.abort();
-    info!(%peer, "tunnel session over: {}", session.ended().unwrap_or_default());
+    info!(%peer, session = %id, "tunnel session over: {}", session.ended().unwrap_or_default());
 }
 
 async fn resolve(dst: &Destination) -> io::Result<SocketAddr> {
@@ -183,21 +272,24 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, polic
         match request {
             Request::InterceptStart { id, target, mode } => {
                 let (session, intercepts) = (session.clone(), intercepts.clone());
+                let policy = policy.clone();
                 tokio::spawn(async move {
                     // First the client proves it may port-forward into the
-                    // pod, through the API server; then the intercept.
-                    let result = match crate::intercept::check_access(&session, id, target).await {
-                        Err(e) => Err(e),
-                        Ok(()) => {
-                            let s2 = session.clone();
-                            tokio::task::spawn_blocking(move || {
-                                crate::intercept::start(&s2, target, &mode)
-                            })
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r)
-                        }
-                    };
+                    // pod, through the API server; then the intercept, in
+                    // the namespace the check found.
+                    let result =
+                        match crate::intercept::check_access(&session, id, target, &policy).await {
+                            Err(e) => Err(e),
+                            Ok(ns) => {
+                                let s2 = session.clone();
+                                tokio::task::spawn_blocking(move || {
+                                    crate::intercept::start(&s2, target, &mode, ns)
+                                })
+                                .await
+                                .map_err(|e| e.to_string())
+                                .and_then(|r| r)
+                            }
+                        };
                     match result {
                         Ok(active) => {
                             let _ = session.intercept_status(id, true, &active.environ);

@@ -52,13 +52,9 @@ async fn connect(
 ) -> Result<tpbpf_mux::Session, String> {
     let pf = tpbpf_kube::PortForward::new(client, pod, creds.tunnel_port);
     let tls = TlsConnector::over(Arc::new(pf), &creds.fingerprint).unwrap();
-    Client::connect(
-        Arc::new(tls),
-        token.as_bytes().to_vec(),
-        Config::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())
+    Client::connect(Arc::new(tls), token.as_bytes().to_vec(), Config::default())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Opens a stream to `addr` through the agent with an HTTP request; what
@@ -87,7 +83,15 @@ fn the_agent_dials_only_the_cluster_never_the_node() {
     };
     // A "metadata server" on node1: were the agent to dial it, it would answer.
     let node1 = format!("{}-node1", lab.name);
-    run(Command::new("ip").args(["-n", &node1, "addr", "add", "169.254.169.254/32", "dev", "lo"]));
+    run(Command::new("ip").args([
+        "-n",
+        &node1,
+        "addr",
+        "add",
+        "169.254.169.254/32",
+        "dev",
+        "lo",
+    ]));
     let _metadata = Bg::spawn(Command::new("ip").args([
         "netns",
         "exec",

@@ -252,8 +252,12 @@ pub struct AgentInfo {
     pub node: String,
     pub version: String,
     pub healthy: bool,
-    /// The pod's (the node's: hostNetwork) address, for direct transports.
+    /// Where `--transport direct` dials: the node's address when the agent
+    /// publishes its tunnel as a hostPort, else the pod's.
     pub address: Option<String>,
+    /// The published hostPort, if any (else the tunnel port the agent's
+    /// credentials name).
+    pub host_port: Option<u16>,
 }
 
 /// The namespace and label of tpbpf's agent DaemonSet.
@@ -328,7 +332,16 @@ pub async fn find_agent_on(
         let Some(name) = pod.metadata.name.clone() else {
             continue;
         };
-        let address = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+        let host_port = pod
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .find_map(|p| p.host_port.and_then(|h| u16::try_from(h).ok()));
+        let address = match host_port {
+            Some(_) => pod.status.as_ref().and_then(|s| s.host_ip.clone()),
+            None => pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        };
         let attempt = async {
             let body = agent_get(&pods, &name, "/info").await?;
             let v: k8s_openapi::serde_json::Value = k8s_openapi::serde_json::from_str(&body)
@@ -339,6 +352,7 @@ pub async fn find_agent_on(
                 version: v["version"].as_str().unwrap_or("?").to_string(),
                 healthy: v["healthy"] == true,
                 address: address.clone(),
+                host_port,
             })
         };
         match attempt.await {

@@ -152,8 +152,8 @@ fn replicaset_name(workload: &str) -> String {
     format!("{workload}-7d4b9c")
 }
 
-/// The agent's pods: one per node whose agent process runs, hostNetwork
-/// (the pod IP is the node's).
+/// The agent's pods: one per node whose agent process runs, each in a pod
+/// network namespace of its own (not hostNetwork).
 pub fn agent_pods(live: &Status) -> Vec<Pod> {
     spec::nodes()
         .into_iter()
@@ -179,23 +179,33 @@ pub fn agent_pods(live: &Status) -> Vec<Pod> {
                 },
                 spec: Some(PodSpec {
                     node_name: Some(n.name.into()),
-                    host_network: Some(true),
+                    host_pid: Some(true),
                     containers: vec![Container {
                         name: "agent".into(),
                         image: Some("tpbpf/agent".into()),
-                        ports: Some(vec![ContainerPort {
-                            container_port: i32::from(tpbpf_lab::AGENT_PORT),
-                            protocol: Some("TCP".into()),
-                            ..Default::default()
-                        }]),
+                        ports: Some(vec![
+                            ContainerPort {
+                                container_port: i32::from(tpbpf_lab::AGENT_PORT),
+                                protocol: Some("TCP".into()),
+                                ..Default::default()
+                            },
+                            ContainerPort {
+                                container_port: i32::from(tpbpf_lab::AGENT_TUNNEL_PORT),
+                                host_port: Some(i32::from(tpbpf_lab::AGENT_TUNNEL_PORT)),
+                                protocol: Some("TCP".into()),
+                                ..Default::default()
+                            },
+                        ]),
                         ..Default::default()
                     }],
                     ..Default::default()
                 }),
                 status: Some(PodStatus {
                     phase: Some("Running".into()),
-                    pod_ip: Some(n.ip.into()),
-                    pod_ips: Some(vec![PodIP { ip: n.ip.into() }]),
+                    pod_ip: Some(n.agent_ip.into()),
+                    pod_ips: Some(vec![PodIP {
+                        ip: n.agent_ip.into(),
+                    }]),
                     host_ip: Some(n.ip.into()),
                     ..Default::default()
                 }),

@@ -19,8 +19,11 @@ use tokio::{
 use tpbpf_lab::spec;
 use tracing::{debug, warn};
 
-/// Where a pod (or the agent of a node) is reached: its IP, dialed from its
-/// node's network namespace.
+/// Where a port-forward to a pod (or the agent of a node) lands: loopback
+/// inside the pod's own network namespace, as the kubelet's container
+/// runtime dials it (containerd enters the pod's namespace and connects to
+/// localhost), so a port that listens only on the pod's loopback is
+/// reached, and nothing outside the pod is.
 #[derive(Clone, Debug)]
 pub(crate) struct Target {
     pub ip: std::net::IpAddr,
@@ -29,7 +32,8 @@ pub(crate) struct Target {
 
 /// The pod `ns/pod` of lab `lab`, if the lab has it and its process runs.
 pub(crate) fn target(lab: &str, ns: &str, pod: &str) -> Option<Target> {
-    let live = tpbpf_lab::Lab::new(lab).status();
+    let lab = tpbpf_lab::Lab::new(lab);
+    let live = lab.status();
     let agent = (ns == crate::objects::AGENT_NAMESPACE)
         .then(|| {
             spec::nodes().into_iter().find(|n| {
@@ -38,8 +42,8 @@ pub(crate) fn target(lab: &str, ns: &str, pod: &str) -> Option<Target> {
             })
         })
         .flatten()
-        .map(|n| (n.ip.to_string(), format!("{lab}-{}", n.name)));
-    spec::pods()
+        .map(|n| lab.agent_netns(n.name));
+    let netns = spec::pods()
         .into_iter()
         .find(|p| {
             p.namespace == ns
@@ -49,14 +53,12 @@ pub(crate) fn target(lab: &str, ns: &str, pod: &str) -> Option<Target> {
                     .iter()
                     .any(|l| l.namespace == ns && l.name == pod && l.running)
         })
-        .map(|p| (p.ip.to_string(), format!("{lab}-{}", p.node)))
-        .or(agent)
-        .and_then(|(ip, netns)| {
-            Some(Target {
-                ip: ip.parse().ok()?,
-                netns,
-            })
-        })
+        .map(|p| lab.pod_netns(&p))
+        .or(agent)?;
+    Some(Target {
+        ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        netns,
+    })
 }
 
 /// Serves a port-forward to `target` (found by the caller) over the upgraded WebSocket.

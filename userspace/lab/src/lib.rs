@@ -209,6 +209,11 @@ impl Lab {
         format!("{}-{}", self.name, node)
     }
 
+    /// The network namespace of tpbpf's agent pod on `node`.
+    pub fn agent_netns(&self, node: &str) -> String {
+        format!("{}-tpbpf-system-tpbpf-agent-{node}", self.name)
+    }
+
     pub fn pod_netns(&self, pod: &Pod) -> String {
         format!("{}-{}-{}", self.name, pod.namespace, pod.name)
     }
@@ -244,7 +249,10 @@ impl Lab {
         // Everything up but agents: restart those, as a DaemonSet would.
         let others_up = status.pods.iter().all(|p| p.running)
             && status.nodes.iter().all(|(_, ns)| netns_exists(ns))
-            && (self.api_command.is_none() || status.api_running);
+            && (self.api_command.is_none() || status.api_running)
+            && spec::nodes()
+                .iter()
+                .all(|n| netns_exists(&self.agent_netns(n.name)));
         if others_up {
             for node in spec::nodes() {
                 if !self.agent_pid(node.name).is_some_and(alive) {
@@ -347,68 +355,85 @@ impl Lab {
             nft(&ns, &self.service_rules())?;
         }
         for (i, pod) in spec::pods().iter().enumerate() {
-            let ns = self.pod_netns(pod);
-            let node = self.node_netns(pod.node);
-            netns_add(&ns)?;
-            let host_if = format!("vp{i}");
-            ip(&[
-                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &host_if,
-                "netns", &node,
-            ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/32", pod.ip),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-            ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ])?;
-            // The pod's gateway: the same link-local address on every pod's
-            // veth in the node (as Calico does).
-            ip(&[
-                "-n",
-                &node,
-                "addr",
-                "add",
-                "169.254.1.1/32",
-                "dev",
-                &host_if,
-            ])?;
-            ip(&["-n", &node, "link", "set", &host_if, "up"])?;
-            ip(&[
-                "-n",
-                &node,
-                "route",
-                "add",
-                &format!("{}/32", pod.ip),
-                "dev",
-                &host_if,
-            ])?;
+            self.pod_network(&self.pod_netns(pod), pod.node, pod.ip, &format!("vp{i}"))?;
         }
+        // tpbpf's agents: pods of their own (not hostNetwork). The tunnel
+        // port is published as a hostPort (the CNI portmap plugin's DNAT),
+        // which the developer machine reaches on the node's address for
+        // `--transport direct`, as a CI runner in the cluster's network would.
+        for (i, node) in nodes.iter().enumerate() {
+            self.pod_network(
+                &self.agent_netns(node.name),
+                node.name,
+                node.agent_ip,
+                &format!("va{i}"),
+            )?;
+            nft(
+                &self.node_netns(node.name),
+                &format!(
+                    "table ip tpbpf_lab_hostports {{\n chain prerouting {{\n  type nat hook prerouting priority dstnat; policy accept;\n  ip daddr {} tcp dport {AGENT_TUNNEL_PORT} dnat ip to {}:{AGENT_TUNNEL_PORT}\n }}\n}}\n",
+                    node.ip, node.agent_ip
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A pod's network namespace `ns` on `node`: a `/32` address, a veth to
+    /// the node (`host_if` on the node's side), the node's link-local
+    /// gateway, and the node's route back.
+    fn pod_network(&self, ns: &str, node: &str, pod_ip: &str, host_if: &str) -> Result<()> {
+        let node = self.node_netns(node);
+        netns_add(ns)?;
+        ip(&[
+            "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", host_if, "netns",
+            &node,
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ])?;
+        // The pod's gateway: the same link-local address on every pod's
+        // veth in the node (as Calico does).
+        ip(&["-n", &node, "addr", "add", "169.254.1.1/32", "dev", host_if])?;
+        ip(&["-n", &node, "link", "set", host_if, "up"])?;
+        ip(&[
+            "-n",
+            &node,
+            "route",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            host_if,
+        ])?;
         Ok(())
     }
 
@@ -516,11 +541,10 @@ impl Lab {
                 write(
                     &conf,
                     &format!(
-                        "daemon on;\nmaster_process off;\nworker_processes 1;\npid {pid};\nerror_log {dir}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n access_log {dir}/access.log;\n client_body_temp_path {tmp}/body;\n proxy_temp_path {tmp}/proxy;\n fastcgi_temp_path {tmp}/fastcgi;\n uwsgi_temp_path {tmp}/uwsgi;\n scgi_temp_path {tmp}/scgi;\n server {{\n  listen {ip}:80;\n  location = /blob {{ default_type application/octet-stream; alias {dir}/blob; }}\n  location / {{ default_type text/plain; return 200 \"{body}\"; }}\n }}\n}}\n",
+                        "daemon on;\nmaster_process off;\nworker_processes 1;\npid {pid};\nerror_log {dir}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n access_log {dir}/access.log;\n client_body_temp_path {tmp}/body;\n proxy_temp_path {tmp}/proxy;\n fastcgi_temp_path {tmp}/fastcgi;\n uwsgi_temp_path {tmp}/uwsgi;\n scgi_temp_path {tmp}/scgi;\n server {{\n  listen 80;\n  location = /blob {{ default_type application/octet-stream; alias {dir}/blob; }}\n  location / {{ default_type text/plain; return 200 \"{body}\"; }}\n }}\n}}\n",
                         pid = pid.display(),
                         dir = dir.display(),
                         tmp = tmp.display(),
-                        ip = pod.ip,
                     ),
                 )?;
                 run(
@@ -532,8 +556,11 @@ impl Lab {
                 run(
                     app_cmd(pod, &ns).args([
                         "redis-server",
+                        // The pod's address, and loopback, where
+                        // port-forwards arrive (as in a container).
                         "--bind",
                         pod.ip,
+                        "127.0.0.1",
                         "--port",
                         "6379",
                         "--save",
@@ -607,7 +634,7 @@ impl Lab {
                         "-w",
                         "-o",
                         &format!(
-                            "-c listen_addresses={} -c unix_socket_directories={}",
+                            "-c listen_addresses={},127.0.0.1 -c unix_socket_directories={}",
                             pod.ip,
                             dir.display()
                         ),
@@ -657,15 +684,18 @@ impl Lab {
             .find(|s| s.name == "kube-dns")
             .map(|s| format!("{}:53", s.cluster_ip))
             .unwrap_or_default();
+        // In its own pod network namespace: HTTP (credentials) on the pod's
+        // loopback, which only a port-forward reaches; the tunnel on every
+        // address, for port-forwards and direct TLS to the pod IP.
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.node_netns(node.name)])
+        cmd.args(["netns", "exec", &self.agent_netns(node.name)])
             .arg(agent)
             .args([
                 "serve",
                 "--listen",
-                &format!("{}:{AGENT_PORT}", node.ip),
+                &format!("127.0.0.1:{AGENT_PORT}"),
                 "--tunnel-listen",
-                &format!("{}:{AGENT_TUNNEL_PORT}", node.ip),
+                &format!("0.0.0.0:{AGENT_TUNNEL_PORT}"),
                 "--cluster-dns",
                 &cluster_dns,
                 // Short, so the tests see a killed tpbpfd's intercepts
@@ -728,10 +758,8 @@ impl Lab {
     fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         for node in spec::nodes() {
-            let addr: SocketAddr = format!("{}:{AGENT_PORT}", node.ip)
-                .parse()
-                .map_err(|_| LabError::NotReady(node.ip.into()))?;
-            let ns = self.node_netns(node.name);
+            let addr = SocketAddr::from(([127, 0, 0, 1], AGENT_PORT));
+            let ns = self.agent_netns(node.name);
             while !in_netns(&ns, move || {
                 TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
             }) {
@@ -835,7 +863,7 @@ impl Lab {
                 AgentStatus {
                     node: n.name,
                     pid: pid.map(|p| p as u32),
-                    running: pid.is_some_and(alive) && netns_exists(&self.node_netns(n.name)),
+                    running: pid.is_some_and(alive) && netns_exists(&self.agent_netns(n.name)),
                 }
             })
             .collect();
@@ -901,6 +929,9 @@ impl Lab {
         }
         for pod in spec::pods() {
             netns_del(&self.pod_netns(&pod));
+        }
+        for node in spec::nodes() {
+            netns_del(&self.agent_netns(node.name));
         }
         netns_del(&self.dev_netns());
         for node in spec::nodes() {

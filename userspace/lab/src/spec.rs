@@ -14,6 +14,9 @@ pub struct Node {
     /// Address on the node fabric.
     pub ip: &'static str,
     pub pod_cidr: &'static str,
+    /// The pod address of tpbpf's agent on this node (its own pod network
+    /// namespace, not hostNetwork).
+    pub agent_ip: &'static str,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -57,11 +60,13 @@ pub fn nodes() -> Vec<Node> {
             name: "node1",
             ip: "172.31.0.11",
             pod_cidr: "10.244.1.0/24",
+            agent_ip: "10.244.1.250",
         },
         Node {
             name: "node2",
             ip: "172.31.0.12",
             pod_cidr: "10.244.2.0/24",
+            agent_ip: "10.244.2.250",
         },
     ]
 }

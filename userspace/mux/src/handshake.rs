@@ -90,8 +90,43 @@ fn random_id() -> [u8; 16] {
     id
 }
 
+/// Decides whether a hello's token may start or resume a session: a fixed
+/// shared token (`Vec<u8>`), or credentials issued per session (the agent's).
+pub trait Admission: Send + Sync + 'static {
+    /// Whether `token` may start session `session` (`resume` false) or
+    /// resume it (`resume` true, the session is alive on this server). The
+    /// refusal is sent to the client.
+    fn admit(&self, token: &[u8], session: &[u8; 16], resume: bool) -> Result<(), String>;
+    /// Session `session` is gone for good (closed, or its resume window
+    /// passed): whatever was bound to it can go.
+    fn ended(&self, _session: &[u8; 16]) {}
+}
+
+/// Shared with whoever issues the credentials.
+impl<T: Admission> Admission for Arc<T> {
+    fn admit(&self, token: &[u8], session: &[u8; 16], resume: bool) -> Result<(), String> {
+        (**self).admit(token, session, resume)
+    }
+    fn ended(&self, session: &[u8; 16]) {
+        (**self).ended(session)
+    }
+}
+
+/// One token, shared by every session.
+impl Admission for Vec<u8> {
+    fn admit(&self, token: &[u8], _: &[u8; 16], _: bool) -> Result<(), String> {
+        if same_token(token, self) {
+            Ok(())
+        } else if token.is_empty() {
+            Err("missing token: get the current one from the agent (tpbpf up does)".into())
+        } else {
+            Err("wrong token: get the current one from the agent (tpbpf up does)".into())
+        }
+    }
+}
+
 /// Compares without leaking where the first difference is.
-fn same_token(a: &[u8], b: &[u8]) -> bool {
+pub fn same_token(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -265,19 +300,23 @@ pub struct Server {
 
 struct ServerInner {
     config: Config,
-    token: Vec<u8>,
+    admission: Box<dyn Admission>,
     sessions: Mutex<HashMap<[u8; 16], Resumer>>,
     new_sessions: mpsc::Sender<(Session, SocketAddr)>,
 }
 
 impl Server {
-    /// A server accepting `token`; new sessions arrive on the receiver.
-    pub fn new(config: Config, token: Vec<u8>) -> (Server, mpsc::Receiver<(Session, SocketAddr)>) {
+    /// A server admitting hellos with `admission` (a fixed token, or
+    /// per-session credentials); new sessions arrive on the receiver.
+    pub fn new(
+        config: Config,
+        admission: impl Admission,
+    ) -> (Server, mpsc::Receiver<(Session, SocketAddr)>) {
         let (tx, rx) = mpsc::channel(64);
         let server = Server {
             inner: Arc::new(ServerInner {
                 config,
-                token,
+                admission: Box::new(admission),
                 sessions: Mutex::new(HashMap::new()),
                 new_sessions: tx,
             }),
@@ -372,19 +411,36 @@ impl Server {
                     hello.version
                 ),
             ))
-        } else if !same_token(&hello.token, &self.inner.token) {
-            let what = if hello.token.is_empty() {
-                "missing"
-            } else {
-                "wrong"
-            };
-            warn!(%peer, "tunnel connection refused: {what} token");
-            Some(refuse(
-                WelcomeStatus::Unauthorized,
-                format!("{what} token: get the current one from the agent (tpbpf up does)"),
-            ))
         } else {
-            None
+            let known = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&hello.session);
+            match (hello.resume, known) {
+                // A new session may not take the id of a live one.
+                (false, true) => Some(refuse(
+                    WelcomeStatus::Unauthorized,
+                    "that session id is in use: start a session with a fresh id".into(),
+                )),
+                // Resuming an unknown session is refused below, with
+                // nothing granted.
+                (true, false) => None,
+                (resume, _) => {
+                    match self
+                        .inner
+                        .admission
+                        .admit(&hello.token, &hello.session, resume)
+                    {
+                        Ok(()) => None,
+                        Err(why) => {
+                            warn!(%peer, "tunnel connection refused: {why}");
+                            Some(refuse(WelcomeStatus::Unauthorized, why))
+                        }
+                    }
+                }
+            }
         };
         if let Some(w) = refusal {
             let mut buf = Vec::new();
@@ -457,6 +513,7 @@ impl Server {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&shared.id);
+            server.inner.admission.ended(&shared.id);
             shared.closed.notify_waiters();
         });
     }

@@ -23,7 +23,7 @@ pub mod transport;
 
 use std::time::Duration;
 
-pub use handshake::{Client, HandshakeError, Server};
+pub use handshake::{same_token, Admission, Client, HandshakeError, Server};
 pub use session::{Flow, Intercept, Request, Session, Stats};
 pub use stream::Stream;
 pub use tpbpf_proto::{Destination, InterceptMode, ResetReason};

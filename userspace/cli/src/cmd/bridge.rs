@@ -71,7 +71,7 @@ pub async fn connect_agent(
                                 agent.pod
                             )
                         })?;
-                    (ip, creds.tunnel_port).into()
+                    (ip, agent.host_port.unwrap_or(creds.tunnel_port)).into()
                 }
             };
             Arc::new(TcpConnector { addr })
