@@ -288,6 +288,9 @@ pub async fn check_access(
 ) -> Result<Arc<File>, String> {
     let ip = target.ip();
     let policy = policy.clone();
+    policy
+        .check(target)
+        .map_err(|why| format!("{target} cannot be intercepted: {why}"))?;
     let (ns, listener) = tokio::task::spawn_blocking(move || -> Result<_, String> {
         let ns = netns_of(ip)?;
         refuse_target(&policy, target, &ns)?;

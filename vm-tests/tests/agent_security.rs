@@ -3,10 +3,10 @@
 //! metadata, the node's own addresses, anything outside the cluster), and
 //! its tunnel credentials are per session. Through the lab, from the
 //! developer machine's namespace, with tpbpf's own client code.
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, process::Command, sync::Arc, time::Duration};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tpbpf_mux::{transport::TlsConnector, Client, Config, Destination};
+use tpbpf_mux::{transport::TlsConnector, Client, Config, Destination, InterceptMode};
 use tpbpf_vm_tests::*;
 
 /// Runs `f` with a kube client for the lab, on a thread inside the
@@ -127,4 +127,139 @@ fn the_agent_dials_only_the_cluster_never_the_node() {
     });
 }
 
-use std::process::Command;
+/// `curl http://10.96.0.20/` from pod redis-0: what nginx (or an
+/// intercept) answers.
+fn from_a_pod(lab: &LabGuard) -> String {
+    curl_from(&format!("{}-cache-redis-0", lab.name), "http://10.96.0.20/")
+}
+
+#[test]
+fn an_intercept_challenge_answered_through_the_tunnel_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tc") else {
+        return;
+    };
+    let links_before = kernel_link_ids().len();
+    as_developer(&lab, |client| async move {
+        let (session, _) = session(&client, "tpbpf-agent-node1").await;
+        // The attacker answers the challenge itself, through tunnel streams
+        // to the pod's address and to loopback, instead of a port-forward
+        // through the API server.
+        let s2 = session.clone();
+        let got = session
+            .intercept(
+                "10.244.1.10:80".parse().unwrap(),
+                InterceptMode::Steal,
+                Duration::from_secs(30),
+                move |port, nonce| {
+                    let s2 = s2.clone();
+                    async move {
+                        for ip in ["10.244.1.10", "127.0.0.1"] {
+                            let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+                            if let Ok(mut s) = s2.open_with(Destination::Addr(addr), &nonce) {
+                                let _ = s.shutdown().await;
+                                let mut rest = Vec::new();
+                                let _ = tokio::time::timeout(
+                                    Duration::from_secs(2),
+                                    s.read_to_end(&mut rest),
+                                )
+                                .await;
+                            }
+                        }
+                        Ok(())
+                    }
+                },
+            )
+            .await;
+        let e = got
+            .err()
+            .expect("an intercept proven through the tunnel was made");
+        assert!(
+            e.to_string().contains("no proof that you may port-forward"),
+            "{e}"
+        );
+    });
+    assert!(from_a_pod(&lab).contains("served by nginx"));
+    assert_eq!(
+        kernel_link_ids().len(),
+        links_before,
+        "a program was attached"
+    );
+}
+
+#[test]
+fn the_agent_itself_and_the_node_are_never_intercept_targets() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tt") else {
+        return;
+    };
+    let links_before = kernel_link_ids().len();
+    as_developer(&lab, |client| async move {
+        let (session, _) = session(&client, "tpbpf-agent-node1").await;
+        for (target, why) in [
+            // The agent's own pod: its tunnel port.
+            ("10.244.1.250:4391", "the agent's own addresses"),
+            // The node, as a hostNetwork pod's address is: kubelet.
+            ("172.31.0.11:10250", "the node's own addresses"),
+            ("127.0.0.1:22", "loopback"),
+        ] {
+            // A client that could prove anything: the refusal comes first.
+            let got = session
+                .intercept(
+                    target.parse().unwrap(),
+                    InterceptMode::Steal,
+                    Duration::from_secs(10),
+                    |_, _| async { Ok(()) },
+                )
+                .await;
+            let e = got
+                .err()
+                .unwrap_or_else(|| panic!("{target} was intercepted"))
+                .to_string();
+            assert!(
+                e.contains("cannot be intercepted") && e.contains(why),
+                "{target}: {e}"
+            );
+        }
+    });
+    assert_eq!(
+        kernel_link_ids().len(),
+        links_before,
+        "a program was attached"
+    );
+}
+
+#[test]
+fn each_token_opens_one_session_and_only_resumes_it() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tk") else {
+        return;
+    };
+    as_developer(&lab, |client| async move {
+        let pod = "tpbpf-agent-node2";
+        let a = tpbpf_kube::agent_credentials(&client, pod).await.unwrap();
+        let b = tpbpf_kube::agent_credentials(&client, pod).await.unwrap();
+        assert_ne!(a.token, b.token, "two sessions got the same token");
+        let first = connect(&client, pod, &a, &a.token).await.unwrap();
+        let again = connect(&client, pod, &a, &a.token).await;
+        let e = again.err().expect("a used token opened a second session");
+        assert!(e.contains("opened a session already"), "{e}");
+        let forged = connect(&client, pod, &a, &"0".repeat(64)).await;
+        assert!(forged
+            .err()
+            .expect("a forged token")
+            .contains("unknown token"));
+        // The second token still opens its own session; both work.
+        let second = connect(&client, pod, &b, &b.token).await.unwrap();
+        for s in [&first, &second] {
+            let got = through(s, "10.96.0.20:80").await;
+            assert!(got.is_ok_and(|b| b.contains("served by nginx")));
+        }
+    });
+}
