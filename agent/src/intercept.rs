@@ -367,7 +367,7 @@ pub fn start(
     }
     let environ = environ_in(&ns);
     let listener = loopback_listener_in(&ns, target.is_ipv6())?;
-    let interceptor = tpbpf_loader::Interceptor::attach(&ns, target.port(), &listener)
+    let interceptor = tpbpf_loader::Interceptor::attach(&ns, target, &listener)
         .map_err(|e| format!("attaching the intercept in the pod's namespace: {e}"))?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
@@ -429,17 +429,16 @@ async fn dial_app(t: &Target) -> std::io::Result<TcpStream> {
     })
     .join()
     .map_err(|_| std::io::Error::other("the namespace thread panicked"))??;
-    let port = sock
+    let source = sock
         .local_addr()?
         .as_socket()
-        .map(|a| a.port())
-        .unwrap_or(0);
-    t.bypass.add(port).map_err(std::io::Error::other)?;
+        .ok_or_else(|| std::io::Error::other("an unbound socket"))?;
+    t.bypass.add(source).map_err(std::io::Error::other)?;
     sock.set_nonblocking(true)?;
     let result = tokio::net::TcpSocket::from_std_stream(sock.into())
         .connect(t.addr)
         .await;
-    t.bypass.remove(port);
+    t.bypass.remove(source);
     let s = result?;
     let _ = s.set_nodelay(true);
     Ok(s)

@@ -48,9 +48,10 @@ enum Command {
         /// /proc/PID/ns/net of a process in the pod.
         #[arg(long)]
         netns: String,
-        /// The intercepted port in the pod.
+        /// The intercepted address and port: the pod's own address
+        /// (connections to the port on loopback stay with the app).
         #[arg(long)]
-        port: u16,
+        target: SocketAddr,
         /// Where intercepted connections go, dialed from the agent.
         #[arg(long)]
         to: SocketAddr,
@@ -165,7 +166,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Intercept { netns, port, to } => match intercept(&netns, port, to) {
+        Command::Intercept { netns, target, to } => match intercept(&netns, target, to) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tpbpf-agent: intercept: {e:#}");
@@ -305,7 +306,7 @@ fn listener_in(path: &std::path::Path) -> anyhow::Result<std::net::TcpListener> 
     .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
 }
 
-fn intercept(netns: &str, port: u16, to: SocketAddr) -> anyhow::Result<()> {
+fn intercept(netns: &str, target: SocketAddr, to: SocketAddr) -> anyhow::Result<()> {
     let path = if netns.contains('/') {
         std::path::PathBuf::from(netns)
     } else {
@@ -313,12 +314,12 @@ fn intercept(netns: &str, port: u16, to: SocketAddr) -> anyhow::Result<()> {
     };
     let listener = listener_in(&path)?;
     let ns = std::fs::File::open(&path)?;
-    let interceptor = tpbpf_loader::Interceptor::attach(&ns, port, &listener)?;
+    let interceptor = tpbpf_loader::Interceptor::attach(&ns, target, &listener)?;
     drop(ns);
     let ids = interceptor.attached().clone();
     println!(
         "{}",
-        json!({"event": "ready", "port": port, "to": to.to_string(), "program_ids": ids.program_ids, "link_ids": ids.link_ids})
+        json!({"event": "ready", "target": target.to_string(), "to": to.to_string(), "program_ids": ids.program_ids, "link_ids": ids.link_ids})
     );
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

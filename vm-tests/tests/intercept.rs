@@ -50,8 +50,8 @@ fn intercept_takes_new_connections_and_the_pod_gets_them_back_when_the_agent_die
             "intercept",
             "--netns",
             &web_a,
-            "--port",
-            "80",
+            "--target",
+            "10.244.1.10:80",
             "--to",
             "172.31.0.11:18080",
         ]);
@@ -72,6 +72,13 @@ fn intercept_takes_new_connections_and_the_pod_gets_them_back_when_the_agent_die
     assert!(curl_from(&client_pod, "http://10.244.1.10/")
         .contains("served-by 172.31.0.11:18080 developer"));
     assert!(curl_from(&client_pod, "http://10.244.2.10/").contains("served by nginx"));
+    // Only connections to the pod's own address are steered: the pod's
+    // loopback (a sidecar, a probe) still reaches nginx.
+    let local = curl_from(&web_a, "http://127.0.0.1/");
+    assert!(
+        local.contains("served by nginx"),
+        "loopback was intercepted: {local}"
+    );
     // The connection opened before stays with nginx, and nginx was not touched.
     assert!(
         http_get(&mut before).contains("served by nginx"),

@@ -29,13 +29,15 @@ pub mod maps {
     /// `LruHashMap<SockKey (netns, client port), OrigDst>`: the last
     /// destination of each unconnected IPv6 UDP socket (see `Config::udp6_port_be`).
     pub const UDP6_LAST: &str = "TPBPF_UDP6_LAST";
-    /// `HashMap<u32 (port, host order), u32 (index)>`: intercepted ports.
+    /// `HashMap<Endpoint (the pod's own address and port), u32 (index)>`:
+    /// what is intercepted. Only connections to the pod's address are
+    /// steered: loopback traffic of sidecars and probes is not.
     pub const INTERCEPT_PORTS: &str = "TPBPF_INTERCEPT_PORTS";
     /// `SockMap`: the agent's listeners in the intercepted pod's namespace.
     pub const INTERCEPT_SOCKS: &str = "TPBPF_INTERCEPT_SOCKS";
-    /// Source ports (host order) of the agent's own connections to the
-    /// intercepted app: not steered (HTTP-filtered intercepts and mirrors
-    /// pass requests on to the app).
+    /// `HashMap<Endpoint (source address and port), u8>`: the agent's own
+    /// connections to the intercepted app, not steered (HTTP-filtered
+    /// intercepts and mirrors pass requests on to the app).
     pub const INTERCEPT_BYPASS: &str = "TPBPF_INTERCEPT_BYPASS";
     /// `LruHashMap<u64 (socket cookie), OrigDst>`: filled on connect, read by
     /// getpeername and by the sock_ops re-keying.
@@ -165,6 +167,21 @@ pub struct SockKey {
     pub _pad: u32,
 }
 
+/// An address and port in an intercepted pod's namespace: the keys of the
+/// intercept maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// Address, network order. IPv4 uses `[0]` and leaves the rest zero.
+    pub ip_be: [u32; 4],
+    /// Port, host order.
+    pub port: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 24);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers with explicit padding: every bit
@@ -174,6 +191,8 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Endpoint {}
 }
 
 #[cfg(test)]

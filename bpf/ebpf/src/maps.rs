@@ -3,7 +3,9 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, SockMap},
 };
-use tpbpf_common::{Config, OrigDst, SockKey, CIDR_MAP_ENTRIES, CONN_MAP_ENTRIES, UDP_SLOTS};
+use tpbpf_common::{
+    Config, Endpoint, OrigDst, SockKey, CIDR_MAP_ENTRIES, CONN_MAP_ENTRIES, UDP_SLOTS,
+};
 
 #[map(name = "TPBPF_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -43,14 +45,14 @@ pub static UDP_NEXT: Array<u32> = Array::with_max_entries(1, 0);
 pub static UDP6_LAST: LruHashMap<SockKey, OrigDst> =
     LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
 
-/// Intercepted ports (host order) -> index in `INTERCEPT_SOCKS`.
+/// Intercepted (pod address, port) -> index in `INTERCEPT_SOCKS`.
 #[map(name = "TPBPF_INTERCEPT_PORTS")]
-pub static INTERCEPT_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+pub static INTERCEPT_PORTS: HashMap<Endpoint, u32> = HashMap::with_max_entries(64, 0);
 
-/// Source ports (host order) of the agent's own connections to the app:
-/// left alone.
+/// (Source address, port) of the agent's own connections to the app: left
+/// alone.
 #[map(name = "TPBPF_INTERCEPT_BYPASS")]
-pub static INTERCEPT_BYPASS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+pub static INTERCEPT_BYPASS: HashMap<Endpoint, u8> = HashMap::with_max_entries(4096, 0);
 
 /// The agent's listening sockets in the pod's namespace.
 #[map(name = "TPBPF_INTERCEPT_SOCKS")]

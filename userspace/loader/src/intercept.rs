@@ -1,14 +1,18 @@
 //! The intercept's kernel side, used by the agent: `sk_lookup` attached to a
 //! pod's network namespace (a link owned by the agent) steering new TCP
 //! connections for a port to the agent's listener in that namespace.
-use std::{fs::File, os::fd::AsFd};
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
+};
 
 use aya::{
     maps::{HashMap, SockMap},
     programs::{loaded_links, SkLookup},
     Ebpf, EbpfLoader,
 };
-use tpbpf_common::{maps, programs};
+use tpbpf_common::{maps, programs, Endpoint, AF_INET, AF_INET6};
 
 use crate::{AttachedIds, LoadError, EBPF_OBJECT};
 
@@ -20,24 +24,49 @@ pub struct Interceptor {
     bypass: Bypass,
 }
 
-/// The source ports whose connections the intercept leaves alone: the
-/// agent's own connections to the app. Cloneable, shared.
+/// The source endpoints (address and port) whose connections the intercept
+/// leaves alone: the agent's own connections to the app. Cloneable, shared.
 #[derive(Clone)]
-pub struct Bypass(std::sync::Arc<std::sync::Mutex<HashMap<aya::maps::MapData, u32, u8>>>);
+pub struct Bypass(std::sync::Arc<std::sync::Mutex<HashMap<aya::maps::MapData, Endpoint, u8>>>);
 
 impl Bypass {
-    pub fn add(&self, port: u16) -> Result<(), aya::maps::MapError> {
+    pub fn add(&self, source: SocketAddr) -> Result<(), aya::maps::MapError> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(u32::from(port), 1, 0)
+            .insert(endpoint(source), 1, 0)
     }
-    pub fn remove(&self, port: u16) {
+    pub fn remove(&self, source: SocketAddr) {
         let _ = self
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&u32::from(port));
+            .remove(&endpoint(source));
+    }
+}
+
+/// The intercept maps' key for an address and port (IPv4-mapped IPv6 is
+/// its IPv4 address, as the kernel's lookup sees such connections).
+pub fn endpoint(addr: SocketAddr) -> Endpoint {
+    let ip = match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(a) => Endpoint {
+            ip_be: [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+            port: u32::from(addr.port()),
+            family: u32::from(AF_INET),
+        },
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            Endpoint {
+                ip_be: [word(0), word(4), word(8), word(12)],
+                port: u32::from(addr.port()),
+                family: u32::from(AF_INET6),
+            }
+        }
     }
 }
 
@@ -50,11 +79,13 @@ impl std::fmt::Debug for Interceptor {
 }
 
 impl Interceptor {
-    /// Steers new TCP connections to `port` in the network namespace open at
-    /// `netns` to `listener` (a listening socket created in that namespace).
+    /// Steers new TCP connections to `target` (the pod's own address and
+    /// port) in the network namespace open at `netns` to `listener` (a
+    /// listening socket created in that namespace). Connections to the port
+    /// on other addresses (loopback: sidecars, probes) are left alone.
     pub fn attach<L: std::os::fd::AsRawFd>(
         netns: &File,
-        port: u16,
+        target: SocketAddr,
         listener: &L,
     ) -> Result<Self, LoadError> {
         if EBPF_OBJECT.is_empty() {
@@ -71,15 +102,15 @@ impl Interceptor {
             .set(0, listener, 0)
             .map_err(|source| LoadError::Map { name, source })?;
         let name = maps::INTERCEPT_PORTS;
-        let mut ports: HashMap<_, u32, u32> =
+        let mut ports: HashMap<_, Endpoint, u32> =
             HashMap::try_from(ebpf.map_mut(name).ok_or(LoadError::MissingMap { name })?)
                 .map_err(|source| LoadError::Map { name, source })?;
         ports
-            .insert(u32::from(port), 0, 0)
+            .insert(endpoint(target), 0, 0)
             .map_err(|source| LoadError::Map { name, source })?;
 
         let name = maps::INTERCEPT_BYPASS;
-        let bypass: HashMap<_, u32, u8> =
+        let bypass: HashMap<_, Endpoint, u8> =
             HashMap::try_from(ebpf.take_map(name).ok_or(LoadError::MissingMap { name })?)
                 .map_err(|source| LoadError::Map { name, source })?;
 
