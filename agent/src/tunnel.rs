@@ -266,11 +266,33 @@ fn dns_server(given: Option<SocketAddr>) -> Option<SocketAddr> {
 async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, policy: Arc<Policy>) {
     let dns = dns_server(cluster_dns);
     let mut flows: HashMap<u32, Arc<UdpSocket>> = HashMap::new();
-    // Cleared when the session ends: intercepts detach.
-    let intercepts: Arc<Mutex<HashMap<u32, crate::intercept::Active>>> = Arc::default();
+    // Emptied when the session ends: intercepts detach.
+    let intercepts: Arc<Mutex<Intercepts>> = Arc::default();
     while let Some(request) = session.next_request().await {
         match request {
             Request::InterceptStart { id, target, mode } => {
+                if let Err(e) = intercepts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .begin(id)
+                {
+                    warn!(%target, "intercept refused: {e}");
+                    let _ = session.intercept_status(id, false, &e);
+                    continue;
+                }
+                let Some(permit) = CheckPermit::take() else {
+                    intercepts
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .by_id
+                        .remove(&id);
+                    let _ = session.intercept_status(
+                        id,
+                        false,
+                        "this agent is busy checking other intercepts: try again in a few seconds",
+                    );
+                    continue;
+                };
                 let (session, intercepts) = (session.clone(), intercepts.clone());
                 let policy = policy.clone();
                 tokio::spawn(async move {
@@ -290,17 +312,33 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, polic
                                 .and_then(|r| r)
                             }
                         };
+                    drop(permit);
                     match result {
                         Ok(active) => {
-                            let _ = session.intercept_status(id, true, &active.environ);
-                            if session.ended().is_none() {
-                                intercepts
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .insert(id, active);
+                            let environ = active.environ.clone();
+                            // Dropped outside the lock if it was stopped (or
+                            // the session ended) while being checked.
+                            let stopped = intercepts
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .finish(id, active);
+                            match stopped {
+                                None => {
+                                    let _ = session.intercept_status(id, true, &environ);
+                                }
+                                Some(active) => {
+                                    drop(active);
+                                    info!(%target, "intercept stopped while it was being checked");
+                                    let _ = session.intercept_status(id, false, "removed");
+                                }
                             }
                         }
                         Err(e) => {
+                            intercepts
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .by_id
+                                .remove(&id);
                             warn!(%target, "intercept refused: {e}");
                             let _ = session.intercept_status(id, false, &e);
                         }
@@ -311,10 +349,12 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, polic
                 let removed = intercepts
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
+                    .by_id
                     .remove(&id);
                 // Detached (with the last route of its target) before the
                 // answer: the client's `leave` returns once the app gets its
-                // connections again.
+                // connections again. One still being checked is dropped when
+                // its check ends.
                 drop(removed);
                 let _ = session.intercept_status(id, false, "removed");
             }
@@ -348,7 +388,84 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, polic
             }
         }
     }
-    intercepts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    let gone = intercepts.lock().unwrap_or_else(|e| e.into_inner()).close();
+    drop(gone);
+}
+
+/// Intercepts one session may have (in place or being checked) at once.
+const MAX_INTERCEPTS_PER_SESSION: usize = 32;
+/// Access checks the agent runs at once, over all sessions.
+const MAX_CHECKS: usize = 64;
+
+/// One session's intercepts by id: `None` while its access check runs.
+#[derive(Default)]
+struct Intercepts {
+    closed: bool,
+    by_id: HashMap<u32, Option<crate::intercept::Active>>,
+}
+
+impl Intercepts {
+    /// Reserves `id` for a start.
+    fn begin(&mut self, id: u32) -> Result<(), String> {
+        if self.closed {
+            return Err("the session is over".into());
+        }
+        if self.by_id.contains_key(&id) {
+            return Err(format!("intercept id {id} is in use in this session"));
+        }
+        if self.by_id.len() >= MAX_INTERCEPTS_PER_SESSION {
+            return Err(format!(
+                "one session may hold {MAX_INTERCEPTS_PER_SESSION} intercepts at most"
+            ));
+        }
+        self.by_id.insert(id, None);
+        Ok(())
+    }
+
+    /// Puts a checked intercept in place, unless it was stopped meanwhile:
+    /// then it is handed back, to be dropped.
+    fn finish(
+        &mut self,
+        id: u32,
+        active: crate::intercept::Active,
+    ) -> Option<crate::intercept::Active> {
+        match self.by_id.get_mut(&id) {
+            Some(slot @ None) if !self.closed => {
+                *slot = Some(active);
+                None
+            }
+            _ => Some(active),
+        }
+    }
+
+    /// The session is over: everything goes, and nothing more comes in.
+    fn close(&mut self) -> Vec<crate::intercept::Active> {
+        self.closed = true;
+        self.by_id.drain().filter_map(|(_, a)| a).collect()
+    }
+}
+
+static CHECKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the [`MAX_CHECKS`] access checks the agent runs at once.
+struct CheckPermit;
+
+impl CheckPermit {
+    fn take() -> Option<CheckPermit> {
+        use std::sync::atomic::Ordering;
+        CHECKS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_CHECKS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| CheckPermit)
+    }
+}
+
+impl Drop for CheckPermit {
+    fn drop(&mut self) {
+        CHECKS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 async fn ask_dns(server: Option<SocketAddr>, query: &[u8]) -> io::Result<Vec<u8>> {

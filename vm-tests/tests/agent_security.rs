@@ -263,3 +263,61 @@ fn each_token_opens_one_session_and_only_resumes_it() {
         }
     });
 }
+
+#[test]
+fn an_intercept_stopped_during_its_access_check_is_never_attached() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("ts") else {
+        return;
+    };
+    let links_before = kernel_link_ids().len();
+    as_developer(&lab, move |client| async move {
+        let (session, _) = session(&client, "tpbpf-agent-node1").await;
+        let c2 = client.clone();
+        // The proof arrives (through a real port-forward) only after the
+        // client has given up and sent its stop.
+        let got = session
+            .intercept(
+                "10.244.1.10:80".parse().unwrap(),
+                InterceptMode::Steal,
+                Duration::from_secs(10),
+                move |port, nonce| {
+                    let c2 = c2.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        tpbpf_kube::prove_port_forward(
+                            &c2,
+                            "default",
+                            "web-7d4b9c-a1",
+                            port,
+                            nonce,
+                        )
+                        .await
+                        .expect("the proof");
+                    });
+                    async { Err("given up".to_string()) }
+                },
+            )
+            .await;
+        assert!(got.is_err());
+        // The check passes after the stop: nothing may be attached.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The session is still alive: its intercepts would stay.
+        assert!(session.ended().is_none());
+        assert_eq!(
+            kernel_link_ids().len(),
+            links_before,
+            "attached after its stop"
+        );
+    });
+    assert!(from_a_pod(&lab).contains("served by nginx"));
+    // The proof did arrive, after the stop.
+    let log = std::fs::read_to_string(format!("/run/tpbpf-lab/{}/agent-node1.log", lab.name))
+        .unwrap_or_default();
+    assert!(
+        log.contains("intercept stopped while it was being checked"),
+        "the race was not exercised:\n{log}"
+    );
+}

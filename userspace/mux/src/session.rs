@@ -87,6 +87,11 @@ pub enum Request {
 
 /// Datagrams and DNS queries waiting for the serving application, at most.
 const MAX_REQUESTS: usize = 4096;
+/// Intercept starts and stops waiting for the application, at most. They
+/// are never dropped (a lost stop would leave an intercept in place): a
+/// peer that sends more than this without the application keeping up
+/// breaks the protocol.
+const MAX_INTERCEPT_REQUESTS: usize = 256;
 /// Datagrams waiting on one flow for its reader, at most.
 const MAX_FLOW_QUEUE: usize = 256;
 /// Bytes of control frames queued before datagrams are dropped.
@@ -149,6 +154,8 @@ pub(crate) struct Inner {
     accept_waker: Option<Waker>,
     /// Datagrams and DNS queries from the peer, for the serving side.
     requests: VecDeque<Request>,
+    /// Intercept starts and stops, in order; never dropped.
+    intercept_requests: VecDeque<Request>,
     request_waker: Option<Waker>,
     /// Datagrams from the peer on flows this side opened.
     flows: HashMap<u32, FlowState>,
@@ -216,6 +223,7 @@ impl Shared {
                 incoming: VecDeque::new(),
                 accept_waker: None,
                 requests: VecDeque::new(),
+                intercept_requests: VecDeque::new(),
                 request_waker: None,
                 flows: HashMap::new(),
                 next_flow: if client { 1 } else { 2 },
@@ -505,13 +513,13 @@ impl Inner {
                 intercept,
                 target,
                 mode,
-            } => self.push_request(Request::InterceptStart {
+            } => self.push_intercept_request(Request::InterceptStart {
                 id: intercept,
                 target,
                 mode,
-            }),
+            })?,
             Frame::InterceptStop { intercept } => {
-                self.push_request(Request::InterceptStop { id: intercept })
+                self.push_intercept_request(Request::InterceptStop { id: intercept })?
             }
 
             Frame::InterceptStatus {
@@ -559,6 +567,21 @@ impl Inner {
         if let Some(w) = self.request_waker.take() {
             w.wake();
         }
+    }
+
+    /// Intercept control is never dropped; too much of it unread is a
+    /// protocol error.
+    fn push_intercept_request(&mut self, r: Request) -> Result<(), String> {
+        if self.intercept_requests.len() >= MAX_INTERCEPT_REQUESTS {
+            return Err(format!(
+                "more than {MAX_INTERCEPT_REQUESTS} intercept requests unanswered"
+            ));
+        }
+        self.intercept_requests.push_back(r);
+        if let Some(w) = self.request_waker.take() {
+            w.wake();
+        }
+        Ok(())
     }
 
     /// Queues a datagram-like frame unless the control queue is full.
@@ -1004,6 +1027,9 @@ impl Session {
     pub async fn next_request(&self) -> Option<Request> {
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
+            if let Some(r) = inner.intercept_requests.pop_front() {
+                return Poll::Ready(Some(r));
+            }
             if let Some(r) = inner.requests.pop_front() {
                 return Poll::Ready(Some(r));
             }
