@@ -447,8 +447,26 @@ async fn dial_app(t: &Target) -> std::io::Result<TcpStream> {
 /// One intercepted connection: to the developer whole (steal), or request
 /// by request (filters), or to the app with a copy to the developer
 /// (mirror).
+///
+/// Fail-open: routes whose session is away (its transport dropped, the
+/// laptop asleep, tpbpfd killed) are skipped, so while no developer is
+/// connected the app answers its own traffic; when the session resumes
+/// within its window, its route applies again to new connections.
 async fn serve_conn(t: &Arc<Target>, mut conn: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
-    let routes = t.routes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let routes: Vec<Route> = t
+        .routes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|r| r.session.connected())
+        .cloned()
+        .collect();
+    if routes.is_empty() {
+        debug!(target = %t.addr, %peer, "no developer connected: the app answers");
+        let mut app = dial_app(t).await?;
+        tokio::io::copy_bidirectional(&mut conn, &mut app).await?;
+        return Ok(());
+    }
     if let Some(r) = routes.iter().find(|r| r.mode == InterceptMode::Steal) {
         let mut first = vec![0u8; 16 * 1024];
         let n = conn.try_read(&mut first).unwrap_or_default();

@@ -172,8 +172,22 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
     assert_eq!(pids, pids_before, "nginx restarted");
 
     // The transports die (killed in the kernel): the sessions resume and
-    // the intercepts stay.
+    // the intercepts come back by themselves (while a session is away its
+    // pod answers its own traffic).
     assert!(kill_transports(&dev) > 0, "no transport to kill");
+    let t = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(10), || curl_from(
+            &client_pod,
+            "http://10.96.0.20/"
+        )
+        .contains("developer")),
+        "the intercept did not come back after the transport was cut"
+    );
+    println!(
+        "intercept back {:?} after the transports were cut",
+        t.elapsed()
+    );
     for _ in 0..3 {
         let got = curl_from(&client_pod, "http://10.96.0.20/");
         assert!(got.contains("developer"), "after a transport kill: {got}");
@@ -390,8 +404,10 @@ fn http_filtered_intercepts_and_mirrors() {
         "intercept left attached"
     );
 
-    // tpbpfd killed with an intercept in place: the agent drops it when the
-    // session's resume window (5 s in the lab) passes; the pod answers.
+    // tpbpfd killed with an intercept in place: the pod answers its own
+    // traffic at once (fail-open while the session is away), and the agent
+    // drops the intercept when the session's resume window (5 s in the lab)
+    // passes.
     tpbpf_ok(&[
         "intercept",
         "web",
@@ -405,9 +421,22 @@ fn http_filtered_intercepts_and_mirrors() {
     let pid = serde_json::from_slice::<Value>(&st.stdout).unwrap()["pid"]
         .as_i64()
         .unwrap() as libc::pid_t;
+    assert!(curl_from(&client_pod, "http://10.244.1.10/").contains("developer"));
     // SAFETY: the tpbpfd this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let t = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(1), || curl_from(
+            &client_pod,
+            "http://10.244.1.10/"
+        )
+        .contains("served by nginx")),
+        "the pod did not answer its own traffic within 1 s of tpbpfd's death"
+    );
+    println!(
+        "the pod answered its own traffic {:?} after tpbpfd was killed",
+        t.elapsed()
+    );
     assert!(
         wait_for(Duration::from_secs(10), || sk_lookup_links_in(&web_a)
             .is_empty()),

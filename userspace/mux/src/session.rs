@@ -1269,6 +1269,12 @@ impl Session {
         self.shared.id
     }
 
+    /// Whether a transport carries the session now (false while it waits
+    /// to resume, and once it is over).
+    pub fn connected(&self) -> bool {
+        self.shared.lock().connected
+    }
+
     pub fn stats(&self) -> Stats {
         let inner = self.shared.lock();
         Stats {
