@@ -177,10 +177,12 @@ fn rand_probe() -> [u8; 8] {
     b
 }
 
-/// The environment of the pod's main process: the lowest pid in the
-/// namespace `ns` whose /proc/PID/environ reads as `KEY=VALUE`
-/// entries (some servers overwrite theirs with their process title).
-fn environ_in(ns: &File) -> String {
+/// The environment of the pod's container process that listens on `port`
+/// (the one the intercept stands in for); where none does, the lowest pid
+/// of the namespace that is not the sandbox (`pause`). Only environments
+/// that read as `KEY=VALUE` entries count (some servers overwrite theirs
+/// with their process title).
+fn environ_in(ns: &File, port: u16) -> String {
     let Ok(want) = ns.metadata() else {
         return String::new();
     };
@@ -195,25 +197,72 @@ fn environ_in(ns: &File) -> String {
         })
         .collect();
     pids.sort_unstable();
-    for pid in pids {
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) else {
+    let listening = pids
+        .first()
+        .map(|pid| listening_inodes(*pid, port))
+        .unwrap_or_default();
+    let owner = pids.iter().copied().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|link| {
+                link.to_str()
+                    .and_then(|l| l.strip_prefix("socket:["))
+                    .and_then(|l| l.strip_suffix(']'))
+                    .and_then(|i| i.parse::<u64>().ok())
+                    .is_some_and(|i| listening.contains(&i))
+            })
+    });
+    let sandbox = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "pause")
+    };
+    owner
+        .into_iter()
+        .chain(pids.iter().copied().filter(|p| !sandbox(p)))
+        .find_map(environ_of)
+        .unwrap_or_default()
+}
+
+/// `/proc/PID/environ` as NUL-separated `KEY=VALUE` entries, if it reads so.
+fn environ_of(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let entries: Vec<&str> = text.split('\0').filter(|e| !e.is_empty()).collect();
+    let valid = !entries.is_empty()
+        && entries.iter().all(|e| {
+            e.split_once('=').is_some_and(|(k, _)| {
+                !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            })
+        });
+    valid.then(|| entries.join("\0"))
+}
+
+/// Socket inodes listening on TCP `port` in the network namespace of `pid`
+/// (`/proc/PID/net/tcp` and `tcp6`: state `0A`).
+fn listening_inodes(pid: u32, port: u16) -> Vec<u64> {
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
             continue;
         };
-        let Ok(text) = String::from_utf8(raw) else {
-            continue;
-        };
-        let entries: Vec<&str> = text.split('\0').filter(|e| !e.is_empty()).collect();
-        let valid = !entries.is_empty()
-            && entries.iter().all(|e| {
-                e.split_once('=').is_some_and(|(k, _)| {
-                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                })
-            });
-        if valid {
-            return entries.join("\0");
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let local_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == "0A" && local_port == Some(port) {
+                if let Ok(i) = inode.parse() {
+                    out.push(i);
+                }
+            }
         }
     }
-    String::new()
+    out
 }
 
 /// A listening socket on loopback inside the namespace `ns`: reached only
@@ -360,12 +409,12 @@ pub fn start(
         }
         routes.push(route);
         return Ok(Active {
-            environ: environ_in(&t.netns),
+            environ: environ_in(&t.netns, target.port()),
             target,
             key,
         });
     }
-    let environ = environ_in(&ns);
+    let environ = environ_in(&ns, target.port());
     let listener = loopback_listener_in(&ns, target.is_ipv6())?;
     let interceptor = tpbpf_loader::Interceptor::attach(&ns, target, &listener)
         .map_err(|e| format!("attaching the intercept in the pod's namespace: {e}"))?;

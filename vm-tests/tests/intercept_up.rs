@@ -116,6 +116,13 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
     let mut before = connect_in(&client_pod, "10.244.1.10:80");
     assert!(http_get(&mut before).contains("served by nginx"));
 
+    // The pod's environment goes to --env-file; a symlink planted at that
+    // path is replaced, never followed.
+    let env_dir = TempDir::new();
+    let victim = env_dir.0.join("victim");
+    std::fs::write(&victim, "untouched\n").unwrap();
+    let env_file = env_dir.0.join("web.env");
+    std::os::unix::fs::symlink(&victim, &env_file).unwrap();
     let out = tpbpf_ok(&[
         "intercept",
         "web",
@@ -125,9 +132,23 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
         &instance.0,
         "-o",
         "json",
+        "--env-file",
+        env_file.to_str().unwrap(),
     ]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["pods"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched\n");
+    let meta = std::fs::symlink_metadata(&env_file).unwrap();
+    assert!(meta.is_file(), "--env-file followed a symlink");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    // nginx's own environment: the pod spec's, not the machine's.
+    assert!(
+        env.contains("WEB_GREETING=hello from the lab") && env.contains("WEB_COLOR=blue"),
+        "{env}"
+    );
+    assert!(!env.contains("SUDO_") && !env.contains("CARGO"), "{env}");
     for (ns, _, _) in &pods {
         assert_eq!(
             sk_lookup_links_in(ns).len(),
@@ -511,4 +532,21 @@ fn an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace() {
     ]);
     let web_a = format!("{}-default-web-7d4b9c-a1", lab.name);
     assert_eq!(sk_lookup_links_in(&web_a).len(), 1);
+}
+
+/// A directory of the test's own, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique_name("tpbpf-env"));
+        std::fs::create_dir(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

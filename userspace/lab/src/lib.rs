@@ -483,6 +483,19 @@ impl Lab {
         mkdir(&dir)?;
         let ns = self.pod_netns(pod);
         let pid = self.pid_file(pod);
+        // The pod's sandbox, as a container runtime's `pause`: the first
+        // process of the pod's namespace, with an image's environment
+        // (PATH) and none of the pod spec's.
+        let mut pause = Command::new("ip");
+        pause
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .args(["netns", "exec", &ns, "sleep", "infinity"]);
+        let pause_pid = spawn_detached(&mut pause, &dir.join("pause.log"), "the pod's sandbox")?;
+        write(&dir.join("pause.pid"), &pause_pid.to_string())?;
         match pod.app {
             App::Dns => {
                 let mut args = vec![
@@ -915,6 +928,14 @@ impl Lab {
             if let Some(pid) = fs::read_to_string(self.pid_file(&pod))
                 .ok()
                 .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+            {
+                stop_pid(pid);
+            }
+        }
+        for pod in spec::pods() {
+            if let Some(pid) = fs::read_to_string(self.pod_dir(&pod).join("pause.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
             {
                 stop_pid(pid);
             }

@@ -193,11 +193,10 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
             }
             text.push_str(&format!("{k}={val}\n"));
         }
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        write_private(path, text.as_bytes())?;
     }
     if let Some(path) = &args.env_json {
-        std::fs::write(path, serde_json::to_string_pretty(&env)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_private(path, serde_json::to_string_pretty(&env)?.as_bytes())?;
     }
     match args.output {
         Output::Json => println!("{v}"),
@@ -658,4 +657,45 @@ impl Manager {
             });
         }
     }
+}
+
+/// Writes a pod's environment (secrets, often) to `path`: mode 0600, owned
+/// by the user who asked (`SUDO_UID`/`SUDO_GID` under sudo). The bytes go
+/// to a new file made with `O_CREAT|O_EXCL|O_NOFOLLOW` beside `path`, which
+/// is then renamed over it: a symlink planted at `path`, or at the
+/// temporary name, is never followed.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::{
+        io::Write,
+        os::unix::fs::{fchown, OpenOptionsExt},
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tpbpf-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let owner = |var: &str| std::env::var(var).ok().and_then(|v| v.parse::<u32>().ok());
+    let result = (|| -> Result<()> {
+        if let (Some(uid), Some(gid)) = (owner("SUDO_UID"), owner("SUDO_GID")) {
+            fchown(&file, Some(uid), Some(gid))
+                .with_context(|| format!("giving {} to uid {uid}", tmp.display()))?;
+        }
+        file.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
