@@ -32,7 +32,13 @@ struct Target {
     routes: Mutex<Vec<Route>>,
     task: Mutex<Option<JoinHandle<()>>>,
     interceptor: Mutex<Option<tpbpf_loader::Interceptor>>,
+    /// Intercepted connections carried at once, at most
+    /// [`MAX_CONNS_PER_TARGET`].
+    conns: Arc<tokio::sync::Semaphore>,
 }
+
+/// Intercepted connections one target carries at once.
+const MAX_CONNS_PER_TARGET: usize = 4096;
 
 impl Target {
     /// Detaches the program and stops accepting, at once: connections
@@ -427,6 +433,7 @@ pub fn start(
         routes: Mutex::new(vec![route]),
         task: Mutex::new(None),
         interceptor: Mutex::new(Some(interceptor)),
+        conns: Arc::new(tokio::sync::Semaphore::new(MAX_CONNS_PER_TARGET)),
     });
     let weak = Arc::downgrade(&t);
     *t.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::spawn(async move {
@@ -441,11 +448,16 @@ pub fn start(
             let Some(t) = weak.upgrade() else {
                 return;
             };
+            let Ok(permit) = t.conns.clone().try_acquire_owned() else {
+                warn!(target = %t.addr, %peer, "{MAX_CONNS_PER_TARGET} intercepted connections already: closing this one");
+                continue;
+            };
             let _ = conn.set_nodelay(true);
             tokio::spawn(async move {
                 if let Err(e) = serve_conn(&t, conn, peer).await {
                     debug!(target = %t.addr, %peer, "intercepted connection: {e}");
                 }
+                drop(permit);
             });
         }
     }));
