@@ -60,6 +60,8 @@ pub struct Stats {
     pub replayed: u64,
     /// While the transport is down: why the last attempt to resume failed.
     pub last_error: Option<String>,
+    /// Control bytes and unreliable frames waiting to go out (bounded).
+    pub queued_control: usize,
 }
 
 /// What the peer asks of the serving side besides streams.
@@ -417,6 +419,14 @@ impl Inner {
                     None
                 };
                 if let Some(message) = refuse {
+                    // Refusals pile up only while the peer does not read:
+                    // past the bound, the session ends instead of growing.
+                    if self.control.len() >= MAX_CONTROL {
+                        return Err(format!(
+                            "the peer opens streams and does not read the refusals ({} bytes waiting)",
+                            self.control.len()
+                        ));
+                    }
                     self.push_control(&Frame::Reset {
                         stream,
                         reason: ResetReason::Refused,
@@ -474,7 +484,16 @@ impl Inner {
                 self.go_away = Some(message);
             }
             Frame::Ping { nonce } => {
-                self.unreliable.push(Frame::Pong { nonce });
+                // Only the latest ping needs its pong: a peer that pings and
+                // does not read gets one pong waiting, not one per ping.
+                match self
+                    .unreliable
+                    .iter_mut()
+                    .find(|f| matches!(f, Frame::Pong { .. }))
+                {
+                    Some(pong) => *pong = Frame::Pong { nonce },
+                    None => self.unreliable.push(Frame::Pong { nonce }),
+                }
                 wake_writer = true;
             }
             Frame::Pong { nonce } => {
@@ -1278,6 +1297,7 @@ impl Session {
     pub fn stats(&self) -> Stats {
         let inner = self.shared.lock();
         Stats {
+            queued_control: inner.control.len() + 32 * inner.unreliable.len(),
             connected: inner.connected,
             rtt: inner.rtt,
             streams: inner.streams.len(),
