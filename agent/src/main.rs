@@ -127,6 +127,32 @@ struct AgentState {
     node: String,
     started: Instant,
     creds: Arc<tunnel::Credentials>,
+    /// `/info`, computed at most every [`INFO_TTL`]: its probes load
+    /// programs into the kernel, which no caller may make the agent do at
+    /// will.
+    info: tokio::sync::Mutex<Option<(Instant, Value)>>,
+}
+
+/// How long a computed `/info` is served.
+const INFO_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl AgentState {
+    async fn info(self: &Arc<Self>) -> Value {
+        let mut cached = self.info.lock().await;
+        if let Some((at, v)) = cached.as_ref() {
+            if at.elapsed() < INFO_TTL {
+                let mut v = v.clone();
+                v["uptime_s"] = json!(self.started.elapsed().as_secs());
+                return v;
+            }
+        }
+        let s = self.clone();
+        let v = tokio::task::spawn_blocking(move || info(&s.node, Some(s.started)))
+            .await
+            .unwrap_or_default();
+        *cached = Some((Instant::now(), v.clone()));
+        v
+    }
 }
 
 /// Both ends of an HTTP connection, to tell the node's own connections.
@@ -195,6 +221,7 @@ fn main() -> ExitCode {
                 node: node_name(node),
                 started: Instant::now(),
                 creds: creds.clone(),
+                info: tokio::sync::Mutex::new(None),
             });
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -237,13 +264,7 @@ fn main() -> ExitCode {
                     .route("/healthz", get(|| async { "ok" }))
                     .route(
                         "/info",
-                        get(|State(s): State<Arc<AgentState>>| async move {
-                            Json(
-                                tokio::task::spawn_blocking(move || info(&s.node, Some(s.started)))
-                                    .await
-                                    .unwrap_or_default(),
-                            )
-                        }),
+                        get(|State(s): State<Arc<AgentState>>| async move { Json(s.info().await) }),
                     )
                     .route(
                         "/credentials",

@@ -268,6 +268,7 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, polic
     let mut flows: HashMap<u32, Arc<UdpSocket>> = HashMap::new();
     // Emptied when the session ends: intercepts detach.
     let intercepts: Arc<Mutex<Intercepts>> = Arc::default();
+    let dns_in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_DNS_IN_FLIGHT));
     while let Some(request) = session.next_request().await {
         match request {
             Request::InterceptStart { id, target, mode } => {
@@ -359,8 +360,17 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, polic
                 let _ = session.intercept_status(id, false, "removed");
             }
             Request::Dns { id, query } => {
+                // Like a full socket buffer: queries beyond the bound are
+                // dropped, and their resolvers retry.
+                let Ok(permit) = dns_in_flight.clone().try_acquire_owned() else {
+                    debug!(
+                        "cluster DNS: {MAX_DNS_IN_FLIGHT} queries in flight already: dropped one"
+                    );
+                    continue;
+                };
                 let session = session.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match ask_dns(dns, &query).await {
                         Ok(answer) => {
                             let _ = session.answer_dns(id, answer);
@@ -373,6 +383,13 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, polic
                 flows.retain(|_, s| Arc::strong_count(s) > 1);
                 let sock = match flows.get(&flow) {
                     Some(s) => s.clone(),
+                    None if flows.len() >= MAX_FLOWS => {
+                        debug!(
+                            ?dst,
+                            "{MAX_FLOWS} datagram flows open already: dropped a datagram"
+                        );
+                        continue;
+                    }
                     None => match open_flow(&session, flow, &dst, &policy).await {
                         Ok(s) => {
                             flows.insert(flow, s.clone());
@@ -391,6 +408,11 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, polic
     let gone = intercepts.lock().unwrap_or_else(|e| e.into_inner()).close();
     drop(gone);
 }
+
+/// DNS queries one session may have in flight at once.
+const MAX_DNS_IN_FLIGHT: usize = 256;
+/// Datagram flows (a UDP socket each) one session may have open at once.
+const MAX_FLOWS: usize = 1024;
 
 /// Intercepts one session may have (in place or being checked) at once.
 const MAX_INTERCEPTS_PER_SESSION: usize = 32;

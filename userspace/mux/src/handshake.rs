@@ -340,12 +340,20 @@ impl Server {
         listener: TcpListener,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> io::Result<()> {
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(
+            self.inner.config.max_handshakes,
+        ));
         loop {
             let (tcp, peer) = listener.accept().await?;
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                warn!(%peer, "tunnel connection refused: {} handshakes in progress already", self.inner.config.max_handshakes);
+                continue;
+            };
             let _ = crate::transport::tune(&tcp);
             let server = self.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let io: BoxIo = match tls {
                     None => Box::new(tcp),
                     Some(tls) => {
@@ -418,7 +426,20 @@ impl Server {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains_key(&hello.session);
+            let count = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len();
             match (hello.resume, known) {
+                (false, _) if count >= config.max_sessions => Some(refuse(
+                    WelcomeStatus::Unauthorized,
+                    format!(
+                        "this agent serves {} sessions already: try again later",
+                        config.max_sessions
+                    ),
+                )),
                 // A new session may not take the id of a live one.
                 (false, true) => Some(refuse(
                     WelcomeStatus::Unauthorized,

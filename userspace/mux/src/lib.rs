@@ -53,6 +53,11 @@ pub struct Config {
     pub keepalive_timeout: Duration,
     /// How long a handshake (TLS and hello) may take.
     pub handshake_timeout: Duration,
+    /// Server: sessions alive at once (connected or waiting to resume).
+    pub max_sessions: usize,
+    /// Server: handshakes in progress at once; a connection beyond it is
+    /// closed at once.
+    pub max_handshakes: usize,
 }
 
 impl Default for Config {
@@ -66,6 +71,8 @@ impl Default for Config {
             keepalive: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
+            max_sessions: 1024,
+            max_handshakes: 128,
         }
     }
 }

@@ -101,3 +101,38 @@ async fn a_hundred_thousand_refused_opens_end_the_session_instead_of_growing() {
         "{ended:?}"
     );
 }
+
+#[tokio::test]
+async fn sessions_and_handshakes_in_progress_are_capped() {
+    use tokio::io::AsyncReadExt;
+    let config = Config {
+        max_sessions: 2,
+        max_handshakes: 2,
+        handshake_timeout: Duration::from_millis(500),
+        ..Config::default()
+    };
+    let srv = server(config.clone(), echo).await;
+    let _a = client(srv.addr, config.clone()).await;
+    let _b = client(srv.addr, config.clone()).await;
+    let third = tpbpf_mux::Client::connect(
+        std::sync::Arc::new(tpbpf_mux::transport::TcpConnector { addr: srv.addr }),
+        TOKEN.to_vec(),
+        config.clone(),
+    )
+    .await;
+    let e = third.err().expect("a third session past max_sessions");
+    assert!(e.to_string().contains("sessions already"), "{e}");
+
+    // Two silent connections hold both handshake slots: a third is closed
+    // at once, and once they time out, handshakes go on.
+    let _s1 = TcpStream::connect(srv.addr).await.unwrap();
+    let _s2 = TcpStream::connect(srv.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut s3 = TcpStream::connect(srv.addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_millis(300), s3.read(&mut b)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection past max_handshakes was kept: {closed:?}"
+    );
+}
