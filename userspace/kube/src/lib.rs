@@ -263,6 +263,8 @@ pub struct AgentInfo {
 /// The namespace and label of tpbpf's agent DaemonSet.
 pub const AGENT_NAMESPACE: &str = "tpbpf-system";
 pub const AGENT_PORT: u16 = 4390;
+/// The agent DaemonSet's name.
+pub const AGENT_DAEMONSET: &str = "tpbpf-agent";
 
 /// GET `path` from the agent pod `name` through a port-forward via the API
 /// server; returns the body.
@@ -308,7 +310,20 @@ async fn agent_pods(client: &Client) -> Result<Vec<Pod>, String> {
         .items
         .into_iter()
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        // A label anyone with `create pods` in the namespace can set: only
+        // pods the agent DaemonSet controls are agents.
+        .filter(owned_by_the_agent_daemonset)
         .collect())
+}
+
+/// Whether the DaemonSet `tpbpf-agent` controls pod `p`.
+fn owned_by_the_agent_daemonset(p: &Pod) -> bool {
+    p.metadata.owner_references.iter().flatten().any(|o| {
+        o.controller == Some(true)
+            && o.kind == "DaemonSet"
+            && o.name == AGENT_DAEMONSET
+            && o.api_version.starts_with("apps/")
+    })
 }
 
 /// Finds a running agent and asks it, through a port-forward via the API
@@ -591,6 +606,47 @@ impl tpbpf_mux::transport::Connector for PortForward {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pods_the_agent_daemonset_controls_are_agents() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let pod = |owner: Option<(&str, &str, bool)>| Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                labels: Some([("app".to_string(), "tpbpf-agent".to_string())].into()),
+                owner_references: owner.map(|(kind, name, controller)| {
+                    vec![OwnerReference {
+                        api_version: "apps/v1".into(),
+                        kind: kind.into(),
+                        name: name.into(),
+                        controller: Some(controller),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(owned_by_the_agent_daemonset(&pod(Some((
+            "DaemonSet",
+            "tpbpf-agent",
+            true
+        )))));
+        // The label alone, another owner, or not the controller: not an agent.
+        assert!(!owned_by_the_agent_daemonset(&pod(None)));
+        assert!(!owned_by_the_agent_daemonset(&pod(Some((
+            "ReplicaSet",
+            "tpbpf-agent",
+            true
+        )))));
+        assert!(!owned_by_the_agent_daemonset(&pod(Some((
+            "DaemonSet",
+            "tpbpf-agent",
+            false
+        )))));
+        assert!(!owned_by_the_agent_daemonset(&pod(Some((
+            "DaemonSet", "evil", true
+        )))));
+    }
 
     #[test]
     fn reads_the_service_range_from_the_api_servers_error() {
