@@ -644,7 +644,9 @@ mod tests {
             false
         )))));
         assert!(!owned_by_the_agent_daemonset(&pod(Some((
-            "DaemonSet", "evil", true
+            "DaemonSet",
+            "evil",
+            true
         )))));
     }
 

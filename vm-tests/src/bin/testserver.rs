@@ -47,7 +47,7 @@ fn main() {
                     }
                 }));
             }
-            "http" | "bulk" | "http11" => {
+            "http" | "bulk" | "http11" | "upload" => {
                 let l =
                     TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
                 threads.push(thread::spawn(move || serve_tcp(l, addr, &mode, &tag)));
@@ -56,7 +56,7 @@ fn main() {
                 let s = UdpSocket::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
                 threads.push(thread::spawn(move || serve_udp(s)));
             }
-            _ => die("mode must be http, http11, udp-echo, bulk or sink"),
+            _ => die("mode must be http, http11, upload, udp-echo, bulk or sink"),
         }
     }
     println!("{}", serde_json::json!({"event": "ready"}));
@@ -72,6 +72,10 @@ fn serve_tcp(l: TcpListener, addr: SocketAddr, mode: &str, tag: &str) {
             let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
             if mode == "http11" {
                 serve_keepalive(conn, addr, &peer, &tag);
+                return;
+            }
+            if mode == "upload" {
+                serve_upload(conn);
                 return;
             }
             let mut reader = BufReader::new(conn);
@@ -151,6 +155,39 @@ fn serve_keepalive(conn: std::net::TcpStream, addr: SocketAddr, peer: &str, tag:
             return;
         }
     }
+}
+
+/// One request with a Content-Length body, read and counted: answers
+/// `received N`.
+fn serve_upload(conn: std::net::TcpStream) {
+    let mut writer = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(conn);
+    let mut length: u64 = 0;
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line == "\r\n" => break,
+            Ok(_) => {
+                if let Some((k, v)) = line.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+        }
+    }
+    let got = std::io::copy(&mut reader.by_ref().take(length), &mut std::io::sink()).unwrap_or(0);
+    let body = format!("received {got}\n");
+    let _ = write!(
+        writer,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    println!("{}", serde_json::json!({"event": "upload", "bytes": got}));
 }
 
 fn serve_udp(s: UdpSocket) {
