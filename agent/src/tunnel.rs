@@ -105,7 +105,7 @@ impl tpbpf_mux::Admission for Tokens {
             )),
             (Some(i), false) => {
                 i.session = Some(*session);
-                info!(session = %session_id(session), "tunnel token bound to a new session");
+                info!(session = %tpbpf_mux::short_id(session), "tunnel token bound to a new session");
                 Ok(())
             }
             (Some(i), true) if i.session == Some(*session) => Ok(()),
@@ -119,12 +119,6 @@ impl tpbpf_mux::Admission for Tokens {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, i| i.session != Some(*session));
     }
-}
-
-/// A session's id as the logs and `tpbpf status` show it: the first 8
-/// bytes, in hex.
-pub fn session_id(id: &[u8; 16]) -> String {
-    id[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Credentials {
@@ -183,7 +177,7 @@ async fn serve_session(
     cluster_dns: Option<SocketAddr>,
     policy: Arc<Policy>,
 ) {
-    let id = session_id(&session.id());
+    let id = session.short_id();
     info!(%peer, session = %id, "tunnel session open");
     let requests = tokio::spawn(serve_requests(session.clone(), cluster_dns, policy.clone()));
     while let Some(stream) = session.accept().await {

@@ -137,6 +137,20 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
     assert_eq!(t["connected"], true, "{st}");
     assert!(t["rtt_ms"].as_f64().is_some(), "{st}");
     assert!(t["bytes_received"].as_u64().unwrap_or(0) > 0, "{st}");
+    // The session's id, as the agent's log names it.
+    let id = t["session"].as_str().unwrap_or_default();
+    assert_eq!(id.len(), 16, "{st}");
+    let logs: String = ["node1", "node2"]
+        .iter()
+        .filter_map(|n| {
+            std::fs::read_to_string(format!("/run/tpbpf-lab/{}/agent-{n}.log", lab.name)).ok()
+        })
+        .collect();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("tunnel session open") && l.contains(id)),
+        "no agent logged session {id}"
+    );
 
     // tpbpfd killed: status says so; nothing stays attached.
     let pid = st["pid"].as_i64().unwrap() as libc::pid_t;

@@ -199,6 +199,7 @@ impl Upstream for TunnelUpstream {
         let stats = session.as_ref().map(Session::stats);
         json!({
             "connected": stats.as_ref().is_some_and(|s| s.connected),
+            "session": session.as_ref().map(Session::short_id),
             "transport": state.transport,
             "problem": state.problem,
             "since": state.since,

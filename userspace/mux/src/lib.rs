@@ -24,7 +24,7 @@ pub mod transport;
 use std::time::Duration;
 
 pub use handshake::{same_token, Admission, Client, HandshakeError, Server};
-pub use session::{Flow, Intercept, Request, Session, Stats};
+pub use session::{short_id, Flow, Intercept, Request, Session, Stats};
 pub use stream::Stream;
 pub use tpbpf_proto::{Destination, InterceptMode, ResetReason};
 

@@ -41,6 +41,11 @@ pub(crate) struct Shared {
     pub(crate) id: [u8; 16],
 }
 
+/// A session id as logs and `tpbpf status` show it: its first 8 bytes in hex.
+pub fn short_id(id: &[u8; 16]) -> String {
+    id[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A snapshot of a session, for `tpbpf status`.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
@@ -1282,6 +1287,12 @@ impl Session {
             }
             notified.await;
         }
+    }
+
+    /// The session's id as logs and `tpbpf status` show it, on both sides:
+    /// its first 8 bytes in hex.
+    pub fn short_id(&self) -> String {
+        short_id(&self.shared.id)
     }
 
     pub fn id(&self) -> [u8; 16] {

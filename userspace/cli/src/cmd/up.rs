@@ -356,7 +356,8 @@ pub fn status(args: StateArgs) -> Result<ExitCode> {
                     t["transport"].as_str().unwrap_or("?")
                 );
                 println!(
-                    "  session: rtt {}, {} streams, {} bytes sent, {} received, {} resumes, {} sessions since up",
+                    "  session {}: rtt {}, {} streams, {} bytes sent, {} received, {} resumes, {} sessions since up",
+                    t["session"].as_str().unwrap_or("?"),
                     t["rtt_ms"].as_f64().map(|r| format!("{r:.2} ms")).unwrap_or("?".into()),
                     t["streams"],
                     t["bytes_sent"],
