@@ -537,5 +537,12 @@ async fn serve_conn(t: &Arc<Target>, mut conn: TcpStream, peer: SocketAddr) -> s
         tokio::io::copy_bidirectional(&mut conn, &mut stream).await?;
         return Ok(());
     }
-    crate::http::serve(t.addr, conn, routes, || dial_app(t)).await
+    let modes: Vec<InterceptMode> = routes.iter().map(|r| r.mode.clone()).collect();
+    tpbpf_http_filter::serve(
+        conn,
+        &modes,
+        || dial_app(t),
+        |i| routes[i].session.open(Destination::Addr(t.addr)),
+    )
+    .await
 }

@@ -4,7 +4,6 @@
 //! connections from the node itself (port-forwards), and serves tunnel
 //! sessions: streams dialed from the node, datagrams, DNS through the
 //! cluster's DNS.
-mod http;
 mod intercept;
 mod policy;
 mod tunnel;

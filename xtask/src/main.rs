@@ -32,9 +32,10 @@ enum Task {
     /// Benchmarks (release build): the cost tpbpf's hooks add to connect(),
     /// and the tunnel multiplexer against plain TCP, yamux and h2.
     Bench,
-    /// A short run of the wire protocol's decoder fuzz target (cargo fuzz).
+    /// A short run of each fuzz target (cargo fuzz): the wire protocol's
+    /// decoder, then the intercept's HTTP filter.
     Fuzz {
-        /// How long to fuzz, in seconds.
+        /// How long to fuzz each target, in seconds.
         #[arg(long, default_value_t = 30)]
         seconds: u32,
     },
@@ -192,19 +193,28 @@ fn fuzz(seconds: u32) -> Result<()> {
         .args(["run", "nightly", "rustc", "--version"])
         .output()
         .is_ok_and(|o| o.status.success());
-    let mut cmd = Command::new("cargo");
-    if nightly {
-        cmd.arg("+nightly");
-    } else {
-        cmd.env("RUSTC_BOOTSTRAP", "1");
+    for (dir, target, what) in [
+        ("userspace/proto", "decode", "the tunnel protocol's decoder"),
+        (
+            "userspace/http-filter",
+            "filter",
+            "the intercept's HTTP filter",
+        ),
+    ] {
+        step(&format!(
+            "fuzz {what} for {seconds} s ({dir}/fuzz, target {target})"
+        ));
+        let mut cmd = Command::new("cargo");
+        if nightly {
+            cmd.arg("+nightly");
+        } else {
+            cmd.env("RUSTC_BOOTSTRAP", "1");
+        }
+        run(cmd
+            .current_dir(root_dir().join(dir))
+            .args(["fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}")))?;
     }
-    step(&format!(
-        "fuzz the tunnel protocol decoder for {seconds} s (userspace/proto/fuzz)"
-    ));
-    run(cmd
-        .current_dir(root_dir().join("userspace/proto"))
-        .args(["fuzz", "run", "decode", "--"])
-        .arg(format!("-max_total_time={seconds}")))?;
     Ok(())
 }
 

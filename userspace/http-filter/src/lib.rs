@@ -13,16 +13,14 @@
 //! checked arithmetic and streamed, never buffered whole: the route is
 //! chosen from the head alone. Mirror copies go through a bounded queue
 //! and are dropped, not waited for, when the mirror falls behind.
-use std::{future::Future, io, net::SocketAddr};
+use std::{future::Future, io};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::mpsc,
 };
-use tpbpf_mux::{Destination, InterceptMode};
+use tpbpf_proto::InterceptMode;
 use tracing::debug;
-
-use crate::intercept::Route;
 
 /// The largest request or response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -305,28 +303,11 @@ fn matches(mode: &InterceptMode, req: &Head) -> bool {
     }
 }
 
-/// Serves one intercepted client connection request by request.
-pub async fn serve<C, A, F, Fut>(
-    target: SocketAddr,
-    client: C,
-    routes: Vec<Route>,
-    dial_app: F,
-) -> io::Result<()>
-where
-    C: AsyncRead + AsyncWrite + Unpin + Send,
-    A: AsyncRead + AsyncWrite + Unpin + Send,
-    F: Fn() -> Fut,
-    Fut: Future<Output = io::Result<A>>,
-{
-    let modes: Vec<InterceptMode> = routes.iter().map(|r| r.mode.clone()).collect();
-    serve_with(client, &modes, dial_app, |i| {
-        routes[i].session.open(Destination::Addr(target))
-    })
-    .await
-}
-
-/// [`serve`], with the developers' streams opened by `open(route)`.
-async fn serve_with<C, A, D, F, Fut, O>(
+/// Serves one intercepted client connection request by request. `modes`
+/// are the developers' routes (header or path filters, mirrors); a request
+/// that matches route `i` goes to `open(i)` (opened once per connection),
+/// the rest to the app (`dial_app`, once per connection).
+pub async fn serve<C, A, D, F, Fut, O>(
     client: C,
     modes: &[InterceptMode],
     dial_app: F,
@@ -524,7 +505,7 @@ mod tests {
             }
         };
         let server = tokio::spawn(async move {
-            let _ = serve_with(agent_side, &[], dial, |_| -> io::Result<DuplexStream> {
+            let _ = serve(agent_side, &[], dial, |_| -> io::Result<DuplexStream> {
                 Err(io::Error::other("no developer"))
             })
             .await;
@@ -633,7 +614,7 @@ mod tests {
                     Ok(a)
                 }
             };
-            let _ = serve_with(agent_side, &modes, dial, |i| {
+            let _ = serve(agent_side, &modes, dial, |i| {
                 near[i]
                     .lock()
                     .unwrap()
