@@ -294,14 +294,11 @@ fn loopback_listener_in(ns: &File, v6: bool) -> Result<std::net::TcpListener, St
     .map_err(|_| "the namespace thread panicked".to_string())?
 }
 
-/// Refuses targets that are not a pod of the cluster: addresses the dial
-/// policy refuses (loopback, link-local, the node's own — which a
-/// hostNetwork pod has — or outside the cluster's ranges), and the node's
-/// own network namespace or the agent's.
-pub fn refuse_target(policy: &Policy, target: SocketAddr, ns: &File) -> Result<(), String> {
-    policy
-        .check(target)
-        .map_err(|why| format!("{target} cannot be intercepted: {why}"))?;
+/// Refuses a target whose namespace is the node's own (a hostNetwork pod)
+/// or the agent's. (Addresses the dial policy refuses — loopback,
+/// link-local, the node's own, outside the cluster — are refused before the
+/// namespace is looked for.)
+fn refuse_namespace(target: SocketAddr, ns: &File) -> Result<(), String> {
     let same = |path: &str| {
         std::fs::metadata(path)
             .ok()
@@ -342,13 +339,12 @@ pub async fn check_access(
     policy: &Policy,
 ) -> Result<Arc<File>, String> {
     let ip = target.ip();
-    let policy = policy.clone();
     policy
         .check(target)
         .map_err(|why| format!("{target} cannot be intercepted: {why}"))?;
     let (ns, listener) = tokio::task::spawn_blocking(move || -> Result<_, String> {
         let ns = netns_of(ip)?;
-        refuse_target(&policy, target, &ns)?;
+        refuse_namespace(target, &ns)?;
         let listener = loopback_listener_in(&ns, ip.is_ipv6())?;
         Ok((ns, listener))
     })
