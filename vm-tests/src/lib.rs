@@ -784,3 +784,19 @@ impl Drop for Instance {
             .output();
     }
 }
+
+/// sk_lookup links attached in the network namespace `netns`.
+pub fn sk_lookup_links_in(netns: &str) -> Vec<serde_json::Value> {
+    let ino = std::fs::metadata(format!("/run/netns/{netns}"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap_or(0);
+    let out = Command::new("bpftool")
+        .args(["link", "show", "-j"])
+        .output()
+        .unwrap();
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    links
+        .into_iter()
+        .filter(|l| l["attach_type"] == "sk_lookup" && l["netns_ino"].as_u64() == Some(ino))
+        .collect()
+}

@@ -141,7 +141,7 @@ fn an_intercept_challenge_answered_through_the_tunnel_is_refused() {
     let Some(lab) = LabGuard::up("tc") else {
         return;
     };
-    let links_before = kernel_link_ids().len();
+    let web_a = format!("{}-default-web-7d4b9c-a1", lab.name);
     as_developer(&lab, |client| async move {
         let (session, _) = session(&client, "tpbpf-agent-node1").await;
         // The attacker answers the challenge itself, through tunnel streams
@@ -182,9 +182,8 @@ fn an_intercept_challenge_answered_through_the_tunnel_is_refused() {
         );
     });
     assert!(from_a_pod(&lab).contains("served by nginx"));
-    assert_eq!(
-        kernel_link_ids().len(),
-        links_before,
+    assert!(
+        sk_lookup_links_in(&web_a).is_empty(),
         "a program was attached"
     );
 }
@@ -197,7 +196,7 @@ fn the_agent_itself_and_the_node_are_never_intercept_targets() {
     let Some(lab) = LabGuard::up("tt") else {
         return;
     };
-    let links_before = kernel_link_ids().len();
+    let agent_ns = format!("{}-tpbpf-system-tpbpf-agent-node1", lab.name);
     as_developer(&lab, |client| async move {
         let (session, _) = session(&client, "tpbpf-agent-node1").await;
         for (target, why) in [
@@ -226,9 +225,8 @@ fn the_agent_itself_and_the_node_are_never_intercept_targets() {
             );
         }
     });
-    assert_eq!(
-        kernel_link_ids().len(),
-        links_before,
+    assert!(
+        sk_lookup_links_in(&agent_ns).is_empty(),
         "a program was attached"
     );
 }
@@ -272,7 +270,8 @@ fn an_intercept_stopped_during_its_access_check_is_never_attached() {
     let Some(lab) = LabGuard::up("ts") else {
         return;
     };
-    let links_before = kernel_link_ids().len();
+    let web_a = format!("{}-default-web-7d4b9c-a1", lab.name);
+    let web_a2 = web_a.clone();
     as_developer(&lab, move |client| async move {
         let (session, _) = session(&client, "tpbpf-agent-node1").await;
         let c2 = client.clone();
@@ -306,9 +305,8 @@ fn an_intercept_stopped_during_its_access_check_is_never_attached() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         // The session is still alive: its intercepts would stay.
         assert!(session.ended().is_none());
-        assert_eq!(
-            kernel_link_ids().len(),
-            links_before,
+        assert!(
+            sk_lookup_links_in(&web_a2).is_empty(),
             "attached after its stop"
         );
     });

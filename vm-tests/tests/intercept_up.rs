@@ -6,29 +6,12 @@
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    os::unix::fs::MetadataExt,
     process::Command,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use tpbpf_vm_tests::*;
-
-/// sk_lookup links attached in the network namespace `netns`.
-fn sk_lookup_links_in(netns: &str) -> Vec<Value> {
-    let ino = std::fs::metadata(format!("/run/netns/{netns}"))
-        .map(|m| m.ino())
-        .unwrap_or(0);
-    let out = Command::new("bpftool")
-        .args(["link", "show", "-j"])
-        .output()
-        .unwrap();
-    let links: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    links
-        .into_iter()
-        .filter(|l| l["attach_type"] == "sk_lookup" && l["netns_ino"].as_u64() == Some(ino))
-        .collect()
-}
 
 fn tpbpf(args: &[&str]) -> std::process::Output {
     Command::new(tpbpf_bin()).args(args).output().unwrap()
