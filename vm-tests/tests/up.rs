@@ -267,3 +267,44 @@ fn run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing() {
     assert_eq!(children, 0, "cgroup left behind");
     let _ = std::fs::remove_file(&resolv);
 }
+
+#[test]
+fn up_and_run_without_an_agent_say_to_install_it() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tn") else {
+        return;
+    };
+    // The cluster loses its agents: the API lists none.
+    for a in lab.status["agents"].as_array().unwrap() {
+        let pid = a["pid"].as_i64().unwrap() as libc::pid_t;
+        // SAFETY: an agent of this test's lab.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
+    let cg = TestCgroup::new();
+    let instance = Instance(unique_name("tn"));
+    let up = Command::new(tpbpf_bin())
+        .args(["--netns", &dev, "up", "--kubeconfig", &kubeconfig])
+        .args(["--instance", &instance.0, "--cgroup"])
+        .arg(cg.path())
+        .output()
+        .unwrap();
+    let run = Command::new(tpbpf_bin())
+        .args(["--netns", &dev, "run", "--kubeconfig", &kubeconfig])
+        .arg("--cgroup-parent")
+        .arg(cg.path())
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    for (what, out) in [("up", up), ("run", run)] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{what}: {err}");
+        assert!(
+            err.contains("no tpbpf agent in this cluster: run `tpbpf install`"),
+            "{what}: {err}"
+        );
+    }
+}

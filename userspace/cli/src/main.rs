@@ -113,6 +113,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<cmd::bridge::NoAgent>().is_some() => {
+            eprintln!("tpbpf: {e}");
+            ExitCode::from(tpbpf_kube::NO_AGENT_EXIT)
+        }
         Err(e) => {
             eprintln!("tpbpf: error: {}", error_chain(&e));
             ExitCode::FAILURE

@@ -263,6 +263,12 @@ pub struct AgentInfo {
 /// The namespace and label of tpbpf's agent DaemonSet.
 pub const AGENT_NAMESPACE: &str = "tpbpf-system";
 pub const AGENT_PORT: u16 = 4390;
+/// What `up` and `run` say when the cluster has no agent to open a tunnel
+/// with, and the exit status they end with then.
+pub const NO_AGENT: &str = "no tpbpf agent in this cluster: run `tpbpf install` (cluster-admin) \
+                            or ask your platform team to install it";
+pub const NO_AGENT_EXIT: u8 = 4;
+
 /// The agent DaemonSet's name.
 pub const AGENT_DAEMONSET: &str = "tpbpf-agent";
 

@@ -34,6 +34,19 @@ impl Transport {
     }
 }
 
+/// The cluster has no agent: `tpbpf` exits with
+/// [`tpbpf_kube::NO_AGENT_EXIT`].
+#[derive(Debug)]
+pub struct NoAgent;
+
+impl std::fmt::Display for NoAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(tpbpf_kube::NO_AGENT)
+    }
+}
+
+impl std::error::Error for NoAgent {}
+
 /// Opens a tunnel session with an agent (on `node`, or any): finds it,
 /// asks it for credentials through a port-forward, dials the transport.
 pub async fn connect_agent(
@@ -42,14 +55,16 @@ pub async fn connect_agent(
     agent_address: Option<std::net::SocketAddr>,
     node: Option<&str>,
 ) -> std::result::Result<(tpbpf_mux::Session, String), String> {
-    let agent = tpbpf_kube::find_agent_on(client, node).await?.ok_or_else(|| {
-        format!(
-            "no running tpbpf agent{} in namespace {} (install it, or check `kubectl -n {} get pods`)",
-            node.map(|n| format!(" on node {n}")).unwrap_or_default(),
-            tpbpf_kube::AGENT_NAMESPACE,
-            tpbpf_kube::AGENT_NAMESPACE
-        )
-    })?;
+    let agent = tpbpf_kube::find_agent_on(client, node)
+        .await?
+        .ok_or_else(|| match node {
+            None => tpbpf_kube::NO_AGENT.to_string(),
+            Some(n) => format!(
+                "no running tpbpf agent on node {n} (`kubectl -n {} get pods -o wide`): the \
+                 DaemonSet runs one per schedulable node",
+                tpbpf_kube::AGENT_NAMESPACE
+            ),
+        })?;
     let creds = tpbpf_kube::agent_credentials(client, &agent.pod).await?;
     let inner: Arc<dyn Connector> = match transport {
         Transport::Portforward => Arc::new(tpbpf_kube::PortForward::new(
@@ -225,7 +240,13 @@ impl BridgeArgs {
         let describe = format!("agent via {}", self.transport.name());
         let up = TunnelUpstream::start(factory, describe)
             .await
-            .map_err(|e| anyhow::anyhow!("opening the tunnel to tpbpf's agent: {e}"))?;
+            .map_err(|e| {
+                if e == tpbpf_kube::NO_AGENT {
+                    anyhow::Error::new(NoAgent)
+                } else {
+                    anyhow::anyhow!("opening the tunnel to tpbpf's agent: {e}")
+                }
+            })?;
         Ok(up)
     }
 

@@ -130,6 +130,10 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         let agent = tpbpf_kube::find_agent(&client).await;
         Ok::<_, anyhow::Error>((info, agent))
     })?;
+    if upstream == "agent" && matches!(agent, Ok(None)) {
+        eprintln!("tpbpf: {}", tpbpf_kube::NO_AGENT);
+        return Ok(ExitCode::from(tpbpf_kube::NO_AGENT_EXIT));
+    }
     let agent_text = match &agent {
         Ok(Some(a)) => format!(
             "{} on {} (v{}, {}), reached through port-forward",
