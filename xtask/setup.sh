@@ -93,4 +93,15 @@ else
     bpf_linker_ok || die "bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH"
 fi
 
+# kubernetes-validate (PyPI): the tests check `tpbpf install`'s manifests
+# against the Kubernetes JSON schemas of several versions.
+if command -v kubernetes-validate >/dev/null; then
+    say "kubernetes-validate present"
+else
+    say "installing kubernetes-validate from PyPI (manifest schema checks)"
+    python3 -m pip install -q --disable-pip-version-check kubernetes-validate \
+        || die "pip install kubernetes-validate failed: see the output above"
+    command -v kubernetes-validate >/dev/null || hash -r
+fi
+
 say "ready: $(/usr/bin/rustc --version), $(bpf-linker --version | head -1), kernel $(uname -r)"

@@ -53,6 +53,12 @@ enum Command {
     Run(cmd::bridge::RunArgs),
     /// Run tpbpfd in the foreground, bridging a whole cgroup subtree.
     Daemon(cmd::bridge::DaemonArgs),
+    /// Install tpbpf's agent into the kubeconfig's cluster (server-side
+    /// apply; cluster-admin), and wait until every node has one ready.
+    /// `--dry-run -o yaml` prints what it would apply.
+    Install(cmd::install::InstallArgs),
+    /// Remove everything `tpbpf install` applied, and wait for it to go.
+    Uninstall(cmd::install::UninstallArgs),
     /// Send a workload's incoming connections to a local port (no sidecar,
     /// no restart; the pod gets them back when the intercept ends).
     Intercept(cmd::intercept::InterceptArgs),
@@ -99,6 +105,8 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd::bridge::run(args),
         Command::Lab(args) => cmd::lab::run(args),
         Command::Daemon(args) => cmd::bridge::daemon(args),
+        Command::Install(args) => cmd::install::install(args),
+        Command::Uninstall(args) => cmd::install::uninstall(args),
         Command::Intercept(args) => cmd::intercept::intercept(args),
         Command::Leave(args) => cmd::intercept::leave(args),
         Command::List(args) => cmd::intercept::list(args),

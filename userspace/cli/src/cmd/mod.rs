@@ -1,5 +1,6 @@
 pub mod bridge;
 pub mod doctor;
+pub mod install;
 pub mod intercept;
 pub mod lab;
 pub mod redirect;

@@ -1,0 +1,402 @@
+//! What `tpbpf install` applies to a cluster, in one place: the agent's
+//! namespace and service account, the agent DaemonSet (its own pod network,
+//! hostPID, the least capabilities that work), and the `tpbpf-developer`
+//! RBAC with exactly the verbs `up`, `run` and `intercept` need. Built from
+//! k8s-openapi types, so what is printed (`--dry-run -o yaml`) is what is
+//! applied.
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy},
+        core::v1::{
+            Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, Namespace,
+            ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+            ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccount, TCPSocketAction,
+            Toleration,
+        },
+        rbac::v1::{ClusterRole, PolicyRule, Role},
+    },
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use serde_json::Value;
+
+/// tpbpf's namespace in the cluster.
+pub const NAMESPACE: &str = "tpbpf-system";
+/// The agent's DaemonSet, service account and `app` label.
+pub const AGENT: &str = "tpbpf-agent";
+/// The agent's HTTP port (loopback of its pod: `/credentials` through a
+/// port-forward only).
+pub const AGENT_PORT: u16 = 4390;
+/// The agent's tunnel port, published as a hostPort for `--transport direct`.
+pub const TUNNEL_PORT: u16 = 4391;
+/// The ClusterRole a platform team binds developers to (cluster-wide, or
+/// per namespace with a RoleBinding).
+pub const DEVELOPER_ROLE: &str = "tpbpf-developer";
+/// The Role in tpbpf's namespace that lets developers open tunnels.
+pub const TUNNEL_ROLE: &str = "tpbpf-tunnel";
+
+/// What an install is made of.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The agent image.
+    pub image: String,
+    /// The cluster's service and pod ranges: the only ranges tunnels reach.
+    pub cluster_cidrs: Vec<String>,
+    /// Further ranges a cluster admin lets developers reach.
+    pub allow_cidrs: Vec<String>,
+    /// Seconds a session whose developer is away keeps its intercepts.
+    pub resume_window_s: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            image: format!("ghcr.io/tpbpf/tpbpf-agent:{}", env!("CARGO_PKG_VERSION")),
+            cluster_cidrs: Vec::new(),
+            allow_cidrs: Vec::new(),
+            resume_window_s: 30,
+        }
+    }
+}
+
+fn labels() -> BTreeMap<String, String> {
+    [
+        ("app", AGENT),
+        ("app.kubernetes.io/name", AGENT),
+        ("app.kubernetes.io/part-of", "tpbpf"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: namespace.map(Into::into),
+        labels: Some([("app.kubernetes.io/part-of".to_string(), "tpbpf".to_string())].into()),
+        ..Default::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The agent DaemonSet.
+pub fn daemon_set(s: &Settings) -> DaemonSet {
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{AGENT_PORT}"),
+        "--tunnel-listen".into(),
+        format!("0.0.0.0:{TUNNEL_PORT}"),
+        "--resume-window-s".into(),
+        s.resume_window_s.to_string(),
+    ];
+    for c in &s.cluster_cidrs {
+        args.extend(["--cluster-cidr".into(), c.clone()]);
+    }
+    for c in &s.allow_cidrs {
+        args.extend(["--allow-cidr".into(), c.clone()]);
+    }
+    let container = Container {
+        name: "agent".into(),
+        image: Some(s.image.clone()),
+        args: Some(args),
+        env: Some(vec![
+            field_env("NODE_NAME", "spec.nodeName"),
+            field_env("NODE_IP", "status.hostIP"),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: i32::from(AGENT_PORT),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("tunnel".into()),
+                container_port: i32::from(TUNNEL_PORT),
+                host_port: Some(i32::from(TUNNEL_PORT)),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        // The HTTP port listens on the pod's loopback, out of the kubelet's
+        // reach; the tunnel port is what clients use.
+        readiness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(i32::from(TUNNEL_PORT)),
+                ..Default::default()
+            }),
+            period_seconds: Some(10),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(
+                [
+                    ("cpu".to_string(), Quantity("50m".into())),
+                    ("memory".to_string(), Quantity("64Mi".into())),
+                ]
+                .into(),
+            ),
+            limits: Some([("memory".to_string(), Quantity("512Mi".into()))].into()),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            // Root with exactly these capabilities: BPF and NET_ADMIN to
+            // load and attach sk_lookup, SYS_ADMIN to enter pods' network
+            // namespaces, SYS_PTRACE to read a pod process's namespace and
+            // environment under /proc (hostPID).
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_user: Some(0),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: Some(
+                    ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]
+                        .map(String::from)
+                        .to_vec(),
+                ),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    DaemonSet {
+        metadata: ObjectMeta {
+            labels: Some(labels()),
+            ..meta(AGENT, Some(NAMESPACE))
+        },
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some([("app".to_string(), AGENT.to_string())].into()),
+                ..Default::default()
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..Default::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels()),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(AGENT.into()),
+                    // The agent does not talk to the API server.
+                    automount_service_account_token: Some(false),
+                    host_pid: Some(true),
+                    host_network: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    // Every node, tainted ones too: intercepts may target
+                    // any pod.
+                    tolerations: Some(vec![Toleration {
+                        operator: Some("Exists".into()),
+                        ..Default::default()
+                    }]),
+                    containers: vec![container],
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    PolicyRule {
+        api_groups: Some(v(groups)),
+        resources: Some(v(resources)),
+        verbs: v(verbs),
+        ..Default::default()
+    }
+}
+
+/// What `tpbpf up`, `run` and `intercept` read and do, and nothing else.
+/// Bound cluster-wide it lets a developer intercept any pod; bound per
+/// namespace (RoleBinding), only that namespace's.
+pub fn developer_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(DEVELOPER_ROLE, None),
+        rules: Some(vec![
+            // Discovery (up, run) and workload -> pods -> node (intercept).
+            rule(
+                &[""],
+                &["pods", "services", "namespaces", "nodes"],
+                &["get", "list", "watch"],
+            ),
+            rule(
+                &["apps"],
+                &["deployments", "statefulsets", "replicasets", "daemonsets"],
+                &["get", "list", "watch"],
+            ),
+            rule(&["discovery.k8s.io"], &["endpointslices"], &["get", "list"]),
+            rule(&["networking.k8s.io"], &["servicecidrs"], &["get", "list"]),
+            // The service range from the API server's answer to a dry-run
+            // create with an invalid ClusterIP (nothing is created).
+            rule(&[""], &["services"], &["create"]),
+            // The intercept access check: a port-forward into the pod.
+            rule(&[""], &["pods/portforward"], &["get", "create"]),
+        ]),
+        aggregation_rule: None,
+    }
+}
+
+/// Opening a tunnel: a port-forward into an agent pod.
+pub fn tunnel_role() -> Role {
+    Role {
+        metadata: meta(TUNNEL_ROLE, Some(NAMESPACE)),
+        rules: Some(vec![
+            rule(&[""], &["pods"], &["get", "list", "watch"]),
+            rule(&[""], &["pods/portforward"], &["get", "create"]),
+        ]),
+    }
+}
+
+/// Every object of an install, in the order they are applied.
+pub fn objects(s: &Settings) -> Vec<Value> {
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            labels: Some(
+                [
+                    ("app.kubernetes.io/part-of".to_string(), "tpbpf".to_string()),
+                    // The agent needs hostPID and capabilities.
+                    (
+                        "pod-security.kubernetes.io/enforce".to_string(),
+                        "privileged".to_string(),
+                    ),
+                ]
+                .into(),
+            ),
+            ..meta(NAMESPACE, None)
+        },
+        ..Default::default()
+    };
+    let sa = ServiceAccount {
+        metadata: meta(AGENT, Some(NAMESPACE)),
+        automount_service_account_token: Some(false),
+        ..Default::default()
+    };
+    let to = |v: serde_json::Result<Value>| v.unwrap_or(Value::Null);
+    vec![
+        to(serde_json::to_value(ns)),
+        to(serde_json::to_value(sa)),
+        to(serde_json::to_value(developer_role())),
+        to(serde_json::to_value(tunnel_role())),
+        to(serde_json::to_value(daemon_set(s))),
+    ]
+}
+
+/// The objects as one YAML stream (`---` between documents).
+pub fn to_yaml(objects: &[Value]) -> String {
+    objects
+        .iter()
+        .map(|o| serde_saphyr::to_string(o).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            image: "tpbpf-agent:test".into(),
+            cluster_cidrs: vec!["10.96.0.0/12".into(), "10.244.0.0/16".into()],
+            allow_cidrs: vec!["192.0.2.0/24".into()],
+            resume_window_s: 30,
+        }
+    }
+
+    #[test]
+    fn every_object_has_its_kind_and_api_version() {
+        let objs = objects(&settings());
+        let kinds: Vec<(&str, &str)> = objs
+            .iter()
+            .map(|o| {
+                (
+                    o["apiVersion"].as_str().unwrap(),
+                    o["kind"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("v1", "Namespace"),
+                ("v1", "ServiceAccount"),
+                ("rbac.authorization.k8s.io/v1", "ClusterRole"),
+                ("rbac.authorization.k8s.io/v1", "Role"),
+                ("apps/v1", "DaemonSet"),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_agent_has_its_own_pod_network_and_the_least_capabilities() {
+        let ds = serde_json::to_value(daemon_set(&settings())).unwrap();
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["hostNetwork"], false);
+        assert_eq!(pod["hostPID"], true);
+        let c = &pod["containers"][0];
+        assert_eq!(c["securityContext"]["privileged"], false);
+        assert_eq!(
+            c["securityContext"]["capabilities"]["drop"],
+            serde_json::json!(["ALL"])
+        );
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--cluster-cidr", "10.244.0.0/16"]));
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--allow-cidr", "192.0.2.0/24"]));
+        assert!(args.windows(2).any(|w| w == ["--listen", "127.0.0.1:4390"]));
+    }
+
+    #[test]
+    fn yaml_is_one_document_per_object() {
+        let yaml = to_yaml(&objects(&settings()));
+        assert_eq!(
+            yaml.matches("\n---\n").count() + usize::from(yaml.starts_with("---")),
+            4
+        );
+        assert!(yaml.contains("kind: DaemonSet"), "{yaml}");
+    }
+}
