@@ -32,6 +32,9 @@ enum Task {
     /// Benchmarks (release build): the cost tpbpf's hooks add to connect(),
     /// and the tunnel multiplexer against plain TCP, yamux and h2.
     Bench,
+    /// Render the Helm chart (deploy/helm/tpbpf) from what `tpbpf install`
+    /// applies.
+    Chart,
     /// A short run of each fuzz target (cargo fuzz): the wire protocol's
     /// decoder, then the intercept's HTTP filter.
     Fuzz {
@@ -49,6 +52,9 @@ fn main() -> ExitCode {
         Task::Demo => demo::run(),
         Task::Bench => bench(),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Chart => {
+            run(cargo().args(["run", "-q", "-p", "tpbpf-deploy", "--bin", "render-chart"]))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -326,6 +326,101 @@ pub fn to_yaml(objects: &[Value]) -> String {
         .join("---\n")
 }
 
+/// The Helm chart (`deploy/helm/tpbpf`), rendered from the same objects as
+/// `tpbpf install`, so the two cannot drift: values stand in where the
+/// chart takes them (image, ranges, tolerations, resources, resume window).
+/// Returns (path inside the chart, content).
+pub fn helm_chart() -> Vec<(&'static str, String)> {
+    const IMAGE: &str =
+        "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}";
+    let settings = Settings {
+        image: IMAGE.into(),
+        cluster_cidrs: vec!["__TPBPF_RANGE_cluster-cidr_clusterCidrs__".into()],
+        allow_cidrs: vec!["__TPBPF_RANGE_allow-cidr_allowCidrs__".into()],
+        resume_window_s: 0,
+    };
+    let mut objs = objects(&settings);
+    let ds = objs.last_mut().expect("the DaemonSet comes last");
+    let pod = &mut ds["spec"]["template"]["spec"];
+    pod["tolerations"] = Value::from("__TPBPF_YAML_tolerations__");
+    let c = &mut pod["containers"][0];
+    c["resources"] = Value::from("__TPBPF_YAML_resources__");
+    if let Some(args) = c["args"].as_array_mut() {
+        // Each range placeholder stands for its flags too.
+        args.retain(|a| a != "--cluster-cidr" && a != "--allow-cidr");
+        for a in args.iter_mut() {
+            if a == "0" {
+                *a = Value::from("__TPBPF_QUOTE_resumeWindowSeconds__");
+            }
+        }
+    }
+    let mut templates = String::from(
+        "# Rendered by `cargo xtask chart` from userspace/deploy (the objects\n\
+         # `tpbpf install` applies); edit those, not this file.\n",
+    );
+    templates.push_str("{{- if not .Values.clusterCidrs }}\n{{- fail \"set clusterCidrs: the cluster's service and pod ranges\" }}\n{{- end }}\n");
+    for line in to_yaml(&objs).lines() {
+        templates.push_str(&helm_line(line));
+        templates.push('\n');
+    }
+    let chart = format!(
+        "apiVersion: v2\nname: tpbpf\ndescription: tpbpf's node agent: reach cluster services from a developer machine and intercept pods' traffic, with eBPF\ntype: application\nversion: {v}\nappVersion: \"{v}\"\n",
+        v = env!("CARGO_PKG_VERSION")
+    );
+    // The defaults are the install's own: the same objects, serialized.
+    let d = Settings::default();
+    let (repo, _) = d.image.rsplit_once(':').unwrap_or((&d.image, ""));
+    let ds = serde_json::to_value(daemon_set(&d)).unwrap_or_default();
+    let pod = &ds["spec"]["template"]["spec"];
+    let defaults = serde_json::json!({
+        "image": {"repository": repo, "tag": ""},
+        "clusterCidrs": [],
+        "allowCidrs": [],
+        "resumeWindowSeconds": d.resume_window_s,
+        "tolerations": pod["tolerations"],
+        "resources": pod["containers"][0]["resources"],
+    });
+    let values = format!(
+        "# tpbpf's agent. Rendered by `cargo xtask chart` from userspace/deploy.\n\
+         # clusterCidrs (required): the cluster's service and pod ranges, the only\n\
+         # ranges tunnels reach; allowCidrs: more ranges developers may reach;\n\
+         # image.tag defaults to the chart's appVersion.\n{}",
+        serde_saphyr::to_string(&defaults).unwrap_or_default()
+    );
+    vec![
+        ("Chart.yaml", chart),
+        ("values.yaml", values),
+        ("templates/tpbpf.yaml", templates),
+    ]
+}
+
+/// One line of the install's YAML, with its placeholders made templates.
+fn helm_line(line: &str) -> String {
+    let indent = line.len() - line.trim_start().len();
+    let pad = " ".repeat(indent);
+    let t = line.trim_start();
+    if let Some(rest) = t.strip_prefix("- __TPBPF_RANGE_") {
+        // A flag per value: `--flag`, `VALUE`.
+        let inner = rest.trim_end_matches("__");
+        let (flag, values) = inner.split_once('_').unwrap_or((inner, inner));
+        return format!(
+            "{pad}{{{{- range .Values.{values} }}}}\n{pad}- --{flag}\n{pad}- {{{{ . | quote }}}}\n{pad}{{{{- end }}}}"
+        );
+    }
+    if let Some((key, v)) = t.split_once(": __TPBPF_YAML_") {
+        let values = v.trim_end_matches("__");
+        return format!(
+            "{pad}{key}:\n{pad}  {{{{- toYaml .Values.{values} | nindent {} }}}}",
+            indent + 2
+        );
+    }
+    if let Some(rest) = t.strip_prefix("- __TPBPF_QUOTE_") {
+        let values = rest.trim_end_matches("__");
+        return format!("{pad}- {{{{ .Values.{values} | quote }}}}");
+    }
+    line.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +483,24 @@ mod tests {
             .windows(2)
             .any(|w| w == ["--allow-cidr", "192.0.2.0/24"]));
         assert!(args.windows(2).any(|w| w == ["--listen", "127.0.0.1:4390"]));
+    }
+
+    /// deploy/helm/tpbpf is what `cargo xtask chart` renders from these
+    /// objects: the chart and `tpbpf install` cannot drift.
+    #[test]
+    fn the_helm_chart_is_rendered_from_the_install_objects() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/helm/tpbpf");
+        for (path, want) in helm_chart() {
+            let got = std::fs::read_to_string(dir.join(path)).unwrap_or_default();
+            assert!(
+                got == want,
+                "deploy/helm/tpbpf/{path} differs from what the install applies: run `cargo xtask chart`"
+            );
+        }
+        let t = &helm_chart()[2].1;
+        assert!(!t.contains("__TPBPF"), "a placeholder was left:\n{t}");
+        assert!(t.contains("{{- range .Values.clusterCidrs }}"), "{t}");
+        assert!(t.contains("toYaml .Values.tolerations"), "{t}");
     }
 
     #[test]
