@@ -634,8 +634,33 @@ pub struct LabGuard {
 }
 
 impl LabGuard {
-    /// `None` (with a printed reason) where the lab's servers are missing.
+    /// A lab with tpbpf installed (`tpbpf install`, the resume window 5 s
+    /// so tests see a killed tpbpfd's intercepts go in seconds). `None`
+    /// (with a printed reason) where the lab's servers are missing.
     pub fn up(prefix: &str) -> Option<Self> {
+        let lab = Self::up_without_agent(prefix)?;
+        lab.install();
+        Some(lab)
+    }
+
+    /// `tpbpf install` into the lab, from the developer machine; returns
+    /// once every node's agent is ready.
+    pub fn install(&self) {
+        run(Command::new(tpbpf_bin()).args([
+            "--netns",
+            &self.dev_netns(),
+            "install",
+            "--kubeconfig",
+            &self.kubeconfig(),
+            "--resume-window-s",
+            "5",
+            "--timeout-s",
+            "60",
+        ]));
+    }
+
+    /// A lab as it starts: no tpbpf agent until `install`.
+    pub fn up_without_agent(prefix: &str) -> Option<Self> {
         if Command::new("redis-server")
             .arg("--version")
             .output()

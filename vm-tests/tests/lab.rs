@@ -203,36 +203,43 @@ fn lab_up_without_its_agent_fails_and_the_api_lists_only_running_pods() {
             && before.iter().any(|n| n == "tpbpf-agent-node1"),
         "{before:?}"
     );
-    // Kill a web pod's server and node1's agent, as a crash would.
-    let pid_of = |list: &str, key: &str, value: &str| -> i32 {
-        lab.status[list]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p[key] == value)
-            .and_then(|p| p["pid"].as_i64())
-            .unwrap_or_else(|| panic!("no pid for {value} in {}", lab.status)) as i32
-    };
-    for pid in [
-        pid_of("pods", "name", "web-7d4b9c-a1"),
-        pid_of("agents", "node", "node1"),
-    ] {
-        // SAFETY: pids of processes this test's lab started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+    // Kill a web pod's server, as a crash would: it leaves the API.
+    let web_pid = lab.status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "web-7d4b9c-a1")
+        .and_then(|p| p["pid"].as_i64())
+        .expect("web's pid") as i32;
+    // SAFETY: the pid of a server this test's lab started.
+    unsafe { libc::kill(web_pid, libc::SIGKILL) };
     assert!(
         wait_for(Duration::from_secs(5), || {
-            let now = pod_names(&api("/api/v1/pods"));
-            !now.iter()
-                .any(|n| n == "web-7d4b9c-a1" || n == "tpbpf-agent-node1")
+            !pod_names(&api("/api/v1/pods"))
+                .iter()
+                .any(|n| n == "web-7d4b9c-a1")
         }),
-        "the API still lists pods whose processes are dead: {:?}",
+        "the API still lists a pod whose process is dead: {:?}",
         pod_names(&api("/api/v1/pods"))
     );
     let now = pod_names(&api("/api/v1/pods"));
-    assert_eq!(now.len(), before.len() - 2, "{now:?}");
+    assert_eq!(now.len(), before.len() - 1, "{now:?}");
+    // A killed agent is started again, as a DaemonSet's pod is.
+    let agent_pid = || {
+        std::fs::read_to_string(format!("/run/tpbpf-lab/{}/agent-node1.pid", lab.name))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+    };
+    let agent = agent_pid().expect("node1's agent");
+    // SAFETY: the agent this test's lab started.
+    unsafe { libc::kill(agent, libc::SIGKILL) };
+    assert!(
+        wait_for(Duration::from_secs(10), || agent_pid()
+            .is_some_and(|p| p != agent && process_running(p as u64))),
+        "the agent on node1 was not started again"
+    );
     let ds = api("/apis/apps/v1/namespaces/tpbpf-system/daemonsets/tpbpf-agent");
-    assert_eq!(ds["status"]["numberReady"], 1, "{ds}");
+    assert_eq!(ds["status"]["desiredNumberScheduled"], 2, "{ds}");
     let web = api("/apis/apps/v1/namespaces/default/deployments/web");
     assert_eq!(
         web["status"]["readyReplicas"].as_i64(),

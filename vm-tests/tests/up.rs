@@ -269,42 +269,62 @@ fn run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing() {
 }
 
 #[test]
-fn up_and_run_without_an_agent_say_to_install_it() {
+fn up_and_run_without_an_agent_say_to_install_it_and_install_uninstall_work() {
     if !require_root() {
         return;
     }
-    let Some(lab) = LabGuard::up("tn") else {
+    // A lab starts as a cluster does: without tpbpf.
+    let Some(lab) = LabGuard::up_without_agent("tn") else {
         return;
     };
-    // The cluster loses its agents: the API lists none.
-    for a in lab.status["agents"].as_array().unwrap() {
-        let pid = a["pid"].as_i64().unwrap() as libc::pid_t;
-        // SAFETY: an agent of this test's lab.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    std::thread::sleep(Duration::from_millis(200));
     let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
     let cg = TestCgroup::new();
     let instance = Instance(unique_name("tn"));
-    let up = Command::new(tpbpf_bin())
-        .args(["--netns", &dev, "up", "--kubeconfig", &kubeconfig])
-        .args(["--instance", &instance.0, "--cgroup"])
-        .arg(cg.path())
-        .output()
-        .unwrap();
-    let run = Command::new(tpbpf_bin())
-        .args(["--netns", &dev, "run", "--kubeconfig", &kubeconfig])
-        .arg("--cgroup-parent")
-        .arg(cg.path())
-        .args(["--", "true"])
-        .output()
-        .unwrap();
-    for (what, out) in [("up", up), ("run", run)] {
+    let up = || {
+        Command::new(tpbpf_bin())
+            .args(["--netns", &dev, "up", "--kubeconfig", &kubeconfig])
+            .args(["--instance", &instance.0, "--cgroup"])
+            .arg(cg.path())
+            .output()
+            .unwrap()
+    };
+    let run_true = || {
+        Command::new(tpbpf_bin())
+            .args(["--netns", &dev, "run", "--kubeconfig", &kubeconfig])
+            .arg("--cgroup-parent")
+            .arg(cg.path())
+            .args(["--", "true"])
+            .output()
+            .unwrap()
+    };
+    let no_agent = |what: &str, out: std::process::Output| {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(4), "{what}: {err}");
         assert!(
             err.contains("no tpbpf agent in this cluster: run `tpbpf install`"),
             "{what}: {err}"
         );
-    }
+    };
+    no_agent("up", up());
+    no_agent("run", run_true());
+
+    // Installed: an agent per node, and the bridge works.
+    lab.install();
+    let out = run_true();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Uninstalled: the agents go, and the cluster is as before.
+    let out = run(Command::new(tpbpf_bin()).args([
+        "--netns",
+        &dev,
+        "uninstall",
+        "--kubeconfig",
+        &kubeconfig,
+    ]));
+    assert!(out.contains("uninstalled"), "{out}");
+    no_agent("up after uninstall", up());
 }

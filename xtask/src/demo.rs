@@ -159,6 +159,24 @@ pub fn run() -> Result<()> {
         ])
         .status();
 
+    step("tpbpf install: the agent DaemonSet into the cluster (server-side apply), one agent per node");
+    run_cmd(Command::new(&tpbpf).args(["--netns", &dev, "install", "--kubeconfig", &kubeconfig]))?;
+    println!("$ kubectl -n tpbpf-system get pods");
+    let _ = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &dev,
+            "kubectl",
+            "--kubeconfig",
+            &kubeconfig,
+            "-n",
+            "tpbpf-system",
+            "get",
+            "pods",
+        ])
+        .status();
+
     step("without tpbpf: the developer namespace cannot resolve or reach web.default");
     let out = in_dev("curl -sS -m 3 http://web.default/").output()?;
     print!("{}", String::from_utf8_lossy(&out.stderr));
@@ -278,6 +296,15 @@ pub fn run() -> Result<()> {
         .status();
     run_cmd(Command::new(&tpbpf).args(["down", "--instance", &instance]))?;
     cleanup.instance = None;
+
+    step("tpbpf uninstall: the agents leave the cluster");
+    run_cmd(Command::new(&tpbpf).args([
+        "--netns",
+        &dev,
+        "uninstall",
+        "--kubeconfig",
+        &kubeconfig,
+    ]))?;
 
     step("tpbpf lab down");
     run_cmd(Command::new(&tpbpf).args(["lab", "down", "--name", &lab]))?;

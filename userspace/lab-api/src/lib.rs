@@ -6,11 +6,13 @@
 //! it, and over SPDY/3.1 as kubectl speaks it (tunneled in WebSocket, or
 //! after an `Upgrade: SPDY/3.1`). It is a test double: faithful to the API
 //! so the client code has one path for the lab and for real clusters.
+mod kubelet;
 pub mod objects;
 mod portforward;
 mod portforward_spdy;
 mod server;
 pub mod spdy;
+mod store;
 
 pub use server::{serve, ApiConfig};
 

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::{
         apps::v1::{
-            DaemonSet, DaemonSetSpec, DaemonSetStatus, Deployment, DeploymentSpec,
-            DeploymentStatus, ReplicaSet, ReplicaSetSpec, ReplicaSetStatus,
+            Deployment, DeploymentSpec, DeploymentStatus, ReplicaSet, ReplicaSetSpec,
+            ReplicaSetStatus,
         },
         core::v1::{
             Container, ContainerPort, ContainerStatus, EnvVar, Namespace, NamespaceStatus, Node,
@@ -67,7 +67,8 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 pub const AGENT_NAMESPACE: &str = "tpbpf-system";
 
 pub fn namespaces() -> Vec<Namespace> {
-    let mut names: Vec<&str> = vec!["default", "kube-system", AGENT_NAMESPACE];
+    // tpbpf's own namespace comes with `tpbpf install` (the store).
+    let mut names: Vec<&str> = vec!["default", "kube-system"];
     for p in spec::pods() {
         if !names.contains(&p.namespace) {
             names.push(p.namespace);
@@ -202,6 +203,11 @@ pub fn agent_pods(live: &Status) -> Vec<Pod> {
                 }),
                 status: Some(PodStatus {
                     phase: Some("Running".into()),
+                    conditions: Some(vec![PodCondition {
+                        type_: "Ready".into(),
+                        status: "True".into(),
+                        ..Default::default()
+                    }]),
                     pod_ip: Some(n.agent_ip.into()),
                     pod_ips: Some(vec![PodIP {
                         ip: n.agent_ip.into(),
@@ -499,32 +505,28 @@ pub fn service_cidrs() -> Vec<k8s_openapi::api::networking::v1::ServiceCIDR> {
     }]
 }
 
-/// tpbpf's agent, one pod per node (in the lab, a process per node).
-pub fn daemon_sets(live: &Status) -> Vec<DaemonSet> {
-    let n = spec::nodes().len() as i32;
-    let ready = live.agents.iter().filter(|a| a.running).count() as i32;
-    vec![DaemonSet {
-        metadata: meta(
-            "tpbpf-agent",
-            Some(AGENT_NAMESPACE),
-            &uid("DaemonSet", AGENT_NAMESPACE, "tpbpf-agent"),
-        ),
-        spec: Some(DaemonSetSpec {
-            selector: LabelSelector {
-                match_labels: Some(labels(&[("app", "tpbpf-agent")])),
-                ..Default::default()
-            },
-            template: template("tpbpf-agent"),
-            ..Default::default()
-        }),
-        status: Some(DaemonSetStatus {
-            current_number_scheduled: ready,
-            desired_number_scheduled: n,
-            number_ready: ready,
-            number_available: Some(ready),
-            number_unavailable: Some(n - ready),
-            number_misscheduled: 0,
-            ..Default::default()
-        }),
-    }]
+/// The DaemonSets applied to the lab (tpbpf's agent, once installed), with
+/// the status of the processes the lab runs for them.
+pub fn daemon_sets(live: &crate::server::Live) -> Vec<serde_json::Value> {
+    let n = spec::nodes().len() as i64;
+    let ready = live.status.agents.iter().filter(|a| a.running).count() as i64;
+    live.store
+        .list("daemonsets")
+        .into_iter()
+        .map(|mut d| {
+            let agent = d["metadata"]["name"] == "tpbpf-agent"
+                && d["metadata"]["namespace"] == AGENT_NAMESPACE;
+            let ready = if agent { ready } else { 0 };
+            d["status"] = serde_json::json!({
+                "currentNumberScheduled": ready,
+                "desiredNumberScheduled": n,
+                "numberReady": ready,
+                "numberAvailable": ready,
+                "numberUnavailable": n - ready,
+                "numberMisscheduled": 0,
+                "observedGeneration": d["metadata"]["generation"],
+            });
+            d
+        })
+        .collect()
 }

@@ -13,6 +13,14 @@ use tracing::{debug, info};
 
 use tpbpf_lab::Status;
 
+use crate::store::Store;
+
+/// What the lab is now: its processes, and the objects applied to it.
+pub struct Live {
+    pub status: Status,
+    pub store: Store,
+}
+
 use crate::{
     objects,
     portforward_spdy::{self, SpdyUpgrade},
@@ -28,6 +36,8 @@ pub struct ApiConfig {
     /// where it may port-forward (RBAC's `pods/portforward`, as a real
     /// cluster would grant it per namespace).
     pub restricted: Option<(String, Vec<String>)>,
+    /// The agent binary the lab's nodes run for tpbpf's DaemonSet.
+    pub agent: Option<std::path::PathBuf>,
 }
 
 /// Who a request is from.
@@ -44,8 +54,8 @@ struct Kind {
     kind: &'static str,
     namespaced: bool,
     short: &'static [&'static str],
-    /// The objects of this kind, given what runs in the lab now.
-    objects: fn(&Status) -> Vec<Value>,
+    /// The objects of this kind, given what runs and what was applied.
+    objects: fn(&Live) -> Vec<Value>,
 }
 
 fn to_values<T: serde::Serialize>(items: Vec<T>) -> Vec<Value> {
@@ -64,7 +74,11 @@ fn kinds() -> Vec<Kind> {
             kind: "Namespace",
             namespaced: false,
             short: &["ns"],
-            objects: |_| to_values(objects::namespaces()),
+            objects: |live| {
+                let mut all = to_values(objects::namespaces());
+                all.extend(live.store.list("namespaces"));
+                all
+            },
         },
         Kind {
             group: "",
@@ -82,7 +96,7 @@ fn kinds() -> Vec<Kind> {
             kind: "Pod",
             namespaced: true,
             short: &["po"],
-            objects: |live| to_values(objects::pods(live)),
+            objects: |live| to_values(objects::pods(&live.status)),
         },
         Kind {
             group: "",
@@ -100,7 +114,7 @@ fn kinds() -> Vec<Kind> {
             kind: "Deployment",
             namespaced: true,
             short: &["deploy"],
-            objects: |live| to_values(objects::deployments(live)),
+            objects: |live| to_values(objects::deployments(&live.status)),
         },
         Kind {
             group: "apps",
@@ -109,7 +123,7 @@ fn kinds() -> Vec<Kind> {
             kind: "ReplicaSet",
             namespaced: true,
             short: &["rs"],
-            objects: |live| to_values(objects::replica_sets(live)),
+            objects: |live| to_values(objects::replica_sets(&live.status)),
         },
         Kind {
             group: "apps",
@@ -118,7 +132,34 @@ fn kinds() -> Vec<Kind> {
             kind: "DaemonSet",
             namespaced: true,
             short: &["ds"],
-            objects: |live| to_values(objects::daemon_sets(live)),
+            objects: |live| objects::daemon_sets(live),
+        },
+        Kind {
+            group: "",
+            version: "v1",
+            plural: "serviceaccounts",
+            kind: "ServiceAccount",
+            namespaced: true,
+            short: &["sa"],
+            objects: |live| live.store.list("serviceaccounts"),
+        },
+        Kind {
+            group: "rbac.authorization.k8s.io",
+            version: "v1",
+            plural: "clusterroles",
+            kind: "ClusterRole",
+            namespaced: false,
+            short: &[],
+            objects: |live| live.store.list("clusterroles"),
+        },
+        Kind {
+            group: "rbac.authorization.k8s.io",
+            version: "v1",
+            plural: "roles",
+            kind: "Role",
+            namespaced: true,
+            short: &[],
+            objects: |live| live.store.list("roles"),
         },
         Kind {
             group: "discovery.k8s.io",
@@ -144,6 +185,7 @@ fn kinds() -> Vec<Kind> {
 /// Serves the API on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, cfg: ApiConfig) -> std::io::Result<()> {
     info!(addr = ?listener.local_addr().ok(), lab = cfg.lab, "lab API listening");
+    tokio::spawn(crate::kubelet::run(cfg.lab.clone(), cfg.agent.clone()));
     let app = Router::new().fallback(handle).with_state(Arc::new(cfg));
     axum::serve(listener, app).await
 }
@@ -165,6 +207,8 @@ fn ok_json(v: Value) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
+// An axum handler takes its extractors as arguments.
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     State(cfg): State<Arc<ApiConfig>>,
     method: Method,
@@ -173,6 +217,7 @@ async fn handle(
     Query(query): Query<HashMap<String, String>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
     spdy: SpdyUpgrade,
+    body: axum::body::Bytes,
 ) -> Response {
     let path = uri.path().trim_end_matches('/').to_string();
     debug!(%method, %path, "request");
@@ -212,7 +257,12 @@ async fn handle(
             )
         }
         ["apis"] => {
-            let groups: Vec<Value> = ["apps", "discovery.k8s.io", "networking.k8s.io"]
+            let groups: Vec<Value> = [
+                "apps",
+                "discovery.k8s.io",
+                "networking.k8s.io",
+                "rbac.authorization.k8s.io",
+            ]
                 .iter()
                 .map(|g| json!({"name": g, "versions": [{"groupVersion": format!("{g}/v1"), "version": "v1"}], "preferredVersion": {"groupVersion": format!("{g}/v1"), "version": "v1"}}))
                 .collect();
@@ -262,13 +312,7 @@ async fn handle(
             ),
         };
     }
-    if method != Method::GET {
-        return status(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            format!("the lab's API is read-only: {method} {path}"),
-        );
-    }
+    let writing = method != Method::GET;
     // /api/v1/... or /apis/<g>/<v>/...
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         ["api", "v1", rest @ ..] => ("", "v1", rest),
@@ -306,7 +350,13 @@ async fn handle(
             format!("the server could not find the requested resource ({plural})"),
         );
     };
-    let live = tpbpf_lab::Lab::new(&cfg.lab).status();
+    if writing {
+        return write(&cfg, &who, &method, kind, namespace, name, &body);
+    }
+    let live = Live {
+        status: tpbpf_lab::Lab::new(&cfg.lab).status(),
+        store: Store::new(&cfg.lab),
+    };
     let mut items: Vec<Value> = (kind.objects)(&live)
         .into_iter()
         .filter(|o| namespace.is_none() || o["metadata"]["namespace"].as_str() == namespace)
@@ -355,6 +405,101 @@ async fn handle(
         "metadata": {"resourceVersion": "1"},
         "items": items,
     }))
+}
+
+/// A write: server-side apply (PATCH), create (POST) or delete, of the kinds
+/// an install applies; the admin identity only, as cluster-admin.
+fn write(
+    cfg: &ApiConfig,
+    who: &Who,
+    method: &Method,
+    kind: &Kind,
+    namespace: Option<&str>,
+    name: Option<&str>,
+    body: &[u8],
+) -> Response {
+    let what = format!("{} {}", method, kind.plural);
+    if !crate::store::WRITABLE
+        .iter()
+        .any(|(p, ns)| *p == kind.plural && *ns == kind.namespaced)
+    {
+        return status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("the lab's API accepts writes of what `tpbpf install` applies only: {what}"),
+        );
+    }
+    if let Who::Restricted(_) = who {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("{} is forbidden: User \"lab-developer\" cannot {} resource \"{}\" (installing takes cluster-admin)", kind.plural, method.as_str().to_lowercase(), kind.plural),
+        );
+    }
+    let store = Store::new(&cfg.lab);
+    let ns = if kind.namespaced { namespace } else { None };
+    if *method == Method::DELETE {
+        let Some(name) = name else {
+            return status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "delete a collection: not in the lab".into(),
+            );
+        };
+        return match store.delete(kind.plural, ns, name) {
+            Some(o) => ok_json(o),
+            None => status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{} \"{name}\" not found", kind.plural),
+            ),
+        };
+    }
+    let parsed: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("the lab takes JSON bodies (apply-patch+yaml in its JSON form): {e}"),
+            )
+        }
+    };
+    if parsed["kind"].as_str() != Some(kind.kind) {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("the body's kind is not {}", kind.kind),
+        );
+    }
+    let name = match (method, name) {
+        (&Method::PATCH, Some(n)) => n.to_string(),
+        (&Method::POST, None) => parsed["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        _ => {
+            return status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("not in the lab: {what}"),
+            )
+        }
+    };
+    if *method == Method::POST && store.get(kind.plural, ns, &name).is_some() {
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            format!("{} \"{name}\" already exists", kind.plural),
+        );
+    }
+    match store.apply(kind.plural, ns, &name, parsed) {
+        Ok(o) => {
+            info!(kind = kind.kind, name, "applied");
+            ok_json(o)
+        }
+        Err(e) => status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e),
+    }
 }
 
 fn respond_one(o: Value, kind: &Kind, headers: &HeaderMap) -> Response {

@@ -246,27 +246,6 @@ impl Lab {
             info!(lab = self.name, "lab already up");
             return Ok(status);
         }
-        // Everything up but agents: restart those, as a DaemonSet would.
-        let others_up = status.pods.iter().all(|p| p.running)
-            && status.nodes.iter().all(|(_, ns)| netns_exists(ns))
-            && (self.api_command.is_none() || status.api_running)
-            && spec::nodes()
-                .iter()
-                .all(|n| netns_exists(&self.agent_netns(n.name)));
-        if others_up {
-            for node in spec::nodes() {
-                if !self.agent_pid(node.name).is_some_and(alive) {
-                    info!(
-                        lab = self.name,
-                        node = node.name,
-                        "restarting the node's agent"
-                    );
-                    self.start_agent(&node)?;
-                }
-            }
-            self.wait_ready(Duration::from_secs(30))?;
-            return Ok(self.status());
-        }
         // Half up (a crash, an interrupted run): start from a clean slate.
         self.down()?;
         self.build_network()?;
@@ -274,7 +253,6 @@ impl Lab {
             self.start_app(&pod)?;
         }
         self.start_api()?;
-        self.start_agents()?;
         self.wait_ready(Duration::from_secs(30))?;
         let status = self.status();
         if !status.up {
@@ -678,15 +656,11 @@ impl Lab {
         Ok(())
     }
 
-    fn start_agents(&self) -> Result<()> {
-        for node in spec::nodes() {
-            self.start_agent(&node)?;
-        }
-        Ok(())
-    }
-
-    /// The agent of one node, as a process in the node's namespace.
-    fn start_agent(&self, node: &spec::Node) -> Result<()> {
+    /// What the kubelet does for the agent DaemonSet's pod on `node`: runs
+    /// the agent binary in the agent's pod network namespace with the
+    /// container's `args`, the downward API's `NODE_NAME` and `NODE_IP`, and
+    /// a resolv.conf naming the cluster DNS (dnsPolicy ClusterFirst).
+    pub fn start_agent(&self, node: &spec::Node, args: &[String]) -> Result<u32> {
         let Some(agent) = &self.agent else {
             return Err(LabError::AgentMissing {
                 path: "tpbpf-agent".into(),
@@ -695,36 +669,33 @@ impl Lab {
         let cluster_dns = spec::services()
             .iter()
             .find(|s| s.name == "kube-dns")
-            .map(|s| format!("{}:53", s.cluster_ip))
-            .unwrap_or_default();
-        // In its own pod network namespace: HTTP (credentials) on the pod's
-        // loopback, which only a port-forward reaches; the tunnel on every
-        // address, for port-forwards and direct TLS to the pod IP.
+            .map(|s| s.cluster_ip)
+            .unwrap_or("10.96.0.10");
+        let resolv = self.state.join("agent-resolv.conf");
+        write(
+            &resolv,
+            &format!(
+                "nameserver {cluster_dns}\nsearch tpbpf-system.svc.{d} svc.{d} {d}\n",
+                d = spec::CLUSTER_DOMAIN
+            ),
+        )?;
+        // `ip netns exec` runs in a mount namespace of its own: the bind
+        // mount is the agent's alone.
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.agent_netns(node.name)])
+        cmd.env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("NODE_NAME", node.name)
+            .env("NODE_IP", node.ip)
+            .args(["netns", "exec", &self.agent_netns(node.name), "sh", "-c"])
+            .arg(format!(
+                "mount --bind {} /etc/resolv.conf && exec \"$0\" \"$@\"",
+                resolv.display()
+            ))
             .arg(agent)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{AGENT_PORT}"),
-                "--tunnel-listen",
-                &format!("0.0.0.0:{AGENT_TUNNEL_PORT}"),
-                "--cluster-dns",
-                &cluster_dns,
-                // Short, so the tests see a killed tpbpfd's intercepts
-                // go in seconds (the default is 30).
-                "--resume-window-s",
-                "5",
-                "--node",
-                node.name,
-                // The dial policy: the cluster's ranges, never the node.
-                "--cluster-cidr",
-                spec::SERVICE_CIDR,
-                "--cluster-cidr",
-                spec::POD_CIDR,
-                "--node-ip",
-                node.ip,
-            ]);
+            .args(args);
         let pid = spawn_detached(
             &mut cmd,
             &self.state.join(format!("agent-{}.log", node.name)),
@@ -733,7 +704,21 @@ impl Lab {
         write(
             &self.state.join(format!("agent-{}.pid", node.name)),
             &pid.to_string(),
-        )
+        )?;
+        Ok(pid)
+    }
+
+    /// Stops the agent on `node`, if it runs (the DaemonSet is gone).
+    pub fn stop_agent(&self, node: &str) {
+        if let Some(pid) = self.agent_pid(node) {
+            stop_pid(pid);
+        }
+        let _ = fs::remove_file(self.state.join(format!("agent-{node}.pid")));
+    }
+
+    /// Whether the agent on `node` runs.
+    pub fn agent_running(&self, node: &str) -> bool {
+        self.agent_pid(node).is_some_and(alive)
     }
 
     fn start_api(&self) -> Result<()> {
@@ -770,31 +755,6 @@ impl Lab {
 
     fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        for node in spec::nodes() {
-            let addr = SocketAddr::from(([127, 0, 0, 1], AGENT_PORT));
-            let ns = self.agent_netns(node.name);
-            while !in_netns(&ns, move || {
-                TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
-            }) {
-                if !self.agent_pid(node.name).is_some_and(alive) {
-                    let log = self.state.join(format!("agent-{}.log", node.name));
-                    let text = fs::read_to_string(&log).unwrap_or_default();
-                    let lines: Vec<&str> = text.lines().collect();
-                    return Err(LabError::AgentExited {
-                        node: node.name.into(),
-                        log: log.display().to_string(),
-                        tail: lines[lines.len().saturating_sub(10)..].join("\n"),
-                    });
-                }
-                if Instant::now() > deadline {
-                    return Err(LabError::NotReady(format!(
-                        "the agent on {} is not answering on {addr}",
-                        node.name
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
         if self.api_command.is_some() {
             let addr: SocketAddr = API_ADDR
                 .parse()
@@ -882,8 +842,7 @@ impl Lab {
             .collect();
         let up = pods.iter().all(|p| p.running)
             && nodes.iter().all(|(_, ns)| netns_exists(ns))
-            && (self.api_command.is_none() || api_running)
-            && agents.iter().all(|a| a.running);
+            && (self.api_command.is_none() || api_running);
         Status {
             name: self.name.clone(),
             up,

@@ -32,6 +32,9 @@ pub struct InstallArgs {
     /// A further range developers may reach through the agent (repeatable).
     #[arg(long = "allow-cidr", value_name = "CIDR")]
     allow_cidrs: Vec<tpbpf_loader::Cidr>,
+    /// Seconds a disconnected developer's session keeps its intercepts.
+    #[arg(long, default_value_t = 30)]
+    resume_window_s: u64,
     /// Print what would be applied, apply nothing.
     #[arg(long)]
     dry_run: bool,
@@ -83,7 +86,7 @@ pub fn install(args: InstallArgs) -> Result<ExitCode> {
                 .unwrap_or_else(|| tpbpf_deploy::Settings::default().image),
             cluster_cidrs: cidrs,
             allow_cidrs: args.allow_cidrs.iter().map(ToString::to_string).collect(),
-            ..Default::default()
+            resume_window_s: args.resume_window_s,
         };
         let objects = tpbpf_deploy::objects(&settings);
         if args.dry_run {

@@ -45,6 +45,9 @@ enum LabAction {
         /// Where the restricted identity may port-forward (comma separated).
         #[arg(long, value_delimiter = ',')]
         restricted_namespaces: Vec<String>,
+        /// The agent binary the nodes run once tpbpf's DaemonSet is applied.
+        #[arg(long)]
+        agent_bin: Option<std::path::PathBuf>,
     },
 }
 
@@ -54,6 +57,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         token,
         restricted_token,
         restricted_namespaces,
+        agent_bin,
     } = &args.action
     {
         let cfg = tpbpf_lab_api::ApiConfig {
@@ -62,6 +66,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
             restricted: restricted_token
                 .clone()
                 .map(|t| (t, restricted_namespaces.clone())),
+            agent: agent_bin.clone(),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -79,7 +84,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         LabAction::Up { agent: Some(a) } => a.clone(),
         _ => exe_path.with_file_name("tpbpf-agent"),
     };
-    let lab = Lab::new(&args.name).with_agent(agent);
+    let lab = Lab::new(&args.name).with_agent(agent.clone());
     let lab = lab.clone().with_api(vec![
         exe,
         "--netns".into(),
@@ -88,6 +93,8 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         "api".into(),
         "--name".into(),
         args.name.clone(),
+        "--agent-bin".into(),
+        agent.display().to_string(),
     ]);
     let status = match args.action {
         LabAction::Up { .. } => lab.up()?,
