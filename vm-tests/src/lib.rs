@@ -480,6 +480,9 @@ impl Cluster {
                 format!("/web.default.svc.cluster.local/{WEB6}"),
                 format!("/bulk.default.svc.cluster.local/{BULK4}"),
                 format!("/postgres.db.svc.cluster.local/{BULK4}"),
+                // Authoritative for the domain, as CoreDNS is: NXDOMAIN
+                // for names it does not have.
+                "/cluster.local/".to_string(),
             ],
         );
         Self {

@@ -36,6 +36,10 @@ fn tpbpf_run(
             "default",
             "--namespace",
             "db",
+            // A namespace named like a top-level domain: names under it
+            // that the cluster does not know still resolve as before.
+            "--namespace",
+            "test",
         ])
         .arg("--cgroup-parent")
         .arg(parent.path())

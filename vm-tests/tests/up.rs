@@ -51,6 +51,11 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
                 &kubeconfig,
                 "--instance",
                 &instance.0,
+                // Connected namespaces: the first for bare names.
+                "-n",
+                "default",
+                "-n",
+                "cache",
             ])
             .arg("--cgroup")
             .arg(cg.path())
@@ -89,7 +94,12 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
         "{state}"
     );
     assert_eq!(state["cluster"]["dns"], "10.96.0.10");
-    assert_eq!(state["cluster"]["namespaces"][0], "default");
+    // The namespaces named, never every namespace of the cluster.
+    assert_eq!(
+        state["cluster"]["namespaces"],
+        serde_json::json!(["default", "cache"]),
+        "{state}"
+    );
     // The agent was found and asked who it is, through a port-forward via
     // the API endpoint (the tunnel's path).
     assert_eq!(state["agent"]["healthy"], true, "{state}");
@@ -217,6 +227,7 @@ fn run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing() {
             "--kubeconfig",
             &kubeconfig,
         ])
+        .args(["--namespace", "default", "--namespace", "cache"])
         // The direct transport: TLS straight to the agent's node address.
         .args(["--transport", "direct", "--cgroup-parent"])
         .arg(parent.path())

@@ -197,6 +197,13 @@ pub fn run() -> Result<()> {
                 &kubeconfig,
                 "--instance",
                 &instance,
+                // Connected namespaces (the first for bare names).
+                "-n",
+                "default",
+                "-n",
+                "cache",
+                "-n",
+                "db",
             ])
             .arg("--cgroup")
             .arg(&parent),

@@ -77,8 +77,11 @@ fn route(cfg: &DnsConfig, qname: &str) -> Route {
     let is_ns = |l: &str| cfg.namespaces.iter().any(|n| n.eq_ignore_ascii_case(l));
     match labels.as_slice() {
         [_, .., ns, "svc"] if is_ns(ns) => Route::Cluster(format!("{name}.{domain}.")),
+        // `svc.ns` as inside a pod, unless the cluster does not know it:
+        // a namespace named like a top-level domain (`test`, `dev`) must
+        // not take `local.test` or `pkg.go.dev` from the app's resolver.
         [_, .., ns] if labels.len() >= 2 && is_ns(ns) => {
-            Route::Cluster(format!("{name}.svc.{domain}."))
+            Route::ClusterThenForward(format!("{name}.svc.{domain}."))
         }
         [_] => match cfg.namespaces.first() {
             Some(ns) => Route::ClusterThenForward(format!("{name}.{ns}.svc.{domain}.")),
@@ -319,11 +322,11 @@ mod tests {
     fn service_dot_namespace_resolves_like_inside_a_pod() {
         assert_eq!(
             route(&cfg(), "web.default."),
-            cluster("web.default.svc.cluster.local.")
+            Route::ClusterThenForward("web.default.svc.cluster.local.".into())
         );
         assert_eq!(
             route(&cfg(), "postgres.db"),
-            cluster("postgres.db.svc.cluster.local.")
+            Route::ClusterThenForward("postgres.db.svc.cluster.local.".into())
         );
         assert_eq!(
             route(&cfg(), "postgres.db.svc."),

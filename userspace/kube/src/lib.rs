@@ -4,7 +4,7 @@
 use std::{net::IpAddr, path::Path};
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Node, Pod, Service},
     networking::v1::ServiceCIDR,
 };
 use kube::{
@@ -56,7 +56,7 @@ pub struct ClusterInfo {
     pub cluster_domain: String,
     /// The cluster DNS service's ClusterIP (kube-system/kube-dns).
     pub dns: Option<IpAddr>,
-    /// The user's namespace first, then every other namespace.
+    /// The context's namespace (where bare names resolve); `up -n` adds more.
     pub namespaces: Vec<String>,
 }
 
@@ -170,19 +170,10 @@ pub async fn discover(
         .and_then(|s| s.spec)
         .and_then(|s| s.cluster_ip)
         .and_then(|ip| ip.parse().ok());
-    let mut namespaces = vec![namespace.to_string()];
-    for ns in Api::<Namespace>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(api_err("namespaces"))?
-        .items
-    {
-        if let Some(name) = ns.metadata.name {
-            if !namespaces.contains(&name) {
-                namespaces.push(name);
-            }
-        }
-    }
+    // The context's namespace only: connecting every namespace of the
+    // cluster would let one named `dev` take `pkg.go.dev`. More come from
+    // `up -n NS`.
+    let namespaces = vec![namespace.to_string()];
     Ok(ClusterInfo {
         context: context.to_string(),
         server: server.to_string(),

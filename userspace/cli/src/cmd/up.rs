@@ -21,9 +21,10 @@ pub struct UpArgs {
     /// kubeconfig context (default: the current one).
     #[arg(long)]
     context: Option<String>,
-    /// The namespace bare names resolve in (default: the context's).
-    #[arg(short, long)]
-    namespace: Option<String>,
+    /// A connected namespace (repeatable): `svc.NS` names resolve in the
+    /// cluster; bare names in the first (default: the context's namespace).
+    #[arg(short, long = "namespace")]
+    namespaces: Vec<String>,
     /// Where bridged traffic goes: `agent` (default), a tunnel to tpbpf's
     /// agent; `netns:NAME` dials from inside network namespace NAME (e.g. a
     /// lab node: `netns:tpbpf-lab-node1`), for debugging without a tunnel.
@@ -125,8 +126,14 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     let (info, agent) = rt.block_on(async {
         let (client, ctx, server, ns) =
             tpbpf_kube::client(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
-        let ns = args.namespace.clone().unwrap_or(ns);
-        let info = tpbpf_kube::discover(&client, &ctx, &server, &ns, &args.cluster_domain).await?;
+        let ns = args.namespaces.first().cloned().unwrap_or(ns);
+        let mut info =
+            tpbpf_kube::discover(&client, &ctx, &server, &ns, &args.cluster_domain).await?;
+        for extra in args.namespaces.iter().skip(1) {
+            if !info.namespaces.contains(extra) {
+                info.namespaces.push(extra.clone());
+            }
+        }
         let agent = tpbpf_kube::find_agent(&client).await;
         Ok::<_, anyhow::Error>((info, agent))
     })?;
