@@ -301,6 +301,18 @@ pub fn run() -> Result<()> {
     let _ = Command::new(&tpbpf)
         .args(["status", "--instance", &instance])
         .status();
+    // The programs this bridge loaded, to check they go with it.
+    let state = Command::new(&tpbpf)
+        .args(["status", "-o", "json", "--instance", &instance])
+        .output()?;
+    let state: serde_json::Value = serde_json::from_slice(&state.stdout).unwrap_or_default();
+    let ours: Vec<u64> = state["bridge"]["program_ids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+        .unwrap_or_default();
+    if ours.is_empty() {
+        bail!("tpbpf status names no programs of the bridge: {state}");
+    }
     run_cmd(Command::new(&tpbpf).args(["down", "--instance", &instance]))?;
     cleanup.instance = None;
 
@@ -326,12 +338,28 @@ pub fn run() -> Result<()> {
     if !leftover.is_empty() {
         bail!("cgroups left behind: {leftover:?}");
     }
-    let out = Command::new("bpftool").args(["prog", "show"]).output()?;
-    let progs = String::from_utf8_lossy(&out.stdout);
-    let ours = progs.lines().filter(|l| l.contains("tpbpf_")).count();
-    println!("tpbpf programs loaded in the kernel: {ours}; tpbpf cgroups left: 0");
-    if ours > 0 {
-        bail!("tpbpf programs are still loaded:\n{progs}");
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()?;
+    let loaded: Vec<u64> = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| {
+            v.as_array()
+                .map(|a| a.iter().filter_map(|p| p["id"].as_u64()).collect())
+        })
+        .unwrap_or_default();
+    let left: Vec<u64> = ours
+        .iter()
+        .copied()
+        .filter(|id| loaded.contains(id))
+        .collect();
+    println!(
+        "the bridge's {} programs still in the kernel: {}; tpbpf cgroups left: 0",
+        ours.len(),
+        left.len()
+    );
+    if !left.is_empty() {
+        bail!("the bridge's programs are still loaded: {left:?}");
     }
     drop(cleanup);
     println!("\ndemo done: the machine is as it was.");
