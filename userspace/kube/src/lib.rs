@@ -386,6 +386,35 @@ pub struct WorkloadPod {
     pub node: String,
 }
 
+/// A workload's selector as the API's `labelSelector` query: `matchLabels`
+/// and `matchExpressions` (In, NotIn, Exists, DoesNotExist). A selector
+/// that selects nothing in particular would select every pod: refused.
+pub fn label_selector(
+    sel: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> Result<String, String> {
+    let mut terms: Vec<String> = Vec::new();
+    let Some(sel) = sel else {
+        return Err("it has no selector".into());
+    };
+    for (k, v) in sel.match_labels.iter().flatten() {
+        terms.push(format!("{k}={v}"));
+    }
+    for e in sel.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        terms.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            other => return Err(format!("its selector has an unknown operator {other}")),
+        });
+    }
+    if terms.is_empty() {
+        return Err("its selector is empty, which would select every pod".into());
+    }
+    Ok(terms.join(","))
+}
+
 /// The running pods of a workload in `namespace`: a deployment, a
 /// statefulset, or a pod, by name (tried in that order).
 pub async fn workload_pods(
@@ -394,14 +423,6 @@ pub async fn workload_pods(
     workload: &str,
 ) -> Result<(String, Vec<WorkloadPod>), String> {
     use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-    let selector = |labels: Option<std::collections::BTreeMap<String, String>>| {
-        labels
-            .unwrap_or_default()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
@@ -410,14 +431,16 @@ pub async fn workload_pods(
         .await
         .map_err(|e| format!("getting deployment {namespace}/{workload}: {e}"))?
     {
-        let sel = selector(d.spec.and_then(|s| s.selector.match_labels));
+        let sel = label_selector(d.spec.map(|s| s.selector).as_ref())
+            .map_err(|e| format!("deployment {namespace}/{workload}: {e}"))?;
         let list = pods
             .list(&ListParams::default().labels(&sel))
             .await
             .map_err(|e| format!("listing the pods of deployment {workload}: {e}"))?;
         ("deployment", list.items)
     } else if let Some(st) = statefulsets.get_opt(workload).await.ok().flatten() {
-        let sel = selector(st.spec.and_then(|s| s.selector.match_labels));
+        let sel = label_selector(st.spec.map(|s| s.selector).as_ref())
+            .map_err(|e| format!("statefulset {namespace}/{workload}: {e}"))?;
         let list = pods
             .list(&ListParams::default().labels(&sel))
             .await
@@ -740,6 +763,36 @@ pub async fn agents_ready(client: &Client) -> Result<(i32, i32, Vec<String>), St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selectors_with_expressions_become_set_based_queries() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+            LabelSelector, LabelSelectorRequirement,
+        };
+        let req = |key: &str, op: &str, values: &[&str]| LabelSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: (!values.is_empty()).then(|| values.iter().map(|v| v.to_string()).collect()),
+        };
+        let sel = LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![
+                req("app", "In", &["postgres", "pg"]),
+                req("tier", "NotIn", &["cache"]),
+                req("team", "Exists", &[]),
+                req("legacy", "DoesNotExist", &[]),
+            ]),
+        };
+        assert_eq!(
+            label_selector(Some(&sel)).unwrap(),
+            "app in (postgres,pg),tier notin (cache),team,!legacy"
+        );
+        let empty = LabelSelector::default();
+        assert!(label_selector(Some(&empty))
+            .unwrap_err()
+            .contains("every pod"));
+        assert!(label_selector(None).is_err());
+    }
 
     #[test]
     fn only_pods_the_agent_daemonset_controls_are_agents() {

@@ -15,7 +15,9 @@ use k8s_openapi::{
         },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
-    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference, Time},
+    apimachinery::pkg::apis::meta::v1::{
+        LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference, Time,
+    },
     jiff::Timestamp,
 };
 use tpbpf_lab::{
@@ -425,6 +427,26 @@ fn template(label: &str) -> PodTemplateSpec {
     }
 }
 
+/// A workload's selector. PostgreSQL's uses only `matchExpressions`, as
+/// charts often do, so clients must read both forms.
+fn selector(label: &str) -> LabelSelector {
+    if label == "postgres" {
+        LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "app".into(),
+                operator: "In".into(),
+                values: Some(vec![label.into()]),
+            }]),
+            ..Default::default()
+        }
+    } else {
+        LabelSelector {
+            match_labels: Some(labels(&[("app", label)])),
+            ..Default::default()
+        }
+    }
+}
+
 pub fn deployments(live: &Status) -> Vec<Deployment> {
     workloads(live)
         .into_iter()
@@ -436,10 +458,7 @@ pub fn deployments(live: &Status) -> Vec<Deployment> {
             ),
             spec: Some(DeploymentSpec {
                 replicas: Some(w.replicas),
-                selector: LabelSelector {
-                    match_labels: Some(labels(&[("app", w.label)])),
-                    ..Default::default()
-                },
+                selector: selector(w.label),
                 template: template(w.label),
                 ..Default::default()
             }),
@@ -474,10 +493,7 @@ pub fn replica_sets(live: &Status) -> Vec<ReplicaSet> {
                 },
                 spec: Some(ReplicaSetSpec {
                     replicas: Some(replicas),
-                    selector: LabelSelector {
-                        match_labels: Some(labels(&[("app", label)])),
-                        ..Default::default()
-                    },
+                    selector: selector(label),
                     template: Some(template(label)),
                     ..Default::default()
                 }),
