@@ -95,13 +95,16 @@ fi
 
 # kubernetes-validate (PyPI): the tests check `tpbpf install`'s manifests
 # against the Kubernetes JSON schemas of several versions.
-if command -v kubernetes-validate >/dev/null; then
+# The tests run it as `python3 -m kubernetes_validate` (no PATH or pyenv
+# shim needed).
+if python3 -c 'import kubernetes_validate' 2>/dev/null; then
     say "kubernetes-validate present"
 else
     say "installing kubernetes-validate from PyPI (manifest schema checks)"
     python3 -m pip install -q --disable-pip-version-check kubernetes-validate \
         || die "pip install kubernetes-validate failed: see the output above"
-    command -v kubernetes-validate >/dev/null || hash -r
+    python3 -c 'import kubernetes_validate' \
+        || die "kubernetes-validate was installed but python3 cannot import it"
 fi
 
 say "ready: $(/usr/bin/rustc --version), $(bpf-linker --version | head -1), kernel $(uname -r)"
