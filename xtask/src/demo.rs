@@ -143,39 +143,28 @@ pub fn run() -> Result<()> {
         c
     };
 
+    // kubectl as the developer runs it, against the lab's API endpoint.
+    let kubectl = |args: &[&str]| {
+        println!("$ kubectl {}", args.join(" "));
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &dev,
+                "kubectl",
+                "--kubeconfig",
+                &kubeconfig,
+            ])
+            .args(args)
+            .status();
+    };
+
     step("kubectl against the lab's API endpoint, from the developer namespace");
-    println!("$ kubectl get pods -A");
-    let _ = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &dev,
-            "kubectl",
-            "--kubeconfig",
-            &kubeconfig,
-            "get",
-            "pods",
-            "-A",
-        ])
-        .status();
+    kubectl(&["get", "pods", "-A"]);
 
     step("tpbpf install: the agent DaemonSet into the cluster (server-side apply), one agent per node");
     run_cmd(Command::new(&tpbpf).args(["--netns", &dev, "install", "--kubeconfig", &kubeconfig]))?;
-    println!("$ kubectl -n tpbpf-system get pods");
-    let _ = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &dev,
-            "kubectl",
-            "--kubeconfig",
-            &kubeconfig,
-            "-n",
-            "tpbpf-system",
-            "get",
-            "pods",
-        ])
-        .status();
+    kubectl(&["-n", "tpbpf-system", "get", "pods"]);
 
     step("without tpbpf: the developer namespace cannot resolve or reach web.default");
     let out = in_dev("curl -sS -m 3 http://web.default/").output()?;
