@@ -487,6 +487,25 @@ fn an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace() {
     let cg = TestCgroup::new();
     let instance = Instance(unique_name("ir"));
     bring_up_as(&lab, &restricted, &cg, &instance);
+    // Installing takes cluster-admin: the restricted identity may not.
+    let install = tpbpf(&[
+        "--netns",
+        &lab.dev_netns(),
+        "install",
+        "--kubeconfig",
+        &restricted,
+        "--timeout-s",
+        "5",
+    ]);
+    let err = String::from_utf8_lossy(&install.stderr);
+    assert!(
+        !install.status.success(),
+        "a restricted identity installed tpbpf"
+    );
+    assert!(
+        err.contains("forbidden") && err.contains("cluster-admin"),
+        "{err}"
+    );
     let refused = tpbpf(&[
         "intercept",
         "redis-0",
