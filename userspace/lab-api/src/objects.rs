@@ -237,9 +237,9 @@ fn running(live: &Status, namespace: &str, name: &str) -> bool {
 }
 
 fn workload_pods(live: &Status) -> Vec<Pod> {
-    spec::pods()
-        .into_iter()
-        .filter(|p| running(live, p.namespace, p.name))
+    live.pod_specs
+        .iter()
+        .filter(|p| running(live, p.namespace, &p.name))
         .map(|p| {
             let rs = replicaset_name(p.workload);
             let (port, proto) = port(p.app);
@@ -254,7 +254,13 @@ fn workload_pods(live: &Status) -> Vec<Pod> {
                         controller: Some(true),
                         ..Default::default()
                     }]),
-                    ..meta(p.name, Some(p.namespace), &uid("Pod", p.namespace, p.name))
+                    // A replacement is a new object: a new uid, even with
+                    // the same name (a StatefulSet's pod).
+                    ..meta(
+                        &p.name,
+                        Some(p.namespace),
+                        &uid("Pod", p.namespace, &format!("{}/{}", p.name, p.ip)),
+                    )
                 },
                 spec: Some(PodSpec {
                     node_name: Some(p.node.into()),
@@ -282,8 +288,8 @@ fn workload_pods(live: &Status) -> Vec<Pod> {
                 }),
                 status: Some(PodStatus {
                     phase: Some("Running".into()),
-                    pod_ip: Some(p.ip.into()),
-                    pod_ips: Some(vec![PodIP { ip: p.ip.into() }]),
+                    pod_ip: Some(p.ip.clone()),
+                    pod_ips: Some(vec![PodIP { ip: p.ip.clone() }]),
                     host_ip: spec::nodes()
                         .iter()
                         .find(|n| n.name == p.node)
@@ -342,7 +348,7 @@ pub fn services() -> Vec<Service> {
         .collect()
 }
 
-pub fn endpoint_slices() -> Vec<EndpointSlice> {
+pub fn endpoint_slices(live: &Status) -> Vec<EndpointSlice> {
     spec::services()
         .into_iter()
         .map(|s| {
@@ -357,10 +363,10 @@ pub fn endpoint_slices() -> Vec<EndpointSlice> {
                     )
                 },
                 address_type: "IPv4".into(),
-                endpoints: spec::endpoints(&s)
+                endpoints: spec::endpoints(&s, &live.pod_specs)
                     .into_iter()
                     .map(|p| Endpoint {
-                        addresses: vec![p.ip.into()],
+                        addresses: vec![p.ip.clone()],
                         conditions: Some(EndpointConditions {
                             ready: Some(true),
                             ..Default::default()
@@ -396,8 +402,8 @@ struct Workload {
 
 fn workloads(live: &Status) -> Vec<Workload> {
     let mut out: Vec<Workload> = Vec::new();
-    for p in spec::pods() {
-        let ready = i32::from(running(live, p.namespace, p.name));
+    for p in &live.pod_specs {
+        let ready = i32::from(running(live, p.namespace, &p.name));
         if let Some(w) = out
             .iter_mut()
             .find(|w| w.namespace == p.namespace && w.name == p.workload)

@@ -43,8 +43,9 @@ pub(crate) fn target(lab: &str, ns: &str, pod: &str) -> Option<Target> {
         })
         .flatten()
         .map(|n| lab.agent_netns(n.name));
-    let netns = spec::pods()
-        .into_iter()
+    let netns = live
+        .pod_specs
+        .iter()
         .find(|p| {
             p.namespace == ns
                 && p.name == pod
@@ -53,7 +54,7 @@ pub(crate) fn target(lab: &str, ns: &str, pod: &str) -> Option<Target> {
                     .iter()
                     .any(|l| l.namespace == ns && l.name == pod && l.running)
         })
-        .map(|p| lab.pod_netns(&p))
+        .map(|p| lab.pod_netns(p))
         .or(agent)?;
     Some(Target {
         ip: std::net::Ipv4Addr::LOCALHOST.into(),

@@ -168,7 +168,7 @@ fn kinds() -> Vec<Kind> {
             kind: "EndpointSlice",
             namespaced: true,
             short: &[],
-            objects: |_| to_values(objects::endpoint_slices()),
+            objects: |l| to_values(objects::endpoint_slices(&l.status)),
         },
         Kind {
             group: "networking.k8s.io",
@@ -353,15 +353,24 @@ async fn handle(
     if writing {
         return write(&cfg, &who, &method, kind, namespace, name, &body);
     }
-    let live = Live {
-        status: tpbpf_lab::Lab::new(&cfg.lab).status(),
-        store: Store::new(&cfg.lab),
+    let objects = kind.objects;
+    let (lab, ns, q) = (
+        cfg.lab.clone(),
+        namespace.map(str::to_string),
+        query.clone(),
+    );
+    let poll = move || -> Vec<Value> {
+        let live = Live {
+            status: tpbpf_lab::Lab::new(&lab).status(),
+            store: Store::new(&lab),
+        };
+        objects(&live)
+            .into_iter()
+            .filter(|o| ns.is_none() || o["metadata"]["namespace"].as_str() == ns.as_deref())
+            .filter(|o| matches_selectors(o, &q))
+            .collect()
     };
-    let mut items: Vec<Value> = (kind.objects)(&live)
-        .into_iter()
-        .filter(|o| namespace.is_none() || o["metadata"]["namespace"].as_str() == namespace)
-        .filter(|o| matches_selectors(o, &query))
-        .collect();
+    let items = poll();
     if let Some(name) = name {
         return match items.into_iter().find(|o| o["metadata"]["name"] == name) {
             Some(o) => respond_one(o, kind, &headers),
@@ -374,6 +383,8 @@ async fn handle(
     }
     let watching = query.get("watch").is_some_and(|w| w == "1" || w == "true");
     if watching {
+        // From the start (no resourceVersion, or 0): every object as ADDED
+        // first. From a list's version: only what changes after it.
         let initial = query
             .get("resourceVersion")
             .is_none_or(|rv| rv.is_empty() || rv == "0");
@@ -382,14 +393,7 @@ async fn handle(
             .and_then(|t| t.parse().ok())
             .unwrap_or(300u64)
             .min(1800);
-        return watch(
-            if initial {
-                std::mem::take(&mut items)
-            } else {
-                Vec::new()
-            },
-            timeout,
-        );
+        return watch(items, initial, poll, timeout);
     }
     if wants_table(&headers) {
         return ok_json(table(kind, &items));
@@ -687,23 +691,58 @@ fn table(kind: &Kind, items: &[Value]) -> Value {
     json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": "1"}, "columnDefinitions": columns, "rows": rows})
 }
 
-/// A watch: ADDED events for the current objects, then the stream stays
-/// open (the lab's objects do not change) until the timeout.
-fn watch(items: Vec<Value>, timeout_s: u64) -> Response {
+/// A watch: ADDED events for the current objects (when `initial`), then
+/// the changes as they happen (the lab's state is read every 200 ms and
+/// compared by uid): ADDED, MODIFIED, DELETED, until the timeout.
+fn watch(
+    items: Vec<Value>,
+    initial: bool,
+    poll: impl Fn() -> Vec<Value> + Send + 'static,
+    timeout_s: u64,
+) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(16);
+    let key = |o: &Value| {
+        o["metadata"]["uid"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{}/{}", o["metadata"]["namespace"], o["metadata"]["name"]))
+    };
     tokio::spawn(async move {
+        let event = |t: &str, o: &Value| format!("{}\n", json!({"type": t, "object": o}));
+        let mut known: HashMap<String, Value> = HashMap::new();
         for o in items {
-            if tx
-                .send(Ok(format!("{}\n", json!({"type": "ADDED", "object": o}))))
-                .await
-                .is_err()
-            {
+            if initial && tx.send(Ok(event("ADDED", &o))).await.is_err() {
                 return;
             }
+            known.insert(key(&o), o);
         }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(timeout_s)) => {}
-            _ = tx.closed() => {}
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_s);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            let now: HashMap<String, Value> = poll().into_iter().map(|o| (key(&o), o)).collect();
+            let mut events = Vec::new();
+            for (k, o) in &known {
+                if !now.contains_key(k) {
+                    events.push(event("DELETED", o));
+                }
+            }
+            for (k, o) in &now {
+                match known.get(k) {
+                    None => events.push(event("ADDED", o)),
+                    Some(old) if old != o => events.push(event("MODIFIED", o)),
+                    Some(_) => {}
+                }
+            }
+            known = now;
+            for e in events {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
         }
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));

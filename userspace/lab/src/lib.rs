@@ -15,6 +15,7 @@
 pub mod spec;
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::{self, Write},
     net::{SocketAddr, TcpStream},
@@ -112,12 +113,20 @@ pub const API_ADDR: &str = "172.31.0.1:6443";
 /// API endpoint and nothing else of the lab).
 pub const DEV_IP: &str = "172.31.0.100";
 
+/// A pod `restart_pod` replaced: who it is now.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct Replaced {
+    name: String,
+    ip: String,
+    generation: u32,
+}
+
 #[derive(Debug, Serialize)]
 pub struct PodStatus {
     pub namespace: &'static str,
-    pub name: &'static str,
+    pub name: String,
     pub node: &'static str,
-    pub ip: &'static str,
+    pub ip: String,
     pub netns: String,
     pub app: App,
     pub pid: Option<u32>,
@@ -135,6 +144,9 @@ pub struct AgentStatus {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub name: String,
+    /// The pods as they are now (names and addresses after restarts).
+    #[serde(skip)]
+    pub pod_specs: Vec<Pod>,
     pub up: bool,
     pub nodes: Vec<(String, String)>,
     pub pods: Vec<PodStatus>,
@@ -249,7 +261,7 @@ impl Lab {
         // Half up (a crash, an interrupted run): start from a clean slate.
         self.down()?;
         self.build_network()?;
-        for pod in spec::pods() {
+        for pod in self.pods() {
             self.start_app(&pod)?;
         }
         self.start_api()?;
@@ -332,8 +344,8 @@ impl Lab {
             ip(&["-n", &ns, "route", "add", spec::SERVICE_CIDR, "dev", "eth0"])?;
             nft(&ns, &self.service_rules())?;
         }
-        for (i, pod) in spec::pods().iter().enumerate() {
-            self.pod_network(&self.pod_netns(pod), pod.node, pod.ip, &format!("vp{i}"))?;
+        for (i, pod) in self.pods().iter().enumerate() {
+            self.pod_network(&self.pod_netns(pod), pod.node, &pod.ip, &format!("vp{i}"))?;
         }
         // tpbpf's agents: pods of their own (not hostNetwork). The tunnel
         // port is published as a hostPort (the CNI portmap plugin's DNAT),
@@ -418,8 +430,9 @@ impl Lab {
     /// kube-proxy style DNAT for every ClusterIP, in a node's nat table.
     fn service_rules(&self) -> String {
         let mut rules = String::new();
+        let pods = self.pods();
         for svc in spec::services() {
-            let eps = spec::endpoints(&svc);
+            let eps = spec::endpoints(&svc, &pods);
             let target = if eps.len() == 1 {
                 eps[0].ip.to_string()
             } else {
@@ -445,7 +458,7 @@ impl Lab {
         // masqueraded (as kube-proxy does), or it would get a packet from its
         // own address and answer it locally.
         let mut hairpin = String::new();
-        for pod in spec::pods() {
+        for pod in self.pods() {
             hairpin.push_str(&format!(
                 "  ct status dnat ip saddr {ip} ip daddr {ip} masquerade\n",
                 ip = pod.ip
@@ -500,7 +513,7 @@ impl Lab {
                         svc.cluster_ip
                     ));
                 }
-                for p in spec::pods() {
+                for p in self.pods() {
                     args.push(format!(
                         "--host-record={}.{}.pod.{},{}",
                         p.ip.replace('.', "-"),
@@ -550,7 +563,7 @@ impl Lab {
                         // The pod's address, and loopback, where
                         // port-forwards arrive (as in a container).
                         "--bind",
-                        pod.ip,
+                        &pod.ip,
                         "127.0.0.1",
                         "--port",
                         "6379",
@@ -772,39 +785,240 @@ impl Lab {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        for pod in spec::pods() {
-            let port = match pod.app {
-                App::Dns => 53,
-                App::Nginx => 80,
-                App::Redis => 6379,
-                App::Postgres => 5432,
-            };
-            let addr: SocketAddr = format!("{}:{port}", pod.ip)
-                .parse()
-                .map_err(|_| LabError::NotReady(pod.ip.into()))?;
-            let node = self.node_netns(pod.node);
-            loop {
-                if in_netns(&node, move || {
-                    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
-                }) {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(LabError::NotReady(format!(
-                        "{} in {} is not answering on {addr}",
-                        pod.app_name(),
-                        pod.name
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        for pod in self.pods() {
+            self.wait_pod(&pod, deadline)?;
         }
         Ok(())
     }
 
-    pub fn status(&self) -> Status {
-        let pods: Vec<PodStatus> = spec::pods()
+    /// Waits until `pod`'s server answers on its pod address, from its node.
+    fn wait_pod(&self, pod: &Pod, deadline: Instant) -> Result<()> {
+        let port = match pod.app {
+            App::Dns => 53,
+            App::Nginx => 80,
+            App::Redis => 6379,
+            App::Postgres => 5432,
+        };
+        let addr: SocketAddr = format!("{}:{port}", pod.ip)
+            .parse()
+            .map_err(|_| LabError::NotReady(pod.ip.clone()))?;
+        let node = self.node_netns(pod.node);
+        loop {
+            if in_netns(&node, move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+            }) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::NotReady(format!(
+                    "{} in {} is not answering on {addr}",
+                    pod.app_name(),
+                    pod.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn replaced_path(&self) -> PathBuf {
+        self.state.join("replaced.json")
+    }
+
+    /// Pods `tpbpf lab restart` replaced, by their place in the spec.
+    fn replaced(&self) -> BTreeMap<usize, Replaced> {
+        fs::read(self.replaced_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// The lab's pods as they are now: the spec's, with the name and address
+    /// of each replacement `restart_pod` made.
+    pub fn pods(&self) -> Vec<Pod> {
+        let replaced = self.replaced();
+        spec::pods()
             .into_iter()
+            .enumerate()
+            .map(|(i, mut p)| {
+                if let Some(r) = replaced.get(&i) {
+                    p.name.clone_from(&r.name);
+                    p.ip.clone_from(&r.ip);
+                }
+                p
+            })
+            .collect()
+    }
+
+    /// The node-side veth of the pod at place `i`, replacement `generation`.
+    fn host_if(i: usize, generation: u32) -> String {
+        if generation == 0 {
+            format!("vp{i}")
+        } else {
+            format!("vp{i}r{generation}")
+        }
+    }
+
+    /// Replaces a pod as its controller would after a delete: the old one's
+    /// processes stop and its network goes (the CNI removes the veth); a new
+    /// pod starts on the same node with a new address, and a new name unless
+    /// it is a StatefulSet's (`name-N`). Services follow it. Returns the new
+    /// pod.
+    pub fn restart_pod(&self, namespace: Option<&str>, name: &str) -> Result<Pod> {
+        let _lock = self.lock()?;
+        let pods = self.pods();
+        let Some((i, old)) = pods
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.name == name && namespace.is_none_or(|n| n == p.namespace))
+        else {
+            return Err(LabError::NotReady(format!(
+                "no pod {name} in lab {} (`tpbpf lab status` lists them)",
+                self.name
+            )));
+        };
+        let mut replaced = self.replaced();
+        let generation = replaced.get(&i).map_or(0, |r| r.generation);
+        self.stop_pod(old);
+        let _ = ip(&[
+            "-n",
+            &self.node_netns(old.node),
+            "link",
+            "del",
+            &Self::host_if(i, generation),
+        ]);
+        netns_del(&self.pod_netns(old));
+        let _ = fs::remove_dir_all(self.pod_dir(old));
+
+        let stateful = old
+            .name
+            .strip_prefix(old.workload)
+            .and_then(|r| r.strip_prefix('-'))
+            .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()));
+        let new_name = if stateful {
+            old.name.clone()
+        } else {
+            let prefix = old.name.rsplit_once('-').map_or(old.name.as_str(), |p| p.0);
+            // The alphabet of Kubernetes' generated names.
+            let alphabet = b"bcdfghjklmnpqrstvwxz2456789";
+            let mut x = random_u64();
+            let suffix: String = (0..5)
+                .map(|_| {
+                    let c = alphabet[(x % alphabet.len() as u64) as usize] as char;
+                    x /= alphabet.len() as u64;
+                    c
+                })
+                .collect();
+            format!("{prefix}-{suffix}")
+        };
+        let node = spec::nodes()
+            .into_iter()
+            .find(|n| n.name == old.node)
+            .ok_or_else(|| LabError::NotReady(format!("no node {}", old.node)))?;
+        let base = node.pod_cidr.trim_end_matches("0/24");
+        let new_ip = (100..250)
+            .map(|n| format!("{base}{n}"))
+            .find(|a| !pods.iter().any(|p| &p.ip == a))
+            .ok_or_else(|| LabError::NotReady(format!("no free address on {}", node.name)))?;
+        replaced.insert(
+            i,
+            Replaced {
+                name: new_name,
+                ip: new_ip,
+                generation: generation + 1,
+            },
+        );
+        write(
+            &self.replaced_path(),
+            &serde_json::to_string(&replaced).unwrap_or_default(),
+        )?;
+        let new = self.pods().swap_remove(i);
+        self.pod_network(
+            &self.pod_netns(&new),
+            new.node,
+            &new.ip,
+            &Self::host_if(i, generation + 1),
+        )?;
+        let rules = format!("flush table ip tpbpf_lab\n{}", self.service_rules());
+        for n in spec::nodes() {
+            nft(&self.node_netns(n.name), &rules)?;
+        }
+        self.start_app(&new)?;
+        self.wait_pod(&new, Instant::now() + Duration::from_secs(30))?;
+        info!(
+            lab = self.name,
+            old = name,
+            new = new.name,
+            ip = new.ip,
+            "pod replaced"
+        );
+        Ok(new)
+    }
+
+    /// One writer of the lab's pods at a time.
+    fn lock(&self) -> Result<fs::File> {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.state.join("pods.lock"))
+            .map_err(|source| LabError::Io {
+                what: format!(
+                    "opening {}/pods.lock (is the lab up?)",
+                    self.state.display()
+                ),
+                source,
+            })?;
+        // SAFETY: flock on an fd this function owns; released when it closes.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) } != 0 {
+            return Err(LabError::Io {
+                what: "locking the lab's pods".into(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(f)
+    }
+
+    /// Stops a pod's processes: its server, then its sandbox.
+    fn stop_pod(&self, pod: &Pod) {
+        if pod.app == App::Postgres {
+            let data = self.pod_dir(pod).join("data");
+            if data.join("postmaster.pid").exists() {
+                let _ = Command::new("runuser")
+                    .args([
+                        "-u",
+                        "postgres",
+                        "--",
+                        &pg_bin("pg_ctl"),
+                        "-D",
+                        &data.display().to_string(),
+                        "-m",
+                        "immediate",
+                        "-w",
+                        "stop",
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        if let Some(pid) = fs::read_to_string(self.pid_file(pod))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+        {
+            stop_pid(pid);
+        }
+        if let Some(pid) = fs::read_to_string(self.pod_dir(pod).join("pause.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            stop_pid(pid);
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let pod_specs = self.pods();
+        let pods: Vec<PodStatus> = pod_specs
+            .iter()
             .map(|p| {
                 let pid = fs::read_to_string(self.pid_file(&p))
                     .ok()
@@ -814,9 +1028,9 @@ impl Lab {
                     pid.is_some_and(|pid: u32| unsafe { libc::kill(pid as libc::pid_t, 0) } == 0);
                 PodStatus {
                     namespace: p.namespace,
-                    name: p.name,
+                    name: p.name.clone(),
                     node: p.node,
-                    ip: p.ip,
+                    ip: p.ip.clone(),
                     netns: self.pod_netns(&p),
                     app: p.app,
                     pid,
@@ -845,6 +1059,7 @@ impl Lab {
             && (self.api_command.is_none() || api_running);
         Status {
             name: self.name.clone(),
+            pod_specs,
             up,
             nodes,
             pods,
@@ -862,42 +1077,8 @@ impl Lab {
     /// Stops the lab's servers (only the processes in its pid files) and
     /// removes its namespaces and state. Safe to run on a lab that is not up.
     pub fn down(&self) -> Result<()> {
-        for pod in spec::pods() {
-            if pod.app == App::Postgres {
-                let data = self.pod_dir(&pod).join("data");
-                if data.join("postmaster.pid").exists() {
-                    let _ = Command::new("runuser")
-                        .args([
-                            "-u",
-                            "postgres",
-                            "--",
-                            &pg_bin("pg_ctl"),
-                            "-D",
-                            &data.display().to_string(),
-                            "-m",
-                            "immediate",
-                            "-w",
-                            "stop",
-                        ])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status();
-                }
-            }
-            if let Some(pid) = fs::read_to_string(self.pid_file(&pod))
-                .ok()
-                .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
-            {
-                stop_pid(pid);
-            }
-        }
-        for pod in spec::pods() {
-            if let Some(pid) = fs::read_to_string(self.pod_dir(&pod).join("pause.pid"))
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-            {
-                stop_pid(pid);
-            }
+        for pod in self.pods() {
+            self.stop_pod(&pod);
         }
         if let Some(pid) = self.api_pid() {
             stop_pid(pid);
@@ -907,7 +1088,7 @@ impl Lab {
                 stop_pid(pid);
             }
         }
-        for pod in spec::pods() {
+        for pod in self.pods() {
             netns_del(&self.pod_netns(&pod));
         }
         for node in spec::nodes() {
@@ -1122,7 +1303,7 @@ fn app_cmd(pod: &Pod, netns: &str) -> Command {
             "PATH",
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         )
-        .env("HOSTNAME", pod.name)
+        .env("HOSTNAME", &pod.name)
         .envs(pod.env.iter().copied())
         .args(["netns", "exec", netns]);
     cmd

@@ -31,10 +31,12 @@ pub enum App {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Pod {
-    pub name: &'static str,
+    /// Its name now: `tpbpf lab restart` gives a deployment's pod a new one.
+    pub name: String,
     pub namespace: &'static str,
     pub node: &'static str,
-    pub ip: &'static str,
+    /// Its address now: a restarted pod gets a new one.
+    pub ip: String,
     pub app: App,
     /// The `app` label; services select on it.
     pub label: &'static str,
@@ -74,20 +76,20 @@ pub fn nodes() -> Vec<Node> {
 pub fn pods() -> Vec<Pod> {
     vec![
         Pod {
-            name: "coredns-0",
+            name: "coredns-0".into(),
             namespace: "kube-system",
             node: "node1",
-            ip: "10.244.1.2",
+            ip: "10.244.1.2".into(),
             app: App::Dns,
             label: "kube-dns",
             workload: "coredns",
             env: &[],
         },
         Pod {
-            name: "web-7d4b9c-a1",
+            name: "web-7d4b9c-a1".into(),
             namespace: "default",
             node: "node1",
-            ip: "10.244.1.10",
+            ip: "10.244.1.10".into(),
             app: App::Nginx,
             label: "web",
             workload: "web",
@@ -97,10 +99,10 @@ pub fn pods() -> Vec<Pod> {
             ],
         },
         Pod {
-            name: "web-7d4b9c-b2",
+            name: "web-7d4b9c-b2".into(),
             namespace: "default",
             node: "node2",
-            ip: "10.244.2.10",
+            ip: "10.244.2.10".into(),
             app: App::Nginx,
             label: "web",
             workload: "web",
@@ -110,20 +112,20 @@ pub fn pods() -> Vec<Pod> {
             ],
         },
         Pod {
-            name: "redis-0",
+            name: "redis-0".into(),
             namespace: "cache",
             node: "node2",
-            ip: "10.244.2.20",
+            ip: "10.244.2.20".into(),
             app: App::Redis,
             label: "redis",
             workload: "redis",
             env: &[],
         },
         Pod {
-            name: "postgres-0",
+            name: "postgres-0".into(),
             namespace: "db",
             node: "node1",
-            ip: "10.244.1.30",
+            ip: "10.244.1.30".into(),
             app: App::Postgres,
             label: "postgres",
             workload: "postgres",
@@ -165,10 +167,9 @@ pub fn services() -> Vec<Service> {
     ]
 }
 
-/// The pods a service selects, in the same namespace.
-pub fn endpoints(svc: &Service) -> Vec<Pod> {
-    pods()
-        .into_iter()
+/// The pods of `pods` a service selects, in the same namespace.
+pub fn endpoints<'a>(svc: &Service, pods: &'a [Pod]) -> Vec<&'a Pod> {
+    pods.iter()
         .filter(|p| p.namespace == svc.namespace && p.label == svc.selector)
         .collect()
 }
@@ -180,7 +181,11 @@ mod tests {
     #[test]
     fn every_service_has_endpoints_and_every_pod_a_node() {
         for s in services() {
-            assert!(!endpoints(&s).is_empty(), "{} selects no pod", s.name);
+            assert!(
+                !endpoints(&s, &pods()).is_empty(),
+                "{} selects no pod",
+                s.name
+            );
         }
         let nodes = nodes();
         for p in pods() {

@@ -1,4 +1,4 @@
-//! `tpbpf lab up|down|status`: the lab cluster (see tpbpf-lab).
+//! `tpbpf lab up|down|status|restart`: the lab cluster (see tpbpf-lab).
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -32,6 +32,17 @@ enum LabAction {
     Down,
     /// Show what is running.
     Status,
+    /// Replace a pod, as its controller does after a delete or a rollout:
+    /// the old one stops and its network goes; a new one starts on the same
+    /// node with a new address (and a new name, unless a StatefulSet's).
+    /// Watches see it DELETED and ADDED.
+    Restart {
+        /// The pod's name (`tpbpf lab status` lists them).
+        pod: String,
+        /// Its namespace (default: wherever a pod of that name is).
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
     /// Internal: serve the lab's Kubernetes API endpoint (started by `up`).
     #[command(hide = true)]
     Api {
@@ -110,6 +121,20 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
             lab.status()
         }
         LabAction::Status => lab.status(),
+        LabAction::Restart { pod, namespace } => {
+            let new = lab.restart_pod(namespace.as_deref(), &pod)?;
+            match args.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"old": pod, "new": new.name, "namespace": new.namespace, "node": new.node, "ip": new.ip})
+                ),
+                Output::Table => println!(
+                    "pod {}/{pod} replaced by {} on {} ({})",
+                    new.namespace, new.name, new.node, new.ip
+                ),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         LabAction::Api { .. } => unreachable!("handled above"),
     };
     match args.output {
