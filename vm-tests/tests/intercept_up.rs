@@ -697,3 +697,97 @@ fn a_selector_with_only_match_expressions_selects_exactly_its_pods() {
     assert_eq!(pods, ["postgres-0"], "{v}");
     tpbpf_ok(&["leave", "postgres-5432", "--instance", &instance.0]);
 }
+
+/// An intercept follows its workload: a replaced pod (a new name and a new
+/// address, as after a delete or a rollout) is intercepted within two
+/// seconds of answering, the old one is released, and `leave` gives the new
+/// one back.
+#[test]
+fn an_intercept_follows_its_deployment_when_a_pod_is_replaced() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tf") else {
+        return;
+    };
+    let client_pod = format!("{}-cache-redis-0", lab.name);
+    let cg = TestCgroup::new();
+    let instance = Instance(unique_name("if"));
+    let _server = up_with_server(&lab, &cg, &instance, "http");
+    let out = tpbpf_ok(&[
+        "intercept",
+        "deployment/web",
+        "--port",
+        "80:18080",
+        "--instance",
+        &instance.0,
+        "-o",
+        "json",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "deployment", "{v}");
+    assert_eq!(v["pods"].as_array().map(Vec::len), Some(2), "{v}");
+    assert!(curl_from(&client_pod, "http://10.244.1.10/").contains("developer"));
+
+    // The pod is replaced; `lab restart` returns once the new nginx answers.
+    let out = tpbpf_ok(&[
+        "lab",
+        "--name",
+        &lab.name,
+        "restart",
+        "web-7d4b9c-a1",
+        "-o",
+        "json",
+    ]);
+    let answering = Instant::now();
+    let new: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (new_name, new_ip) = (
+        new["new"].as_str().unwrap().to_string(),
+        new["ip"].as_str().unwrap().to_string(),
+    );
+    assert_ne!(new_ip, "10.244.1.10");
+    let url = format!("http://{new_ip}/");
+    let mut last = String::new();
+    let taken = wait_for(Duration::from_secs(10), || {
+        last = curl_from(&client_pod, &url);
+        last.contains("developer")
+    });
+    let took = answering.elapsed();
+    assert!(
+        taken,
+        "the new pod {new_name} was never intercepted: {last}"
+    );
+    println!("new pod {new_name} ({new_ip}) intercepted {took:?} after it answered");
+    assert!(
+        took < Duration::from_secs(2),
+        "the new pod took {took:?} to be intercepted (more than 2 s)"
+    );
+    let new_netns = format!("{}-default-{new_name}", lab.name);
+    assert_eq!(sk_lookup_links_in(&new_netns).len(), 1);
+
+    // `list` shows the pods intercepted now: the new one, not the old.
+    let list = tpbpf_ok(&["list", "--instance", &instance.0, "-o", "json"]);
+    let v: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let web = v["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "web")
+        .cloned()
+        .unwrap();
+    let mut pods: Vec<&str> = web["intercepts"][0]["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    pods.sort_unstable();
+    let mut want = [new_name.as_str(), "web-7d4b9c-b2"];
+    want.sort_unstable();
+    assert_eq!(pods, want, "{web}");
+
+    tpbpf_ok(&["leave", "deployment-web-80", "--instance", &instance.0]);
+    let got = curl_from(&client_pod, &url);
+    assert!(got.contains(&format!("hello from {new_name}")), "{got}");
+    assert!(sk_lookup_links_in(&new_netns).is_empty());
+}

@@ -415,74 +415,248 @@ pub fn label_selector(
     Ok(terms.join(","))
 }
 
-/// The running pods of a workload in `namespace`: a deployment, a
-/// statefulset, or a pod, by name (tried in that order).
-pub async fn workload_pods(
-    client: &Client,
-    namespace: &str,
-    workload: &str,
-) -> Result<(String, Vec<WorkloadPod>), String> {
-    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let (kind, list) = if let Some(d) = deployments
-        .get_opt(workload)
-        .await
-        .map_err(|e| format!("getting deployment {namespace}/{workload}: {e}"))?
-    {
-        let sel = label_selector(d.spec.map(|s| s.selector).as_ref())
-            .map_err(|e| format!("deployment {namespace}/{workload}: {e}"))?;
-        let list = pods
-            .list(&ListParams::default().labels(&sel))
-            .await
-            .map_err(|e| format!("listing the pods of deployment {workload}: {e}"))?;
-        ("deployment", list.items)
-    } else if let Some(st) = statefulsets.get_opt(workload).await.ok().flatten() {
-        let sel = label_selector(st.spec.map(|s| s.selector).as_ref())
-            .map_err(|e| format!("statefulset {namespace}/{workload}: {e}"))?;
-        let list = pods
-            .list(&ListParams::default().labels(&sel))
-            .await
-            .map_err(|e| format!("listing the pods of statefulset {workload}: {e}"))?;
-        ("statefulset", list.items)
-    } else if let Some(p) = pods
-        .get_opt(workload)
-        .await
-        .map_err(|e| format!("getting pod {namespace}/{workload}: {e}"))?
-    {
-        ("pod", vec![p])
-    } else {
-        return Err(format!(
-            "no deployment, statefulset or pod named {workload} in namespace {namespace} (`tpbpf list -n {namespace}` lists them)"
-        ));
-    };
-    let mut out = Vec::new();
-    for p in list {
-        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-        let ip = p
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.as_deref())
-            .and_then(|ip| ip.parse().ok());
-        let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
-        if let (true, Some(ip), Some(node), Some(name)) = (running, ip, node, p.metadata.name) {
-            out.push(WorkloadPod { name, ip, node });
-        }
-    }
-    if out.is_empty() {
-        return Err(format!("{kind} {namespace}/{workload} has no running pod"));
-    }
-    Ok((kind.to_string(), out))
+/// A workload `tpbpf intercept` takes, and how to find its pods.
+#[derive(Clone, Debug, Serialize)]
+pub struct Workload {
+    /// deployment, statefulset, daemonset, replicaset or pod.
+    pub kind: &'static str,
+    pub name: String,
+    pub namespace: String,
+    /// Its pods' label selector (`labelSelector` syntax); none for a bare
+    /// pod, which is found by name.
+    pub selector: Option<String>,
 }
 
-/// The workloads of a namespace that `tpbpf intercept` takes: deployments
-/// and statefulsets, with their replicas.
+impl Workload {
+    fn list_params(&self) -> ListParams {
+        match &self.selector {
+            Some(sel) => ListParams::default().labels(sel),
+            None => ListParams::default().fields(&format!("metadata.name={}", self.name)),
+        }
+    }
+
+    fn watch_params(&self) -> kube::api::WatchParams {
+        let wp = kube::api::WatchParams::default().timeout(290);
+        match &self.selector {
+            Some(sel) => wp.labels(sel),
+            None => wp.fields(&format!("metadata.name={}", self.name)),
+        }
+    }
+}
+
+/// The kinds `tpbpf intercept` takes, in the order a bare name is looked
+/// up, with the names `KIND/NAME` may use for them.
+const WORKLOAD_KINDS: [(&str, &[&str]); 5] = [
+    ("deployment", &["deployment", "deployments", "deploy"]),
+    ("statefulset", &["statefulset", "statefulsets", "sts"]),
+    ("daemonset", &["daemonset", "daemonsets", "ds"]),
+    ("replicaset", &["replicaset", "replicasets", "rs"]),
+    ("pod", &["pod", "pods", "po"]),
+];
+
+/// Finds `target` in `namespace`: `KIND/NAME`, or a bare name tried as a
+/// deployment, statefulset, daemonset, replicaset, then pod.
+pub async fn resolve_workload(
+    client: &Client,
+    namespace: &str,
+    target: &str,
+) -> Result<Workload, String> {
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+    let (kinds, name): (Vec<&'static str>, &str) = match target.split_once('/') {
+        Some((k, n)) => {
+            let k = k.to_ascii_lowercase();
+            let Some((kind, _)) = WORKLOAD_KINDS
+                .iter()
+                .find(|(_, names)| names.contains(&k.as_str()))
+            else {
+                return Err(format!(
+                    "`{target}`: tpbpf intercepts deployments, statefulsets, daemonsets, replicasets and pods, not `{k}`"
+                ));
+            };
+            (vec![*kind], n)
+        }
+        None => (WORKLOAD_KINDS.iter().map(|(k, _)| *k).collect(), target),
+    };
+    let c = client.clone();
+    for kind in kinds {
+        let get_err = |e: kube::Error| format!("getting {kind} {namespace}/{name}: {e}");
+        let selector = match kind {
+            "deployment" => Api::<Deployment>::namespaced(c.clone(), namespace)
+                .get_opt(name)
+                .await
+                .map_err(get_err)?
+                .map(|o| o.spec.map(|s| s.selector)),
+            "statefulset" => Api::<StatefulSet>::namespaced(c.clone(), namespace)
+                .get_opt(name)
+                .await
+                .map_err(get_err)?
+                .map(|o| o.spec.map(|s| s.selector)),
+            "daemonset" => Api::<DaemonSet>::namespaced(c.clone(), namespace)
+                .get_opt(name)
+                .await
+                .map_err(get_err)?
+                .map(|o| o.spec.map(|s| s.selector)),
+            "replicaset" => Api::<ReplicaSet>::namespaced(c.clone(), namespace)
+                .get_opt(name)
+                .await
+                .map_err(get_err)?
+                .map(|o| o.spec.map(|s| s.selector)),
+            _ => {
+                if Api::<Pod>::namespaced(c.clone(), namespace)
+                    .get_opt(name)
+                    .await
+                    .map_err(get_err)?
+                    .is_some()
+                {
+                    return Ok(Workload {
+                        kind: "pod",
+                        name: name.to_string(),
+                        namespace: namespace.to_string(),
+                        selector: None,
+                    });
+                }
+                None
+            }
+        };
+        if let Some(sel) = selector {
+            let selector = label_selector(sel.as_ref())
+                .map_err(|e| format!("{kind} {namespace}/{name}: {e}"))?;
+            return Ok(Workload {
+                kind,
+                name: name.to_string(),
+                namespace: namespace.to_string(),
+                selector: Some(selector),
+            });
+        }
+    }
+    Err(format!(
+        "no deployment, statefulset, daemonset, replicaset or pod named {name} in namespace {namespace} (`tpbpf list -n {namespace}` lists them)"
+    ))
+}
+
+/// A pod an intercept takes: running, ready, with an address and a node,
+/// not being deleted, and in its own network (a hostNetwork pod's address
+/// is its node's).
+pub fn interceptable(p: &Pod) -> Option<WorkloadPod> {
+    if p.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let spec = p.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let status = p.status.as_ref()?;
+    if status.phase.as_deref() != Some("Running") {
+        return None;
+    }
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready")
+        .is_none_or(|c| c.status == "True");
+    if !ready {
+        return None;
+    }
+    Some(WorkloadPod {
+        name: p.metadata.name.clone()?,
+        ip: status.pod_ip.as_deref()?.parse().ok()?,
+        node: spec.node_name.clone()?,
+    })
+}
+
+/// The pods of `w` an intercept takes now ([`interceptable`]).
+pub async fn workload_pods(client: &Client, w: &Workload) -> Result<Vec<WorkloadPod>, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &w.namespace);
+    let list = pods
+        .list(&w.list_params())
+        .await
+        .map_err(|e| format!("listing the pods of {} {}: {e}", w.kind, w.name))?;
+    Ok(list.items.iter().filter_map(interceptable).collect())
+}
+
+/// Follows `w`'s pods as they come and go: the receiver holds the pods an
+/// intercept takes now, updated on every change a watch reports (and on a
+/// fresh list after every watch ends or fails). The task ends when the
+/// receiver is dropped.
+pub fn follow(client: &Client, w: Workload) -> tokio::sync::watch::Receiver<Vec<WorkloadPod>> {
+    use futures_util::StreamExt;
+    use kube::api::WatchEvent;
+    let (tx, rx) = tokio::sync::watch::channel(Vec::<WorkloadPod>::new());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &w.namespace);
+    tokio::spawn(async move {
+        let publish = |seen: &std::collections::BTreeMap<String, Pod>| {
+            let now: Vec<WorkloadPod> = seen.values().filter_map(interceptable).collect();
+            tx.send_if_modified(|old| {
+                let same = old.len() == now.len()
+                    && old
+                        .iter()
+                        .zip(&now)
+                        .all(|(a, b)| a.name == b.name && a.ip == b.ip && a.node == b.node);
+                if !same {
+                    old.clone_from(&now);
+                }
+                !same
+            });
+        };
+        loop {
+            let round = async {
+                let list = pods
+                    .list(&w.list_params())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut seen: std::collections::BTreeMap<String, Pod> = list
+                    .items
+                    .into_iter()
+                    .filter_map(|p| Some((p.metadata.name.clone()?, p)))
+                    .collect();
+                publish(&seen);
+                let rv = list.metadata.resource_version.unwrap_or_default();
+                let mut events = pods
+                    .watch(&w.watch_params(), &rv)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .boxed();
+                while let Some(ev) = events.next().await {
+                    match ev.map_err(|e| e.to_string())? {
+                        WatchEvent::Added(p) | WatchEvent::Modified(p) => {
+                            if let Some(n) = p.metadata.name.clone() {
+                                seen.insert(n, p);
+                            }
+                        }
+                        WatchEvent::Deleted(p) => {
+                            if let Some(n) = &p.metadata.name {
+                                seen.remove(n);
+                            }
+                        }
+                        WatchEvent::Bookmark(_) => {}
+                        WatchEvent::Error(e) => return Err(e.to_string()),
+                    }
+                    publish(&seen);
+                }
+                Ok::<(), String>(())
+            };
+            tokio::select! {
+                r = round => {
+                    if let Err(e) = r {
+                        debug!(workload = w.name, "watching its pods: {e}; listing again");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    rx
+}
+
+/// The workloads of a namespace that `tpbpf intercept` takes:
+/// deployments, statefulsets and daemonsets, with their replicas.
 pub async fn workloads(
     client: &Client,
     namespace: &str,
 ) -> Result<Vec<(String, String, i32)>, String> {
-    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
     let mut out = Vec::new();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     for d in deployments
@@ -505,6 +679,17 @@ pub async fn workloads(
             out.push((
                 "statefulset".into(),
                 st.metadata.name.unwrap_or_default(),
+                replicas,
+            ));
+        }
+    }
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    if let Ok(list) = daemonsets.list(&ListParams::default()).await {
+        for ds in list.items {
+            let replicas = ds.status.map_or(0, |s| s.desired_number_scheduled);
+            out.push((
+                "daemonset".into(),
+                ds.metadata.name.unwrap_or_default(),
                 replicas,
             ));
         }

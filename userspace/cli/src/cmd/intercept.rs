@@ -154,7 +154,7 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
     let name = args
         .name
         .clone()
-        .unwrap_or_else(|| format!("{}-{remote}", args.workload));
+        .unwrap_or_else(|| format!("{}-{remote}", args.workload.replace('/', "-")));
     let mut request = json!({"op": "intercept", "name": name, "workload": args.workload, "namespace": args.namespace,
                "remote": remote, "local": local, "mode": if args.mode == Mode::Mirror { "mirror" } else { "steal" }});
     if let Some(h) = &args.http_header {
@@ -292,27 +292,40 @@ struct Held {
     mode: InterceptMode,
 }
 
+/// A pod's watcher: the task, and how to tell it to remove its intercept
+/// (it answers when done).
+struct PodHold {
+    pod: tpbpf_kube::WorkloadPod,
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>,
+}
+
+type Pods = Arc<Mutex<HashMap<String, PodHold>>>;
+type Problems = Arc<Mutex<HashMap<String, String>>>;
+
 struct Entry {
-    workload: String,
-    namespace: String,
+    workload: tpbpf_kube::Workload,
     remote: u16,
     local: u16,
     mode: InterceptMode,
-    pods: Vec<tpbpf_kube::WorkloadPod>,
-    /// One watcher per pod: holds the intercept, puts it back if the
-    /// agent loses it.
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// Tells each watcher to remove its intercept; it answers when done.
-    stops: Vec<tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>>,
-    problems: Arc<Mutex<HashMap<String, String>>>,
+    /// The workload's pods intercepted now, by name: the follower adds the
+    /// ones that come and removes the ones that go.
+    pods: Pods,
+    follower: tokio::task::JoinHandle<()>,
+    problems: Problems,
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
+        self.follower.abort();
+        for h in lock(&self.pods).values() {
+            h.task.abort();
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Manager {
@@ -396,7 +409,7 @@ impl Manager {
 
     async fn intercept(self: &Arc<Self>, req: &Value) -> Result<Value, String> {
         let name = req["name"].as_str().ok_or("no name")?.to_string();
-        let workload = req["workload"].as_str().ok_or("no workload")?.to_string();
+        let target = req["workload"].as_str().ok_or("no workload")?.to_string();
         let namespace = req["namespace"]
             .as_str()
             .map(str::to_string)
@@ -410,23 +423,25 @@ impl Manager {
             .and_then(|p| u16::try_from(p).ok())
             .ok_or("no local port")?;
         let mode = mode_of(req)?;
-        if self
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&name)
-        {
+        if lock(&self.active).contains_key(&name) {
             return Err(format!("an intercept named {name} exists: `tpbpf leave {name}` first, or pick another --name"));
         }
-        let (kind, pods) = tpbpf_kube::workload_pods(&self.client, &namespace, &workload).await?;
+        let workload = tpbpf_kube::resolve_workload(&self.client, &namespace, &target).await?;
+        // Follow the workload from before the first list: a pod that comes
+        // while the first ones are being intercepted is not missed.
+        let mut follow = tpbpf_kube::follow(&self.client, workload.clone());
+        let pods = tpbpf_kube::workload_pods(&self.client, &workload).await?;
+        if pods.is_empty() {
+            return Err(format!(
+                "{} {namespace}/{} has no running, ready pod to intercept",
+                workload.kind, workload.name
+            ));
+        }
         // Every pod, wherever it runs; the first failure undoes the rest.
         let mut handles = Vec::new();
         for p in &pods {
             let target = SocketAddr::new(p.ip, remote);
-            self.routes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(target, local);
+            lock(&self.routes).insert(target, local);
             let attempt = async {
                 let session = self.session(&p.node).await?;
                 session
@@ -442,7 +457,7 @@ impl Manager {
             match attempt.await {
                 Ok(h) => handles.push((p.clone(), h)),
                 Err(e) => {
-                    let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut routes = lock(&self.routes);
                     for p in &pods {
                         routes.remove(&SocketAddr::new(p.ip, remote));
                     }
@@ -460,51 +475,139 @@ impl Manager {
             .filter_map(|e| e.split_once('='))
             .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
             .collect();
-        let problems = Arc::new(Mutex::new(HashMap::new()));
-        let mut stops = Vec::new();
-        let tasks = handles
-            .into_iter()
-            .map(|(pod, h)| {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                stops.push(tx);
-                let what = Held {
-                    namespace: namespace.clone(),
-                    pod,
-                    remote,
-                    mode: mode.clone(),
-                };
-                tokio::spawn(self.clone().hold(what, h, problems.clone(), rx))
-            })
-            .collect();
-        self.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                name.clone(),
-                Entry {
-                    workload: workload.clone(),
-                    namespace: namespace.clone(),
-                    remote,
-                    local,
-                    mode: mode.clone(),
-                    pods: pods.clone(),
-                    tasks,
-                    stops,
-                    problems,
-                },
+        let problems: Problems = Arc::new(Mutex::new(HashMap::new()));
+        let held: Pods = Arc::new(Mutex::new(HashMap::new()));
+        for (pod, h) in handles {
+            self.start_hold(&held, &problems, &namespace, pod, remote, &mode, Some(h));
+        }
+        let follower = {
+            let (me, held, problems, namespace, mode) = (
+                self.clone(),
+                held.clone(),
+                problems.clone(),
+                namespace.clone(),
+                mode.clone(),
             );
+            let what = format!("{} {}", workload.kind, workload.name);
+            tokio::spawn(async move {
+                while follow.changed().await.is_ok() {
+                    let now = follow.borrow_and_update().clone();
+                    me.reconcile(
+                        &what,
+                        &held,
+                        &problems,
+                        &namespace,
+                        now,
+                        (remote, local),
+                        &mode,
+                    );
+                }
+            })
+        };
+        lock(&self.active).insert(
+            name.clone(),
+            Entry {
+                workload: workload.clone(),
+                remote,
+                local,
+                mode: mode.clone(),
+                pods: held,
+                follower,
+                problems,
+            },
+        );
         Ok(
-            json!({"name": name, "kind": kind, "namespace": namespace, "workload": workload, "pods": pods, "env": env}),
+            json!({"name": name, "kind": workload.kind, "namespace": namespace, "workload": workload.name, "pods": pods, "env": env}),
         )
     }
 
-    /// Keeps one pod's intercept: when the agent or the session loses it,
-    /// puts it back as soon as the agent is there again.
+    /// Starts the watcher that keeps one pod's intercept (`handle`, or one
+    /// it makes).
+    #[allow(clippy::too_many_arguments)]
+    fn start_hold(
+        self: &Arc<Self>,
+        held: &Pods,
+        problems: &Problems,
+        namespace: &str,
+        pod: tpbpf_kube::WorkloadPod,
+        remote: u16,
+        mode: &InterceptMode,
+        handle: Option<Intercept>,
+    ) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let what = Held {
+            namespace: namespace.to_string(),
+            pod: pod.clone(),
+            remote,
+            mode: mode.clone(),
+        };
+        let task = tokio::spawn(self.clone().hold(what, handle, problems.clone(), rx));
+        lock(held).insert(
+            pod.name.clone(),
+            PodHold {
+                pod,
+                task,
+                stop: tx,
+            },
+        );
+    }
+
+    /// Brings an intercept's pods in line with its workload's: new pods are
+    /// intercepted, gone ones (deleted, replaced, no longer ready) released.
+    #[allow(clippy::too_many_arguments)]
+    fn reconcile(
+        self: &Arc<Self>,
+        what: &str,
+        held: &Pods,
+        problems: &Problems,
+        namespace: &str,
+        now: Vec<tpbpf_kube::WorkloadPod>,
+        (remote, local): (u16, u16),
+        mode: &InterceptMode,
+    ) {
+        let gone: Vec<PodHold> = {
+            let mut h = lock(held);
+            let names: Vec<String> = h
+                .iter()
+                .filter(|(n, ph)| {
+                    !now.iter()
+                        .any(|p| &p.name == *n && p.ip == ph.pod.ip && p.node == ph.pod.node)
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            names.into_iter().filter_map(|n| h.remove(&n)).collect()
+        };
+        for ph in gone {
+            info!(what, pod = ph.pod.name, ip = %ph.pod.ip, "pod gone: releasing its intercept");
+            lock(problems).remove(&ph.pod.name);
+            let routes = self.routes.clone();
+            tokio::spawn(async move {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if ph.stop.send(tx).is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(6), rx).await;
+                }
+                ph.task.abort();
+                lock(&routes).remove(&SocketAddr::new(ph.pod.ip, remote));
+            });
+        }
+        for p in now {
+            if lock(held).contains_key(&p.name) {
+                continue;
+            }
+            info!(what, pod = p.name, ip = %p.ip, node = p.node, "new pod: intercepting it");
+            lock(&self.routes).insert(SocketAddr::new(p.ip, remote), local);
+            self.start_hold(held, problems, namespace, p, remote, mode, None);
+        }
+    }
+
+    /// Keeps one pod's intercept: makes it if `handle` is none, and when the
+    /// agent or the session loses it, puts it back as soon as the agent is
+    /// there again.
     async fn hold(
         self: Arc<Self>,
         what: Held,
-        mut handle: Intercept,
-        problems: Arc<Mutex<HashMap<String, String>>>,
+        mut handle: Option<Intercept>,
+        problems: Problems,
         mut stop: tokio::sync::oneshot::Receiver<tokio::sync::oneshot::Sender<()>>,
     ) {
         let Held {
@@ -515,23 +618,20 @@ impl Manager {
         } = what;
         let target = SocketAddr::new(pod.ip, remote);
         loop {
-            let why = tokio::select! {
-                why = handle.ended() => why,
-                done = &mut stop => {
-                    // `leave`: the agent answers once the pod has its port back.
-                    handle.stop(Duration::from_secs(5)).await;
-                    if let Ok(done) = done {
-                        let _ = done.send(());
+            if let Some(h) = handle.take() {
+                let why = tokio::select! {
+                    why = h.ended() => why,
+                    done = &mut stop => {
+                        // `leave`: the agent answers once the pod has its port back.
+                        h.stop(Duration::from_secs(5)).await;
+                        if let Ok(done) = done {
+                            let _ = done.send(());
+                        }
+                        return;
                     }
-                    return;
-                }
-            };
-            warn!(pod = pod.name, "intercept lost: {why}; putting it back");
-            problems
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(pod.name.clone(), format!("lost on {}: {why}", pod.node));
-            handle = loop {
+                };
+                warn!(pod = pod.name, "intercept lost: {why}; putting it back");
+                lock(&problems).insert(pod.name.clone(), format!("lost on {}: {why}", pod.node));
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     done = &mut stop => {
@@ -541,53 +641,75 @@ impl Manager {
                         return;
                     }
                 }
-                let attempt = async {
-                    let s = self.session(&pod.node).await?;
-                    s.intercept(
-                        target,
-                        mode.clone(),
-                        INTERCEPT_TIMEOUT,
-                        self.prover(&namespace, &pod.name),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())
-                };
-                match attempt.await {
-                    Ok(h) => break h,
-                    Err(e) => debug!(pod = pod.name, "intercept not back yet: {e}"),
+            }
+            let attempt = async {
+                let s = self.session(&pod.node).await?;
+                s.intercept(
+                    target,
+                    mode.clone(),
+                    INTERCEPT_TIMEOUT,
+                    self.prover(&namespace, &pod.name),
+                )
+                .await
+                .map_err(|e| e.to_string())
+            };
+            let outcome = tokio::select! {
+                r = attempt => r,
+                done = &mut stop => {
+                    if let Ok(done) = done {
+                        let _ = done.send(());
+                    }
+                    return;
                 }
             };
-            info!(pod = pod.name, "intercept back");
-            problems
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&pod.name);
+            match outcome {
+                Ok(h) => {
+                    info!(pod = pod.name, ip = %pod.ip, "intercept in place");
+                    lock(&problems).remove(&pod.name);
+                    handle = Some(h);
+                }
+                Err(e) => {
+                    debug!(pod = pod.name, "intercept not in place yet: {e}");
+                    lock(&problems).insert(pod.name.clone(), format!("not in place yet: {e}"));
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        done = &mut stop => {
+                            if let Ok(done) = done {
+                                let _ = done.send(());
+                            }
+                            return;
+                        }
+                    }
+                }
+            }
         }
     }
 
     /// Removes an intercept and returns once the agents say every pod has
     /// its port back.
     async fn leave(&self, name: &str) -> Result<Value, String> {
-        let mut entry = self
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let entry = lock(&self.active)
             .remove(name)
             .ok_or_else(|| format!("no intercept named {name} (`tpbpf list` shows them)"))?;
+        // No new pods from here on.
+        entry.follower.abort();
+        let holds: Vec<PodHold> = lock(&entry.pods).drain().map(|(_, h)| h).collect();
         let mut waits = Vec::new();
-        for stop in entry.stops.drain(..) {
+        let mut pods = Vec::new();
+        for h in holds {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if stop.send(tx).is_ok() {
+            if h.stop.send(tx).is_ok() {
                 waits.push(rx);
             }
+            pods.push(h.pod);
         }
         for w in waits {
             let _ = tokio::time::timeout(Duration::from_secs(6), w).await;
         }
         // Only now: streams the agents opened before they detached were
         // still routed to the developer.
-        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        for p in &entry.pods {
+        let mut routes = lock(&self.routes);
+        for p in &pods {
             routes.remove(&SocketAddr::new(p.ip, entry.remote));
         }
         Ok(json!({"left": name}))
@@ -599,32 +721,48 @@ impl Manager {
             .map(str::to_string)
             .unwrap_or_else(|| self.default_namespace.clone());
         let workloads = tpbpf_kube::workloads(&self.client, &namespace).await?;
-        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-        let out: Vec<Value> = workloads
+        let active = lock(&self.active);
+        let intercepts_of = |kind: &str, name: &str| -> Vec<Value> {
+            active
+                .iter()
+                .filter(|(_, e)| {
+                    e.workload.name == name
+                        && e.workload.kind == kind
+                        && e.workload.namespace == namespace
+                })
+                .map(|(n, e)| {
+                    let problems = lock(&e.problems);
+                    let mut pods: Vec<String> = lock(&e.pods).keys().cloned().collect();
+                    pods.sort();
+                    json!({"name": n, "remote": e.remote, "local": e.local, "mode": format!("{:?}", e.mode),
+                           "pods": pods, "problem": problems.values().next()})
+                })
+                .collect()
+        };
+        let mut out: Vec<Value> = workloads
             .into_iter()
             .map(|(kind, name, replicas)| {
-                let intercepts: Vec<Value> = active
-                    .iter()
-                    .filter(|(_, e)| e.workload == name && e.namespace == namespace)
-                    .map(|(n, e)| {
-                        let problems = e.problems.lock().unwrap_or_else(|e| e.into_inner());
-                        json!({"name": n, "remote": e.remote, "local": e.local, "mode": format!("{:?}", e.mode),
-                               "pods": e.pods.iter().map(|p| &p.name).collect::<Vec<_>>(),
-                               "problem": problems.values().next()})
-                    })
-                    .collect();
+                let intercepts = intercepts_of(&kind, &name);
                 json!({"kind": kind, "name": name, "replicas": replicas, "intercepts": intercepts})
             })
             .collect();
+        // Intercepts of replicasets and bare pods, which the list above
+        // does not show.
+        for e in active.values() {
+            let (kind, name) = (e.workload.kind, e.workload.name.as_str());
+            if e.workload.namespace == namespace
+                && !out.iter().any(|w| w["kind"] == kind && w["name"] == name)
+            {
+                let replicas = lock(&e.pods).len();
+                out.push(json!({"kind": kind, "name": name, "replicas": replicas, "intercepts": intercepts_of(kind, name)}));
+            }
+        }
         Ok(json!({"namespace": namespace, "workloads": out}))
     }
 
     /// Ends every intercept and closes the sessions (`tpbpf down`).
     pub async fn shutdown(&self) {
-        self.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        lock(&self.active).clear();
         for (_, s) in self.sessions.lock().await.drain() {
             s.close("tpbpf down");
         }
