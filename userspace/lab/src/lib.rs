@@ -1020,7 +1020,7 @@ impl Lab {
         let pods: Vec<PodStatus> = pod_specs
             .iter()
             .map(|p| {
-                let pid = fs::read_to_string(self.pid_file(&p))
+                let pid = fs::read_to_string(self.pid_file(p))
                     .ok()
                     .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()));
                 // SAFETY: kill with signal 0 only checks that the process exists.
@@ -1031,10 +1031,10 @@ impl Lab {
                     name: p.name.clone(),
                     node: p.node,
                     ip: p.ip.clone(),
-                    netns: self.pod_netns(&p),
+                    netns: self.pod_netns(p),
                     app: p.app,
                     pid,
-                    running: running && netns_exists(&self.pod_netns(&p)),
+                    running: running && netns_exists(&self.pod_netns(p)),
                 }
             })
             .collect();
