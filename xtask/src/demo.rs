@@ -271,6 +271,63 @@ pub fn run() -> Result<()> {
         let _ = Command::new(&tpbpf)
             .args(["list", "--instance", &instance])
             .status();
+        // A rollout replaces a pod: the intercept follows its workload.
+        println!(
+            "$ tpbpf lab restart web-7d4b9c-a1    (the pod is replaced: new name, new address)"
+        );
+        let out = Command::new(&tpbpf)
+            .args([
+                "lab",
+                "--name",
+                &lab,
+                "restart",
+                "web-7d4b9c-a1",
+                "-o",
+                "json",
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "tpbpf lab restart failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let answering = std::time::Instant::now();
+        let new: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let (new_name, new_ip) = (
+            new["new"].as_str().unwrap_or_default(),
+            new["ip"].as_str().unwrap_or_default(),
+        );
+        println!("pod web-7d4b9c-a1 replaced by {new_name} ({new_ip})");
+        let url = format!("http://{new_ip}/");
+        let mut got = String::new();
+        while answering.elapsed() < std::time::Duration::from_secs(5) {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &client_pod, "curl", "-sS", "-m", "2", &url])
+                .output()?;
+            got = String::from_utf8_lossy(&out.stdout).into_owned();
+            if got.contains(body) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let took = answering.elapsed();
+        println!("$ curl {url}    (the new pod, from pod redis-0)");
+        print!("{got}");
+        if !got.contains(body) {
+            bail!("the new pod {new_name} was not intercepted within 5 s");
+        }
+        println!(
+            "the new pod was intercepted {} ms after it answered",
+            took.as_millis()
+        );
+        if took > std::time::Duration::from_secs(2) {
+            bail!("the new pod took {took:?} to be intercepted, more than 2 s");
+        }
+        println!("$ tpbpf list");
+        let _ = Command::new(&tpbpf)
+            .args(["list", "--instance", &instance])
+            .status();
         println!("$ tpbpf leave web-80");
         run_cmd(Command::new(&tpbpf).args(["leave", "web-80", "--instance", &instance]))?;
         println!("$ curl http://web.default/    (from pod redis-0)");
@@ -313,6 +370,32 @@ pub fn run() -> Result<()> {
         "--kubeconfig",
         &kubeconfig,
     ]))?;
+
+    // Nothing of tpbpf stays in the cluster.
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &dev,
+            "kubectl",
+            "--kubeconfig",
+            &kubeconfig,
+        ])
+        .args([
+            "get",
+            "namespaces,serviceaccounts,daemonsets,clusterroles,roles,pods",
+            "-A",
+        ])
+        .args(["-l", "app.kubernetes.io/part-of=tpbpf", "-o", "name"])
+        .output()?;
+    let left = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !left.trim().is_empty() {
+        bail!(
+            "tpbpf uninstall left objects in the cluster: {left}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    println!("no object labelled app.kubernetes.io/part-of=tpbpf is left");
 
     step("tpbpf lab down");
     run_cmd(Command::new(&tpbpf).args(["lab", "down", "--name", &lab]))?;
