@@ -6,6 +6,7 @@
 //! cluster's DNS.
 mod intercept;
 mod policy;
+mod routes;
 mod tunnel;
 
 use std::{
@@ -119,6 +120,11 @@ fn info(node: &str, started: Option<Instant>) -> Value {
         "uptime_s": started.map(|s| s.elapsed().as_secs()),
         "time": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "checks": checks,
+        // The node's routes: where pods live, when nodes carry no podCIDR.
+        "node_routes": match routes::routes_in(&routes::node_netns()) {
+            Ok(r) => json!(r.iter().map(|(a, p)| format!("{a}/{p}")).collect::<Vec<_>>()),
+            Err(e) => json!({"error": e}),
+        },
     })
 }
 

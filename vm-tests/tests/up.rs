@@ -339,3 +339,170 @@ fn up_and_run_without_an_agent_say_to_install_it_and_install_uninstall_work() {
     assert!(out.contains("uninstalled"), "{out}");
     no_agent("up after uninstall", up());
 }
+
+/// Nodes without podCIDRs (Cilium's cluster-pool, EKS's VPC CNI): the pod
+/// ranges come from the nodes' routes as the agents see them, not a /16
+/// guessed around every pod; `--cidr` and `--cluster-dns` replace what
+/// discovery finds.
+#[test]
+fn without_node_pod_cidrs_the_ranges_come_from_the_agents_and_overrides_win() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tp") else {
+        return;
+    };
+    let set = Command::new(tpbpf_bin())
+        .args(["lab", "--name", &lab.name, "up", "--no-node-pod-cidrs"])
+        .output()
+        .unwrap();
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let (kubeconfig, dev) = (lab.kubeconfig(), lab.dev_netns());
+    let cg = TestCgroup::new();
+    let up = |instance: &Instance, extra: &[&str]| {
+        let out = Command::new(tpbpf_bin())
+            .args([
+                "--netns",
+                &dev,
+                "up",
+                "-o",
+                "json",
+                "--kubeconfig",
+                &kubeconfig,
+            ])
+            .args(["--instance", &instance.0])
+            .arg("--cgroup")
+            .arg(cg.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let down = Command::new(tpbpf_bin())
+            .args(["down", "--instance", &instance.0])
+            .output()
+            .unwrap();
+        assert!(down.status.success());
+        v
+    };
+    let v = up(&Instance(unique_name("pc")), &[]);
+    let mut pods: Vec<&str> = v["cluster"]["pod_cidrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    pods.sort_unstable();
+    assert_eq!(pods, ["10.244.1.0/24", "10.244.2.0/24"], "{v}");
+    assert!(
+        v["cluster"]["pod_ranges_from"]
+            .as_str()
+            .unwrap()
+            .contains("routes"),
+        "{v}"
+    );
+    assert_eq!(v["cluster"]["service_cidrs"][0], "10.96.0.0/12", "{v}");
+    assert_eq!(v["cluster"]["dns"], "10.96.0.10", "{v}");
+
+    // What the user gives replaces what discovery finds.
+    let v = up(
+        &Instance(unique_name("po")),
+        &["--cidr", "10.96.0.0/16", "--cluster-dns", "10.96.0.99"],
+    );
+    assert_eq!(
+        v["cluster"]["service_cidrs"],
+        serde_json::json!(["10.96.0.0/16"]),
+        "{v}"
+    );
+    assert_eq!(v["cluster"]["pod_cidrs"], serde_json::json!([]), "{v}");
+    assert_eq!(v["cluster"]["dns"], "10.96.0.99", "{v}");
+}
+
+/// A connected namespace named like a top-level domain (`test`) does not
+/// take that domain's names: `local.test` still resolves through the
+/// application's own resolver, while cluster names resolve in the cluster.
+#[test]
+fn a_namespace_named_test_leaves_local_test_to_the_apps_resolver() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tt") else {
+        return;
+    };
+    let (kubeconfig, dev) = (lab.kubeconfig(), lab.dev_netns());
+    // An admin creates namespace `test` (JSON, as the lab API takes it).
+    let created = Command::new("ip")
+        .args(["netns", "exec", &dev, "curl", "-sS", "-f", "-X", "POST"])
+        .args(["-H", "Content-Type: application/json"])
+        .args(["http://172.31.0.1:6443/api/v1/namespaces", "-d"])
+        .arg(r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"test"}}"#)
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&created.stdout),
+        String::from_utf8_lossy(&created.stderr)
+    );
+    // The developer machine's own resolver, which knows local.test.
+    let _resolver = Bg::spawn(Command::new("ip").args([
+        "netns",
+        "exec",
+        &dev,
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.53",
+        "--address=/local.test/192.0.2.7",
+        "--pid-file=",
+    ]));
+    std::thread::sleep(Duration::from_millis(300));
+    let cg = TestCgroup::new();
+    let instance = Instance(unique_name("tt"));
+    let out = Command::new(tpbpf_bin())
+        .args(["--netns", &dev, "up", "--kubeconfig", &kubeconfig])
+        .args(["--instance", &instance.0, "-n", "default", "-n", "test"])
+        .arg("--cgroup")
+        .arg(cg.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resolv = std::env::temp_dir().join(format!("{}.resolv.conf", lab.name));
+    std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+    let got = in_cgroup_and_netns(
+        cg.path(),
+        &dev,
+        &resolv,
+        "getent hosts local.test; getent hosts web.default; getent hosts web",
+    );
+    let _ = std::fs::remove_file(&resolv);
+    let text = String::from_utf8_lossy(&got.stdout);
+    let _ = Command::new(tpbpf_bin())
+        .args(["down", "--instance", &instance.0])
+        .output();
+    let has = |ip: &str, name: &str| {
+        text.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [ip, name])
+    };
+    assert!(
+        has("192.0.2.7", "local.test"),
+        "{text}{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(has("10.96.0.20", "web.default"), "{text}");
+    assert!(has("10.96.0.20", "web"), "{text}");
+}

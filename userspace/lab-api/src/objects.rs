@@ -92,7 +92,7 @@ pub fn namespaces() -> Vec<Namespace> {
         .collect()
 }
 
-pub fn nodes() -> Vec<Node> {
+pub fn nodes(live: &Status) -> Vec<Node> {
     spec::nodes()
         .into_iter()
         .map(|n| Node {
@@ -104,8 +104,8 @@ pub fn nodes() -> Vec<Node> {
                 ..meta(n.name, None, &uid("Node", "", n.name))
             },
             spec: Some(NodeSpec {
-                pod_cidr: Some(n.pod_cidr.into()),
-                pod_cidrs: Some(vec![n.pod_cidr.into()]),
+                pod_cidr: live.node_pod_cidrs.then(|| n.pod_cidr.into()),
+                pod_cidrs: live.node_pod_cidrs.then(|| vec![n.pod_cidr.into()]),
                 ..Default::default()
             }),
             status: Some(NodeStatus {

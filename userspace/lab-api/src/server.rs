@@ -87,7 +87,7 @@ fn kinds() -> Vec<Kind> {
             kind: "Node",
             namespaced: false,
             short: &["no"],
-            objects: |_| to_values(objects::nodes()),
+            objects: |l| to_values(objects::nodes(&l.status)),
         },
         Kind {
             group: "",

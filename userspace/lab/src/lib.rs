@@ -160,6 +160,10 @@ pub struct Status {
     pub api_running: bool,
     pub service_cidr: &'static str,
     pub pod_cidr: &'static str,
+    /// Whether the nodes carry their podCIDR (`spec.podCIDR`); without it
+    /// (`lab up --no-node-pod-cidrs`) the lab's IPAM is like Cilium's
+    /// cluster-pool or EKS's VPC CNI.
+    pub node_pod_cidrs: bool,
     pub cluster_domain: &'static str,
 }
 
@@ -702,6 +706,12 @@ impl Lab {
             )
             .env("NODE_NAME", node.name)
             .env("NODE_IP", node.ip)
+            // The node is a network namespace here, not PID 1's: the agent
+            // reads the node's routes there.
+            .env(
+                "NODE_NETNS",
+                format!("/run/netns/{}", self.node_netns(node.name)),
+            )
             .args(["netns", "exec", &self.agent_netns(node.name), "sh", "-c"])
             .arg(format!(
                 "mount --bind {} /etc/resolv.conf && exec \"$0\" \"$@\"",
@@ -789,6 +799,19 @@ impl Lab {
             self.wait_pod(&pod, deadline)?;
         }
         Ok(())
+    }
+
+    /// Whether the API shows the nodes' podCIDRs (real clusters differ:
+    /// Cilium's cluster-pool, Calico's pools and EKS's VPC CNI leave them
+    /// empty).
+    pub fn set_node_pod_cidrs(&self, shown: bool) -> Result<()> {
+        let marker = self.state.join("no-node-pod-cidrs");
+        if shown {
+            let _ = fs::remove_file(marker);
+            Ok(())
+        } else {
+            write(&marker, "")
+        }
     }
 
     /// Waits until `pod`'s server answers on its pod address, from its node.
@@ -1070,6 +1093,7 @@ impl Lab {
             api_running,
             service_cidr: spec::SERVICE_CIDR,
             pod_cidr: spec::POD_CIDR,
+            node_pod_cidrs: !self.state.join("no-node-pod-cidrs").exists(),
             cluster_domain: spec::CLUSTER_DOMAIN,
         }
     }

@@ -189,7 +189,15 @@ impl BridgeArgs {
                 .context(
                     "no --cidr given, so tpbpf asked the kubeconfig's cluster what to bridge",
                 )?;
-        let info = tpbpf_kube::discover(&client, &ctx, &server, &ns, &self.cluster_domain).await?;
+        let given = tpbpf_kube::Given {
+            ranges: false,
+            dns: self.cluster_dns.is_some(),
+        };
+        let info =
+            tpbpf_kube::discover(&client, &ctx, &server, &ns, &self.cluster_domain, given).await?;
+        for w in &info.warnings {
+            tracing::warn!("{w}");
+        }
         for c in info.service_cidrs.iter().chain(&info.pod_cidrs) {
             self.cidrs.push(c.parse()?);
         }

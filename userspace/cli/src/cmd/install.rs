@@ -67,9 +67,21 @@ pub fn install(args: InstallArgs) -> Result<ExitCode> {
             let (client, ctx, server, ns) =
                 tpbpf_kube::client(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
             if cidrs.is_empty() {
-                let info = tpbpf_kube::discover(&client, &ctx, &server, &ns, "cluster.local")
+                let given = tpbpf_kube::Given {
+                    ranges: false,
+                    dns: true,
+                };
+                let info = tpbpf_kube::discover(&client, &ctx, &server, &ns, "cluster.local", given)
                     .await
                     .context("finding the cluster's ranges (or give them with --cluster-cidr)")?;
+                for w in &info.warnings {
+                    eprintln!("tpbpf: warning: {w}");
+                }
+                eprintln!(
+                    "tpbpf: the agents may dial {} (pod ranges from {}); give them with --cluster-cidr otherwise",
+                    info.service_cidrs.iter().chain(&info.pod_cidrs).cloned().collect::<Vec<_>>().join(", "),
+                    info.pod_ranges_from
+                );
                 cidrs = info.service_cidrs.into_iter().chain(info.pod_cidrs).collect();
                 if cidrs.is_empty() {
                     bail!("found no service or pod range in the cluster: give them with --cluster-cidr");

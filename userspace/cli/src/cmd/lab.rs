@@ -27,6 +27,11 @@ enum LabAction {
         /// `tpbpf`, where `cargo build` puts it).
         #[arg(long, value_name = "PATH")]
         agent: Option<std::path::PathBuf>,
+        /// Nodes without `spec.podCIDR`, as with Cilium's cluster-pool,
+        /// Calico's IP pools or EKS's VPC CNI: discovery must find the pod
+        /// ranges another way.
+        #[arg(long)]
+        no_node_pod_cidrs: bool,
     },
     /// Stop the lab's servers and remove everything it made.
     Down,
@@ -92,7 +97,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
     let exe_path = std::env::current_exe()?;
     let exe = exe_path.display().to_string();
     let agent = match &args.action {
-        LabAction::Up { agent: Some(a) } => a.clone(),
+        LabAction::Up { agent: Some(a), .. } => a.clone(),
         _ => exe_path.with_file_name("tpbpf-agent"),
     };
     let lab = Lab::new(&args.name).with_agent(agent.clone());
@@ -108,7 +113,13 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         agent.display().to_string(),
     ]);
     let status = match args.action {
-        LabAction::Up { .. } => lab.up()?,
+        LabAction::Up {
+            no_node_pod_cidrs, ..
+        } => {
+            lab.up()?;
+            lab.set_node_pod_cidrs(!no_node_pod_cidrs)?;
+            lab.status()
+        }
         LabAction::Down => {
             lab.down()?;
             if args.output == Output::Table {

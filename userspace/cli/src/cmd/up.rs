@@ -40,7 +40,15 @@ pub struct UpArgs {
     /// Bridge this cgroup subtree (default: the whole machine).
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// Another range to bridge (repeatable).
+    /// The ranges to bridge (repeatable), instead of the service and pod
+    /// ranges discovery finds.
+    #[arg(long = "cidr", value_name = "CIDR")]
+    cidrs: Vec<Cidr>,
+    /// The cluster DNS server's address, instead of the one discovery finds
+    /// (the service labelled k8s-app=kube-dns in kube-system).
+    #[arg(long, value_name = "ADDR")]
+    cluster_dns: Option<std::net::IpAddr>,
+    /// Another range to bridge (repeatable), besides the discovered ones.
     #[arg(long = "also-proxy")]
     also_proxy: Vec<Cidr>,
     /// A range never to bridge (repeatable).
@@ -127,8 +135,18 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         let (client, ctx, server, ns) =
             tpbpf_kube::client(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
         let ns = args.namespaces.first().cloned().unwrap_or(ns);
+        let given = tpbpf_kube::Given {
+            ranges: !args.cidrs.is_empty(),
+            dns: args.cluster_dns.is_some(),
+        };
         let mut info =
-            tpbpf_kube::discover(&client, &ctx, &server, &ns, &args.cluster_domain).await?;
+            tpbpf_kube::discover(&client, &ctx, &server, &ns, &args.cluster_domain, given).await?;
+        if given.ranges {
+            info.service_cidrs = args.cidrs.iter().map(ToString::to_string).collect();
+        }
+        if let Some(dns) = args.cluster_dns {
+            info.dns = Some(dns);
+        }
         for extra in args.namespaces.iter().skip(1) {
             if !info.namespaces.contains(extra) {
                 info.namespaces.push(extra.clone());
@@ -137,6 +155,9 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         let agent = tpbpf_kube::find_agent(&client).await;
         Ok::<_, anyhow::Error>((info, agent))
     })?;
+    for w in &info.warnings {
+        eprintln!("tpbpf: warning: {w}");
+    }
     if upstream == "agent" && matches!(agent, Ok(None)) {
         eprintln!("tpbpf: {}", tpbpf_kube::NO_AGENT);
         return Ok(ExitCode::from(tpbpf_kube::NO_AGENT_EXIT));
@@ -279,6 +300,7 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         Output::Table => {
             println!("tpbpf is up: context {} ({})", info.context, info.server);
             println!("  bridged ranges: {}", cidrs.join(", "));
+            println!("  pod ranges from: {}", info.pod_ranges_from);
             println!(
                 "  cluster DNS: {} (domain {}; names resolve in {})",
                 info.dns.map(|d| d.to_string()).unwrap_or("none".into()),
