@@ -22,7 +22,8 @@ pub struct UpArgs {
     #[arg(long)]
     context: Option<String>,
     /// A connected namespace (repeatable): `svc.NS` names resolve in the
-    /// cluster; bare names in the first (default: the context's namespace).
+    /// cluster; bare names in the first (default: the context's namespace,
+    /// which is always connected).
     #[arg(short, long = "namespace")]
     namespaces: Vec<String>,
     /// Where bridged traffic goes: `agent` (default), a tunnel to tpbpf's
@@ -132,9 +133,15 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let (info, agent) = rt.block_on(async {
-        let (client, ctx, server, ns) =
+        let (client, ctx, server, context_ns) =
             tpbpf_kube::client(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
-        let ns = args.namespaces.first().cloned().unwrap_or(ns);
+        // Bare names resolve in the first named namespace (else the
+        // context's); the context's namespace is always connected.
+        let ns = args
+            .namespaces
+            .first()
+            .cloned()
+            .unwrap_or_else(|| context_ns.clone());
         let given = tpbpf_kube::Given {
             ranges: !args.cidrs.is_empty(),
             dns: args.cluster_dns.is_some(),
@@ -147,7 +154,7 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         if let Some(dns) = args.cluster_dns {
             info.dns = Some(dns);
         }
-        for extra in args.namespaces.iter().skip(1) {
+        for extra in args.namespaces.iter().skip(1).chain([&context_ns]) {
             if !info.namespaces.contains(extra) {
                 info.namespaces.push(extra.clone());
             }
