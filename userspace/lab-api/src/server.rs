@@ -351,6 +351,19 @@ async fn handle(
         );
     };
     if writing {
+        // The lab speaks JSON only: 415 makes client-go (kubectl) send its
+        // protobuf request again as JSON, as with a server without protobuf.
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if content_type.contains("protobuf") || content_type.contains("cbor") {
+            return status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                format!("the lab takes JSON bodies, not {content_type}: use `kubectl apply --server-side` (JSON) or curl"),
+            );
+        }
         return write(&cfg, &who, &method, kind, namespace, name, &body);
     }
     let objects = kind.objects;
