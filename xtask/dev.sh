@@ -6,12 +6,13 @@
 #   sudo bash xtask/dev.sh lint    rustfmt and clippy only
 #   sudo bash xtask/dev.sh bench   benchmarks (release build)
 #   bash xtask/dev.sh fuzz         a short fuzz run of the tunnel protocol decoder
+#   sudo bash xtask/dev.sh image   the agent's image, an OCI archive (target/image)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-}" in
-    demo|test|lint|bench|fuzz) ;;
-    *) echo "usage: sudo bash xtask/dev.sh demo|test|lint|bench|fuzz" >&2; exit 2 ;;
+    demo|test|lint|bench|fuzz|image) ;;
+    *) echo "usage: sudo bash xtask/dev.sh demo|test|lint|bench|fuzz|image" >&2; exit 2 ;;
 esac
 
 bash xtask/setup.sh

@@ -27,9 +27,12 @@ fi
 #  dnsmasq-base bind9-dnsutils       a real DNS server (no service started) and dig, for the tests
 #  socat util-linux                  UDP echo peers, unshare (private resolv.conf) for the tests
 #  kubernetes-client                 kubectl (if none is installed), a real client for the lab's API endpoint
+#  buildah runc                      build the agent image (cargo xtask image) and run it to check it
+#                                    (runc: crun 1.8 refuses hybrid cgroup hierarchies)
+#  python3-venv                      a virtualenv of its own for checkov, the manifest linter (below)
 PKGS=(rustc-web cargo-web rust-web-src rust-web-clippy rustfmt-web llvm-22-dev libpolly-22-dev
       zlib1g-dev libzstd-dev build-essential pkg-config bpftool iproute2 curl
-      dnsmasq-base bind9-dnsutils socat util-linux)
+      dnsmasq-base bind9-dnsutils socat util-linux buildah runc python3-venv)
 
 # Servers for the lab cluster (nginx, Redis, PostgreSQL in network
 # namespaces) and nftables for its ClusterIPs. Installed without starting
@@ -105,6 +108,27 @@ else
         || die "pip install kubernetes-validate failed: see the output above"
     python3 -c 'import kubernetes_validate' \
         || die "kubernetes-validate was installed but python3 cannot import it"
+fi
+
+# checkov (PyPI): the tests lint `tpbpf install`'s manifests for security
+# findings (skips and their reasons: deploy/checkov.yaml). In a virtualenv
+# of its own under /opt/tpbpf (where the xtask looks for it): its pinned
+# dependencies (boto3, botocore, ...) would replace other tools' in a shared
+# Python.
+CHECKOV_VERSION=3.3.30
+CHECKOV_VENV=/opt/tpbpf/checkov
+checkov_ok() {
+    [ "$("$CHECKOV_VENV/bin/checkov" --version 2>/dev/null)" = "$CHECKOV_VERSION" ]
+}
+if checkov_ok; then
+    say "checkov $CHECKOV_VERSION present ($CHECKOV_VENV)"
+else
+    say "installing checkov $CHECKOV_VERSION from PyPI into $CHECKOV_VENV (manifest linter, about 30 s, 290 MB)"
+    [ -x "$CHECKOV_VENV/bin/python" ] || /usr/bin/python3 -m venv "$CHECKOV_VENV" \
+        || die "creating the virtualenv $CHECKOV_VENV failed: see the output above (it needs python3-venv)"
+    "$CHECKOV_VENV/bin/python" -m pip install -q --disable-pip-version-check "checkov==$CHECKOV_VERSION" \
+        || die "pip install checkov into $CHECKOV_VENV failed: see the output above"
+    checkov_ok || die "checkov was installed into $CHECKOV_VENV but does not report version $CHECKOV_VERSION"
 fi
 
 say "ready: $(/usr/bin/rustc --version), $(bpf-linker --version | head -1), kernel $(uname -r)"

@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod image;
+mod manifests;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "tpbpf's build, test and demo tasks")]
@@ -42,6 +44,17 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         seconds: u32,
     },
+    /// The agent's container image (deploy/Containerfile) as an OCI archive,
+    /// built with buildah and checked by running it (root).
+    Image {
+        /// Build the agent in release mode (to publish); the default debug
+        /// build is the one the tests already made.
+        #[arg(long)]
+        release: bool,
+        /// The archive (default: target/image/tpbpf-agent.oci.tar).
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +65,7 @@ fn main() -> ExitCode {
         Task::Demo => demo::run(),
         Task::Bench => bench(),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Image { release, out } => image::build_and_check(release, out),
         Task::Chart => {
             run(cargo().args(["run", "-q", "-p", "tpbpf-deploy", "--bin", "render-chart"]))
         }
@@ -238,5 +252,17 @@ fn test() -> Result<()> {
         println!("not root: the privileged tests will print SKIP; run `sudo bash xtask/dev.sh test` to run them");
     }
     run(cargo().args(["test", "-p", "tpbpf-vm-tests"]))?;
+
+    step("manifest security linter (checkov on `tpbpf install`'s manifests, skips in deploy/checkov.yaml)");
+    manifests::lint()?;
+
+    step("agent image (deploy/Containerfile): build the OCI archive, run it");
+    if is_root() {
+        image::build_and_check(false, None)?;
+    } else {
+        println!(
+            "SKIP agent image: buildah and runc need root here; run `sudo bash xtask/dev.sh test`"
+        );
+    }
     Ok(())
 }

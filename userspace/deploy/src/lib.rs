@@ -148,6 +148,18 @@ pub fn daemon_set(s: &Settings) -> DaemonSet {
             period_seconds: Some(10),
             ..Default::default()
         }),
+        // The same probe restarts an agent whose tunnel listener is gone
+        // (not one that is merely slow: a minute of failures).
+        liveness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(i32::from(TUNNEL_PORT)),
+                ..Default::default()
+            }),
+            initial_delay_seconds: Some(10),
+            period_seconds: Some(20),
+            failure_threshold: Some(3),
+            ..Default::default()
+        }),
         resources: Some(ResourceRequirements {
             requests: Some(
                 [
@@ -156,7 +168,15 @@ pub fn daemon_set(s: &Settings) -> DaemonSet {
                 ]
                 .into(),
             ),
-            limits: Some([("memory".to_string(), Quantity("512Mi".into()))].into()),
+            // One core at most: an agent on every node must not starve the
+            // node's workloads (the chart's `resources` value raises it).
+            limits: Some(
+                [
+                    ("cpu".to_string(), Quantity("1".into())),
+                    ("memory".to_string(), Quantity("512Mi".into())),
+                ]
+                .into(),
+            ),
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
@@ -216,6 +236,11 @@ pub fn daemon_set(s: &Settings) -> DaemonSet {
                         }),
                         ..Default::default()
                     }),
+                    // Linux nodes only: the agent is a Linux eBPF program,
+                    // and a Windows node would keep `install` waiting.
+                    node_selector: Some(
+                        [("kubernetes.io/os".to_string(), "linux".to_string())].into(),
+                    ),
                     // Every node, tainted ones too: intercepts may target
                     // any pod.
                     tolerations: Some(vec![Toleration {
@@ -363,10 +388,16 @@ pub fn helm_chart() -> Vec<(&'static str, String)> {
         templates.push_str(&helm_line(line));
         templates.push('\n');
     }
-    let chart = format!(
-        "apiVersion: v2\nname: tpbpf\ndescription: tpbpf's node agent: reach cluster services from a developer machine and intercept pods' traffic, with eBPF\ntype: application\nversion: {v}\nappVersion: \"{v}\"\n",
-        v = env!("CARGO_PKG_VERSION")
-    );
+    // Serialized, not written by hand: the description's colon must be quoted.
+    let chart = serde_saphyr::to_string(&serde_json::json!({
+        "apiVersion": "v2",
+        "name": "tpbpf",
+        "description": "tpbpf's node agent: reach cluster services from a developer machine and intercept pods' traffic, with eBPF",
+        "type": "application",
+        "version": env!("CARGO_PKG_VERSION"),
+        "appVersion": env!("CARGO_PKG_VERSION"),
+    }))
+    .unwrap_or_default();
     // The defaults are the install's own: the same objects, serialized.
     let d = Settings::default();
     let (repo, _) = d.image.rsplit_once(':').unwrap_or((&d.image, ""));
@@ -483,6 +514,35 @@ mod tests {
             .windows(2)
             .any(|w| w == ["--allow-cidr", "192.0.2.0/24"]));
         assert!(args.windows(2).any(|w| w == ["--listen", "127.0.0.1:4390"]));
+    }
+
+    /// What the manifest linter (checkov, `cargo xtask test`) asks for and
+    /// the agent can give: a liveness probe and a CPU limit.
+    #[test]
+    fn the_agent_has_a_liveness_probe_and_a_cpu_limit() {
+        let ds = serde_json::to_value(daemon_set(&settings())).unwrap();
+        let c = &ds["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            c["livenessProbe"]["tcpSocket"]["port"],
+            i32::from(TUNNEL_PORT)
+        );
+        assert_eq!(c["resources"]["limits"]["cpu"], "1");
+    }
+
+    /// Chart.yaml and values.yaml are YAML a parser takes (the templates
+    /// are Go templates, which helm renders).
+    #[test]
+    fn the_charts_plain_files_parse_as_yaml() {
+        for (name, text) in helm_chart() {
+            if name.ends_with("yaml") && !name.starts_with("templates/") {
+                let v: serde_json::Value = serde_saphyr::from_str(&text)
+                    .unwrap_or_else(|e| panic!("{name} is not YAML: {e}\n{text}"));
+                assert!(v.is_object(), "{name}: {v}");
+            }
+        }
+        let chart: serde_json::Value =
+            serde_saphyr::from_str(&helm_chart()[0].1).unwrap();
+        assert!(chart["description"].as_str().unwrap().contains(": reach"));
     }
 
     /// deploy/helm/tpbpf is what `cargo xtask chart` renders from these
