@@ -540,8 +540,7 @@ mod tests {
                 assert!(v.is_object(), "{name}: {v}");
             }
         }
-        let chart: serde_json::Value =
-            serde_saphyr::from_str(&helm_chart()[0].1).unwrap();
+        let chart: serde_json::Value = serde_saphyr::from_str(&helm_chart()[0].1).unwrap();
         assert!(chart["description"].as_str().unwrap().contains(": reach"));
     }
 
