@@ -274,3 +274,72 @@ fn sigkill_of_the_loader_detaches_everything_and_removes_its_cgroup() {
     assert!(!ns_path.exists(), "network namespace left behind");
     assert!(!parent_path.exists(), "test cgroup left behind");
 }
+
+/// A process of the bridged cgroup that enters another network namespace
+/// (a container, a kind node, `ip netns exec`) is left alone there: its
+/// TCP connects and UDP datagrams to a cluster range reach that namespace's
+/// own servers, exactly as without tpbpf, while the bridged namespace's are
+/// redirected.
+#[test]
+fn only_the_bridged_network_namespace_is_redirected() {
+    if !require_root() {
+        return;
+    }
+    let (bridged, other) = (NetNs::new(), NetNs::new());
+    let parent = TestCgroup::new();
+    let loader = Loader::start(&bridged, &parent);
+    let cg = loader.cgroup();
+    // The other namespace has its own server on an address inside the
+    // bridged range: TCP on :80 and a UDP echo on :53 (DNS's port).
+    run(Command::new("ip").args([
+        "-n",
+        other.name(),
+        "addr",
+        "add",
+        "10.96.5.5/32",
+        "dev",
+        "lo",
+    ]));
+    let _tcp = Bg::spawn(Command::new("ip").args([
+        "netns",
+        "exec",
+        other.name(),
+        "socat",
+        "TCP-LISTEN:80,bind=10.96.5.5,reuseaddr,fork",
+        "SYSTEM:echo local-server",
+    ]));
+    let _udp = Bg::spawn(Command::new("ip").args([
+        "netns",
+        "exec",
+        other.name(),
+        "socat",
+        "UDP-RECVFROM:53,bind=10.96.5.5,fork",
+        "SYSTEM:cat",
+    ]));
+    std::thread::sleep(Duration::from_millis(300));
+
+    // In the bridged namespace: redirected.
+    assert_redirected(
+        &client(&bridged, Some(&cg), "10.96.0.10:80", 1),
+        "10.96.0.10:80",
+    );
+    // The same cgroup in the other namespace: that namespace's servers.
+    for r in client(&other, Some(&cg), "10.96.5.5:80", 3) {
+        assert_eq!(r["ok"], true, "{r}");
+        assert!(
+            r["response"].as_str().unwrap().contains("local-server"),
+            "{r}"
+        );
+    }
+    for mode in ["--udp", "--udp-connected"] {
+        let out = run(Command::new(testclient_bin())
+            .args(["--netns", other.name(), "--cgroup"])
+            .arg(&cg)
+            .args([mode, "10.96.5.5:53"]));
+        let r: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(r["ok"], true, "{mode}: {r}");
+        assert_eq!(r["response"], "ping", "{mode}: {r}");
+    }
+    // And where the other namespace has no route, it fails as without tpbpf.
+    assert_unreachable(&client(&other, Some(&cg), "10.96.0.10:80", 1));
+}

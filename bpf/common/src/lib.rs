@@ -135,6 +135,11 @@ pub struct Config {
     /// Mark the tc program puts on packets it steers, so a policy route
     /// (`fwmark` -> `local` table) delivers them locally.
     pub tc_mark: u32,
+    /// The network namespace (its cookie) whose sockets are bridged: a
+    /// process of the bridged cgroup in another namespace (a container, a
+    /// kind node, `ip netns exec`) is left alone, since tpbpfd's listeners
+    /// do not exist there. Zero: any namespace.
+    pub netns_cookie: u64,
 }
 
 /// An original destination.

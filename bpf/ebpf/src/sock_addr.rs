@@ -130,6 +130,21 @@ fn config() -> Option<Config> {
     (cfg.flags & flags::ENABLED != 0).then_some(cfg)
 }
 
+/// The configuration, if `ctx`'s socket is one to bridge: tpbpf is
+/// configured and the socket lives in the bridged network namespace.
+#[inline(always)]
+fn config_in(ctx: &SockAddrContext) -> Option<Config> {
+    let cfg = config()?;
+    if cfg.netns_cookie != 0 {
+        // SAFETY: the context pointer is what the helper expects.
+        let ns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+        if ns != cfg.netns_cookie {
+            return None;
+        }
+    }
+    Some(cfg)
+}
+
 #[inline(always)]
 fn bypassed(cookie: u64) -> bool {
     // SAFETY: only presence is checked.
@@ -242,7 +257,7 @@ fn mapped(ip4_be: u32) -> [u32; 4] {
 
 #[cgroup_sock_addr(connect4)]
 pub fn tpbpf_connect4(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config() else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else { return ALLOW };
     let (dst, port) = (user_ip4(&ctx), user_port(&ctx));
     if !wanted4(&cfg, dst, port) {
         return ALLOW;
@@ -284,7 +299,7 @@ pub fn tpbpf_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn tpbpf_connect6(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config() else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else { return ALLOW };
     let (dst, port) = (user_ip6(&ctx), user_port(&ctx));
     let v4 = is_mapped(&dst);
     let wanted = if v4 {
@@ -345,7 +360,7 @@ pub fn tpbpf_connect6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn tpbpf_sendmsg4(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config() else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else { return ALLOW };
     let (dst, port) = (user_ip4(&ctx), user_port(&ctx));
     if !wanted4(&cfg, dst, port) || bypassed(cookie(&ctx)) {
         return ALLOW;
@@ -359,7 +374,7 @@ pub fn tpbpf_sendmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn tpbpf_sendmsg6(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config() else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else { return ALLOW };
     let (dst, port) = (user_ip6(&ctx), user_port(&ctx));
     let v4 = is_mapped(&dst);
     let wanted = if v4 {
@@ -392,7 +407,7 @@ pub fn tpbpf_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn tpbpf_recvmsg4(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config() else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else { return ALLOW };
     if user_port(&ctx) != cfg.udp_port_be {
         return ALLOW;
     }
@@ -411,7 +426,7 @@ pub fn tpbpf_recvmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn tpbpf_recvmsg6(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config() else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else { return ALLOW };
     let src = user_ip6(&ctx);
     let port = user_port(&ctx);
     if cfg.flags & flags::UDP6 != 0 && port == cfg.udp6_port_be && src == LOOPBACK6_BE {

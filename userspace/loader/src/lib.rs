@@ -31,6 +31,11 @@ pub enum LoadError {
          rebuild it without TPBPF_SKIP_EBPF"
     )]
     NotEmbedded,
+    #[error(
+        "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14 or later): {0}; \
+         tpbpf bridges only the sockets of its own network namespace and needs it"
+    )]
+    NetnsCookie(String),
     #[error("loading tpbpf's kernel programs into the kernel: {0} (run `tpbpf doctor` to see what this kernel supports)")]
     Object(#[source] aya::EbpfError),
     #[error("kernel program `{name}` is missing from the embedded object: the build is inconsistent, rebuild tpbpf")]
