@@ -550,6 +550,32 @@ fn netns_cookie<S: AsFd>(sock: &S) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// The cookie of this thread's network namespace (`SO_NETNS_COOKIE`, Linux
+/// 5.14), as `bpf_get_netns_cookie` returns it for sockets there.
+pub fn own_netns_cookie() -> Result<u64, LoadError> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .map_err(|e| LoadError::NetnsCookie(e.to_string()))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(LoadError::NetnsCookie(
+            std::io::Error::last_os_error().to_string(),
+        ));
+    }
+    Ok(cookie)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -576,30 +602,4 @@ mod tests {
             Some("10.96.0.10:80".parse().unwrap())
         );
     }
-}
-
-/// The cookie of this thread's network namespace (`SO_NETNS_COOKIE`, Linux
-/// 5.14), as `bpf_get_netns_cookie` returns it for sockets there.
-pub fn own_netns_cookie() -> Result<u64, LoadError> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
-        .map_err(|e| LoadError::NetnsCookie(e.to_string()))?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid socket, and a buffer of the size given.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(LoadError::NetnsCookie(
-            std::io::Error::last_os_error().to_string(),
-        ));
-    }
-    Ok(cookie)
 }
