@@ -19,7 +19,15 @@ fn tpbpf_run(
     argv: &[String],
 ) -> (Value, String, bool) {
     let out = Command::new(tpbpf_bin())
-        .args(["--netns", client.ns.name(), "run", "-o", "json"])
+        // The command mounts a resolv.conf (root), even under sudo.
+        .args([
+            "--netns",
+            client.ns.name(),
+            "run",
+            "--as-root",
+            "-o",
+            "json",
+        ])
         .args(["--upstream", &format!("netns:{}", cluster.ns.name())])
         .args([
             "--cidr",
@@ -581,6 +589,7 @@ fn run_passes_the_exit_status_and_signals_through() {
                 "--netns",
                 client.ns.name(),
                 "run",
+                "--as-root",
                 "--upstream",
                 &format!("netns:{}", cluster.ns.name()),
             ])
@@ -602,6 +611,7 @@ fn run_passes_the_exit_status_and_signals_through() {
             "--netns",
             client.ns.name(),
             "run",
+            "--as-root",
             "--upstream",
             &format!("netns:{}", cluster.ns.name()),
         ])

@@ -30,7 +30,7 @@ fn run_in(parent: &TestCgroup, script: &str) -> (Value, String, bool) {
 
 fn run_args(cluster: &Cluster, path: &str) -> String {
     format!(
-        "run -o json --upstream netns:{} --cidr {CLUSTER_CIDR4} --no-dns -- curl -sS -m 5 http://{WEB4}{path}",
+        "run --as-root -o json --upstream netns:{} --cidr {CLUSTER_CIDR4} --no-dns -- curl -sS -m 5 http://{WEB4}{path}",
         cluster.ns.name()
     )
 }

@@ -66,6 +66,7 @@ fn lab_serves_web_redis_and_postgres_by_name_through_tpbpf_run() {
             "--netns",
             client.ns.name(),
             "run",
+            "--as-root",
             "--upstream",
             &format!("netns:{}-node1", lab.name),
         ])

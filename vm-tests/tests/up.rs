@@ -222,6 +222,7 @@ fn run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing() {
             "--netns",
             &dev,
             "run",
+            "--as-root",
             "-o",
             "json",
             "--kubeconfig",
@@ -301,7 +302,14 @@ fn up_and_run_without_an_agent_say_to_install_it_and_install_uninstall_work() {
     };
     let run_true = || {
         Command::new(tpbpf_bin())
-            .args(["--netns", &dev, "run", "--kubeconfig", &kubeconfig])
+            .args([
+                "--netns",
+                &dev,
+                "run",
+                "--as-root",
+                "--kubeconfig",
+                &kubeconfig,
+            ])
             .arg("--cgroup-parent")
             .arg(cg.path())
             .args(["--", "true"])

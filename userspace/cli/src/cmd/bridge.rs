@@ -412,6 +412,11 @@ pub struct RunArgs {
     /// Create the command's cgroup under this cgroup (default: tpbpf's own).
     #[arg(long)]
     cgroup_parent: Option<PathBuf>,
+    /// Under sudo, run the command as root. By default it runs as the user
+    /// who ran sudo (SUDO_UID/SUDO_GID, that user's groups and HOME): only
+    /// tpbpf itself needs root.
+    #[arg(long)]
+    as_root: bool,
     /// The command to run, bridged, and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -443,7 +448,12 @@ pub fn run(mut args: RunArgs) -> Result<ExitCode> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sighup = signal(SignalKind::hangup())?;
-        let mut child = spawn_in_cgroup(&args.command, cgroup.path())?;
+        let user = if args.as_root {
+            None
+        } else {
+            super::scope::Invoker::from_sudo()?
+        };
+        let mut child = spawn_in_cgroup(&args.command, cgroup.path(), user.as_ref())?;
         let pid = child.id();
         let status = loop {
             tokio::select! {

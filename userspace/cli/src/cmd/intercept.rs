@@ -71,7 +71,7 @@ pub struct InterceptArgs {
     #[arg(long, value_name = "FILE")]
     env_json: Option<PathBuf>,
     /// Name of the bridge.
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = super::up::instance_name)]
     instance: String,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -103,7 +103,7 @@ fn mode_of(req: &Value) -> Result<InterceptMode, String> {
 pub struct LeaveArgs {
     /// The intercept's name (`tpbpf list` shows them).
     name: String,
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = super::up::instance_name)]
     instance: String,
 }
 
@@ -111,7 +111,7 @@ pub struct LeaveArgs {
 pub struct ListArgs {
     #[arg(short, long)]
     namespace: Option<String>,
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = super::up::instance_name)]
     instance: String,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,

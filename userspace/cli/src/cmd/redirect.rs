@@ -126,7 +126,7 @@ async fn serve(args: Args) -> Result<ExitCode> {
         info!("signal received, detaching");
         ExitCode::SUCCESS
     } else {
-        let mut child = spawn_in_cgroup(&args.command, cgroup.path())?;
+        let mut child = spawn_in_cgroup(&args.command, cgroup.path(), None)?;
         let pid = child.id();
         let status = loop {
             tokio::select! {

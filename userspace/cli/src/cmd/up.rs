@@ -59,7 +59,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
     /// Name of this bridge (several can run at once, to different clusters).
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = instance_name)]
     instance: String,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -68,10 +68,43 @@ pub struct UpArgs {
 #[derive(clap::Args)]
 pub struct StateArgs {
     /// Name of the bridge.
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = instance_name)]
     instance: String,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
+}
+
+/// A bridge's name: it names a directory under /run/tpbpf, so no path
+/// separator, no leading dot, 1 to 64 of `A-Za-z0-9._-`.
+pub fn instance_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "`{s}` is not a bridge name: 1 to 64 of letters, digits, `.`, `_` and `-`, not starting with `.`"
+        ))
+    }
+}
+
+/// Whether `pid` is the tpbpfd of bridge `instance`: a tpbpf `daemon`
+/// serving that bridge's control socket (a pid recorded in the state file
+/// may have been reused by another process since).
+fn is_bridge_daemon(pid: i64, instance: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let socket = super::intercept::control_socket(instance);
+    let socket = socket.as_os_str().as_encoded_bytes();
+    args.iter().any(|a| *a == b"daemon")
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"--control-socket" && w[1] == socket)
 }
 
 fn state_dir(instance: &str) -> PathBuf {
@@ -439,7 +472,14 @@ pub fn down(args: StateArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     if let Some(pid) = state["pid"].as_i64().filter(|p| alive(*p)) {
-        // SAFETY: the pid is tpbpfd's, recorded by `tpbpf up`.
+        if !is_bridge_daemon(pid, &args.instance) {
+            bail!(
+                "the pid recorded for bridge `{}` ({pid}) is not its tpbpfd any more: nothing signalled; remove {} if the bridge is gone",
+                args.instance,
+                state_dir(&args.instance).display()
+            );
+        }
+        // SAFETY: the pid is tpbpfd's, recorded by `tpbpf up` and checked above.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while alive(pid) && Instant::now() < deadline {
