@@ -641,3 +641,74 @@ fn run_passes_the_exit_status_and_signals_through() {
         "cgroup left behind"
     );
 }
+
+/// The UDP slot counter wraps after 65,536 destinations: a flow still in
+/// use keeps its slot, so its datagrams never reach another destination
+/// (before, the slot went to the 65,537th destination and the early flow's
+/// datagrams with it).
+#[test]
+fn after_70000_udp_destinations_an_early_flow_still_reaches_its_own() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::new("wrap");
+    let client = Client::new();
+    let parent = TestCgroup::new();
+    let tc = testclient_bin().display().to_string();
+    let (_ready, out, ok) = tpbpf_run(
+        &client,
+        &cluster,
+        &parent,
+        &[tc, "--udp-wrap".into(), "70000".into(), format!("{WEB4}:7")],
+    );
+    assert!(ok, "{out}");
+    let r = json_lines(&out)
+        .into_iter()
+        .find(|v| v.get("second").is_some())
+        .unwrap_or_else(|| panic!("no report: {out}"));
+    println!("{r}");
+    assert_eq!(r["first"], "echo:early-1", "{r}");
+    assert_eq!(
+        r["second"], "echo:early-2",
+        "the early flow lost its slot: {r}"
+    );
+    assert_eq!(r["peer"], format!("{WEB4}:7"), "{r}");
+    // Every destination got a slot until none was idle, then was left
+    // unbridged (it fails as without tpbpf): none took the early flow's.
+    assert_eq!(
+        r["sent"].as_u64().unwrap() + r["failed"].as_u64().unwrap(),
+        70000,
+        "{r}"
+    );
+}
+
+/// A UDP slot answers only the socket it was made for: another socket
+/// (any local user's) that sends straight to the slot's address is not
+/// carried to the flow's destination.
+#[test]
+fn a_udp_slot_answers_only_the_socket_it_was_made_for() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::new("spoof");
+    let client = Client::new();
+    let parent = TestCgroup::new();
+    let tc = testclient_bin().display().to_string();
+    let (_ready, out, ok) = tpbpf_run(
+        &client,
+        &cluster,
+        &parent,
+        &[tc, "--udp-spoof".into(), format!("{WEB4}:7")],
+    );
+    assert!(ok, "{out}");
+    let r = json_lines(&out)
+        .into_iter()
+        .find(|v| v.get("intruder").is_some())
+        .unwrap_or_else(|| panic!("no report: {out}"));
+    assert_eq!(r["owner"], "echo:mine", "{r}");
+    assert!(r["slot"].as_str().unwrap().starts_with("127.100."), "{r}");
+    assert!(
+        r["intruder"].as_str().unwrap().starts_with("no answer"),
+        "another socket's datagram reached the flow's destination: {r}"
+    );
+}

@@ -171,8 +171,8 @@ fn connect4_redirect_recovers_original_destination_and_leaves_nothing() {
     let progs = loader.ids("program_ids");
     assert_eq!(
         progs.len(),
-        9,
-        "connect, sendmsg, recvmsg, getpeername (v4 and v6) and sock_ops"
+        10,
+        "connect, sendmsg, recvmsg, getpeername (v4 and v6), sock_ops and sock_release"
     );
     for p in &progs {
         assert!(
@@ -183,7 +183,12 @@ fn connect4_redirect_recovers_original_destination_and_leaves_nothing() {
     }
     let live_links = kernel_link_ids();
     let links = loader.ids("link_ids");
-    assert_eq!(links.len(), 9, "one bpf_link per program: {}", loader.ready);
+    assert_eq!(
+        links.len(),
+        10,
+        "one bpf_link per program: {}",
+        loader.ready
+    );
     assert!(links.iter().all(|l| live_links.contains(l)));
 
     // A process in the cgroup reaches the listener; it sees the address it dialled.

@@ -20,9 +20,14 @@ pub mod maps {
     /// redirected. Only root can write a map, so no process in a bridged
     /// cgroup can exempt itself.
     pub const BYPASS: &str = "TPBPF_BYPASS";
-    /// `LruHashMap<OrigDst, u32 (slot)>`: the UDP slot of each destination.
+    /// `LruHashMap<SlotKey (destination, socket), u32 (slot)>`: the UDP slot
+    /// of each socket's destination.
     pub const UDP_SLOT_BY_DST: &str = "TPBPF_UDP_SLOT_BY_DST";
-    /// `Array<OrigDst>` of [`UDP_SLOTS`] entries: the destination of each slot.
+    /// `LruHashMap<u64 (socket cookie), u32 (slot)>`: the last slot made for
+    /// each socket, freed by `sock_release`.
+    pub const COOKIE_SLOT: &str = "TPBPF_COOKIE_SLOT";
+    /// `Array<UdpSlot>` of [`UDP_SLOTS`] entries: each slot's destination,
+    /// owner socket and last use.
     pub const UDP_SLOTS: &str = "TPBPF_UDP_SLOTS";
     /// `Array<u32>` with one entry: the next slot to hand out.
     pub const UDP_NEXT: &str = "TPBPF_UDP_NEXT";
@@ -60,6 +65,7 @@ pub mod programs {
     pub const RECVMSG4: &str = "tpbpf_recvmsg4";
     pub const RECVMSG6: &str = "tpbpf_recvmsg6";
     pub const SOCK_OPS: &str = "tpbpf_sock_ops";
+    pub const SOCK_RELEASE: &str = "tpbpf_sock_release";
     pub const TC_INGRESS: &str = "tpbpf_tc_ingress";
     pub const SK_LOOKUP: &str = "tpbpf_sk_lookup";
 }
@@ -72,6 +78,34 @@ pub mod programs {
 pub const UDP_SLOTS: u32 = 65536;
 /// The first two octets of the slot addresses, `127.100.0.0/16`.
 pub const UDP_SLOT_NET: [u8; 2] = [127, 100];
+/// A slot unused this long may be handed to another destination (a slot
+/// in use never is: its datagrams would reach the wrong destination).
+pub const UDP_SLOT_IDLE_NS: u64 = 30_000_000_000;
+/// How many slots one allocation looks at before it gives up (the
+/// datagram then goes out unbridged, and fails as without tpbpf).
+pub const UDP_SLOT_PROBES: u32 = 8;
+
+/// A UDP slot: the destination it names and the socket it was made for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpSlot {
+    pub orig: OrigDst,
+    /// Cookie of the socket the slot was made for (`SO_COOKIE`); zero: free.
+    /// tpbpfd answers a slot only for that socket.
+    pub owner: u64,
+    /// When it was last used, `CLOCK_MONOTONIC` nanoseconds (as
+    /// `bpf_ktime_get_ns`): by the hooks when they hand it out, by tpbpfd
+    /// while it relays the flow.
+    pub used_ns: u64,
+}
+
+/// The key of a slot: one per socket and destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    pub orig: OrigDst,
+    pub owner: u64,
+}
 
 /// `Config.flags` bits.
 pub mod flags {
@@ -144,7 +178,7 @@ pub struct Config {
 
 /// An original destination.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct OrigDst {
     /// Address, network order. IPv4 uses `[0]` and leaves the rest zero.
     pub ip_be: [u32; 4],
@@ -194,6 +228,10 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: plain old data, `repr(C)`, no padding (24 + 8 + 8 bytes).
+    unsafe impl aya::Pod for super::UdpSlot {}
+    // SAFETY: plain old data, `repr(C)`, no padding (24 + 8 bytes).
+    unsafe impl aya::Pod for super::SlotKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: as above.

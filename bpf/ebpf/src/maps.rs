@@ -4,7 +4,8 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, SockMap},
 };
 use tpbpf_common::{
-    Config, Endpoint, OrigDst, SockKey, CIDR_MAP_ENTRIES, CONN_MAP_ENTRIES, UDP_SLOTS,
+    Config, Endpoint, OrigDst, SlotKey, SockKey, UdpSlot, CIDR_MAP_ENTRIES, CONN_MAP_ENTRIES,
+    UDP_SLOTS,
 };
 
 #[map(name = "TPBPF_CONFIG")]
@@ -33,10 +34,15 @@ pub static CONN_ORIG: LruHashMap<SockKey, OrigDst> =
     LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
 
 #[map(name = "TPBPF_UDP_SLOT_BY_DST")]
-pub static UDP_SLOT_BY_DST: LruHashMap<OrigDst, u32> = LruHashMap::with_max_entries(UDP_SLOTS, 0);
+pub static UDP_SLOT_BY_DST: LruHashMap<SlotKey, u32> = LruHashMap::with_max_entries(UDP_SLOTS, 0);
 
 #[map(name = "TPBPF_UDP_SLOTS")]
-pub static UDP_SLOTS_MAP: Array<OrigDst> = Array::with_max_entries(UDP_SLOTS, 0);
+pub static UDP_SLOTS_MAP: Array<UdpSlot> = Array::with_max_entries(UDP_SLOTS, 0);
+
+/// Socket cookie -> the last slot made for it, freed when the socket goes
+/// (`sock_release`).
+#[map(name = "TPBPF_COOKIE_SLOT")]
+pub static COOKIE_SLOT: LruHashMap<u64, u32> = LruHashMap::with_max_entries(UDP_SLOTS, 0);
 
 #[map(name = "TPBPF_UDP_NEXT")]
 pub static UDP_NEXT: Array<u32> = Array::with_max_entries(1, 0);

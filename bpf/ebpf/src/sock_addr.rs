@@ -14,19 +14,20 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use tpbpf_common::{
-    action, flags, Config, OrigDst, SockKey, AF_INET, AF_INET6, UDP_SLOTS, UDP_SLOT_NET,
+    action, flags, Config, OrigDst, SlotKey, SockKey, UdpSlot, AF_INET, AF_INET6, UDP_SLOTS,
+    UDP_SLOT_IDLE_NS, UDP_SLOT_NET, UDP_SLOT_PROBES,
 };
 
 use crate::maps::{
-    BYPASS, CIDRS4, CIDRS6, CONFIG, COOKIE_ORIG, UDP6_LAST, UDP_NEXT, UDP_SLOTS_MAP,
-    UDP_SLOT_BY_DST,
+    BYPASS, CIDRS4, CIDRS6, CONFIG, COOKIE_ORIG, COOKIE_SLOT, UDP6_LAST, UDP_NEXT,
+    UDP_SLOTS_MAP, UDP_SLOT_BY_DST,
 };
 
 /// Let the syscall go on (with whatever the program rewrote).
@@ -192,24 +193,66 @@ fn orig6(ip_be: [u32; 4], port_be: u32) -> OrigDst {
     }
 }
 
-/// The slot naming `orig`, handing out a new one if it has none.
+/// The slot naming `orig` for the socket `owner`, handing out a new one if
+/// it has none. A slot is taken only when free or idle for
+/// [`UDP_SLOT_IDLE_NS`]: one that carries a live flow never changes
+/// destination. With no such slot among [`UDP_SLOT_PROBES`], none.
 #[inline(always)]
-fn udp_slot(orig: &OrigDst) -> Option<u32> {
+fn udp_slot(orig: &OrigDst, owner: u64) -> Option<u32> {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = SlotKey {
+        orig: *orig,
+        owner,
+    };
     // SAFETY: copied out at once.
-    if let Some(slot) = unsafe { UDP_SLOT_BY_DST.get(orig) } {
-        return Some(*slot);
+    if let Some(slot) = unsafe { UDP_SLOT_BY_DST.get(&key) } {
+        let slot = *slot;
+        if let Some(entry) = UDP_SLOTS_MAP.get_ptr_mut(slot) {
+            // SAFETY: `entry` points at a live map value of type UdpSlot.
+            unsafe {
+                if (*entry).owner == owner && (*entry).orig == *orig {
+                    (*entry).used_ns = now;
+                    return Some(slot);
+                }
+            }
+        }
     }
     let next = UDP_NEXT.get_ptr_mut(0)?;
-    // SAFETY: `next` points at a live u32 map value; an atomic add (BPF v3
-    // `atomic_fetch_add`) is how concurrent programs share it. SeqCst, not
-    // Relaxed: LLVM's BPF backend lowers a relaxed add to `lock add`, which
-    // does not return the old value.
-    let slot = unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(next, 1) } % UDP_SLOTS;
-    let entry = UDP_SLOTS_MAP.get_ptr_mut(slot)?;
-    // SAFETY: `entry` points at a live map value of type OrigDst.
-    unsafe { *entry = *orig };
-    UDP_SLOT_BY_DST.insert(orig, slot, 0).ok()?;
-    Some(slot)
+    for _ in 0..UDP_SLOT_PROBES {
+        // SAFETY: `next` points at a live u32 map value; an atomic add (BPF
+        // v3 `atomic_fetch_add`) is how concurrent programs share it.
+        // SeqCst, not Relaxed: LLVM's BPF backend lowers a relaxed add to
+        // `lock add`, which does not return the old value.
+        let slot =
+            unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(next, 1) } % UDP_SLOTS;
+        let Some(entry) = UDP_SLOTS_MAP.get_ptr_mut(slot) else {
+            continue;
+        };
+        // SAFETY: `entry` points at a live map value of type UdpSlot.
+        let old = unsafe { *entry };
+        if old.owner != 0 && now.saturating_sub(old.used_ns) < UDP_SLOT_IDLE_NS {
+            continue;
+        }
+        if old.owner != 0 {
+            let _ = UDP_SLOT_BY_DST.remove(&SlotKey {
+                orig: old.orig,
+                owner: old.owner,
+            });
+        }
+        // SAFETY: as above.
+        unsafe {
+            *entry = UdpSlot {
+                orig: *orig,
+                owner,
+                used_ns: now,
+            }
+        };
+        UDP_SLOT_BY_DST.insert(&key, slot, 0).ok()?;
+        let _ = COOKIE_SLOT.insert(owner, slot, 0);
+        return Some(slot);
+    }
+    None
 }
 
 #[inline(always)]
@@ -276,7 +319,7 @@ pub fn tpbpf_connect4(ctx: SockAddrContext) -> i32 {
             set_user_port(&ctx, cfg.proxy_port_be);
         }
         SOCK_DGRAM => {
-            let Some(slot) = udp_slot(&orig) else {
+            let Some(slot) = udp_slot(&orig, c) else {
                 return ALLOW;
             };
             let _ = COOKIE_ORIG.insert(c, orig, 0);
@@ -336,7 +379,7 @@ pub fn tpbpf_connect6(ctx: SockAddrContext) -> i32 {
             }
         }
         SOCK_DGRAM => {
-            let Some(slot) = udp_slot(&orig) else {
+            let Some(slot) = udp_slot(&orig, c) else {
                 return ALLOW;
             };
             let _ = COOKIE_ORIG.insert(c, orig, 0);
@@ -362,10 +405,11 @@ pub fn tpbpf_connect6(ctx: SockAddrContext) -> i32 {
 pub fn tpbpf_sendmsg4(ctx: SockAddrContext) -> i32 {
     let Some(cfg) = config_in(&ctx) else { return ALLOW };
     let (dst, port) = (user_ip4(&ctx), user_port(&ctx));
-    if !wanted4(&cfg, dst, port) || bypassed(cookie(&ctx)) {
+    let c = cookie(&ctx);
+    if !wanted4(&cfg, dst, port) || bypassed(c) {
         return ALLOW;
     }
-    if let Some(slot) = udp_slot(&orig4(dst, port)) {
+    if let Some(slot) = udp_slot(&orig4(dst, port), c) {
         set_user_ip4(&ctx, slot_ip4_be(slot));
         set_user_port(&ctx, cfg.udp_port_be);
     }
@@ -382,7 +426,8 @@ pub fn tpbpf_sendmsg6(ctx: SockAddrContext) -> i32 {
     } else {
         wanted6(&cfg, dst, port)
     };
-    if !wanted || bypassed(cookie(&ctx)) {
+    let c = cookie(&ctx);
+    if !wanted || bypassed(c) {
         return ALLOW;
     }
     if !v4 {
@@ -398,7 +443,7 @@ pub fn tpbpf_sendmsg6(ctx: SockAddrContext) -> i32 {
         }
         return ALLOW;
     }
-    if let Some(slot) = udp_slot(&orig4(dst[3], port)) {
+    if let Some(slot) = udp_slot(&orig4(dst[3], port), c) {
         set_user_ip6(&ctx, mapped(slot_ip4_be(slot)));
         set_user_port(&ctx, cfg.udp_port_be);
     }
@@ -414,9 +459,14 @@ pub fn tpbpf_recvmsg4(ctx: SockAddrContext) -> i32 {
     let Some(slot) = slot_of(user_ip4(&ctx)) else {
         return ALLOW;
     };
-    let Some(orig) = UDP_SLOTS_MAP.get(slot) else {
+    let Some(entry) = UDP_SLOTS_MAP.get(slot) else {
         return ALLOW;
     };
+    // Only the socket the slot was made for sees its destination.
+    if entry.owner != cookie(&ctx) {
+        return ALLOW;
+    }
+    let orig = entry.orig;
     if orig.family == AF_INET {
         set_user_ip4(&ctx, orig.ip_be[0]);
         set_user_port(&ctx, orig.port_be);
@@ -446,9 +496,13 @@ pub fn tpbpf_recvmsg6(ctx: SockAddrContext) -> i32 {
     let Some(slot) = slot_of(src[3]) else {
         return ALLOW;
     };
-    let Some(orig) = UDP_SLOTS_MAP.get(slot) else {
+    let Some(entry) = UDP_SLOTS_MAP.get(slot) else {
         return ALLOW;
     };
+    if entry.owner != cookie(&ctx) {
+        return ALLOW;
+    }
+    let orig = entry.orig;
     let ip = if orig.family == AF_INET {
         mapped(orig.ip_be[0])
     } else {

@@ -91,3 +91,29 @@ fn ctx_u32(field: &u32) -> u32 {
     // SAFETY: `field` points into the live context.
     unsafe { core::ptr::read_volatile(field) }
 }
+
+/// A socket goes: the last UDP slot made for it is free at once (a
+/// resolver's one-query sockets do not hold slots for the idle time).
+#[aya_ebpf::macros::cgroup_sock(sock_release)]
+pub fn tpbpf_sock_release(ctx: aya_ebpf::programs::SockContext) -> i32 {
+    // SAFETY: `sock` is the context pointer the helper expects.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    // SAFETY: copied out at once.
+    let Some(slot) = (unsafe { crate::maps::COOKIE_SLOT.get(&cookie) }).copied() else {
+        return 1;
+    };
+    let _ = crate::maps::COOKIE_SLOT.remove(&cookie);
+    if let Some(entry) = crate::maps::UDP_SLOTS_MAP.get_ptr_mut(slot) {
+        // SAFETY: `entry` points at a live map value of type UdpSlot.
+        unsafe {
+            if (*entry).owner == cookie {
+                let _ = crate::maps::UDP_SLOT_BY_DST.remove(&tpbpf_common::SlotKey {
+                    orig: (*entry).orig,
+                    owner: cookie,
+                });
+                (*entry).owner = 0;
+            }
+        }
+    }
+    1
+}

@@ -11,6 +11,7 @@
 //!   the resolver the application asked.
 pub mod dns;
 pub mod policy;
+mod sockdiag;
 mod tcp;
 pub mod tunnel;
 mod udp;

@@ -18,13 +18,18 @@ use nix::sys::socket::{
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
-use tpbpf_loader::{Udp6Last, UdpSlots};
+use tpbpf_loader::{SlotInfo, Udp6Last, UdpSlots};
 use tracing::{debug, warn};
 
 use crate::{dns::Dns, upstream::Upstream};
 
 /// A flow with no datagram either way for this long is closed.
 const FLOW_IDLE: Duration = Duration::from_secs(120);
+/// At most this many flows at once (per proxy socket): more are dropped.
+const MAX_FLOWS: usize = 4096;
+/// How often a live flow marks its slot as in use (the kernel hands out
+/// slots idle for `UDP_SLOT_IDLE_NS`, 30 s).
+const TOUCH_EVERY: Duration = Duration::from_secs(5);
 
 pub struct UdpProxy {
     sock: Arc<UdpSocket>,
@@ -79,10 +84,26 @@ impl UdpProxy {
                         }
                         continue;
                     }
-                    let Some(orig) = slots.lookup(slot_ip) else {
+                    let Some(info) = slots.lookup(slot_ip) else {
                         debug!(%client, %slot_ip, "datagram for an unknown UDP slot: dropped");
                         continue;
                     };
+                    // A slot answers only the socket it was made for: not
+                    // another local process (or user) that sends to its
+                    // address.
+                    let slot_addr = SocketAddrV4::new(slot_ip, self.port);
+                    match crate::sockdiag::udp_socket_of(client, slot_addr) {
+                        Ok(Some((cookie, _))) if cookie == info.owner => {}
+                        Ok(_) => {
+                            warn!(%client, %slot_ip, "a datagram to a UDP slot from a socket it was not made for: dropped");
+                            continue;
+                        }
+                        Err(e) => {
+                            warn!(%client, "cannot tell which socket sent a datagram (sock_diag: {e}; the kernel needs CONFIG_INET_UDP_DIAG): dropped");
+                            continue;
+                        }
+                    }
+                    let orig = info.orig;
                     if orig.port() == 53 {
                         if let Some(dns) = dns.clone() {
                             let sock = self.sock.clone();
@@ -94,13 +115,18 @@ impl UdpProxy {
                             continue;
                         }
                     }
+                    if flows.len() >= MAX_FLOWS {
+                        debug!(%client, %orig, "{MAX_FLOWS} UDP flows open: datagram dropped");
+                        continue;
+                    }
                     let (tx, rx) = mpsc::channel(256);
                     let _ = tx.try_send(data);
                     flows.insert(key, tx);
                     let reply = ReplyPath::Slot(self.sock.clone(), slot_ip, client);
                     let (upstream, closed) = (upstream.clone(), closed_tx.clone());
+                    let touch = Some((slots.clone(), info));
                     tokio::spawn(async move {
-                        run_flow(reply, upstream, orig, rx).await;
+                        run_flow(reply, upstream, orig, rx, touch).await;
                         let _ = closed.send(key);
                     });
                 }
@@ -172,12 +198,16 @@ pub async fn serve6(
                     let _ = tx.try_send(data);
                     continue;
                 }
+                if flows.len() >= MAX_FLOWS {
+                    debug!(%client, %orig, "{MAX_FLOWS} IPv6 UDP flows open: datagram dropped");
+                    continue;
+                }
                 let (tx, rx) = mpsc::channel(256);
                 let _ = tx.try_send(data);
                 flows.insert(key, tx);
                 let (upstream, closed) = (upstream.clone(), closed_tx.clone());
                 tokio::spawn(async move {
-                    run_flow(reply, upstream, orig, rx).await;
+                    run_flow(reply, upstream, orig, rx, None).await;
                     let _ = closed.send(key);
                 });
             }
@@ -185,12 +215,23 @@ pub async fn serve6(
     }
 }
 
+/// Relays one flow; `touch`: its slot, kept in use while datagrams pass.
 async fn run_flow(
     reply: ReplyPath,
     upstream: Arc<dyn Upstream>,
     orig: SocketAddr,
     mut rx: mpsc::Receiver<Vec<u8>>,
+    touch: Option<(UdpSlots, SlotInfo)>,
 ) {
+    let mut touched = tokio::time::Instant::now();
+    let mut touch = move || {
+        if let Some((slots, info)) = &touch {
+            if touched.elapsed() >= TOUCH_EVERY {
+                touched = tokio::time::Instant::now();
+                slots.touch(info);
+            }
+        }
+    };
     let flow = match upstream.udp(orig).await {
         Ok(f) => f,
         Err(e) => {
@@ -204,6 +245,7 @@ async fn run_flow(
         tokio::select! {
             d = rx.recv() => match d {
                 Some(d) => {
+                    touch();
                     if let Err(e) = flow.send(&d).await {
                         debug!(%orig, "sending a datagram upstream: {e}");
                     }
@@ -212,6 +254,7 @@ async fn run_flow(
             },
             r = flow.recv(&mut buf) => match r {
                 Ok(n) => {
+                    touch();
                     if let Err(e) = reply.send(&buf[..n]).await {
                         debug!(%orig, "returning a datagram: {e}");
                     }

@@ -14,7 +14,7 @@ mod redirect;
 pub use cidr::{Cidr, CidrParseError};
 pub use intercept::{Bypass as InterceptBypass, Interceptor};
 pub use redirect::{
-    AttachedIds, Bypass, OrigDstTable, ProxyConfig, Redirector, Udp6Last, UdpSlots,
+    AttachedIds, Bypass, OrigDstTable, ProxyConfig, Redirector, SlotInfo, Udp6Last, UdpSlots,
 };
 
 use thiserror::Error;

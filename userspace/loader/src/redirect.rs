@@ -15,12 +15,14 @@ use aya::{
         Array, HashMap, MapData,
     },
     programs::{
-        loaded_links, CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType,
+        loaded_links, CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, SockOps,
+        TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
 use tpbpf_common::{
-    action, flags, maps, programs, Config, OrigDst, SockKey, AF_INET, AF_INET6, UDP_SLOT_NET,
+    action, flags, maps, programs, Config, OrigDst, SockKey, UdpSlot, AF_INET, AF_INET6,
+    UDP_SLOT_NET,
 };
 use tracing::debug;
 
@@ -105,6 +107,11 @@ impl Redirector {
             name: programs::SOCK_OPS,
             source,
         })?;
+        let prog: &mut CgroupSock = program(&mut ebpf, programs::SOCK_RELEASE)?;
+        prog.load().map_err(|source| LoadError::Program {
+            name: programs::SOCK_RELEASE,
+            source,
+        })?;
         let conn_orig = ebpf
             .take_map(maps::CONN_ORIG)
             .ok_or(LoadError::MissingMap {
@@ -143,7 +150,7 @@ impl Redirector {
             ebpf,
             table: OrigDstTable(Arc::new(Mutex::new(conn_orig))),
             bypass: Bypass(Arc::new(Mutex::new(bypass))),
-            udp_slots: UdpSlots(Arc::new(slots)),
+            udp_slots: UdpSlots(Arc::new(Mutex::new(slots))),
             udp6_last: Udp6Last(Arc::new(udp6)),
             attached: AttachedIds::default(),
         })
@@ -273,6 +280,11 @@ impl Redirector {
         }
         let name = programs::SOCK_OPS;
         let prog: &mut SockOps = program(&mut self.ebpf, name)?;
+        prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+            .map_err(|e| attach_err(name, e))?;
+        program_ids.push(prog.info().map_err(|e| attach_err(name, e))?.id());
+        let name = programs::SOCK_RELEASE;
+        let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
         prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
             .map_err(|e| attach_err(name, e))?;
         program_ids.push(prog.info().map_err(|e| attach_err(name, e))?.id());
@@ -427,22 +439,72 @@ impl Bypass {
 
 /// The UDP slot table: which original destination a slot address stands for.
 #[derive(Clone)]
-pub struct UdpSlots(Arc<Array<MapData, OrigDst>>);
+pub struct UdpSlots(Arc<Mutex<Array<MapData, UdpSlot>>>);
+
+/// What a slot address names: the original destination, and the socket
+/// (its cookie) the slot was made for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub slot: u32,
+    pub orig: SocketAddr,
+    pub owner: u64,
+}
 
 impl UdpSlots {
-    /// The original destination of the slot address `ip` (127.100.x.y).
-    pub fn lookup(&self, ip: Ipv4Addr) -> Option<SocketAddr> {
+    fn slot_of(ip: Ipv4Addr) -> Option<u32> {
         let o = ip.octets();
-        if o[..2] != UDP_SLOT_NET {
-            return None;
-        }
-        let slot = u32::from(o[2]) << 8 | u32::from(o[3]);
-        let orig = self.0.get(&slot, 0).ok()?;
-        if orig.family == 0 {
-            return None;
-        }
-        orig_to_socket_addr(&orig)
+        (o[..2] == UDP_SLOT_NET).then(|| u32::from(o[2]) << 8 | u32::from(o[3]))
     }
+
+    /// What the slot address `ip` (127.100.x.y) names now.
+    pub fn lookup(&self, ip: Ipv4Addr) -> Option<SlotInfo> {
+        let slot = Self::slot_of(ip)?;
+        let entry = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&slot, 0)
+            .ok()?;
+        if entry.owner == 0 || entry.orig.family == 0 {
+            return None;
+        }
+        Some(SlotInfo {
+            slot,
+            orig: orig_to_socket_addr(&entry.orig)?,
+            owner: entry.owner,
+        })
+    }
+
+    /// Marks `info`'s slot as in use now, if it still names the same
+    /// destination for the same socket: a flow tpbpfd relays keeps its
+    /// slot (connected sockets' datagrams pass no hook that would).
+    pub fn touch(&self, info: &SlotInfo) {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(mut entry) = map.get(&info.slot, 0) else {
+            return;
+        };
+        if entry.owner != info.owner || orig_to_socket_addr(&entry.orig) != Some(info.orig) {
+            return;
+        }
+        entry.used_ns = monotonic_ns();
+        drop(map);
+        let _ = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(info.slot, entry, 0);
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
 /// The last destination of each unconnected IPv6 UDP socket, by its

@@ -7,6 +7,9 @@
 //! With `--udp`, sends one datagram with sendto() and reports the source
 //! address recvfrom() gives the reply; with `--udp-connected`, connects
 //! first and reports getpeername().
+//! With `--udp-wrap N ADDR`: a connected flow to ADDR, then datagrams to N
+//! other destinations from another socket, then the first flow again
+//! (the UDP slot counter's wrap).
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
@@ -24,6 +27,8 @@ fn main() {
     let netns = take("--netns");
     let cgroup = take("--cgroup");
     let bench_n = take("--bench");
+    let wrap_n = take("--udp-wrap");
+    let spoof = take("--udp-spoof");
     let mode = if let Some(i) = args
         .iter()
         .position(|a| a == "--udp" || a == "--udp-connected")
@@ -42,6 +47,25 @@ fn main() {
             std::process::id().to_string(),
         )
         .unwrap_or_else(|e| die(&format!("joining cgroup {dir}: {e}")));
+    }
+    if let Some(addr) = spoof {
+        udp_spoof(
+            addr.parse()
+                .unwrap_or_else(|_| die("--udp-spoof ADDR: ADDR must be an address")),
+        );
+        return;
+    }
+    if let Some(n) = wrap_n {
+        let addr: SocketAddr = args
+            .first()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| die("--udp-wrap N ADDR"));
+        udp_wrap(
+            addr,
+            n.parse()
+                .unwrap_or_else(|_| die("--udp-wrap N: N must be a number")),
+        );
+        return;
     }
     if let Some(n) = bench_n {
         let addr: SocketAddr = args
@@ -197,4 +221,98 @@ fn bench(addr: SocketAddr, n: u32) {
 fn die(msg: &str) -> ! {
     eprintln!("tpbpf-testclient: {msg}");
     std::process::exit(2);
+}
+
+/// A connected UDP flow to `addr` that stays in use while `n` other
+/// destinations (10.96.128.0/17, every port from 1024) get a datagram each
+/// from another socket; then the flow's next datagram and its answer.
+fn udp_wrap(addr: SocketAddr, n: u32) {
+    let exchange = |s: &std::net::UdpSocket, msg: &str| -> Result<String, String> {
+        s.send(msg.as_bytes()).map_err(|e| format!("send: {e}"))?;
+        let mut buf = [0u8; 2048];
+        let got = s.recv(&mut buf).map_err(|e| format!("recv: {e}"))?;
+        Ok(String::from_utf8_lossy(&buf[..got]).into_owned())
+    };
+    let early = std::net::UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| die(&e.to_string()));
+    early
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap_or_else(|e| die(&e.to_string()));
+    early.connect(addr).unwrap_or_else(|e| die(&e.to_string()));
+    let first = exchange(&early, "early-1");
+    let other = std::net::UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| die(&e.to_string()));
+    let (mut sent, mut failed) = (0u32, 0u32);
+    for i in 0..n {
+        let ip = std::net::Ipv4Addr::from(u32::from_be_bytes([10, 96, 128, 0]) + i / 60_000);
+        let port = 1024 + (i % 60_000) as u16;
+        match other.send_to(b"x", (ip, port)) {
+            Ok(_) => sent += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    // The burst may overflow tpbpfd's receive buffer: UDP is lossy, so the
+    // flow retries as an application would (a wrong slot fails every time).
+    let mut second = Err(String::new());
+    for _ in 0..5 {
+        second = exchange(&early, "early-2");
+        if second.is_ok() {
+            break;
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "first": first.unwrap_or_else(|e| e),
+            "second": second.unwrap_or_else(|e| e),
+            "peer": early.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "sent": sent,
+            "failed": failed,
+        })
+    );
+}
+
+/// A connected UDP flow to `addr`, then another socket that sends straight
+/// to the flow's slot address (read from /proc/net/udp, as any local user
+/// can): tpbpfd must not carry it.
+fn udp_spoof(addr: SocketAddr) {
+    let owner = std::net::UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| die(&e.to_string()));
+    owner.connect(addr).unwrap_or_else(|e| die(&e.to_string()));
+    owner
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap_or_else(|e| die(&e.to_string()));
+    let mut buf = [0u8; 2048];
+    owner.send(b"mine").unwrap_or_else(|e| die(&e.to_string()));
+    let mine = owner
+        .recv(&mut buf)
+        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        .unwrap_or_else(|e| e.to_string());
+    // The kernel's own view of where the flow's socket sends: the slot.
+    let port = owner.local_addr().map(|a| a.port()).unwrap_or(0);
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    let slot = table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f.get(1)?.split(':').nth(1)?, 16).ok()?;
+        if local_port != port {
+            return None;
+        }
+        let (ip, p) = f.get(2)?.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        let ip = std::net::Ipv4Addr::from(ip.to_le_bytes());
+        Some(SocketAddr::from((ip, u16::from_str_radix(p, 16).ok()?)))
+    });
+    let Some(slot) = slot else {
+        die("the flow's socket is not in /proc/net/udp")
+    };
+    let intruder = std::net::UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| die(&e.to_string()));
+    intruder
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap_or_else(|e| die(&e.to_string()));
+    let _ = intruder.send_to(b"spoof", slot);
+    let theirs = intruder
+        .recv_from(&mut buf)
+        .map(|(n, _)| String::from_utf8_lossy(&buf[..n]).into_owned())
+        .unwrap_or_else(|e| format!("no answer: {e}"));
+    println!(
+        "{}",
+        serde_json::json!({"slot": slot.to_string(), "owner": mine, "intruder": theirs})
+    );
 }
