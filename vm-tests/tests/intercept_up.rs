@@ -743,7 +743,7 @@ fn an_intercept_follows_its_deployment_when_a_pod_is_replaced() {
     let new: Value = serde_json::from_slice(&out.stdout).unwrap();
     let (new_name, new_ip) = (
         new["new"].as_str().unwrap().to_string(),
-        new["ip"].as_str().unwrap().to_string(),
+        new["pod_ip"].as_str().unwrap().to_string(),
     );
     assert_ne!(new_ip, "10.244.1.10");
     let url = format!("http://{new_ip}/");

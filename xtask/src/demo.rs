@@ -296,7 +296,7 @@ pub fn run() -> Result<()> {
         let new: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         let (new_name, new_ip) = (
             new["new"].as_str().unwrap_or_default(),
-            new["ip"].as_str().unwrap_or_default(),
+            new["pod_ip"].as_str().unwrap_or_default(),
         );
         println!("pod web-7d4b9c-a1 replaced by {new_name} ({new_ip})");
         let url = format!("http://{new_ip}/");

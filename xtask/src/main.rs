@@ -135,6 +135,48 @@ fn lint() -> Result<()> {
 
     step("clippy -D warnings (eBPF crate, bpfel-unknown-none)");
     run(&mut ebpf_clippy()?)?;
+
+    step("no product crate runs `ip` (routes, rules and links go over rtnetlink)");
+    no_ip_command()?;
+    Ok(())
+}
+
+/// The product crates (all but the lab, which builds its namespaces with
+/// iproute2 like a CNI's scripts would) never name the `ip` command.
+fn no_ip_command() -> Result<()> {
+    let mut found = Vec::new();
+    let mut dirs: Vec<PathBuf> = vec![root_dir().join("agent/src")];
+    for e in std::fs::read_dir(root_dir().join("userspace"))?.flatten() {
+        let name = e.file_name();
+        if name != "lab" && name != "lab-api" {
+            dirs.push(e.path().join("src"));
+        }
+    }
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&path)?;
+                for (i, line) in text.lines().enumerate() {
+                    if line.contains("\"ip\"") {
+                        found.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    if !found.is_empty() {
+        bail!(
+            "product code names the `ip` command (use tpbpf_daemon::netlink):\n  {}",
+            found.join("\n  ")
+        );
+    }
+    println!("none");
     Ok(())
 }
 

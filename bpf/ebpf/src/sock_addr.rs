@@ -26,8 +26,8 @@ use tpbpf_common::{
 };
 
 use crate::maps::{
-    BYPASS, CIDRS4, CIDRS6, CONFIG, COOKIE_ORIG, COOKIE_SLOT, UDP6_LAST, UDP_NEXT,
-    UDP_SLOTS_MAP, UDP_SLOT_BY_DST,
+    BYPASS, CIDRS4, CIDRS6, CONFIG, COOKIE_ORIG, COOKIE_SLOT, UDP6_LAST, UDP_NEXT, UDP_SLOTS_MAP,
+    UDP_SLOT_BY_DST,
 };
 
 /// Let the syscall go on (with whatever the program rewrote).
@@ -201,12 +201,9 @@ fn orig6(ip_be: [u32; 4], port_be: u32) -> OrigDst {
 fn udp_slot(orig: &OrigDst, owner: u64) -> Option<u32> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = SlotKey {
-        orig: *orig,
-        owner,
-    };
+    let key = SlotKey { orig: *orig, owner };
     // SAFETY: copied out at once.
-    if let Some(slot) = unsafe { UDP_SLOT_BY_DST.get(&key) } {
+    if let Some(slot) = unsafe { UDP_SLOT_BY_DST.get(key) } {
         let slot = *slot;
         if let Some(entry) = UDP_SLOTS_MAP.get_ptr_mut(slot) {
             // SAFETY: `entry` points at a live map value of type UdpSlot.
@@ -235,7 +232,7 @@ fn udp_slot(orig: &OrigDst, owner: u64) -> Option<u32> {
             continue;
         }
         if old.owner != 0 {
-            let _ = UDP_SLOT_BY_DST.remove(&SlotKey {
+            let _ = UDP_SLOT_BY_DST.remove(SlotKey {
                 orig: old.orig,
                 owner: old.owner,
             });
@@ -248,7 +245,7 @@ fn udp_slot(orig: &OrigDst, owner: u64) -> Option<u32> {
                 used_ns: now,
             }
         };
-        UDP_SLOT_BY_DST.insert(&key, slot, 0).ok()?;
+        UDP_SLOT_BY_DST.insert(key, slot, 0).ok()?;
         let _ = COOKIE_SLOT.insert(owner, slot, 0);
         return Some(slot);
     }
@@ -300,7 +297,9 @@ fn mapped(ip4_be: u32) -> [u32; 4] {
 
 #[cgroup_sock_addr(connect4)]
 pub fn tpbpf_connect4(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config_in(&ctx) else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else {
+        return ALLOW;
+    };
     let (dst, port) = (user_ip4(&ctx), user_port(&ctx));
     if !wanted4(&cfg, dst, port) {
         return ALLOW;
@@ -342,7 +341,9 @@ pub fn tpbpf_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn tpbpf_connect6(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config_in(&ctx) else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else {
+        return ALLOW;
+    };
     let (dst, port) = (user_ip6(&ctx), user_port(&ctx));
     let v4 = is_mapped(&dst);
     let wanted = if v4 {
@@ -403,7 +404,9 @@ pub fn tpbpf_connect6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn tpbpf_sendmsg4(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config_in(&ctx) else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else {
+        return ALLOW;
+    };
     let (dst, port) = (user_ip4(&ctx), user_port(&ctx));
     let c = cookie(&ctx);
     if !wanted4(&cfg, dst, port) || bypassed(c) {
@@ -418,7 +421,9 @@ pub fn tpbpf_sendmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn tpbpf_sendmsg6(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config_in(&ctx) else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else {
+        return ALLOW;
+    };
     let (dst, port) = (user_ip6(&ctx), user_port(&ctx));
     let v4 = is_mapped(&dst);
     let wanted = if v4 {
@@ -452,7 +457,9 @@ pub fn tpbpf_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn tpbpf_recvmsg4(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config_in(&ctx) else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else {
+        return ALLOW;
+    };
     if user_port(&ctx) != cfg.udp_port_be {
         return ALLOW;
     }
@@ -476,7 +483,9 @@ pub fn tpbpf_recvmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn tpbpf_recvmsg6(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config_in(&ctx) else { return ALLOW };
+    let Some(cfg) = config_in(&ctx) else {
+        return ALLOW;
+    };
     let src = user_ip6(&ctx);
     let port = user_port(&ctx);
     if cfg.flags & flags::UDP6 != 0 && port == cfg.udp6_port_be && src == LOOPBACK6_BE {

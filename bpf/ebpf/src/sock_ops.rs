@@ -99,15 +99,15 @@ pub fn tpbpf_sock_release(ctx: aya_ebpf::programs::SockContext) -> i32 {
     // SAFETY: `sock` is the context pointer the helper expects.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
     // SAFETY: copied out at once.
-    let Some(slot) = (unsafe { crate::maps::COOKIE_SLOT.get(&cookie) }).copied() else {
+    let Some(slot) = (unsafe { crate::maps::COOKIE_SLOT.get(cookie) }).copied() else {
         return 1;
     };
-    let _ = crate::maps::COOKIE_SLOT.remove(&cookie);
+    let _ = crate::maps::COOKIE_SLOT.remove(cookie);
     if let Some(entry) = crate::maps::UDP_SLOTS_MAP.get_ptr_mut(slot) {
         // SAFETY: `entry` points at a live map value of type UdpSlot.
         unsafe {
             if (*entry).owner == cookie {
-                let _ = crate::maps::UDP_SLOT_BY_DST.remove(&tpbpf_common::SlotKey {
+                let _ = crate::maps::UDP_SLOT_BY_DST.remove(tpbpf_common::SlotKey {
                     orig: (*entry).orig,
                     owner: cookie,
                 });

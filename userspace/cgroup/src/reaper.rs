@@ -98,11 +98,10 @@ pub fn run_reaper(cgroup: PathBuf) -> io::Result<()> {
     evacuate_and_remove(&cgroup, Duration::from_secs(5)).map_err(io::Error::other)
 }
 
-/// Waits for EOF on stdin (the creator is gone), then runs each command,
-/// ignoring failures: the undo steps of changes the creator made outside
-/// itself (a policy route). Termination signals are ignored. A creator that
-/// undid its changes itself writes `done` first, and nothing is run.
-pub fn run_undo(commands: Vec<Vec<String>>) -> io::Result<()> {
+/// Waits for EOF on stdin (the creator is gone), ignoring termination
+/// signals; true unless the creator wrote `done` first (it undid its changes
+/// outside itself, a policy route, on its own).
+pub fn wait_for_creator() -> bool {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
         // SAFETY: installing SIG_IGN has no preconditions.
         unsafe {
@@ -111,17 +110,5 @@ pub fn run_undo(commands: Vec<Vec<String>>) -> io::Result<()> {
     }
     let mut input = Vec::new();
     let _ = io::stdin().lock().read_to_end(&mut input);
-    if input.starts_with(b"done") {
-        return Ok(());
-    }
-    for argv in commands {
-        if let Some((prog, args)) = argv.split_first() {
-            let _ = Command::new(prog)
-                .args(args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-    Ok(())
+    !input.starts_with(b"done")
 }

@@ -75,9 +75,10 @@ enum Command {
     /// Internal: removes a cgroup once its creator is gone.
     #[command(name = "__reap-cgroup", hide = true)]
     ReapCgroup { path: std::path::PathBuf },
-    /// Internal: runs undo commands (JSON list of argv) once its creator is gone.
+    /// Internal: removes the tc path's policy route (fwmark MARK, table
+    /// TABLE) once its creator is gone.
     #[command(name = "__undo-on-exit", hide = true)]
-    UndoOnExit { commands: String },
+    UndoOnExit { mark: u32, table: u32 },
 }
 
 #[derive(Subcommand)]
@@ -114,10 +115,12 @@ fn main() -> ExitCode {
         Command::ReapCgroup { path } => tpbpf_cgroup::reaper::run_reaper(path)
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from),
-        Command::UndoOnExit { commands } => serde_json::from_str(&commands)
-            .map_err(anyhow::Error::from)
-            .and_then(|c| tpbpf_cgroup::reaper::run_undo(c).map_err(anyhow::Error::from))
-            .map(|()| ExitCode::SUCCESS),
+        Command::UndoOnExit { mark, table } => {
+            if tpbpf_cgroup::reaper::wait_for_creator() {
+                let _ = tpbpf_daemon::policy::PolicyRoute::remove(mark, table);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

@@ -10,6 +10,7 @@
 //!   answered through the upstream, everything else is forwarded unchanged to
 //!   the resolver the application asked.
 pub mod dns;
+pub mod netlink;
 pub mod policy;
 mod sockdiag;
 mod tcp;

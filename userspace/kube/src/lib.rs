@@ -572,6 +572,7 @@ pub async fn find_agent_on(
 #[derive(Clone, Debug, Serialize)]
 pub struct WorkloadPod {
     pub name: String,
+    #[serde(rename = "pod_ip")]
     pub ip: IpAddr,
     pub node: String,
 }

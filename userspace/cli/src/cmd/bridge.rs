@@ -306,11 +306,16 @@ impl BridgeArgs {
         for ns in &self.attach_netns {
             ifaces.extend(policy::ifaces_leading_to(ns)?);
         }
-        let undo = policy::PolicyRoute::undo_commands(policy::DEFAULT_MARK, policy::DEFAULT_TABLE);
         let exe = std::env::current_exe().context("finding tpbpf's own executable")?;
-        let json = serde_json::to_string(&undo)?;
-        let helper = Reaper::spawn_with(&exe, &["__undo-on-exit".as_ref(), json.as_ref()])
-            .context("starting the clean-up helper")?;
+        let (mark, table) = (
+            policy::DEFAULT_MARK.to_string(),
+            policy::DEFAULT_TABLE.to_string(),
+        );
+        let helper = Reaper::spawn_with(
+            &exe,
+            &["__undo-on-exit".as_ref(), mark.as_ref(), table.as_ref()],
+        )
+        .context("starting the clean-up helper")?;
         let route = policy::PolicyRoute::install(policy::DEFAULT_MARK, policy::DEFAULT_TABLE)
             .context("installing the policy route for the tc path")?;
         for iface in &ifaces {

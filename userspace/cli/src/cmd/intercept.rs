@@ -211,7 +211,7 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
                 println!(
                     "  pod {} ({}) on {}",
                     p["name"].as_str().unwrap_or("?"),
-                    p["ip"].as_str().unwrap_or("?"),
+                    p["pod_ip"].as_str().unwrap_or("?"),
                     p["node"].as_str().unwrap_or("?")
                 );
             }

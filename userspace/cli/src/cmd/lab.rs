@@ -137,7 +137,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
             match args.output {
                 Output::Json => println!(
                     "{}",
-                    serde_json::json!({"old": pod, "new": new.name, "namespace": new.namespace, "node": new.node, "ip": new.ip})
+                    serde_json::json!({"old": pod, "new": new.name, "namespace": new.namespace, "node": new.node, "pod_ip": new.ip})
                 ),
                 Output::Table => println!(
                     "pod {}/{pod} replaced by {} on {} ({})",
