@@ -791,3 +791,63 @@ fn an_intercept_follows_its_deployment_when_a_pod_is_replaced() {
     assert!(got.contains(&format!("hello from {new_name}")), "{got}");
     assert!(sk_lookup_links_in(&new_netns).is_empty());
 }
+
+/// The control socket is a bridge's alone: mode 0600 (0660 with a `tpbpf`
+/// group), and even when its file mode lets another user in, tpbpfd checks
+/// the peer's uid (`SO_PEERCRED`); requests are typed and bounded.
+#[test]
+fn the_control_socket_serves_only_its_owner_and_bounds_requests() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tk") else {
+        return;
+    };
+    let cg = TestCgroup::new();
+    let instance = Instance(unique_name("ik"));
+    bring_up(&lab, &cg, &instance);
+    let socket = std::path::Path::new("/run/tpbpf")
+        .join(&instance.0)
+        .join("control.sock");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert!(
+        mode == 0o600 || mode == 0o660,
+        "control socket mode {mode:o}"
+    );
+
+    // Another user, let in by a careless chmod: refused by tpbpfd itself.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let bin = PublicCopy::of(&tpbpf_bin());
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin.path())
+        .args(["list", "--instance", &instance.0])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("belongs to root"), "{err}");
+    // Root still may.
+    tpbpf_ok(&["list", "--instance", &instance.0]);
+
+    let exchange = |bytes: &[u8]| -> String {
+        use std::os::unix::net::UnixStream;
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = s.write_all(bytes);
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    // Too long, unknown operations, wrong types, oversized names: refused.
+    let long = vec![b'x'; 70 * 1024];
+    assert!(exchange(&long).contains("at most 65536 bytes"));
+    assert!(exchange(b"{\"op\":\"explode\"}\n").contains("not a request"));
+    assert!(exchange(b"{\"op\":\"intercept\",\"name\":\"a\",\"workload\":\"web\",\"remote\":70000,\"local\":1,\"mode\":\"steal\"}\n").contains("not a request"));
+    let huge_name = format!(
+        "{{\"op\":\"intercept\",\"name\":\"{}\",\"workload\":\"web\",\"remote\":80,\"local\":18080,\"mode\":\"steal\"}}\n",
+        "n".repeat(300)
+    );
+    assert!(exchange(huge_name.as_bytes()).contains("names are 1 to 253 bytes"));
+}

@@ -246,8 +246,11 @@ mod tests {
 
     #[test]
     fn shared_types_have_the_sizes_the_kernel_side_expects() {
-        assert_eq!(size_of::<Config>(), 48);
+        assert_eq!(size_of::<Config>(), 56);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<SockKey>(), 32);
+        // No padding: aya's Pod types must have none.
+        assert_eq!(size_of::<UdpSlot>(), 24 + 8 + 8);
+        assert_eq!(size_of::<SlotKey>(), 24 + 8);
     }
 }

@@ -525,8 +525,13 @@ pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
                         .unwrap_or_else(|| "default".into()),
                 );
                 let (m2, path) = (m.clone(), path.clone());
+                // The user the bridge is for (who ran `sudo tpbpf up`).
+                let owner = super::scope::Invoker::from_sudo()
+                    .ok()
+                    .flatten()
+                    .map(|i| i.uid);
                 tokio::spawn(async move {
-                    if let Err(e) = m2.serve(&path).await {
+                    if let Err(e) = m2.serve(&path, owner).await {
                         tracing::error!("the control socket {} failed: {e}", path.display());
                     }
                 });

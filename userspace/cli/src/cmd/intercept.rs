@@ -83,20 +83,88 @@ pub enum Mode {
     Mirror,
 }
 
-/// The mode as the protocol has it, from a request's JSON.
-fn mode_of(req: &Value) -> Result<InterceptMode, String> {
-    Ok(match req["mode"].as_str().unwrap_or("steal") {
-        "steal" => InterceptMode::Steal,
-        "mirror" => InterceptMode::Mirror,
-        "header" => InterceptMode::Header {
-            name: req["header"].as_str().ok_or("no header name")?.to_string(),
-            value: req["value"].as_str().unwrap_or("").to_string(),
-        },
-        "path" => {
-            InterceptMode::PathPrefix(req["prefix"].as_str().ok_or("no path prefix")?.to_string())
+/// A request on a bridge's control socket: one JSON line, at most
+/// [`MAX_REQUEST`] bytes.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Intercept(InterceptRequest),
+    Leave {
+        name: String,
+    },
+    List {
+        #[serde(default)]
+        namespace: Option<String>,
+    },
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct InterceptRequest {
+    name: String,
+    workload: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    remote: u16,
+    local: u16,
+    #[serde(flatten)]
+    mode: ModeRequest,
+}
+
+/// How an intercept takes a pod's traffic.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum ModeRequest {
+    Steal,
+    Mirror,
+    Header { header: String, value: String },
+    Path { prefix: String },
+}
+
+impl ModeRequest {
+    fn to_mode(&self) -> InterceptMode {
+        match self {
+            ModeRequest::Steal => InterceptMode::Steal,
+            ModeRequest::Mirror => InterceptMode::Mirror,
+            ModeRequest::Header { header, value } => InterceptMode::Header {
+                name: header.clone(),
+                value: value.clone(),
+            },
+            ModeRequest::Path { prefix } => InterceptMode::PathPrefix(prefix.clone()),
         }
-        m => return Err(format!("unknown intercept mode {m}")),
-    })
+    }
+}
+
+/// The largest request tpbpfd reads; past it the connection is refused.
+const MAX_REQUEST: usize = 64 * 1024;
+/// Requests served at once; more wait.
+const MAX_CONNECTIONS: usize = 16;
+/// Names (intercepts, workloads, namespaces, headers) longer than this are
+/// refused: Kubernetes names are at most 253 bytes.
+const MAX_NAME: usize = 253;
+
+impl InterceptRequest {
+    fn check(&self) -> Result<(), String> {
+        let mut names = vec![&self.name, &self.workload];
+        names.extend(self.namespace.as_ref());
+        if let ModeRequest::Header { header, .. } = &self.mode {
+            names.push(header);
+        }
+        if let Some(n) = names.iter().find(|n| n.is_empty() || n.len() > MAX_NAME) {
+            return Err(format!(
+                "`{}`: names are 1 to {MAX_NAME} bytes",
+                n.chars().take(40).collect::<String>()
+            ));
+        }
+        match &self.mode {
+            ModeRequest::Header { value, .. } if value.len() > 4096 => {
+                Err("the header value is over 4 KiB".into())
+            }
+            ModeRequest::Path { prefix } if prefix.len() > 4096 || !prefix.starts_with('/') => {
+                Err("the path prefix must start with / and be at most 4 KiB".into())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -117,7 +185,7 @@ pub struct ListArgs {
     output: Output,
 }
 
-fn ask(instance: &str, request: Value) -> Result<Value> {
+fn ask(instance: &str, request: &Request) -> Result<Value> {
     let path = control_socket(instance);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -129,7 +197,8 @@ fn ask(instance: &str, request: Value) -> Result<Value> {
                 path.display()
             )
         })?;
-        s.write_all(format!("{request}\n").as_bytes()).await?;
+        s.write_all(format!("{}\n", serde_json::to_string(request)?).as_bytes())
+            .await?;
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).await?;
         let v: Value = serde_json::from_str(&line).context("tpbpfd's answer")?;
@@ -155,8 +224,11 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
         .name
         .clone()
         .unwrap_or_else(|| format!("{}-{remote}", args.workload.replace('/', "-")));
-    let mut request = json!({"op": "intercept", "name": name, "workload": args.workload, "namespace": args.namespace,
-               "remote": remote, "local": local, "mode": if args.mode == Mode::Mirror { "mirror" } else { "steal" }});
+    let mut mode = if args.mode == Mode::Mirror {
+        ModeRequest::Mirror
+    } else {
+        ModeRequest::Steal
+    };
     if let Some(h) = &args.http_header {
         let Some((n, v)) = h.split_once('=') else {
             bail!("--http-header `{h}` is not NAME=VALUE");
@@ -166,18 +238,26 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
                 "--http-header and --mode mirror do not go together: a mirror gets every request"
             );
         }
-        request["mode"] = json!("header");
-        request["header"] = json!(n);
-        request["value"] = json!(v);
+        mode = ModeRequest::Header {
+            header: n.to_string(),
+            value: v.to_string(),
+        };
     }
     if let Some(p) = &args.http_path_prefix {
         if args.mode == Mode::Mirror {
             bail!("--http-path-prefix and --mode mirror do not go together: a mirror gets every request");
         }
-        request["mode"] = json!("path");
-        request["prefix"] = json!(p);
+        mode = ModeRequest::Path { prefix: p.clone() };
     }
-    let v = ask(&args.instance, request)?;
+    let request = Request::Intercept(InterceptRequest {
+        name: name.clone(),
+        workload: args.workload.clone(),
+        namespace: args.namespace.clone(),
+        remote,
+        local,
+        mode,
+    });
+    let v = ask(&args.instance, &request)?;
     let env = v["env"].as_object().cloned().unwrap_or_default();
     if let Some(path) = &args.env_file {
         let mut text = String::new();
@@ -221,7 +301,12 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
 }
 
 pub fn leave(args: LeaveArgs) -> Result<ExitCode> {
-    ask(&args.instance, json!({"op": "leave", "name": args.name}))?;
+    ask(
+        &args.instance,
+        &Request::Leave {
+            name: args.name.clone(),
+        },
+    )?;
     println!(
         "intercept {} removed: the workload gets its connections again",
         args.name
@@ -232,7 +317,9 @@ pub fn leave(args: LeaveArgs) -> Result<ExitCode> {
 pub fn list(args: ListArgs) -> Result<ExitCode> {
     let v = ask(
         &args.instance,
-        json!({"op": "list", "namespace": args.namespace}),
+        &Request::List {
+            namespace: args.namespace.clone(),
+        },
     )?;
     match args.output {
         Output::Json => println!("{v}"),
@@ -407,22 +494,19 @@ impl Manager {
         Ok(session)
     }
 
-    async fn intercept(self: &Arc<Self>, req: &Value) -> Result<Value, String> {
-        let name = req["name"].as_str().ok_or("no name")?.to_string();
-        let target = req["workload"].as_str().ok_or("no workload")?.to_string();
-        let namespace = req["namespace"]
-            .as_str()
-            .map(str::to_string)
+    async fn intercept(self: &Arc<Self>, req: &InterceptRequest) -> Result<Value, String> {
+        req.check()?;
+        let (name, target, remote, local) = (
+            req.name.clone(),
+            req.workload.clone(),
+            req.remote,
+            req.local,
+        );
+        let namespace = req
+            .namespace
+            .clone()
             .unwrap_or_else(|| self.default_namespace.clone());
-        let remote = req["remote"]
-            .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .ok_or("no port")?;
-        let local = req["local"]
-            .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .ok_or("no local port")?;
-        let mode = mode_of(req)?;
+        let mode = req.mode.to_mode();
         if lock(&self.active).contains_key(&name) {
             return Err(format!("an intercept named {name} exists: `tpbpf leave {name}` first, or pick another --name"));
         }
@@ -715,9 +799,8 @@ impl Manager {
         Ok(json!({"left": name}))
     }
 
-    async fn list(&self, req: &Value) -> Result<Value, String> {
-        let namespace = req["namespace"]
-            .as_str()
+    async fn list(&self, namespace: Option<&str>) -> Result<Value, String> {
+        let namespace = namespace
             .map(str::to_string)
             .unwrap_or_else(|| self.default_namespace.clone());
         let workloads = tpbpf_kube::workloads(&self.client, &namespace).await?;
@@ -768,33 +851,71 @@ impl Manager {
         }
     }
 
-    /// Serves the control socket at `path` until the task is dropped.
-    pub async fn serve(self: Arc<Self>, path: &Path) -> std::io::Result<()> {
+    /// Serves the control socket at `path` until the task is dropped. The
+    /// socket is mode 0660, group `tpbpf` where that group exists (0600,
+    /// root's, elsewhere); each connection's peer (`SO_PEERCRED`) must be
+    /// root or `owner`, the user the bridge was brought up for: another
+    /// user, even in the group, cannot see or end it.
+    pub async fn serve(self: Arc<Self>, path: &Path, owner: Option<u32>) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
+        let group = nix::unistd::Group::from_name("tpbpf").ok().flatten();
+        let mode = if group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        if let Some(g) = group {
+            std::os::unix::fs::chown(path, None, Some(g.gid.as_raw()))?;
+        }
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let (conn, _) = listener.accept().await?;
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return Ok(());
+            };
             let me = self.clone();
             tokio::spawn(async move {
+                let _permit = permit;
+                let peer = conn.peer_cred().ok().map(|c| c.uid());
                 let (rd, mut wr) = conn.into_split();
-                let mut line = String::new();
-                if BufReader::new(rd).read_line(&mut line).await.is_err() {
-                    return;
-                }
-                let answer = match serde_json::from_str::<Value>(&line) {
-                    Err(e) => Err(format!("not a request: {e}")),
-                    Ok(req) => match req["op"].as_str() {
-                        Some("intercept") => me.intercept(&req).await,
-                        Some("leave") => me.leave(req["name"].as_str().unwrap_or("")).await,
-                        Some("list") => me.list(&req).await,
-                        _ => Err("unknown operation".to_string()),
+                let answer = match peer {
+                    Some(uid) if uid == 0 || Some(uid) == owner => match read_request(rd).await {
+                        Err(e) => Err(e),
+                        Ok(Request::Intercept(r)) => me.intercept(&r).await,
+                        Ok(Request::Leave { name }) => me.leave(&name).await,
+                        Ok(Request::List { namespace }) => me.list(namespace.as_deref()).await,
                     },
+                    other => {
+                        warn!(uid = ?other, "control socket: a request from another user refused");
+                        Err(format!(
+                            "this bridge belongs to {}: only that user and root may use it",
+                            owner.map_or("root".to_string(), |u| format!("uid {u}"))
+                        ))
+                    }
                 };
                 let v = answer.unwrap_or_else(|e| json!({"error": e}));
                 let _ = wr.write_all(format!("{v}\n").as_bytes()).await;
             });
         }
     }
+}
+
+/// One request line, at most [`MAX_REQUEST`] bytes, within 10 s.
+async fn read_request(rd: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+    use tokio::io::AsyncReadExt;
+    let mut line = String::new();
+    let mut reader = BufReader::new(rd.take(MAX_REQUEST as u64 + 1));
+    let read = reader.read_line(&mut line);
+    match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Err(_) => return Err("no request within 10 s".into()),
+        Ok(Err(e)) => return Err(format!("reading the request: {e}")),
+        Ok(Ok(_)) => {}
+    }
+    if line.len() > MAX_REQUEST || !line.ends_with('\n') {
+        return Err(format!(
+            "a request is one line of at most {MAX_REQUEST} bytes"
+        ));
+    }
+    serde_json::from_str(&line).map_err(|e| format!("not a request: {e}"))
 }
 
 /// Writes a pod's environment (secrets, often) to `path`: mode 0600, owned
