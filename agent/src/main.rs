@@ -21,9 +21,9 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 /// The agent's port on every node.
-pub const DEFAULT_PORT: u16 = 4390;
+pub const DEFAULT_PORT: u16 = tpbpf_agent_api::HTTP_PORT;
 /// The agent's tunnel port (TLS).
-pub const TUNNEL_PORT: u16 = 4391;
+pub const TUNNEL_PORT: u16 = tpbpf_agent_api::TUNNEL_PORT;
 
 #[derive(Parser)]
 #[command(name = "tpbpf-agent", version, about = "tpbpf's node agent")]

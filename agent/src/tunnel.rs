@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tpbpf_mux::{
     transport::TlsIdentity, Config, Destination, Request, ResetReason, Server, Session, Stream,
@@ -131,13 +130,13 @@ impl Credentials {
     }
 
     /// Fresh credentials for one session.
-    pub fn issue(&self) -> io::Result<Value> {
-        Ok(json!({
-            "token": self.tokens.issue()?,
-            "fingerprint": self.identity.fingerprint(),
-            "tunnel_port": self.tunnel.port(),
-            "tunnel_address": self.tunnel.to_string(),
-        }))
+    pub fn issue(&self) -> io::Result<tpbpf_agent_api::Credentials> {
+        Ok(tpbpf_agent_api::Credentials {
+            token: self.tokens.issue()?,
+            fingerprint: self.identity.fingerprint(),
+            tunnel_port: self.tunnel.port(),
+            tunnel_address: self.tunnel.to_string(),
+        })
     }
 }
 

@@ -26,14 +26,14 @@ use k8s_openapi::{
 use serde_json::Value;
 
 /// tpbpf's namespace in the cluster.
-pub const NAMESPACE: &str = "tpbpf-system";
+pub const NAMESPACE: &str = tpbpf_agent_api::NAMESPACE;
 /// The agent's DaemonSet, service account and `app` label.
-pub const AGENT: &str = "tpbpf-agent";
+pub const AGENT: &str = tpbpf_agent_api::DAEMONSET;
 /// The agent's HTTP port (loopback of its pod: `/credentials` through a
 /// port-forward only).
-pub const AGENT_PORT: u16 = 4390;
+pub const AGENT_PORT: u16 = tpbpf_agent_api::HTTP_PORT;
 /// The agent's tunnel port, published as a hostPort for `--transport direct`.
-pub const TUNNEL_PORT: u16 = 4391;
+pub const TUNNEL_PORT: u16 = tpbpf_agent_api::TUNNEL_PORT;
 /// The ClusterRole a platform team binds developers to (cluster-wide, or
 /// per namespace with a RoleBinding).
 pub const DEVELOPER_ROLE: &str = "tpbpf-developer";

@@ -442,16 +442,22 @@ pub struct AgentInfo {
 }
 
 /// The namespace and label of tpbpf's agent DaemonSet.
-pub const AGENT_NAMESPACE: &str = "tpbpf-system";
-pub const AGENT_PORT: u16 = 4390;
+pub const AGENT_NAMESPACE: &str = tpbpf_agent_api::NAMESPACE;
+pub const AGENT_PORT: u16 = tpbpf_agent_api::HTTP_PORT;
 /// What `up` and `run` say when the cluster has no agent to open a tunnel
 /// with, and the exit status they end with then.
 pub const NO_AGENT: &str = "no tpbpf agent in this cluster: run `tpbpf install` (cluster-admin) \
                             or ask your platform team to install it";
 pub const NO_AGENT_EXIT: u8 = 4;
 
+/// `app=tpbpf-agent`: the agent pods' label, as a selector.
+fn agent_selector() -> String {
+    let (k, v) = tpbpf_agent_api::APP_LABEL;
+    format!("{k}={v}")
+}
+
 /// The agent DaemonSet's name.
-pub const AGENT_DAEMONSET: &str = "tpbpf-agent";
+pub const AGENT_DAEMONSET: &str = tpbpf_agent_api::DAEMONSET;
 
 /// GET `path` from the agent pod `name` through a port-forward via the API
 /// server; returns the body.
@@ -490,7 +496,7 @@ async fn agent_get(pods: &Api<Pod>, name: &str, path: &str) -> Result<String, St
 async fn agent_pods(client: &Client) -> Result<Vec<Pod>, String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let list = pods
-        .list(&ListParams::default().labels("app=tpbpf-agent"))
+        .list(&ListParams::default().labels(&agent_selector()))
         .await
         .map_err(|e| format!("listing agent pods in {AGENT_NAMESPACE}: {e}"))?;
     Ok(list
@@ -889,12 +895,7 @@ pub async fn workloads(
 }
 
 /// What opening a tunnel session with an agent takes.
-#[derive(Clone, Debug)]
-pub struct AgentCredentials {
-    pub token: String,
-    pub fingerprint: String,
-    pub tunnel_port: u16,
-}
+pub use tpbpf_agent_api::Credentials as AgentCredentials;
 
 /// Asks the agent `pod` for the tunnel's credentials, through a
 /// port-forward: the agent gives them only to connections from its node,
@@ -902,22 +903,7 @@ pub struct AgentCredentials {
 pub async fn agent_credentials(client: &Client, pod: &str) -> Result<AgentCredentials, String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let body = agent_get(&pods, pod, "/credentials").await?;
-    let v: k8s_openapi::serde_json::Value =
-        k8s_openapi::serde_json::from_str(&body).map_err(|e| format!("agent /credentials: {e}"))?;
-    Ok(AgentCredentials {
-        token: v["token"]
-            .as_str()
-            .ok_or("agent /credentials: no token")?
-            .to_string(),
-        fingerprint: v["fingerprint"]
-            .as_str()
-            .ok_or("agent /credentials: no fingerprint")?
-            .to_string(),
-        tunnel_port: v["tunnel_port"]
-            .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .ok_or("agent /credentials: no tunnel port")?,
-    })
+    k8s_openapi::serde_json::from_str(&body).map_err(|e| format!("agent /credentials: {e}"))
 }
 
 /// Proves to an agent that this identity may port-forward into pod
@@ -1093,7 +1079,7 @@ pub async fn agents_ready(client: &Client) -> Result<(i32, i32, Vec<String>), St
     let status = d.status.unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     let list = pods
-        .list(&ListParams::default().labels("app=tpbpf-agent"))
+        .list(&ListParams::default().labels(&agent_selector()))
         .await
         .map_err(|e| format!("listing agent pods: {e}"))?;
     let mut waiting = Vec::new();

@@ -26,7 +26,11 @@ pub async fn run(lab: String, agent: Option<PathBuf>) {
     // Per node: when its agent was last started, for which generation.
     let mut started: HashMap<&'static str, (Instant, String)> = HashMap::new();
     loop {
-        let ds = store.get("daemonsets", Some(AGENT_NAMESPACE), "tpbpf-agent");
+        let ds = store.get(
+            "daemonsets",
+            Some(AGENT_NAMESPACE),
+            tpbpf_agent_api::DAEMONSET,
+        );
         for node in spec::nodes() {
             match &ds {
                 None => {

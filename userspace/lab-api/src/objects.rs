@@ -66,7 +66,7 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 /// tpbpf's own namespace, where its agent DaemonSet runs.
-pub const AGENT_NAMESPACE: &str = "tpbpf-system";
+pub const AGENT_NAMESPACE: &str = tpbpf_agent_api::NAMESPACE;
 
 pub fn namespaces() -> Vec<Namespace> {
     // tpbpf's own namespace comes with `tpbpf install` (the store).
@@ -165,12 +165,12 @@ pub fn agent_pods(live: &Status) -> Vec<Pod> {
             let name = format!("tpbpf-agent-{}", n.name);
             Pod {
                 metadata: ObjectMeta {
-                    labels: Some(labels(&[("app", "tpbpf-agent")])),
+                    labels: Some(labels(&[tpbpf_agent_api::APP_LABEL])),
                     owner_references: Some(vec![OwnerReference {
                         api_version: "apps/v1".into(),
                         kind: "DaemonSet".into(),
-                        name: "tpbpf-agent".into(),
-                        uid: uid("DaemonSet", AGENT_NAMESPACE, "tpbpf-agent"),
+                        name: tpbpf_agent_api::DAEMONSET.into(),
+                        uid: uid("DaemonSet", AGENT_NAMESPACE, tpbpf_agent_api::DAEMONSET),
                         controller: Some(true),
                         ..Default::default()
                     }]),
@@ -536,7 +536,7 @@ pub fn daemon_sets(live: &crate::server::Live) -> Vec<serde_json::Value> {
         .list("daemonsets")
         .into_iter()
         .map(|mut d| {
-            let agent = d["metadata"]["name"] == "tpbpf-agent"
+            let agent = d["metadata"]["name"] == tpbpf_agent_api::DAEMONSET
                 && d["metadata"]["namespace"] == AGENT_NAMESPACE;
             let ready = if agent { ready } else { 0 };
             d["status"] = serde_json::json!({

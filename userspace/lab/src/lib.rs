@@ -78,7 +78,7 @@ pub struct Lab {
 }
 
 /// The node agent's port (tpbpf-agent's default).
-pub const AGENT_PORT: u16 = 4390;
+pub const AGENT_PORT: u16 = tpbpf_agent_api::HTTP_PORT;
 /// The size of `/blob`, which every nginx pod serves: the same
 /// pseudo-random bytes everywhere ([`blob_bytes`]), for download tests.
 pub const BLOB_LEN: usize = 24 << 20;
@@ -98,7 +98,7 @@ pub fn blob_bytes() -> Vec<u8> {
 }
 
 /// The node agent's tunnel port (tpbpf-agent's default).
-pub const AGENT_TUNNEL_PORT: u16 = 4391;
+pub const AGENT_TUNNEL_PORT: u16 = tpbpf_agent_api::TUNNEL_PORT;
 
 /// Where the lab's second identity (`kubeconfig-restricted`, user
 /// `lab-developer`) may port-forward: a developer allowed in `default` but

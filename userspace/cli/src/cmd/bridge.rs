@@ -530,8 +530,10 @@ pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
                     .ok()
                     .flatten()
                     .map(|i| i.uid);
+                let listener = super::intercept::listen(&path)
+                    .with_context(|| format!("making the control socket {}", path.display()))?;
                 tokio::spawn(async move {
-                    if let Err(e) = m2.serve(&path, owner).await {
+                    if let Err(e) = m2.serve(listener, owner).await {
                         tracing::error!("the control socket {} failed: {e}", path.display());
                     }
                 });

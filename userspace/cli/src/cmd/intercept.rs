@@ -197,8 +197,10 @@ fn ask(instance: &str, request: &Request) -> Result<Value> {
                 path.display()
             )
         })?;
-        s.write_all(format!("{}\n", serde_json::to_string(request)?).as_bytes())
-            .await?;
+        // A refusal may come before the request is read: still read it.
+        let _ = s
+            .write_all(format!("{}\n", serde_json::to_string(request)?).as_bytes())
+            .await;
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).await?;
         let v: Value = serde_json::from_str(&line).context("tpbpfd's answer")?;
@@ -856,16 +858,11 @@ impl Manager {
     /// root's, elsewhere); each connection's peer (`SO_PEERCRED`) must be
     /// root or `owner`, the user the bridge was brought up for: another
     /// user, even in the group, cannot see or end it.
-    pub async fn serve(self: Arc<Self>, path: &Path, owner: Option<u32>) -> std::io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        let group = nix::unistd::Group::from_name("tpbpf").ok().flatten();
-        let mode = if group.is_some() { 0o660 } else { 0o600 };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-        if let Some(g) = group {
-            std::os::unix::fs::chown(path, None, Some(g.gid.as_raw()))?;
-        }
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        owner: Option<u32>,
+    ) -> std::io::Result<()> {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let (conn, _) = listener.accept().await?;
@@ -885,6 +882,9 @@ impl Manager {
                         Ok(Request::List { namespace }) => me.list(namespace.as_deref()).await,
                     },
                     other => {
+                        // Read (and drop) its request first: answering
+                        // before the peer has written would break its pipe.
+                        let _ = read_request(rd).await;
                         warn!(uid = ?other, "control socket: a request from another user refused");
                         Err(format!(
                             "this bridge belongs to {}: only that user and root may use it",
@@ -897,6 +897,25 @@ impl Manager {
             });
         }
     }
+}
+
+/// Binds the control socket at `path`: made under a temporary name, given
+/// its mode (0600, or 0660 and group `tpbpf` where that group exists), then
+/// renamed into place, so it is never reachable with another mode.
+pub fn listen(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    let group = nix::unistd::Group::from_name("tpbpf").ok().flatten();
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    if let Some(g) = group {
+        std::os::unix::fs::chown(&tmp, None, Some(g.gid.as_raw()))?;
+    }
+    std::fs::rename(&tmp, path)?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
 }
 
 /// One request line, at most [`MAX_REQUEST`] bytes, within 10 s.
