@@ -8,7 +8,7 @@ use std::{
     collections::HashSet,
     fs::File,
     net::{IpAddr, SocketAddr},
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::unix::fs::MetadataExt,
     sync::{Arc, Mutex},
 };
 
@@ -138,18 +138,9 @@ pub fn netns_of(ip: IpAddr) -> Result<File, String> {
 /// A UDP socket bound to `ip` in the namespace at `path`, if `ip` is a
 /// local address there.
 fn bound_in(ns: &File, ip: IpAddr) -> Option<std::net::UdpSocket> {
-    let ns = ns.try_clone().ok()?;
-    std::thread::spawn(move || {
-        // SAFETY: a valid namespace fd; setns affects only this thread,
-        // which ends here.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return None;
-        }
-        std::net::UdpSocket::bind((ip, 0)).ok()
-    })
-    .join()
-    .ok()
-    .flatten()
+    tpbpf_loader::netns::run_in(ns, || std::net::UdpSocket::bind((ip, 0)).ok())
+        .ok()
+        .flatten()
 }
 
 /// Whether a datagram sent from this node's namespace reaches `sock`.
@@ -274,24 +265,14 @@ fn listening_inodes(pid: u32, port: u16) -> Vec<u64> {
 /// A listening socket on loopback inside the namespace `ns`: reached only
 /// from inside the pod (sk_lookup, a port-forward), never from outside it.
 fn loopback_listener_in(ns: &File, v6: bool) -> Result<std::net::TcpListener, String> {
-    let ns = ns.try_clone().map_err(|e| e.to_string())?;
-    std::thread::spawn(move || {
-        // SAFETY: a valid namespace fd; setns affects only this thread.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!(
-                "entering the pod's network namespace: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let addr: SocketAddr = if v6 {
-            (std::net::Ipv6Addr::LOCALHOST, 0).into()
-        } else {
-            (std::net::Ipv4Addr::LOCALHOST, 0).into()
-        };
-        std::net::TcpListener::bind(addr).map_err(|e| e.to_string())
-    })
-    .join()
-    .map_err(|_| "the namespace thread panicked".to_string())?
+    let addr: SocketAddr = if v6 {
+        (std::net::Ipv6Addr::LOCALHOST, 0).into()
+    } else {
+        (std::net::Ipv4Addr::LOCALHOST, 0).into()
+    };
+    tpbpf_loader::netns::run_in(ns, || std::net::TcpListener::bind(addr))
+        .map_err(|e| format!("the pod's network namespace: {e}"))?
+        .map_err(|e| e.to_string())
 }
 
 /// Refuses a target whose namespace is the node's own (a hostNetwork pod)
@@ -469,13 +450,8 @@ pub fn start(
 /// A connection to the app itself, from inside the pod's namespace, that
 /// the intercept leaves alone.
 async fn dial_app(t: &Target) -> std::io::Result<TcpStream> {
-    let ns = t.netns.try_clone()?;
     let ip = t.addr.ip();
-    let sock = std::thread::spawn(move || -> std::io::Result<socket2::Socket> {
-        // SAFETY: a valid namespace fd; setns affects only this thread.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+    let sock = tpbpf_loader::netns::run_in(&t.netns, || -> std::io::Result<socket2::Socket> {
         let s = socket2::Socket::new(
             socket2::Domain::for_address(SocketAddr::new(ip, 0)),
             socket2::Type::STREAM,
@@ -483,9 +459,7 @@ async fn dial_app(t: &Target) -> std::io::Result<TcpStream> {
         )?;
         s.bind(&SocketAddr::new(ip, 0).into())?;
         Ok(s)
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("the namespace thread panicked"))??;
+    })??;
     let source = sock
         .local_addr()?
         .as_socket()

@@ -311,25 +311,15 @@ fn main() -> ExitCode {
 
 /// A listening socket created inside the network namespace at `path`.
 fn listener_in(path: &std::path::Path) -> anyhow::Result<std::net::TcpListener> {
-    use std::os::fd::AsRawFd;
     let ns = std::fs::File::open(path).map_err(|e| {
         anyhow::anyhow!(
             "opening the pod's network namespace {}: {e}",
             path.display()
         )
     })?;
-    std::thread::spawn(move || -> anyhow::Result<std::net::TcpListener> {
-        // SAFETY: a valid namespace fd; setns affects only this thread.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            anyhow::bail!(
-                "entering the pod's network namespace: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+    Ok(tpbpf_loader::netns::run_in(&ns, || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+    })??)
 }
 
 fn intercept(netns: &str, target: SocketAddr, to: SocketAddr) -> anyhow::Result<()> {

@@ -1,7 +1,7 @@
 //! The node's routes, as the agent reports them in `/info`: where pods live
 //! when nodes carry no podCIDR (Cilium's cluster-pool, Calico's IP pools,
 //! EKS's VPC CNI), tpbpf's `up` reads the ranges from them.
-use std::{net::IpAddr, os::fd::AsRawFd, path::Path};
+use std::{net::IpAddr, path::Path};
 
 /// The node's network namespace: PID 1's (the agent has hostPID), or
 /// `NODE_NETNS` where the node is not the host's root namespace (the lab).
@@ -20,22 +20,14 @@ pub fn routes_in(netns: &Path) -> Result<Vec<(IpAddr, u8)>, String> {
             netns.display()
         )
     })?;
-    std::thread::spawn(move || {
-        // SAFETY: a valid namespace fd; setns affects only this thread.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!(
-                "entering the node's network namespace: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+    tpbpf_loader::netns::run_in(&ns, || {
         // /proc/thread-self/net: this thread's namespace, not the process's.
         let v4 = std::fs::read_to_string("/proc/thread-self/net/route")
             .map_err(|e| format!("reading the node's IPv4 routes: {e}"))?;
         let v6 = std::fs::read_to_string("/proc/thread-self/net/ipv6_route").unwrap_or_default();
         Ok(parse_v4(&v4).into_iter().chain(parse_v6(&v6)).collect())
     })
-    .join()
-    .map_err(|_| "the route reader panicked".to_string())?
+    .map_err(|e| format!("the node's network namespace: {e}"))?
 }
 
 /// `/proc/net/route`: Iface Destination Gateway Flags RefCnt Use Metric

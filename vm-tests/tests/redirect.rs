@@ -305,14 +305,12 @@ fn only_the_bridged_network_namespace_is_redirected() {
         "dev",
         "lo",
     ]));
-    let _tcp = Bg::spawn(Command::new("ip").args([
-        "netns",
-        "exec",
-        other.name(),
-        "socat",
-        "TCP-LISTEN:80,bind=10.96.5.5,reuseaddr,fork",
-        "SYSTEM:echo local-server",
-    ]));
+    let mut tcp = Command::new(testserver_bin());
+    tcp.args(["--netns", other.name(), "http", "10.96.5.5:80"])
+        .env("TAG", "local-server");
+    let mut tcp = Bg::spawn(&mut tcp);
+    tcp.wait_event(Duration::from_secs(5), |e| e["event"] == "ready")
+        .expect("the other namespace's server");
     let _udp = Bg::spawn(Command::new("ip").args([
         "netns",
         "exec",

@@ -6,7 +6,6 @@ use std::{
     future::Future,
     io,
     net::{IpAddr, Ipv4Addr},
-    os::fd::AsRawFd,
 };
 
 use futures_util::TryStreamExt;
@@ -34,43 +33,21 @@ where
     Fut: Future<Output = io::Result<T>>,
 {
     let ns = match netns {
-        None => None,
-        Some(n) => {
-            let path = if n.contains('/') {
-                std::path::PathBuf::from(n)
-            } else {
-                std::path::Path::new("/run/netns").join(n)
-            };
-            Some(std::fs::File::open(&path).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("opening network namespace {}: {e}", path.display()),
-                )
-            })?)
-        }
+        None => std::fs::File::open("/proc/thread-self/ns/net")?,
+        Some(n) => tpbpf_loader::netns::open(n)?,
     };
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            if let Some(ns) = &ns {
-                // SAFETY: a valid namespace fd; setns affects this thread only.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let (conn, handle, _) = rtnetlink::new_connection()?;
-                let task = tokio::spawn(conn);
-                let out = f(handle).await;
-                task.abort();
-                out
-            })
+    tpbpf_loader::netns::run_in(&ns, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            let task = tokio::spawn(conn);
+            let out = f(handle).await;
+            task.abort();
+            out
         })
-        .join()
-        .map_err(|_| io::Error::other("the netlink thread panicked"))?
-    })
+    })?
 }
 
 /// A network interface: its index, name, and for a veth, its peer's index

@@ -101,15 +101,10 @@ impl NetnsUpstream {
         std::thread::Builder::new()
             .name(format!("netns-{name}"))
             .spawn(move || {
-                use std::os::fd::AsRawFd;
-                // SAFETY: a valid namespace fd; setns affects only this thread.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                let _ = ready_tx.send(if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                });
-                if rc != 0 {
+                let entered = tpbpf_loader::netns::enter(&ns);
+                let failed = entered.is_err();
+                let _ = ready_tx.send(entered);
+                if failed {
                     return;
                 }
                 while let Ok((domain, ty, reply)) = rx.recv() {

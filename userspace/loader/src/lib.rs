@@ -11,6 +11,7 @@ mod cidr;
 mod intercept;
 mod redirect;
 
+pub mod netns;
 pub use cidr::{Cidr, CidrParseError};
 pub use intercept::{Bypass as InterceptBypass, Interceptor};
 pub use redirect::{

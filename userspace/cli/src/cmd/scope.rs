@@ -113,12 +113,11 @@ pub fn spawn_in_cgroup(
 }
 
 pub fn forward(pid: Option<u32>, sig: libc::c_int) {
-    if let Some(pid) = pid {
-        // SAFETY: kill has no memory preconditions; pid is our own child.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
-    }
+    let (Some(pid), Ok(sig)) = (pid, nix::sys::signal::Signal::try_from(sig)) else {
+        return;
+    };
+    // Our own child.
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as libc::pid_t), sig);
 }
 
 pub fn exit_code(status: std::process::ExitStatus) -> ExitCode {

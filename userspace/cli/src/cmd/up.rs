@@ -479,15 +479,15 @@ pub fn down(args: StateArgs) -> Result<ExitCode> {
                 state_dir(&args.instance).display()
             );
         }
-        // SAFETY: the pid is tpbpfd's, recorded by `tpbpf up` and checked above.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        // The pid is tpbpfd's, recorded by `tpbpf up` and checked above.
+        let target = nix::unistd::Pid::from_raw(pid as libc::pid_t);
+        let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while alive(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         if alive(pid) {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
         }
     }
     let _ = std::fs::remove_dir_all(state_dir(&args.instance));
