@@ -280,6 +280,54 @@ fn run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing() {
     let _ = std::fs::remove_file(&resolv);
 }
 
+/// When the API server's address is inside a bridged range (a runner in
+/// the cluster reaching `kubernetes.default`), tpbpfd's own connections to
+/// it are not redirected to itself: after its port-forward is cut, the
+/// tunnel comes back through a new connection to the API server.
+#[test]
+fn tpbpfds_own_api_server_connections_are_not_redirected() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("ta") else {
+        return;
+    };
+    let (kubeconfig, dev) = (lab.kubeconfig(), lab.dev_netns());
+    // tpbpfd inside the cgroup it bridges (as with a machine-wide `up`).
+    let cg = TestCgroup::new();
+    let cgroup = cg.path().display().to_string();
+    let mut daemon = Command::new("sh");
+    daemon.arg("-c").arg(format!(
+        "echo $$ > {cgroup}/cgroup.procs && exec {} --netns {dev} daemon -o json --kubeconfig {kubeconfig} \
+         --cidr 10.96.0.0/12 --cidr 172.31.0.0/24 --no-dns --cgroup {cgroup}",
+        tpbpf_bin().display()
+    ));
+    let mut daemon = Bg::spawn(&mut daemon);
+    daemon
+        .wait_event(Duration::from_secs(30), |e| e["event"] == "ready")
+        .expect("tpbpfd ready");
+    // The API server (172.31.0.1:6443) is bridged like a service; killing
+    // tpbpfd's connections to it (its port-forward) forces a new one.
+    let script =
+        "curl -sS -m 5 http://10.96.0.20/ && ss -K dst 172.31.0.1 dport = 6443 >/dev/null \
+                  && sleep 1 && curl -sS -m 15 http://10.96.0.20/";
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {cgroup}/cgroup.procs && exec ip netns exec {dev} sh -c '{script}'"
+        ))
+        .output()
+        .unwrap();
+    drop(daemon);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("served by nginx").count(), 2, "{text}");
+}
+
 #[test]
 fn up_and_run_without_an_agent_say_to_install_it_and_install_uninstall_work() {
     if !require_root() {

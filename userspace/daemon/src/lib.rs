@@ -187,6 +187,11 @@ impl Bridge {
     pub fn proxy(&self) -> ProxyConfig {
         self.proxy
     }
+
+    /// The handle that exempts tpbpfd's own sockets from its redirection.
+    pub fn bypass(&self) -> tpbpf_loader::Bypass {
+        self.redirector.bypass()
+    }
 }
 
 /// A listener with a deep accept queue: a burst of connects from the bridged

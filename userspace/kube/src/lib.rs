@@ -113,8 +113,113 @@ pub async fn client(
         .map(str::to_string)
         .or_else(|| kc.and_then(|k| k.current_context))
         .unwrap_or_default();
-    let client = Client::try_from(config).map_err(KubeError::Client)?;
+    let client = build_client(config)?;
     Ok((client, ctx, server, namespace))
+}
+
+/// Called with every socket the kube client makes, before it connects
+/// (tpbpfd exempts its own connections to the API server from its own
+/// redirection this way).
+type SocketHook = Box<dyn Fn(&socket2::Socket) + Send + Sync>;
+static SOCKET_HOOK: std::sync::OnceLock<SocketHook> = std::sync::OnceLock::new();
+
+/// Sets the hook every socket of the kube client goes through before it
+/// connects (once per process).
+pub fn on_new_socket(hook: impl Fn(&socket2::Socket) + Send + Sync + 'static) {
+    let _ = SOCKET_HOOK.set(Box::new(hook));
+}
+
+/// The kube client's stack (as kube's own: base URI, auth, TLS), over a
+/// connector of tpbpf's: TCP_NODELAY on (a port-forward carries a tunnel,
+/// and Nagle's algorithm meeting delayed ACKs costs 40 ms a round trip),
+/// and [`on_new_socket`] before each connect. Proxies in the kubeconfig go
+/// through kube's default stack.
+fn build_client(config: Config) -> Result<Client, KubeError> {
+    use kube::client::ConfigExt;
+    use tower::{BoxError, ServiceBuilder};
+    if config.proxy_url.is_some() {
+        return Client::try_from(config).map_err(KubeError::Client);
+    }
+    let https = config
+        .rustls_https_connector_with_connector(Connector)
+        .map_err(KubeError::Client)?;
+    let hyper = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(https);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer().map_err(KubeError::Client)?)
+        .map_err(BoxError::from)
+        .service(hyper);
+    Ok(Client::new(service, config.default_namespace))
+}
+
+/// Plain TCP to the API server, made by tpbpf (see [`build_client`]).
+#[derive(Clone, Copy, Debug)]
+struct Connector;
+
+impl tower::Service<http::Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| std::io::Error::other(format!("no host in {uri}")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("http") => 80,
+                _ => 443,
+            });
+            let mut last = None;
+            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+                match connect_one(addr).await {
+                    Ok(s) => return Ok(hyper_util::rt::TokioIo::new(s)),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last
+                .unwrap_or_else(|| std::io::Error::other(format!("{host}:{port} has no address"))))
+        })
+    }
+}
+
+async fn connect_one(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if let Some(hook) = SOCKET_HOOK.get() {
+        hook(&sock);
+    }
+    sock.set_tcp_nodelay(true)?;
+    sock.set_nonblocking(true)?;
+    let std: std::net::TcpStream = sock.into();
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::net::TcpSocket::from_std_stream(std).connect(addr),
+    )
+    .await
+    .map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connecting to {addr}"),
+        )
+    })??;
+    Ok(stream)
 }
 
 /// Discovers what to bridge. A probe that fails becomes a warning (in

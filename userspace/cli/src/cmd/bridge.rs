@@ -104,6 +104,18 @@ pub async fn connect_agent(
     Ok((session, describe))
 }
 
+/// tpbpfd's own connections to the API server (port-forwards, watches)
+/// are exempt from its redirection, even when the server's address is in a
+/// bridged range (an in-cluster runner reaching `kubernetes.default`).
+fn exempt_kube_sockets(bridge: &Bridge) {
+    let bypass = bridge.bypass();
+    tpbpf_kube::on_new_socket(move |sock| {
+        if let Err(e) = bypass.register(sock) {
+            tracing::warn!("exempting a connection to the API server from redirection: {e}");
+        }
+    });
+}
+
 /// What to bridge and where to, shared by `run` and `daemon`.
 #[derive(clap::Args, Clone)]
 pub struct BridgeArgs {
@@ -443,6 +455,7 @@ pub fn run(mut args: RunArgs) -> Result<ExitCode> {
         let reaper = Reaper::spawn(&exe, &["__reap-cgroup"], cgroup.path())
             .context("starting the cgroup clean-up helper")?;
         let mut bridge = Bridge::start(args.bridge.options()?, upstream.clone()).await?;
+        exempt_kube_sockets(&bridge);
         let dir = cgroup.open()?;
         bridge.attach(&dir, &cgroup.path().display().to_string())?;
         drop(dir);
@@ -505,6 +518,7 @@ pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
         let dir = std::fs::File::open(&cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut bridge = Bridge::start(args.bridge.options()?, upstream.clone()).await?;
+        exempt_kube_sockets(&bridge);
         bridge.attach(&dir, &cgroup.display().to_string())?;
         drop(dir);
         let tc = args.bridge.start_tc(&mut bridge)?;
