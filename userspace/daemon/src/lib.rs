@@ -9,6 +9,7 @@
 //! - a DNS proxy behind both, for port 53 to any resolver: cluster names are
 //!   answered through the upstream, everything else is forwarded unchanged to
 //!   the resolver the application asked.
+pub mod control;
 pub mod dns;
 pub mod netlink;
 pub mod policy;

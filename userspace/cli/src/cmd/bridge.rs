@@ -7,102 +7,32 @@ use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tpbpf_cgroup::{reaper::Reaper, ChildCgroup};
 use tpbpf_daemon::{
-    policy, tunnel, Bridge, BridgeOptions, DnsConfig, NetnsUpstream, TunnelUpstream, Upstream,
+    control, policy, tunnel, Bridge, BridgeOptions, DnsConfig, NetnsUpstream, TunnelUpstream,
+    Upstream,
 };
 use tpbpf_loader::Cidr;
-use tpbpf_mux::{
-    transport::{Connector, TcpConnector, TlsConnector},
-    Client, Config as MuxConfig,
-};
 use tracing::info;
 
 use super::scope::{exit_code, forward, spawn_in_cgroup};
 use crate::Output;
 
+/// How the tunnel reaches the agent (`--transport`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum Transport {
     Portforward,
     Direct,
 }
 
-impl Transport {
-    fn name(self) -> &'static str {
-        match self {
-            Transport::Portforward => "port-forward",
-            Transport::Direct => "direct TLS",
+impl From<Transport> for control::Transport {
+    fn from(t: Transport) -> Self {
+        match t {
+            Transport::Portforward => control::Transport::Portforward,
+            Transport::Direct => control::Transport::Direct,
         }
     }
 }
 
-/// The cluster has no agent: `tpbpf` exits with
-/// [`tpbpf_kube::NO_AGENT_EXIT`].
-#[derive(Debug)]
-pub struct NoAgent;
-
-impl std::fmt::Display for NoAgent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(tpbpf_kube::NO_AGENT)
-    }
-}
-
-impl std::error::Error for NoAgent {}
-
-/// Opens a tunnel session with an agent (on `node`, or any): finds it,
-/// asks it for credentials through a port-forward, dials the transport.
-pub async fn connect_agent(
-    client: &tpbpf_kube::KubeClient,
-    transport: Transport,
-    agent_address: Option<std::net::SocketAddr>,
-    node: Option<&str>,
-) -> std::result::Result<(tpbpf_mux::Session, String), String> {
-    let agent = tpbpf_kube::find_agent_on(client, node)
-        .await?
-        .ok_or_else(|| match node {
-            None => tpbpf_kube::NO_AGENT.to_string(),
-            Some(n) => format!(
-                "no running tpbpf agent on node {n} (`kubectl -n {} get pods -o wide`): the \
-                 DaemonSet runs one per schedulable node",
-                tpbpf_kube::AGENT_NAMESPACE
-            ),
-        })?;
-    let creds = tpbpf_kube::agent_credentials(client, &agent.pod).await?;
-    let inner: Arc<dyn Connector> = match transport {
-        Transport::Portforward => Arc::new(tpbpf_kube::PortForward::new(
-            client,
-            &agent.pod,
-            creds.tunnel_port,
-        )),
-        Transport::Direct => {
-            let addr = match agent_address.filter(|_| node.is_none()) {
-                Some(a) => a,
-                None => {
-                    let ip: std::net::IpAddr = agent
-                        .address
-                        .as_deref()
-                        .and_then(|a| a.parse().ok())
-                        .ok_or_else(|| {
-                            format!(
-                                "agent {} has no address for a direct transport: give --agent-address",
-                                agent.pod
-                            )
-                        })?;
-                    (ip, agent.host_port.unwrap_or(creds.tunnel_port)).into()
-                }
-            };
-            Arc::new(TcpConnector { addr })
-        }
-    };
-    let tls = TlsConnector::over(inner, &creds.fingerprint).map_err(|e| e.to_string())?;
-    let describe = format!("{} (agent {} on {})", tls.describe(), agent.pod, agent.node);
-    let session = Client::connect(
-        Arc::new(tls),
-        creds.token.into_bytes(),
-        MuxConfig::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    Ok((session, describe))
-}
+pub use control::NoAgent;
 
 /// tpbpfd's own connections to the API server (port-forwards, watches)
 /// are exempt from its redirection, even when the server's address is in a
@@ -251,13 +181,15 @@ impl BridgeArgs {
             tpbpf_kube::client(self.kubeconfig.as_deref(), self.context.as_deref())
                 .await
                 .context("the tunnel to tpbpf's agent needs the cluster's kubeconfig")?;
-        let transport = self.transport;
+        let transport = control::Transport::from(self.transport);
         let agent_address = self.agent_address;
         let factory: tunnel::Factory = Arc::new(move || {
             let client = client.clone();
-            Box::pin(async move { connect_agent(&client, transport, agent_address, None).await })
+            Box::pin(async move {
+                control::connect_agent(&client, transport, agent_address, None).await
+            })
         });
-        let describe = format!("agent via {}", self.transport.name());
+        let describe = format!("agent via {}", transport.name());
         let up = TunnelUpstream::start(factory, describe)
             .await
             .map_err(|e| {
@@ -529,9 +461,9 @@ pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
                     args.bridge.context.as_deref(),
                 )
                 .await?;
-                let m = super::intercept::Manager::new(
+                let m = control::Manager::new(
                     client,
-                    args.bridge.transport,
+                    args.bridge.transport.into(),
                     args.bridge
                         .namespaces
                         .first()
@@ -544,7 +476,7 @@ pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
                     .ok()
                     .flatten()
                     .map(|i| i.uid);
-                let listener = super::intercept::listen(&path)
+                let listener = control::listen(&path)
                     .with_context(|| format!("making the control socket {}", path.display()))?;
                 tokio::spawn(async move {
                     if let Err(e) = m2.serve(listener, owner).await {

@@ -1,0 +1,780 @@
+//! tpbpfd's control side: tunnel sessions with the agents, the intercept
+//! manager that keeps each workload's pods intercepted, and the control
+//! socket (`/run/tpbpf/BRIDGE/control.sock`) the CLI talks to, with its
+//! typed requests. The CLI is a client of this module.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{TcpStream, UnixListener},
+};
+use tpbpf_kube::KubeClient;
+use tpbpf_mux::{
+    transport::{Connector, TcpConnector, TlsConnector},
+    Client, Config as MuxConfig, Intercept, InterceptMode, Session,
+};
+use tracing::{debug, info, warn};
+
+const INTERCEPT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The answer to an agent's access check, under way.
+type Proof = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+/// The control socket of a bridge started by `tpbpf up`.
+pub fn control_socket(instance: &str) -> PathBuf {
+    PathBuf::from("/run/tpbpf")
+        .join(instance)
+        .join("control.sock")
+}
+
+/// How the tunnel reaches an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Portforward,
+    Direct,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Portforward => "port-forward",
+            Transport::Direct => "direct TLS",
+        }
+    }
+}
+
+/// The cluster has no agent: `tpbpf` exits with
+/// [`tpbpf_kube::NO_AGENT_EXIT`].
+#[derive(Debug)]
+pub struct NoAgent;
+
+impl std::fmt::Display for NoAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(tpbpf_kube::NO_AGENT)
+    }
+}
+
+impl std::error::Error for NoAgent {}
+
+/// Opens a tunnel session with an agent (on `node`, or any): finds it,
+/// asks it for credentials through a port-forward, dials the transport.
+pub async fn connect_agent(
+    client: &tpbpf_kube::KubeClient,
+    transport: Transport,
+    agent_address: Option<std::net::SocketAddr>,
+    node: Option<&str>,
+) -> std::result::Result<(tpbpf_mux::Session, String), String> {
+    let agent = tpbpf_kube::find_agent_on(client, node)
+        .await?
+        .ok_or_else(|| match node {
+            None => tpbpf_kube::NO_AGENT.to_string(),
+            Some(n) => format!(
+                "no running tpbpf agent on node {n} (`kubectl -n {} get pods -o wide`): the \
+                 DaemonSet runs one per schedulable node",
+                tpbpf_kube::AGENT_NAMESPACE
+            ),
+        })?;
+    let creds = tpbpf_kube::agent_credentials(client, &agent.pod).await?;
+    let inner: Arc<dyn Connector> = match transport {
+        Transport::Portforward => Arc::new(tpbpf_kube::PortForward::new(
+            client,
+            &agent.pod,
+            creds.tunnel_port,
+        )),
+        Transport::Direct => {
+            let addr = match agent_address.filter(|_| node.is_none()) {
+                Some(a) => a,
+                None => {
+                    let ip: std::net::IpAddr = agent
+                        .address
+                        .as_deref()
+                        .and_then(|a| a.parse().ok())
+                        .ok_or_else(|| {
+                            format!(
+                                "agent {} has no address for a direct transport: give --agent-address",
+                                agent.pod
+                            )
+                        })?;
+                    (ip, agent.host_port.unwrap_or(creds.tunnel_port)).into()
+                }
+            };
+            Arc::new(TcpConnector { addr })
+        }
+    };
+    let tls = TlsConnector::over(inner, &creds.fingerprint).map_err(|e| e.to_string())?;
+    let describe = format!("{} (agent {} on {})", tls.describe(), agent.pod, agent.node);
+    let session = Client::connect(
+        Arc::new(tls),
+        creds.token.into_bytes(),
+        MuxConfig::default(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok((session, describe))
+}
+
+/// A request on a bridge's control socket: one JSON line, at most
+/// [`MAX_REQUEST`] bytes.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Intercept(InterceptRequest),
+    Leave {
+        name: String,
+    },
+    List {
+        #[serde(default)]
+        namespace: Option<String>,
+    },
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct InterceptRequest {
+    pub name: String,
+    pub workload: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub remote: u16,
+    pub local: u16,
+    #[serde(flatten)]
+    pub mode: ModeRequest,
+}
+
+/// How an intercept takes a pod's traffic.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum ModeRequest {
+    Steal,
+    Mirror,
+    Header { header: String, value: String },
+    Path { prefix: String },
+}
+
+impl ModeRequest {
+    fn to_mode(&self) -> InterceptMode {
+        match self {
+            ModeRequest::Steal => InterceptMode::Steal,
+            ModeRequest::Mirror => InterceptMode::Mirror,
+            ModeRequest::Header { header, value } => InterceptMode::Header {
+                name: header.clone(),
+                value: value.clone(),
+            },
+            ModeRequest::Path { prefix } => InterceptMode::PathPrefix(prefix.clone()),
+        }
+    }
+}
+
+/// The largest request tpbpfd reads; past it the connection is refused.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Requests served at once; more wait.
+const MAX_CONNECTIONS: usize = 16;
+/// Names (intercepts, workloads, namespaces, headers) longer than this are
+/// refused: Kubernetes names are at most 253 bytes.
+const MAX_NAME: usize = 253;
+
+impl InterceptRequest {
+    fn check(&self) -> Result<(), String> {
+        let mut names = vec![&self.name, &self.workload];
+        names.extend(self.namespace.as_ref());
+        if let ModeRequest::Header { header, .. } = &self.mode {
+            names.push(header);
+        }
+        if let Some(n) = names.iter().find(|n| n.is_empty() || n.len() > MAX_NAME) {
+            return Err(format!(
+                "`{}`: names are 1 to {MAX_NAME} bytes",
+                n.chars().take(40).collect::<String>()
+            ));
+        }
+        match &self.mode {
+            ModeRequest::Header { value, .. } if value.len() > 4096 => {
+                Err("the header value is over 4 KiB".into())
+            }
+            ModeRequest::Path { prefix } if prefix.len() > 4096 || !prefix.starts_with('/') => {
+                Err("the path prefix must start with / and be at most 4 KiB".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// tpbpfd's side: intercepts by name, and tunnel sessions per node.
+pub struct Manager {
+    client: KubeClient,
+    transport: Transport,
+    default_namespace: String,
+    sessions: tokio::sync::Mutex<HashMap<String, Session>>,
+    /// Pod address and port → local port, for the streams agents open.
+    routes: Arc<Mutex<HashMap<SocketAddr, u16>>>,
+    active: Mutex<HashMap<String, Entry>>,
+}
+
+/// One pod's intercept, as its watcher keeps it.
+struct Held {
+    namespace: String,
+    pod: tpbpf_kube::WorkloadPod,
+    remote: u16,
+    mode: InterceptMode,
+}
+
+/// A pod's watcher: the task, and how to tell it to remove its intercept
+/// (it answers when done).
+struct PodHold {
+    pod: tpbpf_kube::WorkloadPod,
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>,
+}
+
+type Pods = Arc<Mutex<HashMap<String, PodHold>>>;
+type Problems = Arc<Mutex<HashMap<String, String>>>;
+
+struct Entry {
+    workload: tpbpf_kube::Workload,
+    remote: u16,
+    local: u16,
+    mode: InterceptMode,
+    /// The workload's pods intercepted now, by name: the follower adds the
+    /// ones that come and removes the ones that go.
+    pods: Pods,
+    follower: tokio::task::JoinHandle<()>,
+    problems: Problems,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.follower.abort();
+        for h in lock(&self.pods).values() {
+            h.task.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Manager {
+    pub fn new(client: KubeClient, transport: Transport, default_namespace: String) -> Arc<Self> {
+        Arc::new(Manager {
+            client,
+            transport,
+            default_namespace,
+            sessions: tokio::sync::Mutex::new(HashMap::new()),
+            routes: Arc::new(Mutex::new(HashMap::new())),
+            active: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Answers an agent's access check for pod `namespace/pod`: a
+    /// port-forward through the API server with this bridge's identity.
+    fn prover(&self, namespace: &str, pod: &str) -> impl Fn(u16, [u8; 16]) -> Proof {
+        let (client, namespace, pod) =
+            (self.client.clone(), namespace.to_string(), pod.to_string());
+        move |port, nonce| {
+            let (client, namespace, pod) = (client.clone(), namespace.clone(), pod.clone());
+            Box::pin(async move {
+                tpbpf_kube::prove_port_forward(&client, &namespace, &pod, port, nonce).await
+            })
+        }
+    }
+
+    /// A live session with the agent on `node`, made if needed; its
+    /// incoming streams (intercepted connections) go to local ports.
+    async fn session(&self, node: &str) -> Result<Session, String> {
+        let mut sessions = self.sessions.lock().await;
+        if let Some(s) = sessions.get(node).filter(|s| s.ended().is_none()) {
+            return Ok(s.clone());
+        }
+        let (session, describe) =
+            connect_agent(&self.client, self.transport, None, Some(node)).await?;
+        info!(node, %describe, "intercept session made");
+        let (s2, routes) = (session.clone(), self.routes.clone());
+        tokio::spawn(async move {
+            while let Some(mut stream) = s2.accept().await {
+                let target = match stream.destination() {
+                    Some(tpbpf_mux::Destination::Addr(a)) => a,
+                    other => {
+                        warn!(?other, "an intercepted connection without a pod address");
+                        continue;
+                    }
+                };
+                let local = routes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&target)
+                    .copied();
+                let Some(local) = local else {
+                    stream.reset(
+                        tpbpf_mux::ResetReason::Refused,
+                        &format!("{target} is not intercepted here"),
+                    );
+                    continue;
+                };
+                tokio::spawn(async move {
+                    match TcpStream::connect(("127.0.0.1", local)).await {
+                        Ok(mut tcp) => {
+                            let _ = tcp.set_nodelay(true);
+                            debug!(%target, local, "intercepted connection");
+                            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                        }
+                        Err(e) => {
+                            warn!(%target, local, "the local port does not answer: {e}");
+                            stream.reset(
+                                tpbpf_mux::ResetReason::Refused,
+                                &format!("nothing answers on the developer's port {local}: {e}"),
+                            );
+                        }
+                    }
+                });
+            }
+        });
+        sessions.insert(node.to_string(), session.clone());
+        Ok(session)
+    }
+
+    async fn intercept(self: &Arc<Self>, req: &InterceptRequest) -> Result<Value, String> {
+        req.check()?;
+        let (name, target, remote, local) = (
+            req.name.clone(),
+            req.workload.clone(),
+            req.remote,
+            req.local,
+        );
+        let namespace = req
+            .namespace
+            .clone()
+            .unwrap_or_else(|| self.default_namespace.clone());
+        let mode = req.mode.to_mode();
+        if lock(&self.active).contains_key(&name) {
+            return Err(format!("an intercept named {name} exists: `tpbpf leave {name}` first, or pick another --name"));
+        }
+        let workload = tpbpf_kube::resolve_workload(&self.client, &namespace, &target).await?;
+        // Follow the workload from before the first list: a pod that comes
+        // while the first ones are being intercepted is not missed.
+        let mut follow = tpbpf_kube::follow(&self.client, workload.clone());
+        let pods = tpbpf_kube::workload_pods(&self.client, &workload).await?;
+        if pods.is_empty() {
+            return Err(format!(
+                "{} {namespace}/{} has no running, ready pod to intercept",
+                workload.kind, workload.name
+            ));
+        }
+        // Every pod, wherever it runs; the first failure undoes the rest.
+        let mut handles = Vec::new();
+        for p in &pods {
+            let target = SocketAddr::new(p.ip, remote);
+            lock(&self.routes).insert(target, local);
+            let attempt = async {
+                let session = self.session(&p.node).await?;
+                session
+                    .intercept(
+                        target,
+                        mode.clone(),
+                        INTERCEPT_TIMEOUT,
+                        self.prover(&namespace, &p.name),
+                    )
+                    .await
+                    .map_err(|e| format!("pod {} on {}: {e}", p.name, p.node))
+            };
+            match attempt.await {
+                Ok(h) => handles.push((p.clone(), h)),
+                Err(e) => {
+                    let mut routes = lock(&self.routes);
+                    for p in &pods {
+                        routes.remove(&SocketAddr::new(p.ip, remote));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        // The environment of the first pod's process (every replica has
+        // the same spec).
+        let env: serde_json::Map<String, Value> = handles
+            .first()
+            .map(|(_, h)| h.info())
+            .unwrap_or("")
+            .split('\0')
+            .filter_map(|e| e.split_once('='))
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect();
+        let problems: Problems = Arc::new(Mutex::new(HashMap::new()));
+        let held: Pods = Arc::new(Mutex::new(HashMap::new()));
+        for (pod, h) in handles {
+            self.start_hold(&held, &problems, &namespace, pod, remote, &mode, Some(h));
+        }
+        let follower = {
+            let (me, held, problems, namespace, mode) = (
+                self.clone(),
+                held.clone(),
+                problems.clone(),
+                namespace.clone(),
+                mode.clone(),
+            );
+            let what = format!("{} {}", workload.kind, workload.name);
+            tokio::spawn(async move {
+                while follow.changed().await.is_ok() {
+                    let now = follow.borrow_and_update().clone();
+                    me.reconcile(
+                        &what,
+                        &held,
+                        &problems,
+                        &namespace,
+                        now,
+                        (remote, local),
+                        &mode,
+                    );
+                }
+            })
+        };
+        lock(&self.active).insert(
+            name.clone(),
+            Entry {
+                workload: workload.clone(),
+                remote,
+                local,
+                mode: mode.clone(),
+                pods: held,
+                follower,
+                problems,
+            },
+        );
+        Ok(
+            json!({"name": name, "kind": workload.kind, "namespace": namespace, "workload": workload.name, "pods": pods, "env": env}),
+        )
+    }
+
+    /// Starts the watcher that keeps one pod's intercept (`handle`, or one
+    /// it makes).
+    #[allow(clippy::too_many_arguments)]
+    fn start_hold(
+        self: &Arc<Self>,
+        held: &Pods,
+        problems: &Problems,
+        namespace: &str,
+        pod: tpbpf_kube::WorkloadPod,
+        remote: u16,
+        mode: &InterceptMode,
+        handle: Option<Intercept>,
+    ) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let what = Held {
+            namespace: namespace.to_string(),
+            pod: pod.clone(),
+            remote,
+            mode: mode.clone(),
+        };
+        let task = tokio::spawn(self.clone().hold(what, handle, problems.clone(), rx));
+        lock(held).insert(
+            pod.name.clone(),
+            PodHold {
+                pod,
+                task,
+                stop: tx,
+            },
+        );
+    }
+
+    /// Brings an intercept's pods in line with its workload's: new pods are
+    /// intercepted, gone ones (deleted, replaced, no longer ready) released.
+    #[allow(clippy::too_many_arguments)]
+    fn reconcile(
+        self: &Arc<Self>,
+        what: &str,
+        held: &Pods,
+        problems: &Problems,
+        namespace: &str,
+        now: Vec<tpbpf_kube::WorkloadPod>,
+        (remote, local): (u16, u16),
+        mode: &InterceptMode,
+    ) {
+        let gone: Vec<PodHold> = {
+            let mut h = lock(held);
+            let names: Vec<String> = h
+                .iter()
+                .filter(|(n, ph)| {
+                    !now.iter()
+                        .any(|p| &p.name == *n && p.ip == ph.pod.ip && p.node == ph.pod.node)
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            names.into_iter().filter_map(|n| h.remove(&n)).collect()
+        };
+        for ph in gone {
+            info!(what, pod = ph.pod.name, ip = %ph.pod.ip, "pod gone: releasing its intercept");
+            lock(problems).remove(&ph.pod.name);
+            let routes = self.routes.clone();
+            tokio::spawn(async move {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if ph.stop.send(tx).is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(6), rx).await;
+                }
+                ph.task.abort();
+                lock(&routes).remove(&SocketAddr::new(ph.pod.ip, remote));
+            });
+        }
+        for p in now {
+            if lock(held).contains_key(&p.name) {
+                continue;
+            }
+            info!(what, pod = p.name, ip = %p.ip, node = p.node, "new pod: intercepting it");
+            lock(&self.routes).insert(SocketAddr::new(p.ip, remote), local);
+            self.start_hold(held, problems, namespace, p, remote, mode, None);
+        }
+    }
+
+    /// Keeps one pod's intercept: makes it if `handle` is none, and when the
+    /// agent or the session loses it, puts it back as soon as the agent is
+    /// there again.
+    async fn hold(
+        self: Arc<Self>,
+        what: Held,
+        mut handle: Option<Intercept>,
+        problems: Problems,
+        mut stop: tokio::sync::oneshot::Receiver<tokio::sync::oneshot::Sender<()>>,
+    ) {
+        let Held {
+            namespace,
+            pod,
+            remote,
+            mode,
+        } = what;
+        let target = SocketAddr::new(pod.ip, remote);
+        loop {
+            if let Some(h) = handle.take() {
+                let why = tokio::select! {
+                    why = h.ended() => why,
+                    done = &mut stop => {
+                        // `leave`: the agent answers once the pod has its port back.
+                        h.stop(Duration::from_secs(5)).await;
+                        if let Ok(done) = done {
+                            let _ = done.send(());
+                        }
+                        return;
+                    }
+                };
+                warn!(pod = pod.name, "intercept lost: {why}; putting it back");
+                lock(&problems).insert(pod.name.clone(), format!("lost on {}: {why}", pod.node));
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    done = &mut stop => {
+                        if let Ok(done) = done {
+                            let _ = done.send(());
+                        }
+                        return;
+                    }
+                }
+            }
+            let attempt = async {
+                let s = self.session(&pod.node).await?;
+                s.intercept(
+                    target,
+                    mode.clone(),
+                    INTERCEPT_TIMEOUT,
+                    self.prover(&namespace, &pod.name),
+                )
+                .await
+                .map_err(|e| e.to_string())
+            };
+            let outcome = tokio::select! {
+                r = attempt => r,
+                done = &mut stop => {
+                    if let Ok(done) = done {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+            };
+            match outcome {
+                Ok(h) => {
+                    info!(pod = pod.name, ip = %pod.ip, "intercept in place");
+                    lock(&problems).remove(&pod.name);
+                    handle = Some(h);
+                }
+                Err(e) => {
+                    debug!(pod = pod.name, "intercept not in place yet: {e}");
+                    lock(&problems).insert(pod.name.clone(), format!("not in place yet: {e}"));
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        done = &mut stop => {
+                            if let Ok(done) = done {
+                                let _ = done.send(());
+                            }
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes an intercept and returns once the agents say every pod has
+    /// its port back.
+    async fn leave(&self, name: &str) -> Result<Value, String> {
+        let entry = lock(&self.active)
+            .remove(name)
+            .ok_or_else(|| format!("no intercept named {name} (`tpbpf list` shows them)"))?;
+        // No new pods from here on.
+        entry.follower.abort();
+        let holds: Vec<PodHold> = lock(&entry.pods).drain().map(|(_, h)| h).collect();
+        let mut waits = Vec::new();
+        let mut pods = Vec::new();
+        for h in holds {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if h.stop.send(tx).is_ok() {
+                waits.push(rx);
+            }
+            pods.push(h.pod);
+        }
+        for w in waits {
+            let _ = tokio::time::timeout(Duration::from_secs(6), w).await;
+        }
+        // Only now: streams the agents opened before they detached were
+        // still routed to the developer.
+        let mut routes = lock(&self.routes);
+        for p in &pods {
+            routes.remove(&SocketAddr::new(p.ip, entry.remote));
+        }
+        Ok(json!({"left": name}))
+    }
+
+    async fn list(&self, namespace: Option<&str>) -> Result<Value, String> {
+        let namespace = namespace
+            .map(str::to_string)
+            .unwrap_or_else(|| self.default_namespace.clone());
+        let workloads = tpbpf_kube::workloads(&self.client, &namespace).await?;
+        let active = lock(&self.active);
+        let intercepts_of = |kind: &str, name: &str| -> Vec<Value> {
+            active
+                .iter()
+                .filter(|(_, e)| {
+                    e.workload.name == name
+                        && e.workload.kind == kind
+                        && e.workload.namespace == namespace
+                })
+                .map(|(n, e)| {
+                    let problems = lock(&e.problems);
+                    let mut pods: Vec<String> = lock(&e.pods).keys().cloned().collect();
+                    pods.sort();
+                    json!({"name": n, "remote": e.remote, "local": e.local, "mode": format!("{:?}", e.mode),
+                           "pods": pods, "problem": problems.values().next()})
+                })
+                .collect()
+        };
+        let mut out: Vec<Value> = workloads
+            .into_iter()
+            .map(|(kind, name, replicas)| {
+                let intercepts = intercepts_of(&kind, &name);
+                json!({"kind": kind, "name": name, "replicas": replicas, "intercepts": intercepts})
+            })
+            .collect();
+        // Intercepts of replicasets and bare pods, which the list above
+        // does not show.
+        for e in active.values() {
+            let (kind, name) = (e.workload.kind, e.workload.name.as_str());
+            if e.workload.namespace == namespace
+                && !out.iter().any(|w| w["kind"] == kind && w["name"] == name)
+            {
+                let replicas = lock(&e.pods).len();
+                out.push(json!({"kind": kind, "name": name, "replicas": replicas, "intercepts": intercepts_of(kind, name)}));
+            }
+        }
+        Ok(json!({"namespace": namespace, "workloads": out}))
+    }
+
+    /// Ends every intercept and closes the sessions (`tpbpf down`).
+    pub async fn shutdown(&self) {
+        lock(&self.active).clear();
+        for (_, s) in self.sessions.lock().await.drain() {
+            s.close("tpbpf down");
+        }
+    }
+
+    /// Serves the control socket at `path` until the task is dropped. The
+    /// socket is mode 0660, group `tpbpf` where that group exists (0600,
+    /// root's, elsewhere); each connection's peer (`SO_PEERCRED`) must be
+    /// root or `owner`, the user the bridge was brought up for: another
+    /// user, even in the group, cannot see or end it.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        owner: Option<u32>,
+    ) -> std::io::Result<()> {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let (conn, _) = listener.accept().await?;
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return Ok(());
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let peer = conn.peer_cred().ok().map(|c| c.uid());
+                let (rd, mut wr) = conn.into_split();
+                let answer = match peer {
+                    Some(uid) if uid == 0 || Some(uid) == owner => match read_request(rd).await {
+                        Err(e) => Err(e),
+                        Ok(Request::Intercept(r)) => me.intercept(&r).await,
+                        Ok(Request::Leave { name }) => me.leave(&name).await,
+                        Ok(Request::List { namespace }) => me.list(namespace.as_deref()).await,
+                    },
+                    other => {
+                        // Read (and drop) its request first: answering
+                        // before the peer has written would break its pipe.
+                        let _ = read_request(rd).await;
+                        warn!(uid = ?other, "control socket: a request from another user refused");
+                        Err(format!(
+                            "this bridge belongs to {}: only that user and root may use it",
+                            owner.map_or("root".to_string(), |u| format!("uid {u}"))
+                        ))
+                    }
+                };
+                let v = answer.unwrap_or_else(|e| json!({"error": e}));
+                let _ = wr.write_all(format!("{v}\n").as_bytes()).await;
+            });
+        }
+    }
+}
+
+/// Binds the control socket at `path`: made under a temporary name, given
+/// its mode (0600, or 0660 and group `tpbpf` where that group exists), then
+/// renamed into place, so it is never reachable with another mode.
+pub fn listen(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    let group = nix::unistd::Group::from_name("tpbpf").ok().flatten();
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    if let Some(g) = group {
+        std::os::unix::fs::chown(&tmp, None, Some(g.gid.as_raw()))?;
+    }
+    std::fs::rename(&tmp, path)?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
+}
+
+/// One request line, at most [`MAX_REQUEST`] bytes, within 10 s.
+async fn read_request(rd: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+    use tokio::io::AsyncReadExt;
+    let mut line = String::new();
+    let mut reader = BufReader::new(rd.take(MAX_REQUEST as u64 + 1));
+    let read = reader.read_line(&mut line);
+    match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Err(_) => return Err("no request within 10 s".into()),
+        Ok(Err(e)) => return Err(format!("reading the request: {e}")),
+        Ok(Ok(_)) => {}
+    }
+    if line.len() > MAX_REQUEST || !line.ends_with('\n') {
+        return Err(format!(
+            "a request is one line of at most {MAX_REQUEST} bytes"
+        ));
+    }
+    serde_json::from_str(&line).map_err(|e| format!("not a request: {e}"))
+}
