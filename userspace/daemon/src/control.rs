@@ -552,22 +552,14 @@ impl Manager {
                     done = &mut stop => {
                         // `leave`: the agent answers once the pod has its port back.
                         h.stop(Duration::from_secs(5)).await;
-                        if let Ok(done) = done {
-                            let _ = done.send(());
-                        }
-                        return;
+                        return acknowledge(done);
                     }
                 };
                 warn!(pod = pod.name, "intercept lost: {why}; putting it back");
                 lock(&problems).insert(pod.name.clone(), format!("lost on {}: {why}", pod.node));
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    done = &mut stop => {
-                        if let Ok(done) = done {
-                            let _ = done.send(());
-                        }
-                        return;
-                    }
+                    done = &mut stop => return acknowledge(done),
                 }
             }
             let attempt = async {
@@ -583,12 +575,7 @@ impl Manager {
             };
             let outcome = tokio::select! {
                 r = attempt => r,
-                done = &mut stop => {
-                    if let Ok(done) = done {
-                        let _ = done.send(());
-                    }
-                    return;
-                }
+                done = &mut stop => return acknowledge(done),
             };
             match outcome {
                 Ok(h) => {
@@ -601,12 +588,7 @@ impl Manager {
                     lock(&problems).insert(pod.name.clone(), format!("not in place yet: {e}"));
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        done = &mut stop => {
-                            if let Ok(done) = done {
-                                let _ = done.send(());
-                            }
-                            return;
-                        }
+                        done = &mut stop => return acknowledge(done),
                     }
                 }
             }
@@ -738,6 +720,15 @@ impl Manager {
                 let _ = wr.write_all(format!("{v}\n").as_bytes()).await;
             });
         }
+    }
+}
+
+/// Answers a `leave` that asked a pod's watcher to stop.
+fn acknowledge(
+    done: Result<tokio::sync::oneshot::Sender<()>, tokio::sync::oneshot::error::RecvError>,
+) {
+    if let Ok(done) = done {
+        let _ = done.send(());
     }
 }
 
