@@ -144,19 +144,22 @@ pub fn run() -> Result<()> {
     };
 
     // kubectl as the developer runs it, against the lab's API endpoint.
+    let kubectl_cmd = |args: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &dev,
+            "kubectl",
+            "--kubeconfig",
+            &kubeconfig,
+        ])
+        .args(args);
+        c
+    };
     let kubectl = |args: &[&str]| {
         println!("$ kubectl {}", args.join(" "));
-        let _ = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &dev,
-                "kubectl",
-                "--kubeconfig",
-                &kubeconfig,
-            ])
-            .args(args)
-            .status();
+        let _ = kubectl_cmd(args).status();
     };
 
     step("kubectl against the lab's API endpoint, from the developer namespace");
@@ -372,22 +375,16 @@ pub fn run() -> Result<()> {
     ]))?;
 
     // Nothing of tpbpf stays in the cluster.
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &dev,
-            "kubectl",
-            "--kubeconfig",
-            &kubeconfig,
-        ])
-        .args([
-            "get",
-            "namespaces,serviceaccounts,daemonsets,clusterroles,roles,pods",
-            "-A",
-        ])
-        .args(["-l", "app.kubernetes.io/part-of=tpbpf", "-o", "name"])
-        .output()?;
+    let out = kubectl_cmd(&[
+        "get",
+        "namespaces,serviceaccounts,daemonsets,clusterroles,roles,pods",
+        "-A",
+        "-l",
+        "app.kubernetes.io/part-of=tpbpf",
+        "-o",
+        "name",
+    ])
+    .output()?;
     let left = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !left.trim().is_empty() {
         bail!(
