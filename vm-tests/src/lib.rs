@@ -828,3 +828,16 @@ pub fn sk_lookup_links_in(netns: &str) -> Vec<serde_json::Value> {
         .filter(|l| l["attach_type"] == "sk_lookup" && l["netns_ino"].as_u64() == Some(ino))
         .collect()
 }
+
+/// The strings of a JSON array, sorted (for comparing sets the API or
+/// tpbpf returns in no particular order).
+pub fn sorted_strings(v: &serde_json::Value) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
+    out.sort_unstable();
+    out
+}

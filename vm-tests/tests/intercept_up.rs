@@ -775,13 +775,7 @@ fn an_intercept_follows_its_deployment_when_a_pod_is_replaced() {
         .find(|w| w["name"] == "web")
         .cloned()
         .unwrap();
-    let mut pods: Vec<&str> = web["intercepts"][0]["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    pods.sort_unstable();
+    let pods = sorted_strings(&web["intercepts"][0]["pods"]);
     let mut want = [new_name.as_str(), "web-7d4b9c-b2"];
     want.sort_unstable();
     assert_eq!(pods, want, "{web}");

@@ -450,13 +450,7 @@ fn without_node_pod_cidrs_the_ranges_come_from_the_agents_and_overrides_win() {
         v
     };
     let v = up(&Instance(unique_name("pc")), &[]);
-    let mut pods: Vec<&str> = v["cluster"]["pod_cidrs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    pods.sort_unstable();
+    let pods = sorted_strings(&v["cluster"]["pod_cidrs"]);
     assert_eq!(pods, ["10.244.1.0/24", "10.244.2.0/24"], "{v}");
     assert!(
         v["cluster"]["pod_ranges_from"]
