@@ -175,6 +175,9 @@ impl ModeRequest {
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// Requests served at once; more wait.
 const MAX_CONNECTIONS: usize = 16;
+/// Pods one intercept holds at most (each is a watcher and an agent
+/// request).
+const MAX_PODS: usize = 256;
 /// Names (intercepts, workloads, namespaces, headers) longer than this are
 /// refused: Kubernetes names are at most 253 bytes.
 const MAX_NAME: usize = 253;
@@ -359,6 +362,14 @@ impl Manager {
         // while the first ones are being intercepted is not missed.
         let mut follow = tpbpf_kube::follow(&self.client, workload.clone());
         let pods = tpbpf_kube::workload_pods(&self.client, &workload).await?;
+        if pods.len() > MAX_PODS {
+            return Err(format!(
+                "{} {namespace}/{} has {} pods: an intercept takes at most {MAX_PODS}",
+                workload.kind,
+                workload.name,
+                pods.len()
+            ));
+        }
         if pods.is_empty() {
             return Err(format!(
                 "{} {namespace}/{} has no running, ready pod to intercept",
@@ -521,6 +532,13 @@ impl Manager {
         for p in now {
             if lock(held).contains_key(&p.name) {
                 continue;
+            }
+            if lock(held).len() >= MAX_PODS {
+                warn!(
+                    what,
+                    "more than {MAX_PODS} pods: the rest are not intercepted"
+                );
+                break;
             }
             info!(what, pod = p.name, ip = %p.ip, node = p.node, "new pod: intercepting it");
             lock(&self.routes).insert(SocketAddr::new(p.ip, remote), local);
