@@ -1,7 +1,7 @@
 //! What tpbpf does with root: `sudo tpbpf run -- CMD` runs CMD as the user
 //! who ran sudo; `down` signals only its own tpbpfd; bridge names cannot
 //! name paths.
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use tpbpf_vm_tests::*;
 
@@ -90,4 +90,283 @@ fn down_signals_only_its_own_tpbpfd_and_names_cannot_be_paths() {
         assert_eq!(out.status.code(), Some(2), "--instance {bad:?} was taken");
         assert!(String::from_utf8_lossy(&out.stderr).contains("not a bridge name"));
     }
+}
+
+/// A group id no group of this machine has (the kernel needs no name for
+/// it), so the test changes nothing in /etc/group.
+fn unused_gid() -> u32 {
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let used: Vec<u32> = groups
+        .lines()
+        .filter_map(|l| l.split(':').nth(2)?.parse().ok())
+        .collect();
+    (45000 + std::process::id() % 10000..)
+        .find(|g| !used.contains(g))
+        .unwrap()
+}
+
+/// A directory of user nobody's: its kubeconfig, whose exec credential
+/// plugin records the uid it runs as, and what that plugin writes.
+struct NobodyHome(std::path::PathBuf);
+
+impl NobodyHome {
+    fn new(lab_kubeconfig: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(unique_name("tpbpf-home"));
+        std::fs::create_dir(&dir).unwrap();
+        let home = Self(dir);
+        let text = std::fs::read_to_string(lab_kubeconfig).unwrap();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(&format!("{name}: ")))
+                .unwrap_or_else(|| panic!("no {name} in the lab's kubeconfig"))
+                .to_string()
+        };
+        let (server, token) = (field("server"), field("token"));
+        let plugin = home.0.join("credential-plugin");
+        std::fs::write(
+            &plugin,
+            format!(
+                "#!/bin/sh\nid -u >> {}/plugin-uids\nprintf '{{\"apiVersion\":\"client.authentication.k8s.io/v1beta1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{token}\"}}}}\\n'\n",
+                home.0.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(
+            home.kubeconfig(),
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {server}\nusers:\n- name: dev\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: {}\n      interactiveMode: Never\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: dev\n    namespace: default\ncurrent-context: lab\n",
+                plugin.display()
+            ),
+        )
+        .unwrap();
+        for p in [&home.0, &plugin, &home.kubeconfig()] {
+            std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+        }
+        std::fs::set_permissions(&home.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        home
+    }
+
+    fn kubeconfig(&self) -> std::path::PathBuf {
+        self.0.join("kubeconfig")
+    }
+
+    fn plugin_uids(&self) -> Vec<String> {
+        std::fs::read_to_string(self.0.join("plugin-uids"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for NobodyHome {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Ends nobody's bridge `name` (its user side, then its state) even when
+/// the test fails.
+struct NobodyBridge(String);
+
+impl Drop for NobodyBridge {
+    fn drop(&mut self) {
+        let dir = std::path::Path::new("/run/tpbpf/uid-65534").join(&self.0);
+        let state = std::fs::read_to_string(dir.join("state.json")).unwrap_or_default();
+        let pid = serde_json::from_str::<serde_json::Value>(&state)
+            .ok()
+            .and_then(|s| s["pid"].as_i64());
+        if let Some(pid) = pid {
+            // The user's side this test started, still running (its cmdline).
+            if std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(6).any(|w| w == b"daemon"))
+            {
+                // SAFETY: kill has no memory preconditions.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir("/run/tpbpf/uid-65534");
+    }
+}
+
+#[test]
+fn a_member_of_group_tpbpf_bridges_and_intercepts_without_root() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("pv") else {
+        return;
+    };
+    let dev = lab.dev_netns();
+    let gid = unused_gid().to_string();
+    let home = NobodyHome::new(&lab.kubeconfig());
+    let bin = PublicCopy::of(&tpbpf_bin());
+    let socket = bin.path().with_file_name("tpbpfd.sock");
+    // tpbpfd, the service, in the developer's namespace (as on a laptop).
+    let mut service = Bg::spawn(Command::new(tpbpf_bin()).args([
+        "--netns",
+        &dev,
+        "service",
+        "run",
+        "-o",
+        "json",
+        "--group",
+        &gid,
+        "--socket",
+        &socket.display().to_string(),
+    ]));
+    service
+        .wait_event(Duration::from_secs(10), |e| e["event"] == "ready")
+        .expect("tpbpfd's service ready");
+    let cg = TestCgroup::new();
+    std::os::unix::fs::chown(cg.path(), Some(65534), Some(65534)).unwrap();
+    let bridge = NobodyBridge(unique_name("nb"));
+    let nobody = |groups: &str, args: &[&str]| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &dev,
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                groups,
+            ])
+            .arg(bin.path())
+            .args(args)
+            .env("TPBPF_SERVICE_SOCKET", &socket)
+            .env("HOME", &home.0)
+            .env_remove("KUBECONFIG")
+            .env_remove("SUDO_UID")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let kubeconfig = home.kubeconfig().display().to_string();
+    let cgroup = cg.path().display().to_string();
+    let up = [
+        "up",
+        "--kubeconfig",
+        &kubeconfig,
+        "--instance",
+        &bridge.0,
+        "--cgroup",
+        &cgroup,
+    ];
+
+    // Not in the group: refused, and told what to do.
+    let (ok, text) = nobody("--clear-groups", &up);
+    assert!(!ok, "{text}");
+    assert!(text.contains("group `tpbpf`"), "{text}");
+
+    // In the group, but a cgroup that is not the user's: refused.
+    let theirs = TestCgroup::new();
+    let theirs_path = theirs.path().display().to_string();
+    let mut not_mine = up;
+    not_mine[6] = &theirs_path;
+    let (ok, text) = nobody(&format!("--groups={gid}"), &not_mine);
+    assert!(!ok, "{text}");
+    assert!(text.contains("belongs to uid 0, not to you"), "{text}");
+    assert!(cgroup_prog_ids(theirs.path()).is_empty());
+
+    // In the group: up, without root.
+    let in_group = format!("--groups={gid}");
+    let (ok, text) = nobody(&in_group, &up);
+    assert!(ok, "{text}");
+    let state_dir = std::path::Path::new("/run/tpbpf/uid-65534").join(&bridge.0);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state_dir.join("state.json")).unwrap())
+            .unwrap();
+    let pid = state["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("65534")),
+        "the user's side does not run as the user:\n{status}"
+    );
+    assert!(
+        !cgroup_prog_ids(cg.path()).is_empty(),
+        "nothing attached to the user's cgroup"
+    );
+
+    // That user's process reaches the cluster by name.
+    let resolv = home.0.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+    let r = bridged_shell(
+        cg.path(),
+        &dev,
+        &resolv,
+        "exec setpriv --reuid=65534 --regid=65534 --clear-groups curl -sS -m 5 http://web.default/",
+    )
+    .output()
+    .unwrap();
+    let got = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        got.contains("served by nginx"),
+        "{got}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+
+    // Intercept and leave, as that user.
+    let mut server = Command::new(testserver_bin());
+    server
+        .args(["--netns", &dev, "http", "127.0.0.1:18080"])
+        .env("TAG", "developer");
+    let mut server = Bg::spawn(&mut server);
+    server
+        .wait_event(Duration::from_secs(5), |e| e["event"] == "ready")
+        .expect("developer server");
+    let (ok, text) = nobody(
+        &in_group,
+        &[
+            "intercept",
+            "web",
+            "--port",
+            "80:18080",
+            "--instance",
+            &bridge.0,
+        ],
+    );
+    assert!(ok, "{text}");
+    let client_pod = format!("{}-cache-redis-0", lab.name);
+    let got = curl_from(&client_pod, "http://10.96.0.20/");
+    assert!(got.contains("developer"), "{got}");
+    let (ok, text) = nobody(&in_group, &["list", "--instance", &bridge.0]);
+    assert!(ok && text.contains("web"), "{text}");
+    let (ok, text) = nobody(&in_group, &["leave", "web-80", "--instance", &bridge.0]);
+    assert!(ok, "{text}");
+    assert!(
+        wait_for(Duration::from_secs(5), || curl_from(
+            &client_pod,
+            "http://10.96.0.20/"
+        )
+        .contains("served by nginx")),
+        "leave did not give web back"
+    );
+
+    // The exec plugin ran as the user, never as root.
+    let uids = home.plugin_uids();
+    assert!(!uids.is_empty(), "the exec plugin never ran");
+    assert!(
+        uids.iter().all(|u| u == "65534"),
+        "exec plugin uids: {uids:?}"
+    );
+
+    // down, as that user: everything detached.
+    let (ok, text) = nobody(&in_group, &["down", "--instance", &bridge.0]);
+    assert!(ok, "{text}");
+    assert!(
+        wait_for(Duration::from_secs(5), || cgroup_prog_ids(cg.path())
+            .is_empty()),
+        "programs still attached after down"
+    );
 }

@@ -69,6 +69,10 @@ enum Command {
     /// The lab: a Kubernetes-like cluster out of network namespaces on this
     /// machine, with real nginx, Redis, PostgreSQL and DNS.
     Lab(cmd::lab::LabArgs),
+    /// tpbpfd as a system service, so members of group `tpbpf` bridge
+    /// without sudo.
+    #[command(subcommand)]
+    Service(cmd::service::ServiceCommand),
     /// Debugging tools.
     #[command(subcommand)]
     Debug(DebugCommand),
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         Command::Intercept(args) => cmd::intercept::intercept(args),
         Command::Leave(args) => cmd::intercept::leave(args),
         Command::List(args) => cmd::intercept::list(args),
+        Command::Service(c) => cmd::service::run(c),
         Command::Debug(DebugCommand::Redirect(args)) => cmd::redirect::run(args),
         Command::ReapCgroup { path } => tpbpf_cgroup::reaper::run_reaper(path)
             .map(|()| ExitCode::SUCCESS)

@@ -29,9 +29,19 @@ type Proof = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Strin
 
 /// The control socket of a bridge started by `tpbpf up`.
 pub fn control_socket(instance: &str) -> PathBuf {
-    PathBuf::from("/run/tpbpf")
-        .join(instance)
-        .join("control.sock")
+    state_dir(instance).join("control.sock")
+}
+
+/// Where bridge `instance` of the user running this keeps its state:
+/// root's in `/run/tpbpf/NAME`, a user's in `/run/tpbpf/uid-UID/NAME`
+/// (made by tpbpfd, the user's, 0700).
+pub fn state_dir(instance: &str) -> PathBuf {
+    let uid = nix::unistd::geteuid().as_raw();
+    if uid == 0 {
+        PathBuf::from("/run/tpbpf").join(instance)
+    } else {
+        crate::service::user_dir(uid).join(instance)
+    }
 }
 
 /// How the tunnel reaches an agent.

@@ -13,11 +13,13 @@ pub mod control;
 pub mod dns;
 pub mod netlink;
 pub mod policy;
+pub mod service;
 mod sockdiag;
-mod tcp;
+pub mod tcp;
 pub mod tunnel;
 mod udp;
 pub mod upstream;
+pub mod wire;
 
 use std::{
     fs::File,

@@ -28,7 +28,7 @@ pub async fn serve(
 }
 
 async fn handle(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     table: OrigDstTable,
     upstream: Arc<dyn Upstream>,
@@ -52,6 +52,16 @@ async fn handle(
             return;
         }
     }
+    match upstream.take_tcp(client, orig) {
+        Ok(()) => debug!(%peer, %orig, "handed over"),
+        Err(client) => relay(client, orig, upstream).await,
+    }
+}
+
+/// Carries a redirected connection to its original destination `orig`
+/// through `upstream`, until either side ends it.
+pub async fn relay(mut client: TcpStream, orig: SocketAddr, upstream: Arc<dyn Upstream>) {
+    let peer = client.peer_addr().unwrap_or(orig);
     // Bytes the client already sent travel with the open.
     let mut first = vec![0u8; 16 * 1024];
     let n = client.try_read(&mut first).unwrap_or_default();

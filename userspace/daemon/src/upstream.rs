@@ -49,6 +49,15 @@ pub trait Upstream: Send + Sync + 'static {
             Ok(s)
         })
     }
+    /// Takes a redirected connection to `dst` whole (tpbpfd hands it to a
+    /// user's side of the bridge); `Err` gives it back to be dialed here.
+    fn take_tcp(
+        &self,
+        client: tokio::net::TcpStream,
+        _dst: SocketAddr,
+    ) -> Result<(), tokio::net::TcpStream> {
+        Err(client)
+    }
     /// Opens a datagram flow to `dst` as seen from the cluster.
     fn udp(&self, dst: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn DatagramFlow>>>;
     /// Sends a DNS query (wire format) to the cluster's DNS and returns the answer.

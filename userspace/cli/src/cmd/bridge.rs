@@ -7,8 +7,8 @@ use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tpbpf_cgroup::{reaper::Reaper, ChildCgroup};
 use tpbpf_daemon::{
-    control, policy, tunnel, Bridge, BridgeOptions, DnsConfig, NetnsUpstream, TunnelUpstream,
-    Upstream,
+    control, policy, service, tunnel, Bridge, BridgeOptions, DnsConfig, NetnsUpstream,
+    TunnelUpstream, Upstream,
 };
 use tpbpf_loader::Cidr;
 use tracing::info;
@@ -275,16 +275,7 @@ impl BridgeArgs {
         }))
     }
 
-    fn ready_event(
-        &self,
-        bridge: &Bridge,
-        cgroup: &std::path::Path,
-        tc: Option<&TcPath>,
-        upstream: &dyn Upstream,
-    ) {
-        let ids = bridge.attached();
-        let ifaces: Vec<String> = tc.map(|t| t.ifaces.clone()).unwrap_or_default();
-        let proxy = bridge.proxy();
+    fn ready_event(&self, facts: &Facts, upstream: &dyn Upstream) {
         let cidrs: Vec<String> = self
             .cidrs
             .iter()
@@ -294,17 +285,18 @@ impl BridgeArgs {
         let event = json!({
             "event": "ready",
             "pid": std::process::id(),
-            "cgroup": cgroup,
+            "cgroup": facts.cgroup,
             "upstream": upstream.describe(),
             "cidrs": cidrs,
             "never_proxy": self.never_proxy.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "dns": !self.no_dns,
-            "tcp4": proxy.tcp4.to_string(),
-            "tcp6": proxy.tcp6.map(|a| a.to_string()),
-            "udp_port": proxy.udp_port,
-            "program_ids": ids.program_ids,
-            "link_ids": ids.link_ids,
-            "attached_ifaces": ifaces,
+            "tcp4": facts.tcp4,
+            "tcp6": facts.tcp6,
+            "udp_port": facts.udp_port,
+            "program_ids": facts.program_ids,
+            "link_ids": facts.link_ids,
+            "attached_ifaces": facts.ifaces,
+            "service": facts.service,
         });
         let text = format!(
             "bridging {} (dns: {}) from cgroup {} via {}",
@@ -314,10 +306,76 @@ impl BridgeArgs {
                 cidrs.join(", ")
             },
             if self.no_dns { "off" } else { "on" },
-            cgroup.display(),
+            facts.cgroup.display(),
             upstream.describe()
         );
         emit(self.output, event, text);
+    }
+
+    /// What tpbpfd is asked for, as a user (through the service).
+    fn up_request(&self, instance: &str, cgroup: Option<PathBuf>) -> Result<service::UpRequest> {
+        if self.wants_tc() {
+            bail!("--attach-iface/--attach-netns reach other network namespaces and need root: sudo tpbpf ...");
+        }
+        let options = self.options()?;
+        Ok(service::UpRequest {
+            instance: instance.to_string(),
+            cidrs: options.cidrs.iter().map(ToString::to_string).collect(),
+            never_proxy: options
+                .never_proxy
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            dns: options.dns.map(|d| service::DnsRequest {
+                cluster_domain: d.cluster_domain,
+                suffixes: d.suffixes,
+                namespaces: d.namespaces,
+            }),
+            cgroup,
+        })
+    }
+}
+
+/// A bridge as attached: for the ready event.
+struct Facts {
+    cgroup: PathBuf,
+    tcp4: String,
+    tcp6: Option<String>,
+    udp_port: u16,
+    program_ids: Vec<u32>,
+    link_ids: Vec<u32>,
+    ifaces: Vec<String>,
+    /// Made by the tpbpfd service (a user's bridge), not in this process.
+    service: bool,
+}
+
+impl Facts {
+    fn local(bridge: &Bridge, cgroup: &std::path::Path, tc: Option<&TcPath>) -> Self {
+        let ids = bridge.attached();
+        let proxy = bridge.proxy();
+        Self {
+            cgroup: cgroup.to_path_buf(),
+            tcp4: proxy.tcp4.to_string(),
+            tcp6: proxy.tcp6.map(|a| a.to_string()),
+            udp_port: proxy.udp_port,
+            program_ids: ids.program_ids,
+            link_ids: ids.link_ids,
+            ifaces: tc.map(|t| t.ifaces.clone()).unwrap_or_default(),
+            service: false,
+        }
+    }
+
+    fn remote(ready: service::Ready) -> Self {
+        Self {
+            cgroup: ready.cgroup,
+            tcp4: ready.tcp4,
+            tcp6: ready.tcp6,
+            udp_port: ready.udp_port,
+            program_ids: ready.program_ids,
+            link_ids: ready.link_ids,
+            ifaces: Vec::new(),
+            service: true,
+        }
     }
 }
 
@@ -374,6 +432,9 @@ pub struct RunArgs {
 /// `tpbpf run -- CMD`: bridges CMD's process tree only, passes its exit
 /// status through, removes everything afterwards.
 pub fn run(mut args: RunArgs) -> Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("as a user, `tpbpf run` is not supported yet: `sudo tpbpf run -- CMD` runs CMD as you (not root), or `tpbpf up --cgroup` bridges a cgroup of yours");
+    }
     runtime()?.block_on(async move {
         args.bridge.discover_if_needed().await?;
         let upstream = args.bridge.upstream().await?;
@@ -392,8 +453,10 @@ pub fn run(mut args: RunArgs) -> Result<ExitCode> {
         bridge.attach(&dir, &cgroup.path().display().to_string())?;
         drop(dir);
         let tc = args.bridge.start_tc(&mut bridge)?;
-        args.bridge
-            .ready_event(&bridge, cgroup.path(), tc.as_ref(), upstream.as_ref());
+        args.bridge.ready_event(
+            &Facts::local(&bridge, cgroup.path(), tc.as_ref()),
+            upstream.as_ref(),
+        );
 
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
@@ -439,6 +502,9 @@ pub struct DaemonArgs {
 /// tpbpfd in the foreground: bridges a whole cgroup subtree until SIGINT or
 /// SIGTERM. Its own sockets are exempt through the bypass map.
 pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        return user_daemon(args);
+    }
     runtime()?.block_on(async move {
         args.bridge.discover_if_needed().await?;
         let upstream = args.bridge.upstream().await?;
@@ -454,41 +520,16 @@ pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
         bridge.attach(&dir, &cgroup.display().to_string())?;
         drop(dir);
         let tc = args.bridge.start_tc(&mut bridge)?;
-        let intercepts = match (&args.control_socket, args.bridge.upstream.as_str()) {
-            (Some(path), "agent") => {
-                let (client, _, _, _) = tpbpf_kube::client(
-                    args.bridge.kubeconfig.as_deref(),
-                    args.bridge.context.as_deref(),
-                )
-                .await?;
-                let m = control::Manager::new(
-                    client,
-                    args.bridge.transport.into(),
-                    args.bridge
-                        .namespaces
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| "default".into()),
-                );
-                let (m2, path) = (m.clone(), path.clone());
-                // The user the bridge is for (who ran `sudo tpbpf up`).
-                let owner = super::scope::Invoker::from_sudo()
-                    .ok()
-                    .flatten()
-                    .map(|i| i.uid);
-                let listener = control::listen(&path)
-                    .with_context(|| format!("making the control socket {}", path.display()))?;
-                tokio::spawn(async move {
-                    if let Err(e) = m2.serve(listener, owner).await {
-                        tracing::error!("the control socket {} failed: {e}", path.display());
-                    }
-                });
-                Some(m)
-            }
-            _ => None,
-        };
-        args.bridge
-            .ready_event(&bridge, &cgroup, tc.as_ref(), upstream.as_ref());
+        // The user the bridge is for (who ran `sudo tpbpf up`).
+        let owner = super::scope::Invoker::from_sudo()
+            .ok()
+            .flatten()
+            .map(|i| i.uid);
+        let intercepts = args.serve_control(owner).await?;
+        args.bridge.ready_event(
+            &Facts::local(&bridge, &cgroup, tc.as_ref()),
+            upstream.as_ref(),
+        );
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         tokio::select! {
@@ -507,5 +548,109 @@ pub fn daemon(mut args: DaemonArgs) -> Result<ExitCode> {
             tc.finish();
         }
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+impl DaemonArgs {
+    /// Serves `tpbpf intercept`, `leave` and `list` on the control socket,
+    /// for `owner` and root.
+    async fn serve_control(&self, owner: Option<u32>) -> Result<Option<Arc<control::Manager>>> {
+        let (Some(path), "agent") = (&self.control_socket, self.bridge.upstream.as_str()) else {
+            return Ok(None);
+        };
+        let (client, _, _, _) = tpbpf_kube::client(
+            self.bridge.kubeconfig.as_deref(),
+            self.bridge.context.as_deref(),
+        )
+        .await?;
+        let m = control::Manager::new(
+            client,
+            self.bridge.transport.into(),
+            self.bridge
+                .namespaces
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "default".into()),
+        );
+        let (m2, path) = (m.clone(), path.clone());
+        let listener = control::listen(&path)
+            .with_context(|| format!("making the control socket {}", path.display()))?;
+        tokio::spawn(async move {
+            if let Err(e) = m2.serve(listener, owner).await {
+                tracing::error!("the control socket {} failed: {e}", path.display());
+            }
+        });
+        Ok(Some(m))
+    }
+}
+
+/// The bridge's name, from its control socket's directory (`tpbpf up`
+/// passes `--control-socket /run/tpbpf/.../NAME/control.sock`).
+fn instance_of(control_socket: Option<&std::path::Path>) -> String {
+    control_socket
+        .and_then(|p| p.parent())
+        .and_then(|d| d.file_name())
+        .map_or_else(
+            || format!("daemon-{}", std::process::id()),
+            |n| n.to_string_lossy().into_owned(),
+        )
+}
+
+/// The user's side of a bridge: tpbpfd (the service, root) loads, attaches
+/// and hands each redirected connection over; this process, running as the
+/// user, holds the kubeconfig, its exec plugins' tokens, the tunnel and the
+/// intercepts.
+fn user_daemon(mut args: DaemonArgs) -> Result<ExitCode> {
+    if args.bridge.upstream != "agent" {
+        bail!(
+            "--upstream {} enters another network namespace and needs root: sudo tpbpf ...",
+            args.bridge.upstream
+        );
+    }
+    let socket = service::socket_path();
+    let instance = instance_of(args.control_socket.as_deref());
+    let request = args.bridge.up_request(&instance, args.cgroup.clone())?;
+    runtime()?.block_on(async move {
+        // The kube client's sockets are exempt once the bridge exists.
+        let exempting: Arc<std::sync::OnceLock<()>> = Arc::default();
+        {
+            let (exempting, socket, instance) =
+                (exempting.clone(), socket.clone(), instance.clone());
+            tpbpf_kube::on_new_socket(move |sock| {
+                if exempting.get().is_some() {
+                    use std::os::fd::AsFd;
+                    if let Err(e) = service::exempt(&socket, &instance, sock.as_fd()) {
+                        tracing::warn!(
+                            "exempting a connection to the API server from redirection: {e}"
+                        );
+                    }
+                }
+            });
+        }
+        args.bridge.discover_if_needed().await?;
+        let upstream = args.bridge.upstream().await?;
+        args.bridge.write_status(upstream.clone());
+        let (chan, ready) = service::up(&socket, request).await?;
+        let _ = exempting.set(());
+        let owner = Some(nix::unistd::getuid().as_raw());
+        let intercepts = args.serve_control(owner).await?;
+        args.bridge
+            .ready_event(&Facts::remote(ready), upstream.as_ref());
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let ended = tokio::select! {
+            _ = sigint.recv() => None,
+            _ = sigterm.recv() => None,
+            e = service::serve_user_side(chan, upstream.clone()) => Some(e),
+        };
+        if let Some(m) = intercepts {
+            m.shutdown().await;
+        }
+        upstream.close("tpbpf down");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        match ended {
+            None => Ok(ExitCode::SUCCESS),
+            Some(e) => Err(anyhow::Error::new(e).context("the bridge ended")),
+        }
     })
 }

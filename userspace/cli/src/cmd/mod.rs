@@ -5,4 +5,5 @@ pub mod intercept;
 pub mod lab;
 pub mod redirect;
 pub mod scope;
+pub mod service;
 pub mod up;

@@ -80,13 +80,14 @@ pub fn instance_name(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 64
         && !s.starts_with('.')
+        && !s.starts_with("uid-")
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(s.to_string())
     } else {
         Err(format!(
-            "`{s}` is not a bridge name: 1 to 64 of letters, digits, `.`, `_` and `-`, not starting with `.`"
+            "`{s}` is not a bridge name: 1 to 64 of letters, digits, `.`, `_` and `-`, not starting with `.` or `uid-`"
         ))
     }
 }
@@ -108,7 +109,7 @@ fn is_bridge_daemon(pid: i64, instance: &str) -> bool {
 }
 
 fn state_dir(instance: &str) -> PathBuf {
-    PathBuf::from("/run/tpbpf").join(instance)
+    tpbpf_daemon::control::state_dir(instance)
 }
 
 fn alive(pid: i64) -> bool {
@@ -147,9 +148,10 @@ fn overlapping_routes(cidrs: &[String], never: &[Cidr]) -> Vec<(String, String, 
 }
 
 pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("tpbpf up loads eBPF programs and must run as root: sudo -E tpbpf up (-E keeps your KUBECONFIG)");
+    // As a user, tpbpfd (the service) loads and attaches; it makes this
+    // user's state directory and says early if this user may not use it.
+    if !nix::unistd::geteuid().is_root() {
+        tpbpf_daemon::service::prepare(&tpbpf_daemon::service::socket_path())?;
     }
     let dir = state_dir(&args.instance);
     if let Some(state) = read_state(&args.instance) {
@@ -285,17 +287,7 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     if let Some(cg) = &args.cgroup {
         cmd.arg("--cgroup").arg(cg);
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
-    // SAFETY: setsid is async-signal-safe: tpbpfd outlives this command and
-    // the terminal's signals.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting tpbpfd")?;
-    let stdout = child.stdout.take().context("tpbpfd's stdout")?;
+    let (mut child, stdout) = spawn_in_background(&mut cmd, log)?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
@@ -362,6 +354,26 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts tpbpfd (or the user's side) in a session of its own, so it
+/// outlives this command and the terminal's signals: stderr to `log`, its
+/// stdout (the ready event) to read.
+pub fn spawn_in_background(
+    cmd: &mut Command,
+    log: std::fs::File,
+) -> Result<(std::process::Child, std::process::ChildStdout)> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting tpbpfd")?;
+    let stdout = child.stdout.take().context("tpbpfd's stdout")?;
+    Ok((child, stdout))
 }
 
 fn read_state(instance: &str) -> Option<Value> {

@@ -1,0 +1,262 @@
+//! `tpbpf service`: tpbpfd as a service of its own, so that members of group
+//! `tpbpf` run `tpbpf up`, `intercept`, `list`, `leave`, `status` and `down`
+//! without sudo (see docs/privileges.md).
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
+use tpbpf_daemon::service;
+
+use super::bridge::emit;
+use crate::Output;
+
+#[derive(clap::Subcommand)]
+pub enum ServiceCommand {
+    /// Set tpbpfd up once: creates group `tpbpf`, then installs and starts a
+    /// systemd unit (or, without systemd, e.g. WSL2, starts tpbpfd now:
+    /// `tpbpf service start` after each boot).
+    Install(InstallArgs),
+    /// Stop tpbpfd and remove its unit (the group stays).
+    Uninstall,
+    /// Start tpbpfd in the background, where there is no systemd.
+    Start(RunArgs),
+    /// tpbpfd in the foreground (what the unit runs).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+pub struct InstallArgs {
+    /// The group whose members may use tpbpfd.
+    #[arg(long, default_value = service::GROUP)]
+    group: String,
+    /// Print the unit instead of installing it.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct RunArgs {
+    /// The socket to serve (default: $TPBPF_SERVICE_SOCKET or /run/tpbpf/tpbpfd.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The group whose members may use tpbpfd: a name or a gid.
+    #[arg(long, default_value = service::GROUP)]
+    group: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+const UNIT_PATH: &str = "/etc/systemd/system/tpbpfd.service";
+const PID_FILE: &str = "/run/tpbpf/tpbpfd.pid";
+const LOG_FILE: &str = "/var/log/tpbpfd.log";
+
+pub fn run(command: ServiceCommand) -> Result<ExitCode> {
+    match command {
+        ServiceCommand::Install(args) => install(args),
+        ServiceCommand::Uninstall => uninstall(),
+        ServiceCommand::Start(args) => start(&args).map(|_| ExitCode::SUCCESS),
+        ServiceCommand::Run(args) => serve(args),
+    }
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("{what} needs root: sudo tpbpf service ...");
+    }
+    Ok(())
+}
+
+/// A group by name or number.
+fn group_id(group: &str) -> Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => bail!(
+            "there is no group `{group}`: `sudo tpbpf service install` creates it (or give --group)"
+        ),
+        Err(e) => bail!("looking up group `{group}`: {e}"),
+    }
+}
+
+fn serve(args: RunArgs) -> Result<ExitCode> {
+    require_root("tpbpfd")?;
+    let gid = group_id(&args.group)?;
+    let path = args.socket.clone().unwrap_or_else(service::socket_path);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = service::listen(&path, gid)
+            .with_context(|| format!("making tpbpfd's socket {}", path.display()))?;
+        emit(
+            args.output,
+            json!({"event": "ready", "pid": std::process::id(), "socket": path, "gid": gid}),
+            format!(
+                "tpbpfd serving {} for root and group {} (gid {gid})",
+                path.display(),
+                args.group
+            ),
+        );
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let result = tokio::select! {
+            r = service::serve(listener, service::Policy { group: gid }) => r.context("tpbpfd's socket failed"),
+            _ = sigint.recv() => Ok(()),
+            _ = sigterm.recv() => Ok(()),
+        };
+        // Every bridge's session ends with this process: their programs are
+        // detached with it.
+        let _ = std::fs::remove_file(&path);
+        result.map(|()| ExitCode::SUCCESS)
+    })
+}
+
+/// The systemd unit for this binary.
+fn unit(exe: &Path, group: &str) -> String {
+    format!(
+        "[Unit]\n\
+         Description=tpbpfd: bridges this machine to Kubernetes clusters for group {group} (tpbpf service)\n\
+         After=network.target\n\
+         \n\
+         [Service]\n\
+         ExecStart={} service run --group {group}\n\
+         Restart=on-failure\n\
+         RuntimeDirectory=tpbpf\n\
+         RuntimeDirectoryPreserve=yes\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        exe.display()
+    )
+}
+
+fn has_systemd() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+fn install(args: InstallArgs) -> Result<ExitCode> {
+    let exe = std::env::current_exe()
+        .and_then(|e| e.canonicalize())
+        .context("finding tpbpf's own executable")?;
+    if args.dry_run {
+        print!("{}", unit(&exe, &args.group));
+        return Ok(ExitCode::SUCCESS);
+    }
+    require_root("installing tpbpfd")?;
+    if nix::unistd::Group::from_name(&args.group)?.is_none() {
+        println!("creating group {}", args.group);
+        let ok = Command::new("groupadd")
+            .args(["--system", &args.group])
+            .status()
+            .context("running groupadd")?
+            .success();
+        if !ok {
+            bail!("groupadd --system {} failed", args.group);
+        }
+    }
+    if has_systemd() {
+        println!("installing {UNIT_PATH} (runs {})", exe.display());
+        std::fs::write(UNIT_PATH, unit(&exe, &args.group))
+            .with_context(|| format!("writing {UNIT_PATH}"))?;
+        for a in [
+            &["daemon-reload"][..],
+            &["enable", "--now", "tpbpfd.service"],
+        ] {
+            let ok = Command::new("systemctl").args(a).status()?.success();
+            if !ok {
+                bail!("systemctl {} failed", a.join(" "));
+            }
+        }
+    } else {
+        println!("no systemd here: starting tpbpfd in the background now; after each boot run `sudo tpbpf service start`");
+        start(&RunArgs {
+            socket: None,
+            group: args.group.clone(),
+            output: Output::Table,
+        })?;
+    }
+    println!(
+        "tpbpfd is running. Let a user bridge without sudo: `sudo usermod -aG {} USER` (then log in again)",
+        args.group
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn running_pid() -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(PID_FILE)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let ours = args
+        .windows(2)
+        .any(|w| w[0] == b"service" && w[1] == b"run");
+    ours.then_some(pid)
+}
+
+/// Starts `tpbpf service run` in the background (no systemd); returns its pid.
+fn start(args: &RunArgs) -> Result<u32> {
+    require_root("starting tpbpfd")?;
+    group_id(&args.group)?;
+    if let Some(pid) = running_pid() {
+        println!("tpbpfd is already running (pid {pid})");
+        return Ok(pid as u32);
+    }
+    let exe = std::env::current_exe().context("finding tpbpf's own executable")?;
+    std::fs::create_dir_all("/run/tpbpf")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(LOG_FILE)
+        .with_context(|| format!("opening {LOG_FILE}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["service", "run", "-o", "json", "--group", &args.group]);
+    if let Some(s) = &args.socket {
+        cmd.arg("--socket").arg(s);
+    }
+    let (mut child, stdout) = super::up::spawn_in_background(&mut cmd, log)?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    if !line.contains("\"ready\"") {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("tpbpfd did not start: see {LOG_FILE}");
+    }
+    std::fs::write(PID_FILE, child.id().to_string())?;
+    println!("tpbpfd started (pid {}, log {LOG_FILE})", child.id());
+    Ok(child.id())
+}
+
+fn uninstall() -> Result<ExitCode> {
+    require_root("removing tpbpfd")?;
+    if Path::new(UNIT_PATH).exists() {
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "tpbpfd.service"])
+            .status();
+        std::fs::remove_file(UNIT_PATH)?;
+        let _ = Command::new("systemctl").arg("daemon-reload").status();
+        println!("removed {UNIT_PATH}");
+    }
+    if let Some(pid) = running_pid() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        println!("stopped tpbpfd (pid {pid})");
+    }
+    let _ = std::fs::remove_file(PID_FILE);
+    println!(
+        "tpbpfd is gone; every bridge it held is detached (group {} stays)",
+        service::GROUP
+    );
+    Ok(ExitCode::SUCCESS)
+}
