@@ -353,6 +353,54 @@ fn a_member_of_group_tpbpf_bridges_and_intercepts_without_root() {
         "leave did not give web back"
     );
 
+    // `tpbpf run` as that user: the command runs as the user, bridged.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &dev, "unshare", "-m", "sh", "-c"])
+        .arg(format!(
+            "mount --bind {} /etc/resolv.conf && exec setpriv --reuid=65534 --regid=65534 --groups={gid} {} run --kubeconfig {kubeconfig} -- sh -c 'id -u; curl -sS -m 5 http://web.default/'",
+            resolv.display(),
+            bin.path().display()
+        ))
+        .env("TPBPF_SERVICE_SOCKET", &socket)
+        .env("HOME", &home.0)
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().nth(1), Some("65534"), "{text}");
+    assert!(stdout.contains("served by nginx"), "{text}");
+    // The command's cgroup, made by tpbpfd, is gone with it.
+    let run_cgroup = stdout
+        .split(" from cgroup ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or_else(|| panic!("no cgroup in {stdout}"));
+    assert!(run_cgroup.contains("tpbpf-run-"), "{run_cgroup}");
+    assert!(!std::path::Path::new(run_cgroup).exists(), "{run_cgroup} left behind");
+
+    // Other namespaces stay root's.
+    let other = NobodyBridge(unique_name("nb"));
+    let (ok, text) = nobody(
+        &in_group,
+        &[
+            "up",
+            "--kubeconfig",
+            &kubeconfig,
+            "--instance",
+            &other.0,
+            "--attach-netns",
+            &dev,
+        ],
+    );
+    assert!(!ok, "{text}");
+    assert!(text.contains("need root"), "{text}");
+
     // The exec plugin ran as the user, never as root.
     let uids = home.plugin_uids();
     assert!(!uids.is_empty(), "the exec plugin never ran");

@@ -99,6 +99,11 @@ pub struct UpRequest {
     pub dns: Option<DnsRequest>,
     /// The cgroup subtree to bridge (one the user owns); `None`: the machine.
     pub cgroup: Option<PathBuf>,
+    /// `tpbpf run`: bridge only the command whose pidfd comes with the
+    /// request (a child of the asking process, paused until `Ready`), in a
+    /// cgroup tpbpfd makes for it below the command's own.
+    #[serde(default)]
+    pub run: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -222,12 +227,16 @@ pub fn exempt(path: &Path, instance: &str, sock: BorrowedFd<'_>) -> io::Result<(
     }
 }
 
-/// Asks tpbpfd for a bridge; the returned channel carries its traffic, for
-/// [`serve_user_side`].
-pub async fn up(path: &Path, request: UpRequest) -> io::Result<(Channel, Ready)> {
+/// Asks tpbpfd for a bridge (with `run`, `pidfd` names the command); the
+/// returned channel carries its traffic, for [`serve_user_side`].
+pub async fn up(
+    path: &Path,
+    request: UpRequest,
+    pidfd: Option<BorrowedFd<'_>>,
+) -> io::Result<(Channel, Ready)> {
     let sock = connect_blocking(path)?;
     let chan = Channel::new(OwnedFd::from(sock))?;
-    chan.send(&ToService::Up(request), &[], None).await?;
+    chan.send(&ToService::Up(request), &[], pidfd).await?;
     let frame = tokio::time::timeout(Duration::from_secs(60), chan.recv())
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "tpbpfd did not answer within 60 s"))??
@@ -670,7 +679,11 @@ impl Service {
                 }
             }
             ToService::Up(request) => {
-                match self.clone().bridge(peer, chan.clone(), request).await {
+                match self
+                    .clone()
+                    .bridge(peer, chan.clone(), request, frame.fd)
+                    .await
+                {
                     Ok(()) => Ok(()),
                     Err(e) => refuse(e).await,
                 }
@@ -685,9 +698,22 @@ impl Service {
         peer: Peer,
         chan: Arc<Channel>,
         request: UpRequest,
+        pidfd: Option<OwnedFd>,
     ) -> Result<(), String> {
         let options = options(&request)?;
-        let (scope, scope_name) = scope_for(&peer, request.cgroup.as_deref())?;
+        let run = match (request.run, pidfd) {
+            (true, Some(pidfd)) => Some(RunScope::make(&peer, pidfd)?),
+            (true, None) => return Err("a command to bridge comes with its pidfd".into()),
+            (false, Some(_)) => return Err("a descriptor where none belongs".into()),
+            (false, None) => None,
+        };
+        let (scope, scope_name) = match &run {
+            Some(r) => {
+                let dir = r.cgroup.open().map_err(|e| e.to_string())?;
+                (dir, r.cgroup.path().display().to_string())
+            }
+            None => scope_for(&peer, request.cgroup.as_deref())?,
+        };
         let key = (peer.uid, request.instance.clone());
         {
             let bridges = lock(&self.bridges);
@@ -760,9 +786,86 @@ impl Service {
         }
         drop(registered);
         drop(bridge);
+        if let Some(run) = run {
+            run.finish();
+        }
         info!(uid = peer.uid, instance = request.instance, "bridge down");
         Ok(())
     }
+}
+
+/// The cgroup of one `tpbpf run` command: made below the command's own
+/// cgroup, removed when the bridge ends (processes still inside go back to
+/// the parent, as with root's `tpbpf run`), or by a helper if tpbpfd dies.
+struct RunScope {
+    cgroup: tpbpf_cgroup::ChildCgroup,
+    reaper: tpbpf_cgroup::reaper::Reaper,
+}
+
+impl RunScope {
+    /// Moves the process of `pidfd` into a cgroup of its own, after
+    /// checking that it is the peer's child and runs as the peer's uid.
+    fn make(peer: &Peer, pidfd: OwnedFd) -> Result<Self, String> {
+        use std::os::fd::AsRawFd;
+        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
+            .map_err(|e| format!("reading the command's pidfd: {e}"))?;
+        let pid: i32 = status_field(&fdinfo, "Pid:")
+            .and_then(|v| v.first()?.parse().ok())
+            .filter(|p| *p > 0)
+            .ok_or("the descriptor is not a pidfd of a live process")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| format!("the command's process: {e}"))?;
+        let uids = status_field(&status, "Uid:").unwrap_or_default();
+        let ppid = status_field(&status, "PPid:").and_then(|v| v.first()?.parse::<i32>().ok());
+        if uids.is_empty()
+            || uids.iter().any(|u| u.parse() != Ok(peer.uid))
+            || ppid != Some(peer.pid)
+        {
+            return Err(format!(
+                "process {pid} is not a child of yours (uid {}, pid {})",
+                peer.uid, peer.pid
+            ));
+        }
+        let mount = tpbpf_cgroup::cgroup2_mount().map_err(|e| e.to_string())?;
+        let parent =
+            mount.join(tpbpf_cgroup::cgroup_of(Some(pid as u32)).map_err(|e| e.to_string())?);
+        let cgroup = tpbpf_cgroup::ChildCgroup::create(&parent, &format!("tpbpf-run-{pid}"))
+            .map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe().map_err(|e| format!("tpbpfd's own executable: {e}"))?;
+        let reaper = tpbpf_cgroup::reaper::Reaper::spawn(&exe, &["__reap-cgroup"], cgroup.path())
+            .map_err(|e| format!("starting the cgroup clean-up helper: {e}"))?;
+        cgroup.add(pid as u32).map_err(|e| e.to_string())?;
+        // The pid named the pidfd's process when it was moved if that
+        // process still lives (a pid is not reused while its process exists).
+        // SAFETY: pidfd_send_signal with signal 0 only checks; no memory is passed.
+        let alive = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                0,
+                std::ptr::null::<u8>(),
+                0,
+            )
+        } == 0;
+        if !alive {
+            return Err("the command's process went away".into());
+        }
+        Ok(Self { cgroup, reaper })
+    }
+
+    fn finish(self) {
+        if let Err(e) = self.cgroup.remove() {
+            warn!("removing a command's cgroup: {e}");
+        }
+        self.reaper.finish();
+    }
+}
+
+/// The whitespace-separated values of a `Name:` line of a /proc file.
+fn status_field(text: &str, name: &str) -> Option<Vec<String>> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
 }
 
 /// Removes a bridge from the registry when its session ends, however it ends.

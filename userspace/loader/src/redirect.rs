@@ -303,13 +303,32 @@ impl Redirector {
     }
 
     /// Attaches the tc ingress program to `iface` (tcx: a link owned by this
-    /// process, Linux 6.6+). Returns the kernel's link id.
+    /// process, Linux 6.6+). Returns the kernel's link id. Before 6.6 the
+    /// program goes on the `clsact` qdisc through netlink, and the qdisc is
+    /// made here if the interface has none.
     pub fn attach_tc(&mut self, iface: &str) -> Result<Vec<u32>, LoadError> {
         let name = programs::TC_INGRESS;
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
             prog.load()
                 .map_err(|source| LoadError::Program { name, source })?;
+        }
+        if aya::util::KernelVersion::current()
+            .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0))
+        {
+            match aya::programs::tc::qdisc_add_clsact(iface) {
+                Ok(()) => debug!(iface, "clsact qdisc added (no tcx before Linux 6.6)"),
+                // EEXIST: it has one already.
+                Err(aya::programs::tc::TcError::NetlinkError(e))
+                    if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(LoadError::Attach {
+                        name,
+                        cgroup: format!("interface {iface}"),
+                        source: aya::programs::ProgramError::TcError(e),
+                    })
+                }
+            }
         }
         prog.attach(iface, TcAttachType::Ingress)
             .map_err(|source| LoadError::Attach {

@@ -1,6 +1,6 @@
 //! `tpbpf run` (one command, in a cgroup of its own) and `tpbpf daemon`
 //! (tpbpfd in the foreground, attached to a whole cgroup subtree).
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{os::fd::AsFd, path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -332,6 +332,7 @@ impl BridgeArgs {
                 namespaces: d.namespaces,
             }),
             cgroup,
+            run: false,
         })
     }
 }
@@ -433,7 +434,7 @@ pub struct RunArgs {
 /// status through, removes everything afterwards.
 pub fn run(mut args: RunArgs) -> Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("as a user, `tpbpf run` is not supported yet: `sudo tpbpf run -- CMD` runs CMD as you (not root), or `tpbpf up --cgroup` bridges a cgroup of yours");
+        return user_run(args);
     }
     runtime()?.block_on(async move {
         args.bridge.discover_if_needed().await?;
@@ -609,29 +610,17 @@ fn user_daemon(mut args: DaemonArgs) -> Result<ExitCode> {
     }
     let socket = service::socket_path();
     let instance = instance_of(args.control_socket.as_deref());
-    let request = args.bridge.up_request(&instance, args.cgroup.clone())?;
+    if args.bridge.wants_tc() {
+        args.bridge.up_request(&instance, None)?;
+    }
     runtime()?.block_on(async move {
-        // The kube client's sockets are exempt once the bridge exists.
-        let exempting: Arc<std::sync::OnceLock<()>> = Arc::default();
-        {
-            let (exempting, socket, instance) =
-                (exempting.clone(), socket.clone(), instance.clone());
-            tpbpf_kube::on_new_socket(move |sock| {
-                if exempting.get().is_some() {
-                    use std::os::fd::AsFd;
-                    if let Err(e) = service::exempt(&socket, &instance, sock.as_fd()) {
-                        tracing::warn!(
-                            "exempting a connection to the API server from redirection: {e}"
-                        );
-                    }
-                }
-            });
-        }
+        let exempting = exempt_through_service(&socket, &instance);
         args.bridge.discover_if_needed().await?;
+        let request = args.bridge.up_request(&instance, args.cgroup.clone())?;
         let upstream = args.bridge.upstream().await?;
         args.bridge.write_status(upstream.clone());
-        let (chan, ready) = service::up(&socket, request).await?;
-        let _ = exempting.set(());
+        let (chan, ready) = service::up(&socket, request, None).await?;
+        exempting.store(true, std::sync::atomic::Ordering::Relaxed);
         let owner = Some(nix::unistd::getuid().as_raw());
         let intercepts = args.serve_control(owner).await?;
         args.bridge
@@ -643,6 +632,7 @@ fn user_daemon(mut args: DaemonArgs) -> Result<ExitCode> {
             _ = sigterm.recv() => None,
             e = service::serve_user_side(chan, upstream.clone()) => Some(e),
         };
+        exempting.store(false, std::sync::atomic::Ordering::Relaxed);
         if let Some(m) = intercepts {
             m.shutdown().await;
         }
@@ -652,5 +642,150 @@ fn user_daemon(mut args: DaemonArgs) -> Result<ExitCode> {
             None => Ok(ExitCode::SUCCESS),
             Some(e) => Err(anyhow::Error::new(e).context("the bridge ended")),
         }
+    })
+}
+
+/// The kube client's sockets are exempt from the user's bridge `instance`
+/// by tpbpfd while the returned flag is set (the bridge exists).
+fn exempt_through_service(
+    socket: &std::path::Path,
+    instance: &str,
+) -> Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let exempting = Arc::new(AtomicBool::new(false));
+    let (flag, socket, instance) = (
+        exempting.clone(),
+        socket.to_path_buf(),
+        instance.to_string(),
+    );
+    tpbpf_kube::on_new_socket(move |sock| {
+        if flag.load(Ordering::Relaxed) {
+            if let Err(e) = service::exempt(&socket, &instance, sock.as_fd()) {
+                tracing::warn!("exempting a connection to the API server from redirection: {e}");
+            }
+        }
+    });
+    exempting
+}
+
+/// Starts `argv` paused: a shell waits for one byte on fd 3 (the returned
+/// pipe's write end releases it) before it becomes the command, so tpbpfd
+/// can move it into its cgroup first.
+fn spawn_paused(argv: &[String]) -> Result<(tokio::process::Child, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`; close-on-exec, so
+    // only the dup2 below reaches the child (the write end never does, and
+    // the shell sees the end of the pipe when this process lets go).
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("making a pipe: {}", std::io::Error::last_os_error());
+    }
+    let go_rd = fds[0];
+    // SAFETY: the write end, just made, owned here alone.
+    let go_wr = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) };
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("read -r _ <&3 || exit 126; exec 3<&-; exec \"$@\"")
+        .arg("tpbpf-run")
+        .args(argv);
+    // SAFETY: dup2 is async-signal-safe; go_rd stays open in this process
+    // until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(go_rd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn();
+    // SAFETY: go_rd is this process's copy, closed once, here.
+    unsafe { libc::close(go_rd) };
+    let child = child.with_context(|| format!("starting {}", argv[0]))?;
+    Ok((child, std::fs::File::from(go_wr)))
+}
+
+/// `tpbpf run -- CMD` as a user: tpbpfd bridges CMD's process tree only,
+/// in a cgroup it makes below CMD's own; the tunnel and the kubeconfig stay
+/// with the user.
+fn user_run(mut args: RunArgs) -> Result<ExitCode> {
+    if args.bridge.upstream != "agent" {
+        bail!(
+            "--upstream {} enters another network namespace and needs root: sudo tpbpf run ...",
+            args.bridge.upstream
+        );
+    }
+    let socket = service::socket_path();
+    let instance = format!("run-{}", std::process::id());
+    if args.bridge.wants_tc() {
+        args.bridge.up_request(&instance, None)?;
+    }
+    runtime()?.block_on(async move {
+        let exempting = exempt_through_service(&socket, &instance);
+        args.bridge.discover_if_needed().await?;
+        let request = service::UpRequest {
+            run: true,
+            ..args.bridge.up_request(&instance, None)?
+        };
+        let upstream = args.bridge.upstream().await?;
+        args.bridge.write_status(upstream.clone());
+        let (mut child, go) = spawn_paused(&args.command)?;
+        let pid = child.id();
+        let Some(raw_pid) = pid else {
+            bail!("{} exited at once", args.command[0]);
+        };
+        // SAFETY: pidfd_open takes no memory; the result is checked.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid as libc::pid_t, 0) };
+        if pidfd < 0 {
+            let e = std::io::Error::last_os_error();
+            let _ = child.start_kill();
+            bail!("pidfd_open: {e} (tpbpf run as a user needs Linux 5.3 or later)");
+        }
+        // SAFETY: a descriptor this process just got and alone owns.
+        let pidfd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd as i32) };
+        let (chan, ready) = match service::up(&socket, request, Some(pidfd.as_fd())).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The paused shell reads EOF and exits without running CMD.
+                drop(go);
+                let _ = child.wait().await;
+                return Err(e.into());
+            }
+        };
+        exempting.store(true, std::sync::atomic::Ordering::Relaxed);
+        args.bridge
+            .ready_event(&Facts::remote(ready), upstream.as_ref());
+        {
+            use std::io::Write;
+            let mut go = go;
+            go.write_all(b"\n").context("releasing the command")?;
+        }
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let serve = service::serve_user_side(chan, upstream.clone());
+        tokio::pin!(serve);
+        let mut ended = None;
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status?,
+                _ = sigint.recv() => forward(pid, libc::SIGINT),
+                _ = sigterm.recv() => forward(pid, libc::SIGTERM),
+                _ = sighup.recv() => forward(pid, libc::SIGHUP),
+                e = &mut serve, if ended.is_none() => {
+                    // Without its bridge the command would reach the
+                    // cluster's ranges unbridged: it ends too.
+                    forward(pid, libc::SIGTERM);
+                    ended = Some(e);
+                }
+            }
+        };
+        exempting.store(false, std::sync::atomic::Ordering::Relaxed);
+        upstream.close("tpbpf run ended");
+        if let Some(e) = ended {
+            return Err(anyhow::Error::new(e).context("the bridge ended before the command"));
+        }
+        Ok(exit_code(status))
     })
 }

@@ -58,6 +58,14 @@ pub struct UpArgs {
     /// The cluster domain.
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// Also bridge TCP connections arriving on this interface from another
+    /// network namespace (a container's veth; tc ingress). Repeatable; root.
+    #[arg(long = "attach-iface", value_name = "IFACE")]
+    attach_ifaces: Vec<String>,
+    /// Also bridge TCP connections from network namespace NAME, through the
+    /// veth interfaces here that lead to it. Repeatable; root.
+    #[arg(long = "attach-netns", value_name = "NAME")]
+    attach_netns: Vec<String>,
     /// Name of this bridge (several can run at once, to different clusters).
     #[arg(long, default_value = "default", value_parser = instance_name)]
     instance: String,
@@ -286,6 +294,12 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     }
     if let Some(cg) = &args.cgroup {
         cmd.arg("--cgroup").arg(cg);
+    }
+    for i in &args.attach_ifaces {
+        cmd.args(["--attach-iface", i]);
+    }
+    for n in &args.attach_netns {
+        cmd.args(["--attach-netns", n]);
     }
     let (mut child, stdout) = spawn_in_background(&mut cmd, log)?;
     let (tx, rx) = std::sync::mpsc::channel();
