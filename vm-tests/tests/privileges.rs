@@ -382,7 +382,10 @@ fn a_member_of_group_tpbpf_bridges_and_intercepts_without_root() {
         .and_then(|r| r.split(' ').next())
         .unwrap_or_else(|| panic!("no cgroup in {stdout}"));
     assert!(run_cgroup.contains("tpbpf-run-"), "{run_cgroup}");
-    assert!(!std::path::Path::new(run_cgroup).exists(), "{run_cgroup} left behind");
+    assert!(
+        !std::path::Path::new(run_cgroup).exists(),
+        "{run_cgroup} left behind"
+    );
 
     // Other namespaces stay root's.
     let other = NobodyBridge(unique_name("nb"));
