@@ -298,6 +298,36 @@ fn a_member_of_group_tpbpf_bridges_and_intercepts_without_root() {
         "nothing attached to the user's cgroup"
     );
 
+    // Another member of the group: tpbpfd does not let it exempt a socket
+    // from nobody's bridge, and refuses malformed frames.
+    let attack = r#"
+import array, json, socket, sys
+def ask(frame, fds=()):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sys.argv[1])
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', fds))] if fds else []
+    s.sendmsg([frame], anc)
+    print(s.recv(70000)[2:].decode())
+h = json.dumps({"op": "exempt", "instance": sys.argv[2]}).encode()
+mine = socket.socket()
+ask(len(h).to_bytes(2, 'big') + h, [mine.fileno()])
+ask(b'\xff\xff{')
+"#;
+    let out = Command::new("setpriv")
+        .args(["--reuid=65533", "--regid=65533", &format!("--groups={gid}")])
+        .args(["/usr/bin/python3", "-c", attack])
+        .arg(&socket)
+        .arg(&bridge.0)
+        .output()
+        .unwrap();
+    let answers = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answers.contains(&format!("you have no bridge `{}`", bridge.0)),
+        "{answers}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(answers.contains("a malformed request"), "{answers}");
+
     // That user's process reaches the cluster by name.
     let resolv = home.0.join("resolv.conf");
     std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
