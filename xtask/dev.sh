@@ -15,7 +15,7 @@ case "${1:-}" in
     *) echo "usage: sudo bash xtask/dev.sh demo|test|lint|bench|fuzz|image" >&2; exit 2 ;;
 esac
 
-bash xtask/setup.sh
+bash xtask/setup.sh "$1"
 
 export PATH="${HOME:-/root}/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null; then

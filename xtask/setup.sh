@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing tpbpf needs on a Debian 12 machine.
 # Idempotent: every step checks first and says what it does.
-# Usage: bash xtask/setup.sh            (run as root)
+# Usage: bash xtask/setup.sh [bench]    (run as root; `bench` adds the
+#        benchmarks' clients and peers)
 set -euo pipefail
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
@@ -38,6 +39,12 @@ PKGS=(rustc-web cargo-web rust-web-src rust-web-clippy rustfmt-web llvm-22-dev l
 # namespaces) and nftables for its ClusterIPs. Installed without starting
 # their system services: the lab runs its own instances.
 SERVER_PKGS=(nginx-light redis-server postgresql nftables)
+# The end-to-end benchmark's clients and peers (sudo bash xtask/dev.sh bench):
+# iperf3, wrk, and sshuttle over ssh to a lab node (openssh-server, its
+# service not started; the benchmark runs its own sshd in the node).
+if [ "${1:-}" = bench ]; then
+    SERVER_PKGS+=(iperf3 wrk sshuttle openssh-server iptables)
+fi
 
 missing=()
 for p in "${PKGS[@]}" "${SERVER_PKGS[@]}"; do

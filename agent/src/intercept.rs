@@ -495,7 +495,7 @@ async fn serve_conn(t: &Arc<Target>, mut conn: TcpStream, peer: SocketAddr) -> s
     if routes.is_empty() {
         debug!(target = %t.addr, %peer, "no developer connected: the app answers");
         let mut app = dial_app(t).await?;
-        tokio::io::copy_bidirectional(&mut conn, &mut app).await?;
+        tpbpf_mux::relay(&mut conn, &mut app).await?;
         return Ok(());
     }
     if let Some(r) = routes.iter().find(|r| r.mode == InterceptMode::Steal) {
@@ -504,7 +504,7 @@ async fn serve_conn(t: &Arc<Target>, mut conn: TcpStream, peer: SocketAddr) -> s
         first.truncate(n);
         let mut stream = r.session.open_with(Destination::Addr(t.addr), &first)?;
         debug!(target = %t.addr, %peer, "intercepted connection");
-        tokio::io::copy_bidirectional(&mut conn, &mut stream).await?;
+        tpbpf_mux::relay(&mut conn, &mut stream).await?;
         return Ok(());
     }
     let modes: Vec<InterceptMode> = routes.iter().map(|r| r.mode.clone()).collect();

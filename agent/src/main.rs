@@ -362,7 +362,7 @@ fn intercept(netns: &str, target: SocketAddr, to: SocketAddr) -> anyhow::Result<
                         match tokio::net::TcpStream::connect(to).await {
                             Ok(mut up) => {
                                 tracing::info!(%peer, %to, "intercepted connection");
-                                let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                                let _ = tpbpf_mux::relay(&mut conn, &mut up).await;
                             }
                             Err(e) => tracing::warn!(%peer, %to, "dialing the intercept's target: {e}"),
                         }

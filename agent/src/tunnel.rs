@@ -221,7 +221,7 @@ async fn serve_stream(mut stream: Stream, policy: Arc<Policy>) {
         Ok(Ok(mut tcp)) => {
             let _ = tcp.set_nodelay(true);
             debug!(%addr, "tunnel stream connected");
-            match tokio::io::copy_bidirectional(&mut stream, &mut tcp).await {
+            match tpbpf_mux::relay(&mut stream, &mut tcp).await {
                 Ok(_) => {}
                 Err(e) => {
                     debug!(%addr, "tunnel stream ended: {e}");

@@ -32,8 +32,12 @@ enum Task {
     /// The main job: `tpbpf doctor`, then a real redirected connection.
     Demo,
     /// Benchmarks (release build): the cost tpbpf's hooks add to connect(),
-    /// and the tunnel multiplexer against plain TCP, yamux and h2.
-    Bench,
+    /// the tunnel multiplexer against plain TCP, yamux and h2, and the lab
+    /// end to end against the direct route, socat and sshuttle.
+    Bench {
+        /// Only this one: hooks, mux or e2e (default: all).
+        which: Option<String>,
+    },
     /// Render the Helm chart (deploy/helm/tpbpf) from what `tpbpf install`
     /// applies.
     Chart,
@@ -63,7 +67,7 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Lint => lint(),
         Task::Demo => demo::run(),
-        Task::Bench => bench(),
+        Task::Bench { which } => bench(which.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Image { release, out } => image::build_and_check(release, out),
         Task::Chart => {
@@ -217,9 +221,15 @@ fn ebpf_clippy() -> Result<Command> {
     Ok(cmd)
 }
 
-fn bench() -> Result<()> {
+fn bench(which: Option<&str>) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks load eBPF programs and create network namespaces: run them as root (sudo bash xtask/dev.sh bench)");
+    }
+    let all = which.is_none();
+    if let Some(w) = which {
+        if !["hooks", "mux", "e2e"].contains(&w) {
+            bail!("no benchmark `{w}`: hooks, mux or e2e");
+        }
     }
     step("build (release)");
     run(cargo().args([
@@ -228,15 +238,25 @@ fn bench() -> Result<()> {
         "-p",
         "tpbpf",
         "-p",
+        "tpbpf-agent",
+        "-p",
         "tpbpf-vm-tests",
         "-p",
         "tpbpf-mux-bench",
     ]))?;
-    step("connect() + close(): tpbpf's hooks against the same loop without tpbpf");
     let dir = root_dir().join("target/release");
-    run(Command::new(dir.join("tpbpf-bench")).env("TPBPF_BIN", dir.join("tpbpf")))?;
-    step("the tunnel's multiplexer against plain TCP, yamux and h2 (loopback)");
-    run(&mut Command::new(dir.join("tpbpf-tunnel-bench")))?;
+    if all || which == Some("hooks") {
+        step("connect() + close(): tpbpf's hooks against the same loop without tpbpf");
+        run(Command::new(dir.join("tpbpf-bench")).env("TPBPF_BIN", dir.join("tpbpf")))?;
+    }
+    if all || which == Some("mux") {
+        step("the tunnel's multiplexer against plain TCP, yamux and h2 (loopback)");
+        run(&mut Command::new(dir.join("tpbpf-tunnel-bench")))?;
+    }
+    if all || which == Some("e2e") {
+        step("end to end in the lab: direct route, tpbpf (direct, port-forward), socat, sshuttle");
+        run(Command::new(dir.join("tpbpf-e2e-bench")).env("TPBPF_BIN", dir.join("tpbpf")))?;
+    }
     Ok(())
 }
 

@@ -92,10 +92,19 @@ fn ctx_u32(field: &u32) -> u32 {
     unsafe { core::ptr::read_volatile(field) }
 }
 
+const IPPROTO_UDP: u32 = 17;
+
 /// A socket goes: the last UDP slot made for it is free at once (a
 /// resolver's one-query sockets do not hold slots for the idle time).
 #[aya_ebpf::macros::cgroup_sock(sock_release)]
 pub fn tpbpf_sock_release(ctx: aya_ebpf::programs::SockContext) -> i32 {
+    // Only UDP sockets hold slots: every other socket leaves at once,
+    // without asking for its cookie (which the kernel would make for it).
+    // SAFETY: a 4-byte, 4-aligned field of the live bpf_sock context.
+    let protocol = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock).protocol)) };
+    if protocol != IPPROTO_UDP {
+        return 1;
+    }
     // SAFETY: `sock` is the context pointer the helper expects.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
     // SAFETY: copied out at once.

@@ -334,7 +334,7 @@ impl Manager {
                         Ok(mut tcp) => {
                             let _ = tcp.set_nodelay(true);
                             debug!(%target, local, "intercepted connection");
-                            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                            let _ = tpbpf_mux::relay(&mut stream, &mut tcp).await;
                         }
                         Err(e) => {
                             warn!(%target, local, "the local port does not answer: {e}");

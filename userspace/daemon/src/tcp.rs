@@ -69,7 +69,7 @@ pub async fn relay(mut client: TcpStream, orig: SocketAddr, upstream: Arc<dyn Up
     match upstream.connect_tcp_with(orig, first).await {
         Ok(mut up) => {
             debug!(%peer, %orig, "connected");
-            match tokio::io::copy_bidirectional(&mut client, &mut up).await {
+            match tpbpf_mux::relay(&mut client, &mut up).await {
                 // The far side refused the stream (the agent's policy, a
                 // closed port): the user should see why.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -124,7 +124,7 @@ pub async fn serve_transparent(listener: TcpListener, upstream: Arc<dyn Upstream
             match upstream.connect_tcp(orig).await {
                 Ok(mut up) => {
                     debug!(%peer, %orig, "connected (tc path)");
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                    let _ = tpbpf_mux::relay(&mut client, &mut up).await;
                 }
                 Err(e) => {
                     warn!(%peer, %orig, "dialing the original destination (tc path): {e}");

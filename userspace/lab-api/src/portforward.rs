@@ -97,6 +97,8 @@ pub(crate) async fn dial(netns: String, addr: SocketAddr) -> std::io::Result<Tcp
     })?
     .map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {addr}: {e}")))?;
     std.set_nonblocking(true)?;
+    // As the kubelet's dial into the pod (Go: TCP_NODELAY by default).
+    std.set_nodelay(true)?;
     TcpStream::from_std(std)
 }
 

@@ -187,6 +187,13 @@ pub async fn serve(listener: tokio::net::TcpListener, cfg: ApiConfig) -> std::io
     info!(addr = ?listener.local_addr().ok(), lab = cfg.lab, "lab API listening");
     tokio::spawn(crate::kubelet::run(cfg.lab.clone(), cfg.agent.clone()));
     let app = Router::new().fallback(handle).with_state(Arc::new(cfg));
+    // As a real API server (Go sets TCP_NODELAY on every connection): a
+    // port-forward carries a tunnel, and Nagle's algorithm on either hop
+    // would add delayed-ACK waits the real one does not have.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await
 }
 
