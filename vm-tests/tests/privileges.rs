@@ -92,6 +92,15 @@ fn down_signals_only_its_own_tpbpfd_and_names_cannot_be_paths() {
     }
 }
 
+/// A command's stdout then stderr, for assertions and their messages.
+fn both(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// A group id no group of this machine has (the kernel needs no name for
 /// it), so the test changes nothing in /etc/group.
 fn unused_gid() -> u32 {
@@ -243,11 +252,7 @@ fn a_member_of_group_tpbpf_bridges_and_intercepts_without_root() {
             .env_remove("SUDO_UID")
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = both(&out);
         (out.status.success(), text)
     };
     let kubeconfig = home.kubeconfig().display().to_string();
@@ -396,11 +401,7 @@ ask(b'\xff\xff{')
         .env_remove("KUBECONFIG")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = both(&out);
     assert!(out.status.success(), "{text}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.lines().nth(1), Some("65534"), "{text}");

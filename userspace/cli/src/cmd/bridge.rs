@@ -312,11 +312,37 @@ impl BridgeArgs {
         emit(self.output, event, text);
     }
 
-    /// What tpbpfd is asked for, as a user (through the service).
-    fn up_request(&self, instance: &str, cgroup: Option<PathBuf>) -> Result<service::UpRequest> {
+    /// What only root may ask for, refused at once for a user.
+    fn refuse_root_only(&self) -> Result<()> {
+        if self.upstream != "agent" {
+            bail!(
+                "--upstream {} enters another network namespace and needs root: sudo tpbpf ...",
+                self.upstream
+            );
+        }
         if self.wants_tc() {
             bail!("--attach-iface/--attach-netns reach other network namespaces and need root: sudo tpbpf ...");
         }
+        Ok(())
+    }
+
+    /// The user's side before tpbpfd is asked for the bridge: the kube
+    /// client's exemptions (on once the returned flag is set), discovery,
+    /// the tunnel.
+    async fn start_user_side(
+        &mut self,
+        socket: &std::path::Path,
+        instance: &str,
+    ) -> Result<(Arc<std::sync::atomic::AtomicBool>, Arc<dyn Upstream>)> {
+        let exempting = exempt_through_service(socket, instance);
+        self.discover_if_needed().await?;
+        let upstream = self.upstream().await?;
+        self.write_status(upstream.clone());
+        Ok((exempting, upstream))
+    }
+
+    /// What tpbpfd is asked for, as a user (through the service).
+    fn up_request(&self, instance: &str, cgroup: Option<PathBuf>) -> Result<service::UpRequest> {
         let options = self.options()?;
         Ok(service::UpRequest {
             instance: instance.to_string(),
@@ -602,23 +628,12 @@ fn instance_of(control_socket: Option<&std::path::Path>) -> String {
 /// user, holds the kubeconfig, its exec plugins' tokens, the tunnel and the
 /// intercepts.
 fn user_daemon(mut args: DaemonArgs) -> Result<ExitCode> {
-    if args.bridge.upstream != "agent" {
-        bail!(
-            "--upstream {} enters another network namespace and needs root: sudo tpbpf ...",
-            args.bridge.upstream
-        );
-    }
+    args.bridge.refuse_root_only()?;
     let socket = service::socket_path();
     let instance = instance_of(args.control_socket.as_deref());
-    if args.bridge.wants_tc() {
-        args.bridge.up_request(&instance, None)?;
-    }
     runtime()?.block_on(async move {
-        let exempting = exempt_through_service(&socket, &instance);
-        args.bridge.discover_if_needed().await?;
+        let (exempting, upstream) = args.bridge.start_user_side(&socket, &instance).await?;
         let request = args.bridge.up_request(&instance, args.cgroup.clone())?;
-        let upstream = args.bridge.upstream().await?;
-        args.bridge.write_status(upstream.clone());
         let (chan, ready) = service::up(&socket, request, None).await?;
         exempting.store(true, std::sync::atomic::Ordering::Relaxed);
         let owner = Some(nix::unistd::getuid().as_raw());
@@ -709,26 +724,15 @@ fn spawn_paused(argv: &[String]) -> Result<(tokio::process::Child, std::fs::File
 /// in a cgroup it makes below CMD's own; the tunnel and the kubeconfig stay
 /// with the user.
 fn user_run(mut args: RunArgs) -> Result<ExitCode> {
-    if args.bridge.upstream != "agent" {
-        bail!(
-            "--upstream {} enters another network namespace and needs root: sudo tpbpf run ...",
-            args.bridge.upstream
-        );
-    }
+    args.bridge.refuse_root_only()?;
     let socket = service::socket_path();
     let instance = format!("run-{}", std::process::id());
-    if args.bridge.wants_tc() {
-        args.bridge.up_request(&instance, None)?;
-    }
     runtime()?.block_on(async move {
-        let exempting = exempt_through_service(&socket, &instance);
-        args.bridge.discover_if_needed().await?;
+        let (exempting, upstream) = args.bridge.start_user_side(&socket, &instance).await?;
         let request = service::UpRequest {
             run: true,
             ..args.bridge.up_request(&instance, None)?
         };
-        let upstream = args.bridge.upstream().await?;
-        args.bridge.write_status(upstream.clone());
         let (mut child, go) = spawn_paused(&args.command)?;
         let pid = child.id();
         let Some(raw_pid) = pid else {
