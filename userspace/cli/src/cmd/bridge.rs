@@ -485,24 +485,13 @@ pub fn run(mut args: RunArgs) -> Result<ExitCode> {
             upstream.as_ref(),
         );
 
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sighup = signal(SignalKind::hangup())?;
         let user = if args.as_root {
             None
         } else {
             super::scope::Invoker::from_sudo()?
         };
         let mut child = spawn_in_cgroup(&args.command, cgroup.path(), user.as_ref())?;
-        let pid = child.id();
-        let status = loop {
-            tokio::select! {
-                status = child.wait() => break status?,
-                _ = sigint.recv() => forward(pid, libc::SIGINT),
-                _ = sigterm.recv() => forward(pid, libc::SIGTERM),
-                _ = sighup.recv() => forward(pid, libc::SIGHUP),
-            }
-        };
+        let (status, _) = wait_forwarding(&mut child, std::future::pending::<()>()).await?;
         drop(bridge);
         if let Some(tc) = tc {
             tc.finish();
@@ -765,26 +754,8 @@ fn user_run(mut args: RunArgs) -> Result<ExitCode> {
             let mut go = go;
             go.write_all(b"\n").context("releasing the command")?;
         }
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sighup = signal(SignalKind::hangup())?;
         let serve = service::serve_user_side(chan, upstream.clone());
-        tokio::pin!(serve);
-        let mut ended = None;
-        let status = loop {
-            tokio::select! {
-                status = child.wait() => break status?,
-                _ = sigint.recv() => forward(pid, libc::SIGINT),
-                _ = sigterm.recv() => forward(pid, libc::SIGTERM),
-                _ = sighup.recv() => forward(pid, libc::SIGHUP),
-                e = &mut serve, if ended.is_none() => {
-                    // Without its bridge the command would reach the
-                    // cluster's ranges unbridged: it ends too.
-                    forward(pid, libc::SIGTERM);
-                    ended = Some(e);
-                }
-            }
-        };
+        let (status, ended) = wait_forwarding(&mut child, serve).await?;
         exempting.store(false, std::sync::atomic::Ordering::Relaxed);
         upstream.close("tpbpf run ended");
         if let Some(e) = ended {
@@ -792,4 +763,32 @@ fn user_run(mut args: RunArgs) -> Result<ExitCode> {
         }
         Ok(exit_code(status))
     })
+}
+
+/// Waits for the bridged command, passing SIGINT, SIGTERM and SIGHUP on to
+/// it. If `bridge_end` completes first (the bridge is gone), the command
+/// gets SIGTERM: it would otherwise reach the cluster's ranges unbridged.
+async fn wait_forwarding<E>(
+    child: &mut tokio::process::Child,
+    bridge_end: impl std::future::Future<Output = E>,
+) -> Result<(std::process::ExitStatus, Option<E>)> {
+    let pid = child.id();
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    tokio::pin!(bridge_end);
+    let mut ended = None;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            _ = sigint.recv() => forward(pid, libc::SIGINT),
+            _ = sigterm.recv() => forward(pid, libc::SIGTERM),
+            _ = sighup.recv() => forward(pid, libc::SIGHUP),
+            e = &mut bridge_end, if ended.is_none() => {
+                forward(pid, libc::SIGTERM);
+                ended = Some(e);
+            }
+        }
+    };
+    Ok((status, ended))
 }
