@@ -31,9 +31,13 @@ fi
 #  buildah runc                      build the agent image (cargo xtask image) and run it to check it
 #                                    (runc: crun 1.8 refuses hybrid cgroup hierarchies)
 #  python3-venv                      a virtualenv of its own for checkov, the manifest linter (below)
+#  qemu-system-x86 busybox-static    boot Debian's other kernels (5.10, 6.1, 6.12) and run the
+#  kmod xz-utils gpgv                privileged suite inside (cargo xtask vm-test): the guest's init,
+#                                    its modules' dependencies (depmod), the archive's signature
 PKGS=(rustc-web cargo-web rust-web-src rust-web-clippy rustfmt-web llvm-22-dev libpolly-22-dev
       zlib1g-dev libzstd-dev build-essential pkg-config bpftool iproute2 curl
-      dnsmasq-base bind9-dnsutils socat util-linux buildah runc python3-venv)
+      dnsmasq-base bind9-dnsutils socat util-linux buildah runc python3-venv
+      qemu-system-x86 busybox-static kmod xz-utils gpgv)
 
 # Servers for the lab cluster (nginx, Redis, PostgreSQL in network
 # namespaces) and nftables for its ClusterIPs. Installed without starting

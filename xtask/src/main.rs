@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod demo;
 mod image;
 mod manifests;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "tpbpf's build, test and demo tasks")]
@@ -41,6 +42,10 @@ enum Task {
     /// Render the Helm chart (deploy/helm/tpbpf) from what `tpbpf install`
     /// applies.
     Chart,
+    /// The privileged suite on one of Debian's kernels, booted under qemu
+    /// (TCG here; TPBPF_VM_ACCEL=kvm where the host can), printing pass,
+    /// fail or skip per test; --record writes docs/kernels.md.
+    VmTest(vm::Args),
     /// A short run of each fuzz target (cargo fuzz): the wire protocol's
     /// decoder, then the intercept's HTTP filter.
     Fuzz {
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
         Task::Bench { which } => bench(which.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Image { release, out } => image::build_and_check(release, out),
+        Task::VmTest(args) => vm::vm_test(args),
         Task::Chart => {
             run(cargo().args(["run", "-q", "-p", "tpbpf-deploy", "--bin", "render-chart"]))
         }
