@@ -3,7 +3,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
-    extract::{ws::WebSocketUpgrade, Query, State},
+    extract::{ws::WebSocketUpgrade, Extension, Query, State},
     http::{header, HeaderMap, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
     Router,
@@ -11,9 +11,13 @@ use axum::{
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
-use tpbpf_lab::Status;
+use tpbpf_lab::{identity, Status};
 
-use crate::store::Store;
+use crate::{
+    auth::{self, Authn, Tokens, User},
+    store::Store,
+    tls::TlsFiles,
+};
 
 /// What the lab is now: its processes, and the objects applied to it.
 pub struct Live {
@@ -30,20 +34,53 @@ use crate::{
 pub struct ApiConfig {
     /// The lab instance (its node namespaces are `<lab>-<node>`).
     pub lab: String,
-    /// Bearer token clients must present.
-    pub token: String,
-    /// A second identity, `lab-developer`: its token, and the namespaces
-    /// where it may port-forward (RBAC's `pods/portforward`, as a real
-    /// cluster would grant it per namespace).
-    pub restricted: Option<(String, Vec<String>)>,
+    /// The serving certificate and the CA client certificates must chain to.
+    pub tls: TlsFiles,
+    /// Static bearer tokens and whom they stand for.
+    pub tokens: Tokens,
+    /// Where `lab-developer` may port-forward (RBAC's `pods/portforward`,
+    /// as a real cluster would grant it per namespace).
+    pub restricted_namespaces: Vec<String>,
     /// The agent binary the lab's nodes run for tpbpf's DaemonSet.
     pub agent: Option<std::path::PathBuf>,
 }
 
-/// Who a request is from.
+/// What a connection proved in its TLS handshake.
+#[derive(Clone, Debug)]
+struct Peer {
+    /// The user of a client certificate the CA signed.
+    cert_user: Option<User>,
+}
+
+/// What a request's user may do (the lab's stand-in for RBAC).
 enum Who {
+    /// Group `system:masters`: cluster-admin.
     Admin,
-    Restricted(Vec<String>),
+    /// `lab-developer`: reads everything, port-forwards in these
+    /// namespaces, writes nothing.
+    Restricted(String, Vec<String>),
+    /// Anyone else (and `system:anonymous`): discovery at most.
+    Unbound(User),
+}
+
+impl Who {
+    fn of(user: User, cfg: &ApiConfig) -> Self {
+        if user.in_group(identity::ADMIN_GROUP) {
+            Who::Admin
+        } else if user.name == identity::DEVELOPER_USER {
+            Who::Restricted(user.name, cfg.restricted_namespaces.clone())
+        } else {
+            Who::Unbound(user)
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Who::Admin => identity::ADMIN_USER,
+            Who::Restricted(name, _) => name,
+            Who::Unbound(u) => &u.name,
+        }
+    }
 }
 
 /// One resource kind the endpoint serves.
@@ -182,19 +219,63 @@ fn kinds() -> Vec<Kind> {
     ]
 }
 
-/// Serves the API on `listener` until the task is dropped.
+/// How long a client has for its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the API over HTTPS on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, cfg: ApiConfig) -> std::io::Result<()> {
-    info!(addr = ?listener.local_addr().ok(), lab = cfg.lab, "lab API listening");
+    let acceptor = tokio_rustls::TlsAcceptor::from(crate::tls::server_config(&cfg.tls)?);
+    info!(addr = ?listener.local_addr().ok(), lab = cfg.lab, "lab API listening (HTTPS)");
     tokio::spawn(crate::kubelet::run(cfg.lab.clone(), cfg.agent.clone()));
     let app = Router::new().fallback(handle).with_state(Arc::new(cfg));
-    // As a real API server (Go sets TCP_NODELAY on every connection): a
-    // port-forward carries a tunnel, and Nagle's algorithm on either hop
-    // would add delayed-ACK waits the real one does not have.
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: the listener stays.
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // As a real API server (Go sets TCP_NODELAY on every connection):
+        // a port-forward carries a tunnel, and Nagle's algorithm on either
+        // hop would add delayed-ACK waits the real one does not have.
         let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app).await
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                // A readiness probe connects and closes.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
+                Ok(Err(e)) => {
+                    info!(%from, "TLS handshake refused: {e}");
+                    return;
+                }
+                Err(_) => {
+                    info!(%from, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let cert_user = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(auth::user_of_cert);
+            debug!(%from, user = ?cert_user, "TLS connection");
+            let service = hyper_util::service::TowerToHyperService::new(
+                app.layer(Extension(Peer { cert_user })),
+            );
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .with_upgrades()
+                .await
+            {
+                debug!(%from, "connection: {e}");
+            }
+        });
+    }
 }
 
 fn status(code: StatusCode, reason: &str, message: String) -> Response {
@@ -218,6 +299,7 @@ fn ok_json(v: Value) -> Response {
 #[allow(clippy::too_many_arguments)]
 async fn handle(
     State(cfg): State<Arc<ApiConfig>>,
+    Extension(peer): Extension<Peer>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -227,32 +309,63 @@ async fn handle(
     body: axum::body::Bytes,
 ) -> Response {
     let path = uri.path().trim_end_matches('/').to_string();
-    debug!(%method, %path, "request");
-    // A wrong token is refused. No token is served as an anonymous reader:
-    // client-go does not send bearer tokens over plain HTTP, and the lab's
-    // endpoint is only reachable from its own fabric.
-    let who = match headers.get(header::AUTHORIZATION) {
-        None => Some(Who::Admin),
-        Some(v) => match v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
-            Some(t) if t == cfg.token => Some(Who::Admin),
-            Some(t) => cfg
-                .restricted
-                .as_ref()
-                .filter(|(rt, _)| rt == t)
-                .map(|(_, ns)| Who::Restricted(ns.clone())),
-            None => None,
-        },
+    // As kube-apiserver: a bearer token no one has is a 401 on any path;
+    // no credentials at all is system:anonymous, who may see health and
+    // version only.
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("?"));
+    let user = match auth::authenticate(peer.cert_user.as_ref(), authorization, &cfg.tokens) {
+        Authn::User(u) => u,
+        Authn::BadToken => {
+            debug!(%method, %path, "request with an unknown token: 401");
+            return status(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "Unauthorized".into(),
+            );
+        }
     };
-    let Some(who) = who else {
-        return status(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "Unauthorized: present the lab's bearer token (see its kubeconfig)".into(),
-        );
-    };
+    debug!(%method, %path, user = user.name, "request");
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if let ["healthz" | "livez" | "readyz"] = segs.as_slice() {
+        return "ok".into_response();
+    }
+    // `kubectl auth whoami`: who the server took this client for.
+    let anonymous = user.in_group("system:unauthenticated");
+    if let ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"] = segs.as_slice() {
+        if method == Method::POST && !anonymous {
+            let mut groups = user.groups.clone();
+            groups.push("system:authenticated".into());
+            return (
+                StatusCode::CREATED,
+                [(header::CONTENT_TYPE, "application/json")],
+                json!({"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {"creationTimestamp": null}, "status": {"userInfo": {"username": user.name, "groups": groups}}}).to_string(),
+            )
+                .into_response();
+        }
+    }
+    let who = Who::of(user, &cfg);
+    if let Who::Unbound(user) = &who {
+        // system:authenticated may discover (system:discovery); nothing
+        // else is bound to these users.
+        let discovery = matches!(
+            segs.as_slice(),
+            ["version"] | ["api"] | ["apis"] | ["api", _] | ["apis", _, _]
+        );
+        if !(discovery && (!anonymous || segs == ["version"])) {
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!(
+                    "forbidden: User \"{}\" cannot {} path \"{path}\"",
+                    user.name,
+                    method.as_str().to_lowercase()
+                ),
+            );
+        }
+    }
     match segs.as_slice() {
-        ["healthz"] => return "ok".into_response(),
         ["version"] => {
             return ok_json(
                 json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-tpbpf-lab", "platform": "linux/amd64"}),
@@ -282,12 +395,12 @@ async fn handle(
     // Pod port-forward: the lab upgrades where the API server would have
     // the kubelet upgrade.
     if let ["api", "v1", "namespaces", ns, "pods", name, "portforward"] = segs.as_slice() {
-        if let Who::Restricted(allowed) = &who {
+        if let Who::Restricted(user, allowed) = &who {
             if !allowed.iter().any(|a| a == ns) {
                 return status(
                     StatusCode::FORBIDDEN,
                     "Forbidden",
-                    format!("pods \"{name}\" is forbidden: User \"lab-developer\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"{ns}\""),
+                    format!("pods \"{name}\" is forbidden: User \"{user}\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"{ns}\""),
                 );
             }
         }
@@ -453,11 +566,11 @@ fn write(
             format!("the lab's API accepts writes of what `tpbpf install` applies only: {what}"),
         );
     }
-    if let Who::Restricted(_) = who {
+    if !matches!(who, Who::Admin) {
         return status(
             StatusCode::FORBIDDEN,
             "Forbidden",
-            format!("{} is forbidden: User \"lab-developer\" cannot {} resource \"{}\" (installing takes cluster-admin)", kind.plural, method.as_str().to_lowercase(), kind.plural),
+            format!("{} is forbidden: User \"{}\" cannot {} resource \"{}\" (installing takes cluster-admin)", kind.plural, who.name(), method.as_str().to_lowercase(), kind.plural),
         );
     }
     let store = Store::new(&cfg.lab);

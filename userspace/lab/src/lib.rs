@@ -12,6 +12,8 @@
 //! no route in or out. tpbpf reaches it through an upstream dialing from a
 //! node namespace. `up` is idempotent, `down` removes everything it made
 //! and stops only the processes it started (by their pid files).
+pub mod kubeconfig;
+pub mod pki;
 pub mod spec;
 
 use std::{
@@ -46,6 +48,8 @@ pub enum LabError {
     },
     #[error("{0}")]
     NotReady(String),
+    #[error("making the lab's certificates: {what}: {detail}")]
+    Pki { what: String, detail: String },
     #[error(
         "the node agent binary {} is missing: the lab runs it on every node. Build it with \
          `cargo build -p tpbpf-agent` (it lands next to tpbpf, in target/<profile>/), or name \
@@ -70,7 +74,8 @@ pub struct Lab {
     name: String,
     state: PathBuf,
     /// How to start the lab's Kubernetes API endpoint (argv, to which
-    /// `--listen ADDR --token TOKEN` is appended), if at all.
+    /// `--listen ADDR` and kube-apiserver's TLS and token flags are
+    /// appended), if at all.
     api_command: Option<Vec<String>>,
     /// The node agent binary, started in every node (hostNetwork). `up`
     /// needs it; `status` and `down` do not.
@@ -104,6 +109,23 @@ pub const AGENT_TUNNEL_PORT: u16 = tpbpf_agent_api::TUNNEL_PORT;
 /// `lab-developer`) may port-forward: a developer allowed in `default` but
 /// not in `cache` or `db`.
 pub const RESTRICTED_NAMESPACES: &str = "default,tpbpf-system";
+
+/// The identities the lab's API server knows, named as kubeadm and cloud
+/// clusters name theirs. The API server maps a client certificate's
+/// subject (CN = user, O = groups) or a token (its token file) to one.
+pub mod identity {
+    /// The default kubeconfig's user: a client certificate, as kubeadm's
+    /// `admin.conf`.
+    pub const ADMIN_USER: &str = "kubernetes-admin";
+    /// The group bound to cluster-admin (kubeadm's, in the certificate's O).
+    pub const ADMIN_GROUP: &str = "system:masters";
+    /// `kubeconfig-restricted`: a token user who may port-forward only in
+    /// [`super::RESTRICTED_NAMESPACES`] and write nothing.
+    pub const DEVELOPER_USER: &str = "lab-developer";
+    /// `kubeconfig-exec`: who the exec credential plugin's token stands
+    /// for (an SSO admin, as a cloud's IAM maps one), in [`ADMIN_GROUP`].
+    pub const EXEC_USER: &str = "lab-sso-admin";
+}
 
 /// Where the lab's API endpoint listens: on the fabric, like a control plane
 /// that the developer machine reaches while pods and services stay out of
@@ -155,8 +177,16 @@ pub struct Status {
     pub services: Vec<spec::Service>,
     /// The developer machine's namespace: it reaches the API endpoint only.
     pub dev_netns: String,
-    /// kubeconfig for the lab's API endpoint, when it runs.
+    /// kubeconfig for the lab's API endpoint, when it runs: the admin's
+    /// (client certificate).
     pub kubeconfig: Option<PathBuf>,
+    /// The token user's (`lab-developer`, RBAC-limited).
+    pub kubeconfig_restricted: Option<PathBuf>,
+    /// The exec credential plugin's user.
+    pub kubeconfig_exec: Option<PathBuf>,
+    /// The API server's URL (HTTPS) and the cluster CA it chains to.
+    pub api_server: Option<String>,
+    pub ca_cert: Option<PathBuf>,
     pub api_running: bool,
     pub service_cidr: &'static str,
     pub pod_cidr: &'static str,
@@ -201,8 +231,58 @@ impl Lab {
         format!("{}-dev", self.name)
     }
 
+    /// The admin's kubeconfig (client certificate).
     pub fn kubeconfig_path(&self) -> PathBuf {
         self.state.join("kubeconfig")
+    }
+
+    /// The restricted developer's kubeconfig (bearer token).
+    pub fn restricted_kubeconfig_path(&self) -> PathBuf {
+        self.state.join("kubeconfig-restricted")
+    }
+
+    /// The kubeconfig whose user runs [`Self::exec_plugin_path`].
+    pub fn exec_kubeconfig_path(&self) -> PathBuf {
+        self.state.join("kubeconfig-exec")
+    }
+
+    /// The exec credential plugin: prints an ExecCredential with the exec
+    /// identity's token, and appends a line to
+    /// [`Self::exec_plugin_calls_path`] each time it runs.
+    pub fn exec_plugin_path(&self) -> PathBuf {
+        self.state.join("exec-credential")
+    }
+
+    pub fn exec_plugin_calls_path(&self) -> PathBuf {
+        self.state.join("exec-credential.calls")
+    }
+
+    /// The API server's static tokens (kube-apiserver's
+    /// `--token-auth-file` format: `token,user,uid,"group1,group2"`).
+    pub fn tokens_path(&self) -> PathBuf {
+        self.state.join("tokens.csv")
+    }
+
+    /// The cluster CA and the certificates it issued.
+    pub fn pki(&self) -> pki::Pki {
+        pki::Pki::new(self.state.join("pki"))
+    }
+
+    /// A kubeconfig for the lab's API server (its address and CA) with
+    /// `credential` as user `user`.
+    pub fn kubeconfig_for(
+        &self,
+        user: &str,
+        credential: kubeconfig::Credential<'_>,
+    ) -> Result<String> {
+        let ca = self.pki().ca_pem()?;
+        Ok(kubeconfig::render(&kubeconfig::Spec {
+            server: &api_url(),
+            ca_pem: &ca,
+            cluster: &self.name,
+            user,
+            credential,
+        }))
     }
 
     fn api_pid(&self) -> Option<i32> {
@@ -748,31 +828,75 @@ impl Lab {
         let Some(argv) = &self.api_command else {
             return Ok(());
         };
-        let token = format!("lab-{:016x}", random_u64());
-        let restricted = format!("lab-dev-{:016x}", random_u64());
+        use identity::*;
+        let api_ip = API_ADDR
+            .split(':')
+            .next()
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| LabError::NotReady(format!("{API_ADDR} is not an address")))?;
+        let pki = self.pki();
+        let admin = pki.create(api_ip, ADMIN_USER, ADMIN_GROUP)?;
+        let restricted = format!("lab-dev-{:016x}{:016x}", random_u64(), random_u64());
+        let exec = format!("lab-sso-{:016x}{:016x}", random_u64(), random_u64());
+        pki::write_private(
+            &self.tokens_path(),
+            &format!(
+                "{restricted},{DEVELOPER_USER},{DEVELOPER_USER}\n{exec},{EXEC_USER},{EXEC_USER},\"{ADMIN_GROUP}\"\n"
+            ),
+        )?;
+        // Owner-only, as the credential it prints.
+        pki::write_private(
+            &self.exec_plugin_path(),
+            &format!(
+                "#!/bin/sh\n# The lab's exec credential plugin (as `aws eks get-token`): one\n# ExecCredential with the token of user {EXEC_USER}.\necho \"$(date +%s) uid=$(id -u)\" >> {calls} 2>/dev/null\nprintf '%s\\n' '{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{exec}\"}}}}'\n",
+                calls = self.exec_plugin_calls_path().display(),
+            ),
+        )?;
+        fs::set_permissions(&self.exec_plugin_path(), fs::Permissions::from_mode(0o700)).map_err(
+            |source| LabError::Io {
+                what: format!("making {} executable", self.exec_plugin_path().display()),
+                source,
+            },
+        )?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
-            .args(["--listen", API_ADDR, "--token", &token])
-            .args([
-                "--restricted-token",
-                &restricted,
-                "--restricted-namespaces",
-                RESTRICTED_NAMESPACES,
-            ]);
+            .args(["--listen", API_ADDR])
+            .arg("--tls-cert-file")
+            .arg(pki.server_cert())
+            .arg("--tls-private-key-file")
+            .arg(pki.server_key())
+            .arg("--client-ca-file")
+            .arg(pki.ca_cert())
+            .arg("--token-auth-file")
+            .arg(self.tokens_path())
+            .args(["--restricted-namespaces", RESTRICTED_NAMESPACES]);
         let pid = spawn_detached(
             &mut cmd,
             &self.state.join("api.log"),
             &format!("the lab API endpoint ({})", argv[0]),
         )?;
         write(&self.state.join("api.pid"), &pid.to_string())?;
-        write(
-            &self.kubeconfig_path(),
-            &kubeconfig(&format!("http://{API_ADDR}"), &self.name, &token),
-        )?;
-        write(
-            &self.state.join("kubeconfig-restricted"),
-            &kubeconfig(&format!("http://{API_ADDR}"), &self.name, &restricted),
-        )?;
+        // Each holds a credential: owner-only, as kubeadm's admin.conf.
+        let plugin = self.exec_plugin_path();
+        for (path, user, credential) in [
+            (
+                self.kubeconfig_path(),
+                ADMIN_USER,
+                kubeconfig::Credential::ClientCert(&admin),
+            ),
+            (
+                self.restricted_kubeconfig_path(),
+                DEVELOPER_USER,
+                kubeconfig::Credential::Token(&restricted),
+            ),
+            (
+                self.exec_kubeconfig_path(),
+                EXEC_USER,
+                kubeconfig::Credential::Exec(&plugin),
+            ),
+        ] {
+            pki::write_private(&path, &self.kubeconfig_for(user, credential)?)?;
+        }
         Ok(())
     }
 
@@ -1090,6 +1214,10 @@ impl Lab {
             services: spec::services(),
             dev_netns: self.dev_netns(),
             kubeconfig: api_running.then(|| self.kubeconfig_path()),
+            kubeconfig_restricted: api_running.then(|| self.restricted_kubeconfig_path()),
+            kubeconfig_exec: api_running.then(|| self.exec_kubeconfig_path()),
+            api_server: api_running.then(api_url),
+            ca_cert: api_running.then(|| self.pki().ca_cert()),
             api_running,
             service_cidr: spec::SERVICE_CIDR,
             pod_cidr: spec::POD_CIDR,
@@ -1174,12 +1302,9 @@ fn stop_pid(pid: i32) {
     }
 }
 
-/// A kubeconfig for an API endpoint (bearer token, plain HTTP on the lab's
-/// fabric).
-pub fn kubeconfig(server: &str, lab: &str, token: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: {lab}\n  cluster:\n    server: {server}\nusers:\n- name: {lab}-admin\n  user:\n    token: {token}\ncontexts:\n- name: {lab}\n  context:\n    cluster: {lab}\n    user: {lab}-admin\n    namespace: default\ncurrent-context: {lab}\n"
-    )
+/// The lab's API server, as kubeconfigs name it (HTTPS on the fabric).
+pub fn api_url() -> String {
+    format!("https://{API_ADDR}")
 }
 
 fn random_u64() -> u64 {

@@ -1,7 +1,7 @@
 //! `tpbpf lab up|down|status|restart`: the lab cluster (see tpbpf-lab).
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tpbpf_lab::Lab;
 
 use crate::Output;
@@ -48,17 +48,23 @@ enum LabAction {
         #[arg(short, long)]
         namespace: Option<String>,
     },
-    /// Internal: serve the lab's Kubernetes API endpoint (started by `up`).
+    /// Internal: serve the lab's Kubernetes API endpoint over HTTPS
+    /// (started by `up`; the TLS and token flags are kube-apiserver's).
     #[command(hide = true)]
     Api {
         #[arg(long)]
         listen: std::net::SocketAddr,
         #[arg(long)]
-        token: String,
-        /// A second, restricted identity's token.
+        tls_cert_file: std::path::PathBuf,
         #[arg(long)]
-        restricted_token: Option<String>,
-        /// Where the restricted identity may port-forward (comma separated).
+        tls_private_key_file: std::path::PathBuf,
+        /// Client certificates must chain to this CA.
+        #[arg(long)]
+        client_ca_file: std::path::PathBuf,
+        /// Static bearer tokens: `token,user,uid[,"group1,group2"]` a line.
+        #[arg(long)]
+        token_auth_file: std::path::PathBuf,
+        /// Where user lab-developer may port-forward (comma separated).
         #[arg(long, value_delimiter = ',')]
         restricted_namespaces: Vec<String>,
         /// The agent binary the nodes run once tpbpf's DaemonSet is applied.
@@ -70,18 +76,24 @@ enum LabAction {
 pub fn run(args: LabArgs) -> Result<ExitCode> {
     if let LabAction::Api {
         listen,
-        token,
-        restricted_token,
+        tls_cert_file,
+        tls_private_key_file,
+        client_ca_file,
+        token_auth_file,
         restricted_namespaces,
         agent_bin,
     } = &args.action
     {
         let cfg = tpbpf_lab_api::ApiConfig {
             lab: args.name.clone(),
-            token: token.clone(),
-            restricted: restricted_token
-                .clone()
-                .map(|t| (t, restricted_namespaces.clone())),
+            tls: tpbpf_lab_api::TlsFiles {
+                cert: tls_cert_file.clone(),
+                key: tls_private_key_file.clone(),
+                client_ca: client_ca_file.clone(),
+            },
+            tokens: tpbpf_lab_api::auth::Tokens::read(token_auth_file)
+                .with_context(|| format!("reading the token file {}", token_auth_file.display()))?,
+            restricted_namespaces: restricted_namespaces.clone(),
             agent: agent_bin.clone(),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -199,13 +211,27 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
                 "developer machine: network namespace {} (reaches the API endpoint only)",
                 status.dev_netns
             );
-            match &status.kubeconfig {
-                Some(k) => println!(
-                    "API endpoint: http://{} kubeconfig: {}",
-                    tpbpf_lab::API_ADDR,
-                    k.display()
-                ),
-                None => println!("API endpoint: not running"),
+            match (&status.api_server, &status.kubeconfig) {
+                (Some(url), Some(k)) => {
+                    println!(
+                        "API endpoint: {url} (CA {})",
+                        status.ca_cert.as_deref().unwrap_or(k).display()
+                    );
+                    use tpbpf_lab::identity::*;
+                    println!(
+                        "kubeconfig: {} (client certificate, user {ADMIN_USER})",
+                        k.display()
+                    );
+                    for (path, what, user) in [
+                        (&status.kubeconfig_restricted, "token", DEVELOPER_USER),
+                        (&status.kubeconfig_exec, "exec credential plugin", EXEC_USER),
+                    ] {
+                        if let Some(p) = path {
+                            println!("kubeconfig: {} ({what}, user {user})", p.display());
+                        }
+                    }
+                }
+                _ => println!("API endpoint: not running"),
             }
         }
     }
