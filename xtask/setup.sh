@@ -23,6 +23,8 @@ fi
 #  zlib1g-dev libzstd-dev            libraries LLVM's link line names
 #  build-essential pkg-config        C toolchain for -sys crates
 #  bpftool                           the kernel's own view of programs, links and cgroups (tests)
+#  clang-22 libbpf-dev               compile the coexistence tests' stand-ins for other eBPF
+#                                    (vm-tests/coexist-bpf, C for -target bpf; vm-tests/build.rs)
 #  iproute2                          network namespaces and veth pairs (tests, demo)
 #  curl                              a real client for the demo and the tests
 #  dnsmasq-base bind9-dnsutils       a real DNS server (no service started) and dig, for the tests
@@ -35,7 +37,7 @@ fi
 #  kmod xz-utils gpgv                privileged suite inside (cargo xtask vm-test): the guest's init,
 #                                    its modules' dependencies (depmod), the archive's signature
 PKGS=(rustc-web cargo-web rust-web-src rust-web-clippy rustfmt-web llvm-22-dev libpolly-22-dev
-      zlib1g-dev libzstd-dev build-essential pkg-config bpftool iproute2 curl
+      zlib1g-dev libzstd-dev build-essential pkg-config bpftool iproute2 curl clang-22 libbpf-dev
       dnsmasq-base bind9-dnsutils socat util-linux buildah runc python3-venv
       qemu-system-x86 busybox-static kmod xz-utils gpgv)
 
