@@ -162,10 +162,20 @@ struct LegacyCgroupAttach {
 
 impl LegacyCgroupAttach {
     fn new(cgroup: &Path, prog_id: u32) -> Self {
+        Self::with_flags(cgroup, prog_id, &["multi"])
+    }
+
+    /// No flags: an exclusive attachment (bpftool's default).
+    fn exclusive(cgroup: &Path, prog_id: u32) -> Self {
+        Self::with_flags(cgroup, prog_id, &[])
+    }
+
+    fn with_flags(cgroup: &Path, prog_id: u32, flags: &[&str]) -> Self {
         run(Command::new("bpftool")
             .args(["cgroup", "attach"])
             .arg(cgroup)
-            .args(["connect4", "id", &prog_id.to_string(), "multi"]));
+            .args(["connect4", "id", &prog_id.to_string()])
+            .args(flags));
         Self {
             cgroup: cgroup.to_path_buf(),
             prog_id,
@@ -433,6 +443,55 @@ fn a_socket_lb_on_a_parent_cgroup_runs_after_tpbpf_whenever_attached() {
     assert_eq!(effective_connect4(&bridged), vec![id1, id2]);
     let r = connect_from(&client, &bridged, "10.96.0.10:80");
     assert!(answer(&r).contains(DIRECT_TO_BACKEND), "{r}");
+}
+
+/// A legacy exclusive attachment (no BPF_F_ALLOW_MULTI) on an ancestor
+/// takes the hook for the whole subtree: the kernel refuses tpbpf's links
+/// (EPERM), and tpbpf refuses to start, saying what it could not attach,
+/// rather than taking the hook over. The other program keeps working.
+#[test]
+fn an_exclusive_program_on_an_ancestor_makes_tpbpf_refuse_to_start() {
+    if !require_root() {
+        return;
+    }
+    let Some(mut lb) = Other::socket_lb() else {
+        return;
+    };
+    let (cluster, client, _backend) = lb_world();
+    let parent = TestCgroup::new();
+    let bridged = parent.path().join("bridged");
+    std::fs::create_dir(&bridged).unwrap();
+    let _exclusive = LegacyCgroupAttach::exclusive(parent.path(), lb.prog_id("socket_lb"));
+
+    let out = Command::new(tpbpf_bin())
+        .args([
+            "--netns",
+            client.ns.name(),
+            "daemon",
+            "-o",
+            "json",
+            "--no-dns",
+        ])
+        .args(["--upstream", &format!("netns:{}", cluster.ns.name())])
+        .args(["--cidr", CLUSTER_CIDR4, "--cgroup"])
+        .arg(&bridged)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("tpbpf under an exclusive ancestor: {} {stderr}", out.status);
+    assert!(!out.status.success(), "tpbpf started: {stderr}");
+    assert!(
+        stderr.contains("attaching") && stderr.contains("exclusively"),
+        "{stderr}"
+    );
+    assert_eq!(
+        effective_connect4(&bridged),
+        vec![u64::from(lb.prog_id("socket_lb"))],
+        "only the exclusive program"
+    );
+    let r = connect_from(&client, &bridged, "10.96.0.10:80");
+    assert!(answer(&r).contains(DIRECT_TO_BACKEND), "{r}");
+    assert_eq!(lb.lb_stats().1, 1);
 }
 
 // ---- sk_lookup ----

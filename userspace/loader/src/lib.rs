@@ -49,7 +49,10 @@ pub enum LoadError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("attaching kernel program `{name}` to cgroup {cgroup}: {source} (tpbpf needs root, or CAP_BPF + CAP_NET_ADMIN)")]
+    /// EPERM as root on a cgroup: another program holds that hook
+    /// exclusively (attached without `BPF_F_ALLOW_MULTI`) on the cgroup or
+    /// an ancestor; the kernel refuses every link below it.
+    #[error("attaching kernel program `{name}` to cgroup {cgroup}: {source} (tpbpf needs root, or CAP_BPF + CAP_NET_ADMIN; as root, \"Operation not permitted\" on a cgroup means another program holds this hook exclusively there or on an ancestor, attached without BPF_F_ALLOW_MULTI: `bpftool cgroup tree` shows it)")]
     Attach {
         name: &'static str,
         cgroup: String,
