@@ -696,6 +696,64 @@ impl LabGuard {
             .expect("dev netns")
             .to_string()
     }
+
+    /// The lab's state directory (`/run/tpbpf-lab/NAME`).
+    pub fn state_dir(&self) -> PathBuf {
+        Path::new(&self.kubeconfig())
+            .parent()
+            .expect("the kubeconfig's directory")
+            .to_path_buf()
+    }
+
+    /// The token user's kubeconfig (`lab-developer`).
+    pub fn restricted_kubeconfig(&self) -> String {
+        self.status["kubeconfig_restricted"]
+            .as_str()
+            .expect("kubeconfig_restricted")
+            .to_string()
+    }
+
+    /// The exec credential plugin user's kubeconfig.
+    pub fn exec_kubeconfig(&self) -> String {
+        self.status["kubeconfig_exec"]
+            .as_str()
+            .expect("kubeconfig_exec")
+            .to_string()
+    }
+
+    /// `curl` in the developer namespace with the admin's client
+    /// certificate and the cluster CA: append options and the API path
+    /// ([`LabGuard::api_url`]).
+    pub fn api_curl(&self) -> Command {
+        let pki = self.state_dir().join("pki");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.dev_netns(), "curl", "-sS", "-m", "3"])
+            .arg("--cacert")
+            .arg(pki.join("ca.crt"))
+            .arg("--cert")
+            .arg(pki.join("admin.crt"))
+            .arg("--key")
+            .arg(pki.join("admin.key"));
+        cmd
+    }
+
+    /// The API server's URL for `path` (HTTPS).
+    pub fn api_url(&self, path: &str) -> String {
+        format!(
+            "{}{path}",
+            self.status["api_server"].as_str().expect("api_server")
+        )
+    }
+
+    /// GET `path` from the API as the admin: the body, or curl's error.
+    pub fn api_get(&self, path: &str) -> String {
+        let out = self.api_curl().arg(self.api_url(path)).output().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
 }
 
 impl Drop for LabGuard {

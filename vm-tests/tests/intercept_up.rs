@@ -656,10 +656,9 @@ fn a_selector_with_only_match_expressions_selects_exactly_its_pods() {
     let Some(lab) = LabGuard::up("te") else {
         return;
     };
-    let dev = lab.dev_netns();
     let names = |selector: &str| -> Vec<String> {
-        let url = format!("http://172.31.0.1:6443/api/v1/pods?labelSelector={selector}");
-        let v: Value = serde_json::from_str(&curl_from(&dev, &url)).unwrap();
+        let path = format!("/api/v1/pods?labelSelector={selector}");
+        let v: Value = serde_json::from_str(&lab.api_get(&path)).unwrap();
         v["items"]
             .as_array()
             .unwrap()

@@ -185,9 +185,8 @@ fn lab_up_without_its_agent_fails_and_the_api_lists_only_running_pods() {
     let Some(lab) = LabGuard::up("tn") else {
         return;
     };
-    let dev = lab.dev_netns();
     let api = |path: &str| -> Value {
-        let text = curl_from(&dev, &format!("http://172.31.0.1:6443{path}"));
+        let text = lab.api_get(path);
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"))
     };
     let pod_names = |list: &Value| -> Vec<String> {
@@ -248,9 +247,6 @@ fn lab_up_without_its_agent_fails_and_the_api_lists_only_running_pods() {
         "{web}"
     );
     // A port-forward to the dead pod is refused like a missing pod.
-    let pf = curl_from(
-        &dev,
-        "http://172.31.0.1:6443/api/v1/namespaces/default/pods/web-7d4b9c-a1/portforward",
-    );
+    let pf = lab.api_get("/api/v1/namespaces/default/pods/web-7d4b9c-a1/portforward");
     assert!(pf.contains("NotFound"), "{pf}");
 }

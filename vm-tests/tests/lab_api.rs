@@ -61,6 +61,34 @@ fn lab_api_serves_kubectl_and_kube_rs_with_watch_and_port_forward() {
                 list["items"][0]["spec"]["clusterIP"], "10.96.0.40",
                 "{list}"
             );
+            // Over HTTPS, as each identity: the client certificate's CN and
+            // O, the token's user.
+            for (kc, user, groups) in [
+                (
+                    kubeconfig.clone(),
+                    "kubernetes-admin",
+                    vec!["system:masters", "system:authenticated"],
+                ),
+                (
+                    lab.restricted_kubeconfig(),
+                    "lab-developer",
+                    vec!["system:authenticated"],
+                ),
+            ] {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &dev, "kubectl", "--kubeconfig", &kc])
+                    .args(["auth", "whoami", "-o", "json"])
+                    .output()
+                    .unwrap();
+                let who: Value = serde_json::from_slice(&out.stdout)
+                    .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+                assert_eq!(who["status"]["userInfo"]["username"], user, "{who}");
+                assert_eq!(
+                    who["status"]["userInfo"]["groups"],
+                    serde_json::json!(groups),
+                    "{who}"
+                );
+            }
         }
         Ok(out) => panic!(
             "kubectl get pods -A failed: {}",

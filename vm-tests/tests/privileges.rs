@@ -115,7 +115,8 @@ fn unused_gid() -> u32 {
 }
 
 /// A directory of user nobody's: its kubeconfig, whose exec credential
-/// plugin records the uid it runs as, and what that plugin writes.
+/// plugin records the uid it runs as (and prints the token of the lab's
+/// exec identity, an admin), and what that plugin writes.
 struct NobodyHome(std::path::PathBuf);
 
 impl NobodyHome {
@@ -131,7 +132,17 @@ impl NobodyHome {
                 .unwrap_or_else(|| panic!("no {name} in the lab's kubeconfig"))
                 .to_string()
         };
-        let (server, token) = (field("server"), field("token"));
+        let (server, ca) = (field("server"), field("certificate-authority-data"));
+        let tokens = std::path::Path::new(lab_kubeconfig).with_file_name("tokens.csv");
+        let token = std::fs::read_to_string(&tokens)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split(',');
+                let (token, user) = (f.next()?, f.next()?);
+                (user == tpbpf_lab::identity::EXEC_USER).then(|| token.to_string())
+            })
+            .expect("the exec identity's token in the lab's tokens.csv");
         let plugin = home.0.join("credential-plugin");
         std::fs::write(
             &plugin,
@@ -145,7 +156,7 @@ impl NobodyHome {
         std::fs::write(
             home.kubeconfig(),
             format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {server}\nusers:\n- name: dev\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: {}\n      interactiveMode: Never\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: dev\n    namespace: default\ncurrent-context: lab\n",
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: dev\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: {}\n      interactiveMode: Never\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: dev\n    namespace: default\ncurrent-context: lab\n",
                 plugin.display()
             ),
         )

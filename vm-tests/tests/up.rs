@@ -489,10 +489,11 @@ fn a_namespace_named_test_leaves_local_test_to_the_apps_resolver() {
     };
     let (kubeconfig, dev) = (lab.kubeconfig(), lab.dev_netns());
     // An admin creates namespace `test` (JSON, as the lab API takes it).
-    let created = Command::new("ip")
-        .args(["netns", "exec", &dev, "curl", "-sS", "-f", "-X", "POST"])
-        .args(["-H", "Content-Type: application/json"])
-        .args(["http://172.31.0.1:6443/api/v1/namespaces", "-d"])
+    let created = lab
+        .api_curl()
+        .args(["-f", "-X", "POST", "-H", "Content-Type: application/json"])
+        .arg(lab.api_url("/api/v1/namespaces"))
+        .arg("-d")
         .arg(r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"test"}}"#)
         .output()
         .unwrap();

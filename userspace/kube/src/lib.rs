@@ -1,6 +1,8 @@
 //! tpbpf's view of a cluster, through the user's kubeconfig like kubectl:
 //! which ranges to bridge (service CIDR, pod CIDRs), the cluster DNS and
 //! domain, and the namespaces names resolve in.
+pub mod access;
+
 use std::{net::IpAddr, path::Path};
 
 use k8s_openapi::api::{
@@ -33,6 +35,26 @@ pub enum KubeError {
     Infer(String),
     #[error("connecting to the cluster: {0}")]
     Client(#[source] kube::Error),
+    /// The API server would not talk to this kubeconfig's identity (TLS,
+    /// credentials): one line with what and where, and the fix.
+    #[error(
+        "{problem} (API server {server}, context {context} of kubeconfig {kubeconfig}): {fix}"
+    )]
+    Refused {
+        kubeconfig: String,
+        context: String,
+        server: String,
+        problem: String,
+        fix: String,
+    },
+    #[error("the API server {server} (context {context} of kubeconfig {kubeconfig}) did not answer: {source} (is it up, and reachable from here?)")]
+    Unanswered {
+        kubeconfig: String,
+        context: String,
+        server: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error(
         "{what}: {source} (is the API server at {server} reachable, and may you list {what}?)"
     )]
@@ -77,7 +99,10 @@ pub struct Given {
 }
 
 /// A client for the kubeconfig at `path` (or the usual places, like
-/// kubectl), in `context` (or the current one).
+/// kubectl), in `context` (or the current one). It asks the server its
+/// version first, as kubectl's discovery does, so that a certificate or
+/// credential the server refuses is said here, in one line naming the
+/// kubeconfig, the context and the fix ([`KubeError::Refused`]).
 pub async fn client(
     path: Option<&Path>,
     context: Option<&str>,
@@ -111,9 +136,48 @@ pub async fn client(
     };
     let ctx = context
         .map(str::to_string)
-        .or_else(|| kc.and_then(|k| k.current_context))
+        .or_else(|| kc.as_ref().and_then(|k| k.current_context.clone()))
         .unwrap_or_default();
+    let entry = kc
+        .as_ref()
+        .and_then(|k| k.contexts.iter().find(|c| c.name == ctx))
+        .and_then(|c| c.context.clone());
+    let target = access::Target {
+        kubeconfig: match path {
+            Some(p) => p.display().to_string(),
+            None => std::env::var("KUBECONFIG")
+                .ok()
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(|| "~/.kube/config".into()),
+        },
+        context: ctx.clone(),
+        cluster: entry
+            .as_ref()
+            .map(|c| c.cluster.clone())
+            .unwrap_or_default(),
+        user: entry.and_then(|c| c.user).unwrap_or_default(),
+        server: server.clone(),
+    };
     let client = build_client(config)?;
+    if let Err(e) = client.apiserver_version().await {
+        debug!("the API server's version: {e:?}");
+        if let Some(cause) = access::cause(&e) {
+            let (problem, fix) = access::explain(&cause, &target);
+            return Err(KubeError::Refused {
+                kubeconfig: target.kubeconfig,
+                context: target.context,
+                server: target.server,
+                problem,
+                fix,
+            });
+        }
+        return Err(KubeError::Unanswered {
+            kubeconfig: target.kubeconfig,
+            context: target.context,
+            server: target.server,
+            source: e,
+        });
+    }
     Ok((client, ctx, server, namespace))
 }
 
