@@ -851,6 +851,9 @@ fn tc_programs_next_to_tpbpf_run_in_list_order_and_outlive_it() {
     let Some(mut filter) = OtherTc::load(TC_ACT_UNSPEC, VIP) else {
         return;
     };
+    let Some(mut late_filter) = OtherTc::load(TC_ACT_UNSPEC, VIP) else {
+        return;
+    };
     let cluster = Cluster::new("tc");
     let client = Client::new();
     let container = NetNs::new();
@@ -896,7 +899,9 @@ fn tc_programs_next_to_tpbpf_run_in_list_order_and_outlive_it() {
     } else {
         skip_line("no tcx before Linux 6.6: only classic tc filters next to tpbpf's");
     }
+    // Classic filters at a small pref (Cilium's 1) and at a large one.
     filter.attach_filter(client.ns.name(), &host_if, 1);
+    late_filter.attach_filter(client.ns.name(), &host_if, 50000);
     let cg = TestCgroup::new();
     let (mut d, ready) = daemon(
         &client,
@@ -921,8 +926,12 @@ fn tc_programs_next_to_tpbpf_run_in_list_order_and_outlive_it() {
         answer(&r).contains("served-by 10.96.0.10:80 tc"),
         "tpbpf's tc path: {r}"
     );
-    let (b, f) = (before.stats(), filter.stats());
-    println!("tcx before tpbpf {b:?}, classic filter {f:?} (packets, to the ClusterIP)");
+    let (b, f, l) = (before.stats(), filter.stats(), late_filter.stats());
+    println!(
+        "tcx before tpbpf {b:?}, classic filters at pref 1 {f:?} and 50000 {l:?} (packets, to \
+         the ClusterIP)"
+    );
+    assert_eq!(l.1, 0, "the filter at pref 50000 runs after tpbpf: {l:?}");
     if tcx {
         assert!(
             b.1 > 0,
@@ -933,8 +942,14 @@ fn tc_programs_next_to_tpbpf_run_in_list_order_and_outlive_it() {
             "classic filters run after tcx, which tpbpf ends: {f:?}"
         );
     } else {
-        // Classic filters run in `pref` order: the one at pref 1 first.
+        // Classic filters run in `pref` order: the one at pref 1 first;
+        // tpbpf's (a pref the kernel picks) before the one at 50000.
         assert!(f.1 > 0, "the filter at pref 1 runs before tpbpf's: {f:?}");
+        let filters = tc_filters(client.ns.name(), &host_if);
+        assert!(
+            filters.contains("pref 49999 bpf chain 0 handle 0x1 tpbpf_tc_ingress"),
+            "the kernel puts tpbpf's filter just before the one at 50000: {filters}"
+        );
     }
 
     // After tpbpf, at the end of the tcx list: not reached while tpbpf is there.
@@ -981,20 +996,30 @@ fn tc_programs_next_to_tpbpf_run_in_list_order_and_outlive_it() {
     if tcx {
         assert_links_live(&before.other.links, "the tcx program before tpbpf");
     }
-    let others: Vec<(u32, u32)> = [Some(&mut before), after.as_mut(), Some(&mut filter)]
-        .into_iter()
-        .flatten()
-        .map(OtherTc::stats)
-        .collect();
+    let others: Vec<(u32, u32)> = [
+        tcx.then_some(&mut before),
+        after.as_mut(),
+        Some(&mut filter),
+        Some(&mut late_filter),
+    ]
+    .into_iter()
+    .flatten()
+    .map(OtherTc::stats)
+    .collect();
     // The container's connects now go unanswered (nothing routes 10.96/12
     // here), but every program sees them.
     let r = container_answer(&container);
     assert_ne!(r["ok"], true, "{r}");
-    let now: Vec<(u32, u32)> = [Some(&mut before), after.as_mut(), Some(&mut filter)]
-        .into_iter()
-        .flatten()
-        .map(OtherTc::stats)
-        .collect();
+    let now: Vec<(u32, u32)> = [
+        tcx.then_some(&mut before),
+        after.as_mut(),
+        Some(&mut filter),
+        Some(&mut late_filter),
+    ]
+    .into_iter()
+    .flatten()
+    .map(OtherTc::stats)
+    .collect();
     println!("without tpbpf: {others:?} -> {now:?}");
     for (was, is) in others.iter().zip(&now) {
         assert!(
