@@ -558,6 +558,31 @@ fn tc_path_bridges_a_container_namespace_and_sigkill_leaves_nothing() {
     let routes =
         run(Command::new("ip").args(["-n", client.ns.name(), "route", "show", "table", "all"]));
     assert!(!routes.contains("table 7470"), "{routes}");
+    // Before Linux 6.6 (no tcx) the filter went on a clsact qdisc that tpbpf
+    // made: the helper removes both.
+    assert!(
+        wait_for(Duration::from_secs(2), || {
+            !run(Command::new("tc").args([
+                "-n",
+                client.ns.name(),
+                "qdisc",
+                "show",
+                "dev",
+                &host_if,
+            ]))
+            .contains("clsact")
+        }),
+        "clsact qdisc left behind after SIGKILL: {}",
+        run(Command::new("tc").args([
+            "-n",
+            client.ns.name(),
+            "filter",
+            "show",
+            "dev",
+            &host_if,
+            "ingress"
+        ]))
+    );
     // The container's traffic is no longer bridged (nothing routes 10.96.0.0/12 here).
     let after = Command::new("ip")
         .args([

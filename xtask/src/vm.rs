@@ -62,6 +62,9 @@ const TEST_MODULES: &[&str] = &[
     "nft_redir",
     "nf_conntrack",
     "tls",
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
 ];
 
 /// A subset that runs in CI on 6.1, inside its time box: the datapath,
@@ -96,7 +99,8 @@ pub struct Args {
     /// Run only the CI subset (the datapath, run, up, an intercept).
     #[arg(long)]
     ci_subset: bool,
-    /// Run only these test binaries (vm-tests/tests/NAME.rs), repeatable.
+    /// Run only these test binaries (vm-tests/tests/NAME.rs), or with
+    /// NAME::FILTER the tests of NAME whose names contain FILTER; repeatable.
     #[arg(long = "test", value_name = "NAME")]
     tests: Vec<String>,
     /// Also install this .deb in the guest (`dpkg -i`) and run
@@ -168,6 +172,7 @@ pub fn vm_test(args: Args) -> Result<()> {
     fs::create_dir_all(run_dir.join("out/logs"))?;
     let _cleanup = RemoveDir(run_dir.clone());
     let initrd = build_initramfs(&kernel, &run_dir)?;
+    let selected = snapshot(selected, &run_dir)?;
     write_job(&kernel, &selected, &args, &run_dir)?;
 
     step(&format!(
@@ -497,6 +502,43 @@ struct Selected<'a> {
     filters: Vec<String>,
 }
 
+/// The binaries a test finds beside its own (`target/debug/NAME`).
+const SIBLINGS: &[&str] = &["tpbpf", "tpbpf-agent", "tpbpf-testclient", "tpbpf-testserver"];
+
+/// Copies the selected test binaries and their siblings into the run's
+/// directory, laid out as `debug/deps/` and `debug/`, so that a build that
+/// replaces them while the guest runs does not change them under it.
+fn snapshot(selected: Vec<Selected<'_>>, run_dir: &Path) -> Result<Vec<Selected<'static>>> {
+    let deps = run_dir.join("snap/debug/deps");
+    fs::create_dir_all(&deps)?;
+    let mut out = Vec::new();
+    let mut from_dir = None;
+    for s in selected {
+        let dst = deps.join(s.bin.path.file_name().context("a test binary's name")?);
+        fs::copy(&s.bin.path, &dst)
+            .with_context(|| format!("copying {}", s.bin.path.display()))?;
+        from_dir = s.bin.path.parent().and_then(Path::parent).map(Path::to_path_buf);
+        let bin: &'static TestBinary = Box::leak(Box::new(TestBinary {
+            name: s.bin.name.clone(),
+            path: dst,
+        }));
+        out.push(Selected {
+            bin,
+            filters: s.filters,
+        });
+    }
+    if let Some(dir) = from_dir {
+        for name in SIBLINGS {
+            let src = dir.join(name);
+            if src.exists() {
+                fs::copy(&src, run_dir.join("snap/debug").join(name))
+                    .with_context(|| format!("copying {}", src.display()))?;
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn select<'a>(bins: &'a [TestBinary], args: &Args) -> Result<Vec<Selected<'a>>> {
     let find = |name: &str| {
         bins.iter()
@@ -518,10 +560,14 @@ fn select<'a>(bins: &'a [TestBinary], args: &Args) -> Result<Vec<Selected<'a>>> 
         return args
             .tests
             .iter()
-            .map(|name| {
+            .map(|spec| {
+                let (name, filter) = match spec.split_once("::") {
+                    Some((n, f)) => (n, vec![f.to_string()]),
+                    None => (spec.as_str(), Vec::new()),
+                };
                 Ok(Selected {
                     bin: find(name)?,
-                    filters: Vec::new(),
+                    filters: filter,
                 })
             })
             .collect();
@@ -565,7 +611,11 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out $R/vmout
 MODS=$(cat /modules.dir)
 mkdir -p "$R/lib/modules/$(uname -r)"
 mount --bind "$R$MODS" "$R/lib/modules/$(uname -r)"
-echo /sbin/modprobe > /proc/sys/kernel/modprobe
+# The kernel's module requests (a qdisc, an nft expression, a sock_diag
+# handler) run its helper in this root, not the chroot's: hand them over.
+printf '#!/bin/busybox sh\nexec /bin/busybox chroot /newroot /sbin/modprobe "$@"\n' > /bin/modprobe-in-root
+chmod 755 /bin/modprobe-in-root
+echo /bin/modprobe-in-root > /proc/sys/kernel/modprobe
 chroot $R /bin/sh /vmout/job.sh
 echo "tpbpf-vm: job ended ($?)"
 sync
@@ -912,9 +962,13 @@ fn failure_of(log: &str, test: &str) -> String {
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .find(|l| l.contains("panicked") || l.contains("assert"))
-        .map(|l| l.chars().take(200).collect())
-        .unwrap_or_default()
+        .skip_while(|l| !l.contains("panicked at"))
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(240)
+        .collect()
 }
 
 fn counts(results: &[TestResult]) -> (usize, usize, usize) {

@@ -62,6 +62,16 @@ impl Reaper {
         let _ = self.child.wait();
     }
 
+    /// Tells the helper something it will need if this process dies (one
+    /// line; at most a pipe's buffer in all).
+    pub fn tell(&mut self, line: &str) -> io::Result<()> {
+        use std::io::Write;
+        match self.stdin.as_mut() {
+            Some(stdin) => writeln!(stdin, "{line}"),
+            None => Err(io::Error::other("the clean-up helper was let go")),
+        }
+    }
+
     /// Lets the helper go (after the creator removed the cgroup itself) and
     /// waits for it, so no zombie is left.
     pub fn finish(mut self) {
@@ -102,6 +112,12 @@ pub fn run_reaper(cgroup: PathBuf) -> io::Result<()> {
 /// signals; true unless the creator wrote `done` first (it undid its changes
 /// outside itself, a policy route, on its own).
 pub fn wait_for_creator() -> bool {
+    !wait_for_creator_input().starts_with(b"done")
+}
+
+/// Waits for EOF on stdin like [`wait_for_creator`], and returns what the
+/// creator wrote to it ([`Reaper::tell`]) before it went.
+pub fn wait_for_creator_input() -> Vec<u8> {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
         // SAFETY: installing SIG_IGN has no preconditions.
         unsafe {
@@ -110,5 +126,5 @@ pub fn wait_for_creator() -> bool {
     }
     let mut input = Vec::new();
     let _ = io::stdin().lock().read_to_end(&mut input);
-    !input.starts_with(b"done")
+    input
 }

@@ -80,9 +80,14 @@ enum Command {
     #[command(name = "__reap-cgroup", hide = true)]
     ReapCgroup { path: std::path::PathBuf },
     /// Internal: removes the tc path's policy route (fwmark MARK, table
-    /// TABLE) once its creator is gone.
+    /// TABLE), and before Linux 6.6 its netlink-attached filters on IFACEs
+    /// and the clsact qdiscs it made, once its creator is gone.
     #[command(name = "__undo-on-exit", hide = true)]
-    UndoOnExit { mark: u32, table: u32 },
+    UndoOnExit {
+        mark: u32,
+        table: u32,
+        ifaces: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -120,9 +125,14 @@ fn main() -> ExitCode {
         Command::ReapCgroup { path } => tpbpf_cgroup::reaper::run_reaper(path)
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from),
-        Command::UndoOnExit { mark, table } => {
-            if tpbpf_cgroup::reaper::wait_for_creator() {
-                let _ = tpbpf_daemon::policy::PolicyRoute::remove(mark, table);
+        Command::UndoOnExit {
+            mark,
+            table,
+            ifaces,
+        } => {
+            let told = tpbpf_cgroup::reaper::wait_for_creator_input();
+            if !told.starts_with(b"done") {
+                cmd::bridge::undo_tc_path(mark, table, &ifaces, &told);
             }
             Ok(ExitCode::SUCCESS)
         }

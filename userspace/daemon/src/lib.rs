@@ -183,6 +183,13 @@ impl Bridge {
         Ok(self.redirector.attach_tc(iface)?)
     }
 
+    /// The interfaces whose `clsact` qdisc the tc path made (before Linux
+    /// 6.6); [`netlink::remove_clsact_if_unused`] undoes each once this
+    /// bridge is dropped.
+    pub fn made_clsact(&self) -> Vec<String> {
+        self.redirector.made_clsact().to_vec()
+    }
+
     pub fn attached(&self) -> AttachedIds {
         self.redirector.attached().clone()
     }

@@ -233,3 +233,72 @@ pub async fn del_local_default(handle: Handle, table: u32) -> io::Result<()> {
         .await
         .map_err(nl_err("removing the local route"))
 }
+
+async fn link_index(handle: &Handle, iface: &str) -> io::Result<i32> {
+    let mut stream = handle.link().get().match_name(iface.to_string()).execute();
+    match stream
+        .try_next()
+        .await
+        .map_err(|e| io::Error::other(format!("finding interface {iface} (rtnetlink): {e}")))?
+    {
+        Some(l) => Ok(l.header.index as i32),
+        None => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface {iface}"),
+        )),
+    }
+}
+
+/// Removes the `clsact` qdisc of `iface` if no filter is left on it, ingress
+/// or egress. Before Linux 6.6 (no tcx) the tc path makes that qdisc when
+/// the interface has none; this undoes it once tpbpf's own filter is gone,
+/// and never takes another program's filters with it. True if it was
+/// removed; an interface that is gone counts as done.
+pub fn remove_clsact_if_unused(iface: &str) -> io::Result<bool> {
+    use rtnetlink::packet_route::tc::TcHandle;
+    let iface = iface.to_string();
+    in_netns(None, move |handle| async move {
+        let index = match link_index(&handle, &iface).await {
+            Ok(i) => i,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        for egress in [false, true] {
+            let get = handle.traffic_filter(index).get();
+            let get = if egress { get.egress() } else { get.ingress() };
+            let mut filters = get.execute();
+            match filters.try_next().await {
+                Ok(Some(_)) => return Ok(false),
+                Ok(None) => {}
+                // EINVAL/ENOENT: no clsact qdisc at all.
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if matches!(e.raw_code().abs(), libc::EINVAL | libc::ENOENT) =>
+                {
+                    return Ok(true)
+                }
+                Err(e) => {
+                    return Err(io::Error::other(format!(
+                        "listing the tc filters of {iface} (rtnetlink): {e}"
+                    )))
+                }
+            }
+        }
+        let mut del = handle.qdisc().del(index);
+        del.message_mut().header.parent = TcHandle::CLSACT;
+        del.message_mut().header.handle = TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
+        match del.execute().await {
+            Ok(()) => Ok(true),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if matches!(e.raw_code().abs(), libc::EINVAL | libc::ENOENT) =>
+            {
+                Ok(true)
+            }
+            Err(e) => Err(io::Error::other(format!(
+                "removing the clsact qdisc of {iface} (rtnetlink): {e}"
+            ))),
+        }
+    })
+}

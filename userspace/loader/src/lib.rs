@@ -15,7 +15,8 @@ pub mod netns;
 pub use cidr::{Cidr, CidrParseError};
 pub use intercept::{Bypass as InterceptBypass, Interceptor};
 pub use redirect::{
-    AttachedIds, Bypass, OrigDstTable, ProxyConfig, Redirector, SlotInfo, Udp6Last, UdpSlots,
+    remove_leftover_tc_filter, AttachedIds, Bypass, OrigDstTable, ProxyConfig, Redirector,
+    SlotInfo, Udp6Last, UdpSlots,
 };
 
 use thiserror::Error;

@@ -45,6 +45,8 @@ pub struct Redirector {
     udp_slots: UdpSlots,
     udp6_last: Udp6Last,
     attached: AttachedIds,
+    /// Interfaces whose `clsact` qdisc this process made (before Linux 6.6).
+    made_clsact: Vec<String>,
 }
 
 /// The cgroup sock_addr programs, in attach order.
@@ -153,6 +155,7 @@ impl Redirector {
             udp_slots: UdpSlots(Arc::new(Mutex::new(slots))),
             udp6_last: Udp6Last(Arc::new(udp6)),
             attached: AttachedIds::default(),
+            made_clsact: Vec::new(),
         })
     }
 
@@ -317,7 +320,10 @@ impl Redirector {
             .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0))
         {
             match aya::programs::tc::qdisc_add_clsact(iface) {
-                Ok(()) => debug!(iface, "clsact qdisc added (no tcx before Linux 6.6)"),
+                Ok(()) => {
+                    debug!(iface, "clsact qdisc added (no tcx before Linux 6.6)");
+                    self.made_clsact.push(iface.to_string());
+                }
                 // EEXIST: it has one already.
                 Err(aya::programs::tc::TcError::NetlinkError(e))
                     if e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -356,6 +362,13 @@ impl Redirector {
 
     pub fn attached(&self) -> &AttachedIds {
         &self.attached
+    }
+
+    /// The interfaces whose `clsact` qdisc [`Self::attach_tc`] made; the
+    /// caller removes them once the program is detached (they are not
+    /// owned by a link).
+    pub fn made_clsact(&self) -> &[String] {
+        &self.made_clsact
     }
 
     /// A handle on the original-destination table, for the listener's tasks.
@@ -682,5 +695,38 @@ mod tests {
             orig_to_socket_addr(&orig),
             Some("10.96.0.10:80".parse().unwrap())
         );
+    }
+}
+
+/// Removes tpbpf's tc ingress filter from `iface`, attached through
+/// netlink before Linux 6.6 (no tcx link to end with the process): what the
+/// clean-up helper does when tpbpfd died without detaching. Filters of other
+/// programs are left alone (they are found by tpbpf's program name). True
+/// if one was removed.
+pub fn remove_leftover_tc_filter(iface: &str) -> std::io::Result<bool> {
+    match aya::programs::tc::qdisc_detach_program(
+        iface,
+        TcAttachType::Ingress,
+        programs::TC_INGRESS,
+    ) {
+        Ok(()) => Ok(true),
+        // Nothing of tpbpf's there, no clsact qdisc, or no interface.
+        Err(aya::programs::tc::TcError::IoError(e))
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ENODEV) =>
+        {
+            Ok(false)
+        }
+        Err(aya::programs::tc::TcError::NetlinkError(e))
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(std::io::Error::other(format!(
+            "removing tpbpf's tc filter from {iface}: {e}"
+        ))),
     }
 }

@@ -11,7 +11,7 @@ use tpbpf_daemon::{
     TunnelUpstream, Upstream,
 };
 use tpbpf_loader::Cidr;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::scope::{exit_code, forward, spawn_in_cgroup};
 use crate::Output;
@@ -255,11 +255,10 @@ impl BridgeArgs {
             policy::DEFAULT_MARK.to_string(),
             policy::DEFAULT_TABLE.to_string(),
         );
-        let helper = Reaper::spawn_with(
-            &exe,
-            &["__undo-on-exit".as_ref(), mark.as_ref(), table.as_ref()],
-        )
-        .context("starting the clean-up helper")?;
+        let mut argv: Vec<&std::ffi::OsStr> =
+            vec!["__undo-on-exit".as_ref(), mark.as_ref(), table.as_ref()];
+        argv.extend(ifaces.iter().map(|i| std::ffi::OsStr::new(i.as_str())));
+        let mut helper = Reaper::spawn_with(&exe, &argv).context("starting the clean-up helper")?;
         let route = policy::PolicyRoute::install(policy::DEFAULT_MARK, policy::DEFAULT_TABLE)
             .context("installing the policy route for the tc path")?;
         for iface in &ifaces {
@@ -267,11 +266,18 @@ impl BridgeArgs {
                 .attach_iface(iface)
                 .with_context(|| format!("attaching to interface {iface}"))?;
         }
+        let made_clsact = bridge.made_clsact();
+        for iface in &made_clsact {
+            helper
+                .tell(&format!("{MADE_CLSACT}{iface}"))
+                .context("telling the clean-up helper about a clsact qdisc")?;
+        }
         info!(?ifaces, "tc path attached");
         Ok(Some(TcPath {
             route,
             helper,
             ifaces,
+            made_clsact,
         }))
     }
 
@@ -412,12 +418,43 @@ pub struct TcPath {
     route: policy::PolicyRoute,
     helper: Reaper,
     ifaces: Vec<String>,
+    /// Interfaces whose clsact qdisc the tc path made (before Linux 6.6).
+    made_clsact: Vec<String>,
 }
 
+/// What the clean-up helper is told for each clsact qdisc tpbpf made.
+const MADE_CLSACT: &str = "made-clsact ";
+
 impl TcPath {
+    /// Called after the bridge is dropped (its filters detached).
     fn finish(self) {
         drop(self.route);
+        for iface in &self.made_clsact {
+            if let Err(e) = tpbpf_daemon::netlink::remove_clsact_if_unused(iface) {
+                warn!("{e}");
+            }
+        }
         self.helper.done();
+    }
+}
+
+/// The clean-up helper's work when tpbpf died with the tc path attached:
+/// the policy route, and before Linux 6.6 (netlink filters, no tcx links
+/// that end with the process) tpbpf's filter on each interface and the
+/// clsact qdiscs it made, unless another program's filters are on them.
+pub fn undo_tc_path(mark: u32, table: u32, ifaces: &[String], told: &[u8]) {
+    let _ = policy::PolicyRoute::remove(mark, table);
+    for iface in ifaces {
+        if let Err(e) = tpbpf_loader::remove_leftover_tc_filter(iface) {
+            eprintln!("tpbpf: clean-up: {e}");
+        }
+    }
+    for line in String::from_utf8_lossy(told).lines() {
+        if let Some(iface) = line.strip_prefix(MADE_CLSACT) {
+            if let Err(e) = tpbpf_daemon::netlink::remove_clsact_if_unused(iface) {
+                eprintln!("tpbpf: clean-up: {e}");
+            }
+        }
     }
 }
 
