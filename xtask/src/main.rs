@@ -321,6 +321,13 @@ fn test() -> Result<()> {
     }
     run(cargo().args(["test", "-p", "tpbpf-vm-tests"]))?;
 
+    step("privileged tests on Debian's 6.1 under qemu (the CI subset: datapath, run, up, an intercept)");
+    if is_root() {
+        vm::vm_test(vm::Args::ci_subset("6.1"))?;
+    } else {
+        println!("SKIP vm-test: the guest runs the suite as root; run `sudo bash xtask/dev.sh test`");
+    }
+
     step("manifest security linter (checkov on `tpbpf install`'s manifests, skips in deploy/checkov.yaml)");
     manifests::lint()?;
 

@@ -125,6 +125,23 @@ pub struct Args {
     binary_timeout: u64,
 }
 
+impl Args {
+    /// The CI subset on kernel `line`, with the default limits.
+    pub fn ci_subset(line: &str) -> Self {
+        Self {
+            kernel: line.into(),
+            ci_subset: true,
+            tests: Vec::new(),
+            deb: None,
+            record: false,
+            exec: None,
+            memory: 4096,
+            timeout: 1500,
+            binary_timeout: 600,
+        }
+    }
+}
+
 pub fn vm_test(args: Args) -> Result<()> {
     if !is_root() {
         bail!("the guest runs the privileged suite as root in a chroot of this machine's /, which needs root here: run `sudo bash xtask/dev.sh vm-test --kernel {}`", args.kernel);
