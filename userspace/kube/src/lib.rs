@@ -53,7 +53,7 @@ pub enum KubeError {
         context: String,
         server: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error(
         "{what}: {source} (is the API server at {server} reachable, and may you list {what}?)"
@@ -175,7 +175,7 @@ pub async fn client(
             kubeconfig: target.kubeconfig,
             context: target.context,
             server: target.server,
-            source: e,
+            source: Box::new(e),
         });
     }
     Ok((client, ctx, server, namespace))

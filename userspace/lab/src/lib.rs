@@ -845,18 +845,13 @@ impl Lab {
             ),
         )?;
         // Owner-only, as the credential it prints.
-        pki::write_private(
+        pki::write_with_mode(
             &self.exec_plugin_path(),
             &format!(
                 "#!/bin/sh\n# The lab's exec credential plugin (as `aws eks get-token`): one\n# ExecCredential with the token of user {EXEC_USER}.\necho \"$(date +%s) uid=$(id -u)\" >> {calls} 2>/dev/null\nprintf '%s\\n' '{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{exec}\"}}}}'\n",
                 calls = self.exec_plugin_calls_path().display(),
             ),
-        )?;
-        fs::set_permissions(&self.exec_plugin_path(), fs::Permissions::from_mode(0o700)).map_err(
-            |source| LabError::Io {
-                what: format!("making {} executable", self.exec_plugin_path().display()),
-                source,
-            },
+            0o700,
         )?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])

@@ -257,11 +257,16 @@ fn read(path: &Path) -> Result<String> {
 
 /// Writes a file only its owner may read (0600 from the start).
 pub(crate) fn write_private(path: &Path, text: &str) -> Result<()> {
+    write_with_mode(path, text, 0o600)
+}
+
+/// Writes a new file with `mode` from the start (no window with another).
+pub(crate) fn write_with_mode(path: &Path, text: &str, mode: u32) -> Result<()> {
     let _ = fs::remove_file(path);
     fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
         .and_then(|mut f| f.write_all(text.as_bytes()))
         .map_err(|source| LabError::Io {
