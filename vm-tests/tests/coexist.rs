@@ -833,12 +833,13 @@ fn container_answer(container: &NetNs) -> Value {
 
 /// tc ingress next to tpbpf's. With tcx (6.6+) the links run in list
 /// order, and every classic clsact filter after all of them; a program
-/// returning TC_ACT_OK ends the run. tpbpf's program returns TC_ACT_OK
-/// for every packet, so what comes after it (later tcx links, all classic
-/// filters) sees nothing while tpbpf is attached; what comes before it and
-/// goes on (TCX_NEXT) runs, and tpbpf's path works. An earlier program's
-/// TC_ACT_OK hides the packets from tpbpf. Ending tpbpf leaves the others
-/// attached, and they see the traffic again.
+/// returning TC_ACT_OK ends the run. tpbpf's program ends it only for the
+/// packets it steers (cluster-bound TCP, assigned to tpbpfd's socket) and
+/// passes every other packet on (TCX_NEXT), so what comes after it (later
+/// tcx links, all classic filters) still sees the rest of the traffic; what
+/// comes before it and goes on runs, and tpbpf's path works. An earlier
+/// program's TC_ACT_OK hides the packets from tpbpf. Ending tpbpf leaves
+/// the others attached, and they see all the traffic again.
 #[test]
 fn tc_programs_next_to_tpbpf_run_in_list_order_and_outlive_it() {
     if !require_root() {
@@ -961,9 +962,21 @@ fn tc_programs_next_to_tpbpf_run_in_list_order_and_outlive_it() {
         a.attach_tcx(client.ns.name(), &host_if);
         let r = container_answer(&container);
         assert!(answer(&r).contains("served-by 10.96.0.10:80 tc"), "{r}");
+        // A packet tpbpf does not steer (TCP to the host side, outside the
+        // bridged ranges; refused) goes on.
+        let _ = Command::new(testclient_bin())
+            .args(["--netns", container.name(), "10.200.0.1:9"])
+            .output();
         let s = a.stats();
         println!("tcx after tpbpf: {s:?}");
-        assert_eq!(s, (0, 0), "tpbpf's TC_ACT_OK ends the tcx run");
+        assert_eq!(
+            s.1, 0,
+            "tpbpf ends the tcx run for the packets it steers: {s:?}"
+        );
+        assert!(
+            s.0 > 0,
+            "the packets tpbpf does not steer go on to the next program: {s:?}"
+        );
         after = Some(a);
 
         // An earlier program that ends the run itself hides the packets from tpbpf.

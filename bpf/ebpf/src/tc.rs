@@ -34,10 +34,22 @@ struct Tuple4 {
     dport: u16,
 }
 
+/// TC_ACT_UNSPEC, which tcx calls TCX_NEXT: "not mine, go on". The next
+/// tcx program, or the classic clsact filters after the tcx list (or, in a
+/// direct-action cls_bpf filter, the next filter) see the packet as if tpbpf
+/// were not there. TC_ACT_OK would end the run and hide every packet from
+/// the programs after tpbpf's (Cilium's, Calico's).
+const TC_NEXT: i32 = -1;
+
+/// Steers a cluster-bound TCP packet to tpbpfd's socket and passes it up
+/// the stack (TC_ACT_OK); leaves every other packet to the programs after
+/// this one.
 #[classifier]
 pub fn tpbpf_tc_ingress(ctx: TcContext) -> i32 {
-    let _ = steer(&ctx);
-    TC_ACT_OK
+    match steer(&ctx) {
+        Some(()) => TC_ACT_OK,
+        None => TC_NEXT,
+    }
 }
 
 fn steer(ctx: &TcContext) -> Option<()> {
@@ -119,8 +131,9 @@ fn assign(ctx: &TcContext, sk: *mut bpf_sock, mark: u32) -> Option<()> {
         bpf_sk_release(sk.cast());
         rc
     };
-    if rc == 0 {
-        ctx.set_mark(mark);
+    if rc != 0 {
+        return None;
     }
+    ctx.set_mark(mark);
     Some(())
 }
