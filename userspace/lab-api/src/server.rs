@@ -55,7 +55,7 @@ struct Peer {
 /// What a request's user may do (the lab's stand-in for RBAC).
 enum Who {
     /// Group `system:masters`: cluster-admin.
-    Admin,
+    Admin(String),
     /// `lab-developer`: reads everything, port-forwards in these
     /// namespaces, writes nothing.
     Restricted(String, Vec<String>),
@@ -66,7 +66,7 @@ enum Who {
 impl Who {
     fn of(user: User, cfg: &ApiConfig) -> Self {
         if user.in_group(identity::ADMIN_GROUP) {
-            Who::Admin
+            Who::Admin(user.name)
         } else if user.name == identity::DEVELOPER_USER {
             Who::Restricted(user.name, cfg.restricted_namespaces.clone())
         } else {
@@ -76,8 +76,7 @@ impl Who {
 
     fn name(&self) -> &str {
         match self {
-            Who::Admin => identity::ADMIN_USER,
-            Who::Restricted(name, _) => name,
+            Who::Admin(name) | Who::Restricted(name, _) => name,
             Who::Unbound(u) => &u.name,
         }
     }
@@ -566,7 +565,7 @@ fn write(
             format!("the lab's API accepts writes of what `tpbpf install` applies only: {what}"),
         );
     }
-    if !matches!(who, Who::Admin) {
+    if !matches!(who, Who::Admin(_)) {
         return status(
             StatusCode::FORBIDDEN,
             "Forbidden",
