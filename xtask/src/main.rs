@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod dist;
 mod image;
 mod manifests;
 mod vm;
@@ -46,6 +47,9 @@ enum Task {
     /// (TCG here; TPBPF_VM_ACCEL=kvm where the host can), printing pass,
     /// fail or skip per test; --record writes docs/kernels.md.
     VmTest(vm::Args),
+    /// The release artifacts in target/dist: the .deb (tpbpf, the tpbpfd
+    /// unit, group tpbpf made at install), its -dbgsym, the agent image.
+    Dist(dist::Args),
     /// A short run of each fuzz target (cargo fuzz): the wire protocol's
     /// decoder, then the intercept's HTTP filter.
     Fuzz {
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Image { release, out } => image::build_and_check(release, out),
         Task::VmTest(args) => vm::vm_test(args),
+        Task::Dist(args) => dist::dist(&args).map(|_| ()),
         Task::Chart => {
             run(cargo().args(["run", "-q", "-p", "tpbpf-deploy", "--bin", "render-chart"]))
         }
@@ -321,11 +326,20 @@ fn test() -> Result<()> {
     }
     run(cargo().args(["test", "-p", "tpbpf-vm-tests"]))?;
 
-    step("privileged tests on Debian's 6.1 under qemu (the CI subset: datapath, run, up, an intercept)");
+    step("privileged tests on Debian's 6.1 under qemu (the CI subset: datapath, run, up, an intercept; the .deb)");
     if is_root() {
-        vm::vm_test(vm::Args::ci_subset("6.1"))?;
+        step("the .deb of this build (cargo xtask dist --debug), to install in the guest");
+        let made = dist::dist(&dist::Args {
+            debug: true,
+            no_image: true,
+        })?;
+        let mut args = vm::Args::ci_subset("6.1");
+        args.deb = Some(made.deb);
+        vm::vm_test(args)?;
     } else {
-        println!("SKIP vm-test: the guest runs the suite as root; run `sudo bash xtask/dev.sh test`");
+        println!(
+            "SKIP vm-test: the guest runs the suite as root; run `sudo bash xtask/dev.sh test`"
+        );
     }
 
     step("manifest security linter (checkov on `tpbpf install`'s manifests, skips in deploy/checkov.yaml)");

@@ -106,7 +106,7 @@ pub struct Args {
     /// Also install this .deb in the guest (`dpkg -i`) and run
     /// `tpbpf doctor` and `tpbpf debug redirect` from it.
     #[arg(long, value_name = "DEB")]
-    deb: Option<PathBuf>,
+    pub deb: Option<PathBuf>,
     /// Write the results into docs/kernels.json and docs/kernels.md.
     #[arg(long)]
     record: bool,
@@ -520,7 +520,12 @@ struct Selected<'a> {
 }
 
 /// The binaries a test finds beside its own (`target/debug/NAME`).
-const SIBLINGS: &[&str] = &["tpbpf", "tpbpf-agent", "tpbpf-testclient", "tpbpf-testserver"];
+const SIBLINGS: &[&str] = &[
+    "tpbpf",
+    "tpbpf-agent",
+    "tpbpf-testclient",
+    "tpbpf-testserver",
+];
 
 /// Copies the selected test binaries and their siblings into the run's
 /// directory, laid out as `debug/deps/` and `debug/`, so that a build that
@@ -532,9 +537,13 @@ fn snapshot(selected: Vec<Selected<'_>>, run_dir: &Path) -> Result<Vec<Selected<
     let mut from_dir = None;
     for s in selected {
         let dst = deps.join(s.bin.path.file_name().context("a test binary's name")?);
-        fs::copy(&s.bin.path, &dst)
-            .with_context(|| format!("copying {}", s.bin.path.display()))?;
-        from_dir = s.bin.path.parent().and_then(Path::parent).map(Path::to_path_buf);
+        fs::copy(&s.bin.path, &dst).with_context(|| format!("copying {}", s.bin.path.display()))?;
+        from_dir = s
+            .bin
+            .path
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf);
         let bin: &'static TestBinary = Box::leak(Box::new(TestBinary {
             name: s.bin.name.clone(),
             path: dst,

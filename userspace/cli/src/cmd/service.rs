@@ -36,6 +36,10 @@ pub struct InstallArgs {
     /// Print the unit instead of installing it.
     #[arg(long)]
     dry_run: bool,
+    /// With --dry-run: the binary the unit runs (a package's
+    /// /usr/bin/tpbpf), instead of this one.
+    #[arg(long, value_name = "PATH", requires = "dry_run")]
+    exe: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -146,7 +150,7 @@ fn install(args: InstallArgs) -> Result<ExitCode> {
         .and_then(|e| e.canonicalize())
         .context("finding tpbpf's own executable")?;
     if args.dry_run {
-        print!("{}", unit(&exe, &args.group));
+        print!("{}", unit(args.exe.as_deref().unwrap_or(&exe), &args.group));
         return Ok(ExitCode::SUCCESS);
     }
     require_root("installing tpbpfd")?;
