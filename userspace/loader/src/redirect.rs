@@ -670,34 +670,6 @@ pub fn own_netns_cookie() -> Result<u64, LoadError> {
     Ok(cookie)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mapped_ipv4_peer_keys_like_plain_ipv4() {
-        let a = sock_key(7, "127.0.0.1:40000".parse().unwrap());
-        let b = sock_key(7, "[::ffff:127.0.0.1]:40000".parse().unwrap());
-        assert_eq!(a, b);
-        assert_eq!(a.port, 40000);
-        assert_eq!(a.ip_be[0].to_ne_bytes(), [127, 0, 0, 1]);
-    }
-
-    #[test]
-    fn original_destination_round_trips_from_kernel_layout() {
-        let orig = OrigDst {
-            ip_be: [u32::from_ne_bytes([10, 96, 0, 10]), 0, 0, 0],
-            port_be: u32::from(80u16.to_be()),
-            family: AF_INET,
-            _pad: 0,
-        };
-        assert_eq!(
-            orig_to_socket_addr(&orig),
-            Some("10.96.0.10:80".parse().unwrap())
-        );
-    }
-}
-
 /// Removes tpbpf's tc ingress filter from `iface`, attached through
 /// netlink before Linux 6.6 (no tcx link to end with the process): what the
 /// clean-up helper does when tpbpfd died without detaching. Filters of other
@@ -728,5 +700,33 @@ pub fn remove_leftover_tc_filter(iface: &str) -> std::io::Result<bool> {
         Err(e) => Err(std::io::Error::other(format!(
             "removing tpbpf's tc filter from {iface}: {e}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_ipv4_peer_keys_like_plain_ipv4() {
+        let a = sock_key(7, "127.0.0.1:40000".parse().unwrap());
+        let b = sock_key(7, "[::ffff:127.0.0.1]:40000".parse().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(a.port, 40000);
+        assert_eq!(a.ip_be[0].to_ne_bytes(), [127, 0, 0, 1]);
+    }
+
+    #[test]
+    fn original_destination_round_trips_from_kernel_layout() {
+        let orig = OrigDst {
+            ip_be: [u32::from_ne_bytes([10, 96, 0, 10]), 0, 0, 0],
+            port_be: u32::from(80u16.to_be()),
+            family: AF_INET,
+            _pad: 0,
+        };
+        assert_eq!(
+            orig_to_socket_addr(&orig),
+            Some("10.96.0.10:80".parse().unwrap())
+        );
     }
 }
