@@ -21,6 +21,12 @@ const ROOT_REMEDY: &str =
 /// Runs every probe and returns the report.
 pub fn run() -> Report {
     let mut checks = vec![kernel_version()];
+    if let Some(c) = wsl_check(
+        &fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default(),
+        Path::new("/run/systemd/system").is_dir(),
+    ) {
+        checks.push(c);
+    }
     checks.extend(capabilities());
     checks.push(bpf_syscall());
     checks.push(jit());
@@ -57,6 +63,57 @@ fn kernel_version() -> Check {
         ),
         _ => Check::warn(name, format!("could not parse `{release}`"), "the probes below are what count"),
     }
+}
+
+/// On WSL, what its kernel and its init mean for tpbpf; `None` elsewhere.
+/// WSL 1 has no Linux kernel at all. WSL 2's own kernels
+/// (`X.Y.Z-microsoft-standard-WSL2`) carry BTF and the cgroup BPF hooks from
+/// 5.15.74.2 (WSL 1.0.0) on; before that they had no BTF. WSL 2 mounts
+/// cgroup v2 beside v1 (at /sys/fs/cgroup/unified, found by tpbpf), and
+/// runs systemd only where /etc/wsl.conf asks for it.
+fn wsl_check(osrelease: &str, systemd: bool) -> Option<Check> {
+    let release = osrelease.trim();
+    let name = "platform";
+    if release.ends_with("-Microsoft") {
+        return Some(Check::fail(
+            name,
+            format!("WSL 1 ({release}): no Linux kernel, no eBPF"),
+            "convert the distribution to WSL 2 from Windows: `wsl --set-version DISTRO 2`",
+        ));
+    }
+    if !release.to_ascii_lowercase().contains("microsoft") {
+        return None;
+    }
+    let version: Vec<u32> = release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(4)
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let custom = !release.contains("microsoft-standard-WSL2");
+    if !custom && version.as_slice() < [5, 15, 74, 2].as_slice() {
+        return Some(Check::fail(
+            name,
+            format!("WSL 2, kernel {release}: WSL's kernels before 5.15.74.2 have no BTF"),
+            "update WSL's kernel from Windows: `wsl --update`, then `wsl --shutdown`",
+        ));
+    }
+    let kernel = if custom {
+        format!("WSL 2 with a custom kernel ({release}): the probes below decide")
+    } else {
+        format!("WSL 2, kernel {release}")
+    };
+    Some(if systemd {
+        Check::ok(
+            name,
+            format!("{kernel}; systemd runs (tpbpfd can be a service)"),
+        )
+    } else {
+        Check::warn(
+            name,
+            format!("{kernel}; systemd is off"),
+            "for tpbpfd as a service add `[boot]` / `systemd=true` to /etc/wsl.conf and run `wsl --shutdown` from Windows, or run `sudo tpbpf service start` after each WSL start (docs/wsl2.md)",
+        )
+    })
 }
 
 fn capabilities() -> Vec<Check> {
@@ -350,5 +407,34 @@ fn remedy_for(e: &std::io::Error, otherwise: &str) -> String {
             "the kernel was built without the bpf() syscall (CONFIG_BPF_SYSCALL=y)".to_string()
         }
         _ => otherwise.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wsl_kernels_are_recognised_with_what_they_need() {
+        assert!(wsl_check("6.18.44-generic\n", true).is_none());
+        assert!(wsl_check("6.1.0-57-amd64", false).is_none());
+        let wsl1 = wsl_check("4.4.0-19041-Microsoft", false).unwrap();
+        assert_eq!(wsl1.status, Status::Fail);
+        assert!(wsl1.remedy.as_deref().unwrap().contains("--set-version"));
+        let old = wsl_check("5.10.102.1-microsoft-standard-WSL2", true).unwrap();
+        assert_eq!(old.status, Status::Fail);
+        assert!(old.remedy.as_deref().unwrap().contains("wsl --update"));
+        let no_systemd = wsl_check("5.15.153.1-microsoft-standard-WSL2\n", false).unwrap();
+        assert_eq!(no_systemd.status, Status::Warn);
+        assert!(no_systemd
+            .remedy
+            .as_deref()
+            .unwrap()
+            .contains("systemd=true"));
+        let good = wsl_check("6.6.36.3-microsoft-standard-WSL2", true).unwrap();
+        assert_eq!(good.status, Status::Ok);
+        let custom = wsl_check("6.6.36.3-microsoft-custom-WSL2+", true).unwrap();
+        assert_eq!(custom.status, Status::Ok);
+        assert!(custom.detail.contains("custom kernel"));
     }
 }
