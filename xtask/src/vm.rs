@@ -68,7 +68,7 @@ const TEST_MODULES: &[&str] = &[
 ];
 
 /// A subset that runs in CI on 6.1, inside its time box: the datapath,
-/// `run`, `up` and an intercept through the lab. Each entry is a test
+/// `run`, next to other eBPF, `up` and an intercept through the lab. Each entry is a test
 /// binary and the test-name filters passed to it (empty: all of it).
 const CI_SUBSET: &[(&str, &[&str])] = &[
     ("doctor", &["doctor_as_root_meets_every_requirement"]),
@@ -81,6 +81,7 @@ const CI_SUBSET: &[(&str, &[&str])] = &[
             "tc_path_bridges_a_container_namespace_and_sigkill_leaves_nothing",
         ],
     ),
+    ("coexist", &[]),
     (
         "up",
         &["up_discovers_the_cluster_and_bridges_a_subtree_until_down"],
