@@ -642,11 +642,22 @@ fn run_passes_the_exit_status_and_signals_through() {
         ])
         .args(["--cidr", CLUSTER_CIDR4, "--cgroup-parent"])
         .arg(parent.path())
-        .args(["--", "sh", "-c", "trap 'exit 42' INT; sleep 20 & wait"])
-        .stdout(std::process::Stdio::null())
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 42' INT; echo armed; sleep 20 & wait",
+        ])
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // Ready when the command has set its trap (it says so), however slow
+    // the machine.
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l == "armed")),
+        "the command never started"
+    );
     // SAFETY: kill has no memory preconditions; the pid is our child's.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let deadline = Instant::now() + Duration::from_secs(5);

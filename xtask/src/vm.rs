@@ -768,9 +768,21 @@ impl ModuleDeps {
 fn write_job(kernel: &Kernel, selected: &[Selected], args: &Args, run_dir: &Path) -> Result<()> {
     let vm_tests = root_dir().join("vm-tests");
     let mut job = String::new();
-    writeln!(job, "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 TPBPF_VM_KERNEL={}", kernel.release)?;
+    // This machine's PATH (pyenv's python3, rustup's tools), then the
+    // system's.
+    let path = std::env::var("PATH").unwrap_or_default();
+    writeln!(
+        job,
+        "export PATH={}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 TPBPF_VM_KERNEL={}",
+        shell_quote(&path),
+        kernel.release
+    )?;
     if let Ok(ci) = std::env::var("CI") {
         writeln!(job, "export CI={}", shell_quote(&ci))?;
+    }
+    if accel() == "tcg" {
+        // Emulated: bulk tests move less (each says how much it moved).
+        writeln!(job, "export TPBPF_TEST_UPLOAD_MIB=256")?;
     }
     writeln!(job, "hostname tpbpf-vm")?;
     writeln!(job, "ip link set lo up")?;

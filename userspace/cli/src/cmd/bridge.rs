@@ -527,8 +527,10 @@ pub fn run(mut args: RunArgs) -> Result<ExitCode> {
         } else {
             super::scope::Invoker::from_sudo()?
         };
+        let signals = Forwarded::listen()?;
         let mut child = spawn_in_cgroup(&args.command, cgroup.path(), user.as_ref())?;
-        let (status, _) = wait_forwarding(&mut child, std::future::pending::<()>()).await?;
+        let (status, _) =
+            wait_forwarding(&mut child, signals, std::future::pending::<()>()).await?;
         drop(bridge);
         if let Some(tc) = tc {
             tc.finish();
@@ -759,6 +761,7 @@ fn user_run(mut args: RunArgs) -> Result<ExitCode> {
             run: true,
             ..args.bridge.up_request(&instance, None)?
         };
+        let signals = Forwarded::listen()?;
         let (mut child, go) = spawn_paused(&args.command)?;
         let pid = child.id();
         let Some(raw_pid) = pid else {
@@ -792,7 +795,7 @@ fn user_run(mut args: RunArgs) -> Result<ExitCode> {
             go.write_all(b"\n").context("releasing the command")?;
         }
         let serve = service::serve_user_side(chan, upstream.clone());
-        let (status, ended) = wait_forwarding(&mut child, serve).await?;
+        let (status, ended) = wait_forwarding(&mut child, signals, serve).await?;
         exempting.store(false, std::sync::atomic::Ordering::Relaxed);
         upstream.close("tpbpf run ended");
         if let Some(e) = ended {
@@ -805,14 +808,37 @@ fn user_run(mut args: RunArgs) -> Result<ExitCode> {
 /// Waits for the bridged command, passing SIGINT, SIGTERM and SIGHUP on to
 /// it. If `bridge_end` completes first (the bridge is gone), the command
 /// gets SIGTERM: it would otherwise reach the cluster's ranges unbridged.
+/// The signals `tpbpf run` passes on to its command. Listened for before
+/// the command starts: one that arrives in between is then held for the
+/// command, instead of ending tpbpf (the default action) and leaving the
+/// command running unbridged.
+struct Forwarded {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Forwarded {
+    fn listen() -> Result<Self> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 async fn wait_forwarding<E>(
     child: &mut tokio::process::Child,
+    signals: Forwarded,
     bridge_end: impl std::future::Future<Output = E>,
 ) -> Result<(std::process::ExitStatus, Option<E>)> {
     let pid = child.id();
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    let Forwarded {
+        int: mut sigint,
+        term: mut sigterm,
+        hup: mut sighup,
+    } = signals;
     tokio::pin!(bridge_end);
     let mut ended = None;
     let status = loop {
