@@ -121,7 +121,7 @@ impl Interceptor {
             .try_into()
             .map_err(|source| LoadError::Program { name, source })?;
         prog.load()
-            .map_err(|source| LoadError::Program { name, source })?;
+            .map_err(|source| LoadError::program_load(name, source))?;
         prog.attach(netns.as_fd())
             .map_err(|source| LoadError::Attach {
                 name,

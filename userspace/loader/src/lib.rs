@@ -26,6 +26,25 @@ use thiserror::Error;
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tpbpf.bpf.o"));
 
+/// The oldest kernel tpbpf runs on (docs/kernels.md).
+pub const MIN_KERNEL: &str = "5.15";
+
+impl LoadError {
+    /// The error for a program the kernel would not load: on a kernel older
+    /// than [`MIN_KERNEL`] it says so.
+    pub fn program_load(name: &'static str, source: aya::programs::ProgramError) -> Self {
+        use aya::util::KernelVersion;
+        match KernelVersion::current() {
+            Ok(v) if v < KernelVersion::new(5, 15, 0) => LoadError::KernelTooOld {
+                name,
+                found: v.to_string(),
+                source: Box::new(source),
+            },
+            _ => LoadError::Program { name, source },
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum LoadError {
     #[error(
@@ -49,6 +68,16 @@ pub enum LoadError {
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    /// A program the verifier refused on a kernel older than tpbpf's
+    /// minimum: most likely what that kernel lacks (atomic fetch-add, 5.12;
+    /// the netns cookie in sock_ops, 5.15), not a bug.
+    #[error("loading kernel program `{name}` on Linux {found}: {source}. tpbpf needs Linux {MIN_KERNEL} or newer (`tpbpf doctor` names what this kernel lacks); upgrade the kernel")]
+    KernelTooOld {
+        name: &'static str,
+        found: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
     },
     /// EPERM as root on a cgroup: another program holds that hook
     /// exclusively (attached without `BPF_F_ALLOW_MULTI`) on the cgroup or

@@ -102,13 +102,11 @@ impl Redirector {
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
-                .map_err(|source| LoadError::Program { name, source })?;
+                .map_err(|source| LoadError::program_load(name, source))?;
         }
         let prog: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
-        prog.load().map_err(|source| LoadError::Program {
-            name: programs::SOCK_OPS,
-            source,
-        })?;
+        prog.load()
+            .map_err(|source| LoadError::program_load(programs::SOCK_OPS, source))?;
         let prog: &mut CgroupSock = program(&mut ebpf, programs::SOCK_RELEASE)?;
         prog.load().map_err(|source| LoadError::Program {
             name: programs::SOCK_RELEASE,
@@ -314,7 +312,7 @@ impl Redirector {
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
             prog.load()
-                .map_err(|source| LoadError::Program { name, source })?;
+                .map_err(|source| LoadError::program_load(name, source))?;
         }
         if aya::util::KernelVersion::current()
             .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0))
