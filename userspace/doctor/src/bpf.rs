@@ -103,6 +103,32 @@ pub fn load_trivial(prog: ProgType, attach: Option<AttachType>) -> io::Result<Ow
         u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
         u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
     ];
+    load(prog, attach, &insns)
+}
+
+/// A connect4 program with one atomic fetch-and-add (`BPF_ATOMIC |
+/// BPF_FETCH`, Linux 5.12), as tpbpf's programs use for the UDP slot
+/// counter. Older verifiers refuse it ("BPF_STX uses reserved fields").
+pub fn load_atomic_fetch() -> io::Result<OwnedFd> {
+    let insns: [u64; 6] = [
+        // r1 = 0; *(u64 *)(r10 - 8) = r1
+        u64::from_le_bytes([0xb7, 0x01, 0, 0, 0, 0, 0, 0]),
+        u64::from_le_bytes([0x7b, 0x1a, 0xf8, 0xff, 0, 0, 0, 0]),
+        // r1 = 1; r1 = atomic_fetch_add((u64 *)(r10 - 8), r1)
+        u64::from_le_bytes([0xb7, 0x01, 0, 0, 1, 0, 0, 0]),
+        u64::from_le_bytes([0xdb, 0x1a, 0xf8, 0xff, 0x01, 0, 0, 0]),
+        // r0 = 1; exit
+        u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    load(
+        ProgType::CgroupSockAddr,
+        Some(AttachType::CgroupInet4Connect),
+        &insns,
+    )
+}
+
+fn load(prog: ProgType, attach: Option<AttachType>, insns: &[u64]) -> io::Result<OwnedFd> {
     let license = b"GPL\0";
     let mut log = vec![0u8; 4096];
     let mut attr = Attr::new();

@@ -34,6 +34,7 @@ pub fn run() -> Report {
     for (name, prog, attach, min) in program_probes() {
         checks.push(program_check(name, prog, attach, min));
     }
+    checks.push(atomics());
     checks.push(tcx());
     for (name, prog, helper, min) in helper_probes() {
         checks.push(helper_check(name, prog, helper, min));
@@ -265,6 +266,21 @@ fn program_check(name: &str, prog: ProgType, attach: Option<AttachType>, min: &s
             name,
             bpf::describe(&e),
             remedy_for(&e, &format!("this program type needs Linux {min} or newer with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF")),
+        ),
+    }
+}
+
+fn atomics() -> Check {
+    let name = "atomic fetch-add (BPF_ATOMIC)";
+    match bpf::load_atomic_fetch() {
+        Ok(_) => Check::ok(name, "loaded a test program"),
+        Err(e) => Check::fail(
+            name,
+            bpf::describe(&e),
+            remedy_for(
+                &e,
+                "needs Linux 5.12 or newer (tpbpf's UDP slots count with it)",
+            ),
         ),
     }
 }
