@@ -1270,14 +1270,38 @@ pub async fn agents_ready(client: &Client) -> Result<(i32, i32, Vec<String>), St
                 .iter()
                 .flatten()
                 .find_map(|c| {
-                    let w = c.state.as_ref()?.waiting.as_ref()?;
+                    // The last exit, when it crashed: what a platform team
+                    // looks at first.
+                    let last = c
+                        .last_state
+                        .as_ref()
+                        .and_then(|l| l.terminated.as_ref())
+                        .map(|t| {
+                            format!(
+                                "; last exit code {}{}",
+                                t.exit_code,
+                                t.message
+                                    .as_ref()
+                                    .map(|m| format!(": {}", m.trim()))
+                                    .unwrap_or_default()
+                            )
+                        })
+                        .unwrap_or_default();
+                    let restarts = format!(", {} restarts", c.restart_count);
+                    if let Some(w) = c.state.as_ref()?.waiting.as_ref() {
+                        return Some(format!(
+                            "{}{}{restarts}{last}",
+                            w.reason.clone().unwrap_or_default(),
+                            w.message
+                                .as_ref()
+                                .map(|m| format!(": {m}"))
+                                .unwrap_or_default()
+                        ));
+                    }
+                    c.state.as_ref()?.running.as_ref()?;
                     Some(format!(
-                        "{}{}",
-                        w.reason.clone().unwrap_or_default(),
-                        w.message
-                            .as_ref()
-                            .map(|m| format!(": {m}"))
-                            .unwrap_or_default()
+                        "container {} running but not ready (its readinessProbe does not pass){restarts}{last}",
+                        c.name
                     ))
                 })
                 .unwrap_or_else(|| st.phase.clone().unwrap_or_else(|| "starting".into()));

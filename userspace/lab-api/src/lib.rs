@@ -13,6 +13,7 @@ mod kubelet;
 pub mod objects;
 mod portforward;
 mod portforward_spdy;
+mod probe;
 mod server;
 pub mod spdy;
 mod store;

@@ -9,9 +9,11 @@ use k8s_openapi::{
             ReplicaSetStatus,
         },
         core::v1::{
-            Container, ContainerPort, ContainerStatus, EnvVar, Namespace, NamespaceStatus, Node,
-            NodeAddress, NodeCondition, NodeSpec, NodeStatus, Pod, PodCondition, PodIP, PodSpec,
-            PodStatus, PodTemplateSpec, Service, ServicePort, ServiceSpec,
+            Container, ContainerPort, ContainerState, ContainerStateRunning,
+            ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, EnvVar, Namespace,
+            NamespaceStatus, Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, Pod,
+            PodCondition, PodIP, PodSpec, PodStatus, PodTemplateSpec, Service, ServicePort,
+            ServiceSpec,
         },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
@@ -155,17 +157,91 @@ fn replicaset_name(workload: &str) -> String {
     format!("{workload}-7d4b9c")
 }
 
-/// The agent's pods: one per node whose agent process runs, each in a pod
-/// network namespace of its own (not hostNetwork).
-pub fn agent_pods(live: &Status) -> Vec<Pod> {
+fn time(secs: u64) -> Time {
+    Time(Timestamp::from_second(secs as i64).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// The agent's pods: one per node the lab's kubelet runs the DaemonSet's
+/// pod on, each in a pod network namespace of its own (not hostNetwork):
+/// the template's spec, and the status the kubelet keeps (Ready from the
+/// readiness probe, restarts, why the container waits).
+pub fn agent_pods(live: &crate::server::Live) -> Vec<Pod> {
+    let Some(ds) = live.store.get(
+        "daemonsets",
+        Some(AGENT_NAMESPACE),
+        tpbpf_agent_api::DAEMONSET,
+    ) else {
+        return Vec::new();
+    };
+    let template_spec: PodSpec =
+        serde_json::from_value(ds["spec"]["template"]["spec"].clone()).unwrap_or_default();
+    let template_labels: Option<BTreeMap<String, String>> =
+        serde_json::from_value(ds["spec"]["template"]["metadata"]["labels"].clone()).ok();
     spec::nodes()
         .into_iter()
-        .filter(|n| live.agents.iter().any(|a| a.node == n.name && a.running))
-        .map(|n| {
-            let name = format!("tpbpf-agent-{}", n.name);
-            Pod {
+        .filter_map(|n| {
+            let a = live.status.agents.iter().find(|a| a.node == n.name)?;
+            let st = a.pod.as_ref()?;
+            let name = tpbpf_lab::agent::pod_name(n.name);
+            let mut pod_spec = template_spec.clone();
+            pod_spec.node_name = Some(n.name.into());
+            let container = pod_spec
+                .containers
+                .first()
+                .map(|c| c.name.clone())
+                .unwrap_or_else(|| "agent".into());
+            let ready = a.ready;
+            let state = if a.running {
+                ContainerState {
+                    running: Some(ContainerStateRunning {
+                        started_at: st.started_at.map(time),
+                    }),
+                    ..Default::default()
+                }
+            } else {
+                ContainerState {
+                    waiting: Some(ContainerStateWaiting {
+                        reason: st.waiting.as_ref().map(|w| w.reason.clone()),
+                        message: st
+                            .waiting
+                            .as_ref()
+                            .map(|w| w.message.clone())
+                            .filter(|m| !m.is_empty()),
+                    }),
+                    ..Default::default()
+                }
+            };
+            let last_state = st.last_terminated.as_ref().map(|t| ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: t.exit_code,
+                    reason: Some(t.reason.clone()),
+                    message: Some(t.message.clone()).filter(|m| !m.is_empty()),
+                    started_at: Some(time(t.started_at)),
+                    finished_at: Some(time(t.finished_at)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            let condition = |type_: &str, ok: bool| PodCondition {
+                type_: type_.into(),
+                status: if ok { "True" } else { "False" }.into(),
+                last_transition_time: Some(time(
+                    if type_ == "Ready" || type_ == "ContainersReady" {
+                        st.ready_changed_at
+                    } else {
+                        st.created_at
+                    },
+                )),
+                reason: (!ok).then(|| "ContainersNotReady".into()),
+                message: (!ok).then(|| format!("containers with unready status: [{container}]")),
+                ..Default::default()
+            };
+            let mut labels = template_labels.clone().unwrap_or_default();
+            let (k, v) = tpbpf_agent_api::APP_LABEL;
+            labels.insert(k.into(), v.into());
+            Some(Pod {
                 metadata: ObjectMeta {
-                    labels: Some(labels(&[tpbpf_agent_api::APP_LABEL])),
+                    labels: Some(labels),
                     owner_references: Some(vec![OwnerReference {
                         api_version: "apps/v1".into(),
                         kind: "DaemonSet".into(),
@@ -174,40 +250,42 @@ pub fn agent_pods(live: &Status) -> Vec<Pod> {
                         controller: Some(true),
                         ..Default::default()
                     }]),
+                    // A DaemonSet change makes new pods: a new uid.
+                    resource_version: Some(st.version.to_string()),
+                    creation_timestamp: Some(time(st.created_at)),
                     ..meta(
                         &name,
                         Some(AGENT_NAMESPACE),
-                        &uid("Pod", AGENT_NAMESPACE, &name),
+                        &uid("Pod", AGENT_NAMESPACE, &format!("{name}/{}", st.created_at)),
                     )
                 },
-                spec: Some(PodSpec {
-                    node_name: Some(n.name.into()),
-                    host_pid: Some(true),
-                    containers: vec![Container {
-                        name: "agent".into(),
-                        image: Some("tpbpf/agent".into()),
-                        ports: Some(vec![
-                            ContainerPort {
-                                container_port: i32::from(tpbpf_lab::AGENT_PORT),
-                                protocol: Some("TCP".into()),
-                                ..Default::default()
-                            },
-                            ContainerPort {
-                                container_port: i32::from(tpbpf_lab::AGENT_TUNNEL_PORT),
-                                host_port: Some(i32::from(tpbpf_lab::AGENT_TUNNEL_PORT)),
-                                protocol: Some("TCP".into()),
-                                ..Default::default()
-                            },
-                        ]),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
+                spec: Some(pod_spec),
                 status: Some(PodStatus {
-                    phase: Some("Running".into()),
-                    conditions: Some(vec![PodCondition {
-                        type_: "Ready".into(),
-                        status: "True".into(),
+                    // restartPolicy Always: Running once a container has
+                    // started, crashing or not.
+                    phase: Some(
+                        if st.ever_started {
+                            "Running"
+                        } else {
+                            "Pending"
+                        }
+                        .into(),
+                    ),
+                    conditions: Some(vec![
+                        condition("PodScheduled", true),
+                        condition("Initialized", true),
+                        condition("ContainersReady", ready),
+                        condition("Ready", ready),
+                    ]),
+                    container_statuses: Some(vec![ContainerStatus {
+                        name: container,
+                        image: st.image.clone(),
+                        image_id: String::new(),
+                        ready,
+                        restart_count: st.restart_count as i32,
+                        started: Some(a.running),
+                        state: Some(state),
+                        last_state,
                         ..Default::default()
                     }]),
                     pod_ip: Some(n.agent_ip.into()),
@@ -215,17 +293,19 @@ pub fn agent_pods(live: &Status) -> Vec<Pod> {
                         ip: n.agent_ip.into(),
                     }]),
                     host_ip: Some(n.ip.into()),
+                    start_time: Some(time(st.created_at)),
                     ..Default::default()
                 }),
-            }
+            })
         })
         .collect()
 }
 
 /// The pods whose processes run: a pod whose server died is gone from the
-/// API, as a real cluster's would be until its replacement runs.
-pub fn pods(live: &Status) -> Vec<Pod> {
-    let mut all = workload_pods(live);
+/// API, as a real cluster's would be until its replacement runs; and the
+/// agent's pods, while its DaemonSet is applied.
+pub fn pods(live: &crate::server::Live) -> Vec<Pod> {
+    let mut all = workload_pods(&live.status);
     all.extend(agent_pods(live));
     all
 }
@@ -531,16 +611,24 @@ pub fn service_cidrs() -> Vec<k8s_openapi::api::networking::v1::ServiceCIDR> {
 /// the status of the processes the lab runs for them.
 pub fn daemon_sets(live: &crate::server::Live) -> Vec<serde_json::Value> {
     let n = spec::nodes().len() as i64;
-    let ready = live.status.agents.iter().filter(|a| a.running).count() as i64;
+    // Ready: the readiness probe passed, as the DaemonSet controller counts.
+    let ready = live.status.agents.iter().filter(|a| a.ready).count() as i64;
+    let scheduled = live
+        .status
+        .agents
+        .iter()
+        .filter(|a| a.pod.is_some())
+        .count() as i64;
     live.store
         .list("daemonsets")
         .into_iter()
         .map(|mut d| {
             let agent = d["metadata"]["name"] == tpbpf_agent_api::DAEMONSET
                 && d["metadata"]["namespace"] == AGENT_NAMESPACE;
-            let ready = if agent { ready } else { 0 };
+            let (ready, scheduled) = if agent { (ready, scheduled) } else { (0, 0) };
             d["status"] = serde_json::json!({
-                "currentNumberScheduled": ready,
+                "currentNumberScheduled": scheduled,
+                "updatedNumberScheduled": scheduled,
                 "desiredNumberScheduled": n,
                 "numberReady": ready,
                 "numberAvailable": ready,

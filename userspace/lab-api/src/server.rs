@@ -132,7 +132,7 @@ fn kinds() -> Vec<Kind> {
             kind: "Pod",
             namespaced: true,
             short: &["po"],
-            objects: |live| to_values(objects::pods(&live.status)),
+            objects: |live| to_values(objects::pods(live)),
         },
         Kind {
             group: "",
@@ -776,11 +776,29 @@ fn table(kind: &Kind, items: &[Value]) -> Value {
                 col("Node", "string"),
             ],
             Box::new(|o: &Value| {
+                let statuses = o["status"]["containerStatuses"].as_array();
+                let total = o["spec"]["containers"].as_array().map_or(0, Vec::len);
+                let ready = statuses
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| c["ready"] == true)
+                    .count();
+                let restarts: i64 = statuses
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["restartCount"].as_i64())
+                    .sum();
+                // kubectl's STATUS: a waiting container's reason, else the phase.
+                let shown = statuses
+                    .into_iter()
+                    .flatten()
+                    .find_map(|c| c["state"]["waiting"]["reason"].as_str().map(|r| json!(r)))
+                    .unwrap_or_else(|| o["status"]["phase"].clone());
                 vec![
                     o["metadata"]["name"].clone(),
-                    json!("1/1"),
-                    o["status"]["phase"].clone(),
-                    json!(0),
+                    json!(format!("{ready}/{total}")),
+                    shown,
+                    json!(restarts),
                     json!("lab"),
                     o["status"]["podIP"].clone(),
                     o["spec"]["nodeName"].clone(),

@@ -12,7 +12,9 @@
 //! no route in or out. tpbpf reaches it through an upstream dialing from a
 //! node namespace. `up` is idempotent, `down` removes everything it made
 //! and stops only the processes it started (by their pid files).
+pub mod agent;
 pub mod kubeconfig;
+pub mod oci;
 pub mod pki;
 pub mod spec;
 
@@ -63,6 +65,8 @@ pub enum LabError {
         log: String,
         tail: String,
     },
+    #[error("--agent-runtime runc: runc is not installed (sudo apt-get install runc), or choose --agent-runtime process")]
+    RuncMissing,
 }
 
 type Result<T, E = LabError> = std::result::Result<T, E>;
@@ -80,6 +84,9 @@ pub struct Lab {
     /// The node agent binary, started in every node (hostNetwork). `up`
     /// needs it; `status` and `down` do not.
     agent: Option<PathBuf>,
+    /// How `up` makes the lab run the agent (default: runc where it is
+    /// installed).
+    agent_runtime: Option<agent::AgentRuntime>,
 }
 
 /// The node agent's port (tpbpf-agent's default).
@@ -161,6 +168,12 @@ pub struct AgentStatus {
     pub node: &'static str,
     pub pid: Option<u32>,
     pub running: bool,
+    /// Its readiness probe passed (and it runs).
+    pub ready: bool,
+    pub restarts: u32,
+    /// The agent pod as the kubelet last saw it; `None`: no agent pod
+    /// here (tpbpf is not installed).
+    pub pod: Option<agent::AgentPodState>,
 }
 
 #[derive(Debug, Serialize)]
@@ -174,6 +187,9 @@ pub struct Status {
     pub pods: Vec<PodStatus>,
     /// tpbpf's agents, one per node.
     pub agents: Vec<AgentStatus>,
+    /// How the lab runs the agent: `runc` (the DaemonSet's security
+    /// context, an OCI runtime) or `process`.
+    pub agent_runtime: agent::AgentRuntime,
     pub services: Vec<spec::Service>,
     /// The developer machine's namespace: it reaches the API endpoint only.
     pub dev_netns: String,
@@ -204,21 +220,20 @@ impl Lab {
             state: PathBuf::from("/run/tpbpf-lab").join(name),
             api_command: None,
             agent: None,
+            agent_runtime: None,
         }
+    }
+
+    /// How the lab runs the agent (`up` only; fixed for the lab's life).
+    pub fn with_agent_runtime(mut self, runtime: agent::AgentRuntime) -> Self {
+        self.agent_runtime = Some(runtime);
+        self
     }
 
     /// The node agent binary that `up` runs on every node.
     pub fn with_agent(mut self, binary: PathBuf) -> Self {
         self.agent = Some(binary);
         self
-    }
-
-    fn agent_pid(&self, node: &str) -> Option<i32> {
-        fs::read_to_string(self.state.join(format!("agent-{node}.pid")))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
     }
 
     /// Also run a Kubernetes API endpoint for the lab, started with `argv`.
@@ -342,9 +357,16 @@ impl Lab {
             info!(lab = self.name, "lab already up");
             return Ok(status);
         }
+        let runtime = self
+            .agent_runtime
+            .unwrap_or_else(agent::AgentRuntime::detect);
+        if runtime == agent::AgentRuntime::Runc && !oci::runc_installed() {
+            return Err(LabError::RuncMissing);
+        }
         // Half up (a crash, an interrupted run): start from a clean slate.
         self.down()?;
         self.build_network()?;
+        write(&self.state.join("agent-runtime"), runtime.as_str())?;
         for pod in self.pods() {
             self.start_app(&pod)?;
         }
@@ -753,77 +775,6 @@ impl Lab {
         Ok(())
     }
 
-    /// What the kubelet does for the agent DaemonSet's pod on `node`: runs
-    /// the agent binary in the agent's pod network namespace with the
-    /// container's `args`, the downward API's `NODE_NAME` and `NODE_IP`, and
-    /// a resolv.conf naming the cluster DNS (dnsPolicy ClusterFirst).
-    pub fn start_agent(&self, node: &spec::Node, args: &[String]) -> Result<u32> {
-        let Some(agent) = &self.agent else {
-            return Err(LabError::AgentMissing {
-                path: "tpbpf-agent".into(),
-            });
-        };
-        let cluster_dns = spec::services()
-            .iter()
-            .find(|s| s.name == "kube-dns")
-            .map(|s| s.cluster_ip)
-            .unwrap_or("10.96.0.10");
-        let resolv = self.state.join("agent-resolv.conf");
-        write(
-            &resolv,
-            &format!(
-                "nameserver {cluster_dns}\nsearch tpbpf-system.svc.{d} svc.{d} {d}\n",
-                d = spec::CLUSTER_DOMAIN
-            ),
-        )?;
-        // `ip netns exec` runs in a mount namespace of its own: the bind
-        // mount is the agent's alone.
-        let mut cmd = Command::new("ip");
-        cmd.env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .env("NODE_NAME", node.name)
-            .env("NODE_IP", node.ip)
-            // The node is a network namespace here, not PID 1's: the agent
-            // reads the node's routes there.
-            .env(
-                "NODE_NETNS",
-                format!("/run/netns/{}", self.node_netns(node.name)),
-            )
-            .args(["netns", "exec", &self.agent_netns(node.name), "sh", "-c"])
-            .arg(format!(
-                "mount --bind {} /etc/resolv.conf && exec \"$0\" \"$@\"",
-                resolv.display()
-            ))
-            .arg(agent)
-            .args(args);
-        let pid = spawn_detached(
-            &mut cmd,
-            &self.state.join(format!("agent-{}.log", node.name)),
-            &format!("the agent ({})", agent.display()),
-        )?;
-        write(
-            &self.state.join(format!("agent-{}.pid", node.name)),
-            &pid.to_string(),
-        )?;
-        Ok(pid)
-    }
-
-    /// Stops the agent on `node`, if it runs (the DaemonSet is gone).
-    pub fn stop_agent(&self, node: &str) {
-        if let Some(pid) = self.agent_pid(node) {
-            stop_pid(pid);
-        }
-        let _ = fs::remove_file(self.state.join(format!("agent-{node}.pid")));
-    }
-
-    /// Whether the agent on `node` runs.
-    pub fn agent_running(&self, node: &str) -> bool {
-        self.agent_pid(node).is_some_and(alive)
-    }
-
     fn start_api(&self) -> Result<()> {
         let Some(argv) = &self.api_command else {
             return Ok(());
@@ -1189,10 +1140,15 @@ impl Lab {
             .iter()
             .map(|n| {
                 let pid = self.agent_pid(n.name);
+                let running = pid.is_some_and(alive) && netns_exists(&self.agent_netns(n.name));
+                let pod = self.agent_state(n.name);
                 AgentStatus {
                     node: n.name,
                     pid: pid.map(|p| p as u32),
-                    running: pid.is_some_and(alive) && netns_exists(&self.agent_netns(n.name)),
+                    running,
+                    ready: running && pod.as_ref().is_some_and(|p| p.ready),
+                    restarts: pod.as_ref().map_or(0, |p| p.restart_count),
+                    pod,
                 }
             })
             .collect();
@@ -1206,6 +1162,7 @@ impl Lab {
             nodes,
             pods,
             agents,
+            agent_runtime: self.agent_runtime(),
             services: spec::services(),
             dev_netns: self.dev_netns(),
             kubeconfig: api_running.then(|| self.kubeconfig_path()),
@@ -1231,9 +1188,7 @@ impl Lab {
             stop_pid(pid);
         }
         for node in spec::nodes() {
-            if let Some(pid) = self.agent_pid(node.name) {
-                stop_pid(pid);
-            }
+            self.stop_agent(node.name);
         }
         for pod in self.pods() {
             netns_del(&self.pod_netns(&pod));
@@ -1283,7 +1238,7 @@ fn pg_bin(name: &str) -> String {
 }
 
 /// SIGTERM, then SIGKILL after 3 s. Only for pids from the lab's pid files.
-fn stop_pid(pid: i32) {
+pub(crate) fn stop_pid(pid: i32) {
     // SAFETY: signals to a pid the lab recorded for a process it started.
     unsafe {
         if libc::kill(pid, libc::SIGTERM) != 0 {
@@ -1410,6 +1365,11 @@ fn nft(netns: &str, rules: &str) -> Result<()> {
 /// Starts `cmd` in a session of its own (it outlives `lab up` and the
 /// terminal), its output appended to `log`. Returns its pid.
 fn spawn_detached(cmd: &mut Command, log: &Path, what: &str) -> Result<u32> {
+    Ok(spawn_child(cmd, log, what)?.id())
+}
+
+/// [`spawn_detached`], keeping the child to wait for (its exit status).
+fn spawn_child(cmd: &mut Command, log: &Path, what: &str) -> Result<std::process::Child> {
     let out = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -1430,11 +1390,10 @@ fn spawn_detached(cmd: &mut Command, log: &Path, what: &str) -> Result<u32> {
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|source| LabError::Io {
+    cmd.spawn().map_err(|source| LabError::Io {
         what: format!("starting {what}"),
         source,
-    })?;
-    Ok(child.id())
+    })
 }
 
 /// A pod's process: `ip netns exec` into its namespace with the

@@ -18,6 +18,13 @@ pub struct LabArgs {
     output: Output,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum AgentRuntimeArg {
+    Auto,
+    Runc,
+    Process,
+}
+
 #[derive(clap::Subcommand)]
 enum LabAction {
     /// Build the lab (idempotent): nodes, pods, ClusterIPs, DNS, servers,
@@ -32,6 +39,13 @@ enum LabAction {
         /// ranges another way.
         #[arg(long)]
         no_node_pod_cidrs: bool,
+        /// How the nodes run tpbpf's agent once it is installed: `runc`
+        /// (an OCI runtime with the DaemonSet's security context: its
+        /// capabilities, RuntimeDefault seccomp, no-new-privileges, a
+        /// read-only root), `process` (a plain root process in the pod's
+        /// network namespace), or `auto`: runc where it is installed.
+        #[arg(long, value_enum, default_value_t = AgentRuntimeArg::Auto)]
+        agent_runtime: AgentRuntimeArg,
     },
     /// Stop the lab's servers and remove everything it made.
     Down,
@@ -112,7 +126,15 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         LabAction::Up { agent: Some(a), .. } => a.clone(),
         _ => exe_path.with_file_name("tpbpf-agent"),
     };
-    let lab = Lab::new(&args.name).with_agent(agent.clone());
+    let mut lab = Lab::new(&args.name).with_agent(agent.clone());
+    if let LabAction::Up { agent_runtime, .. } = &args.action {
+        use tpbpf_lab::agent::AgentRuntime;
+        lab = lab.with_agent_runtime(match agent_runtime {
+            AgentRuntimeArg::Auto => AgentRuntime::detect(),
+            AgentRuntimeArg::Runc => AgentRuntime::Runc,
+            AgentRuntimeArg::Process => AgentRuntime::Process,
+        });
+    }
     let lab = lab.clone().with_api(vec![
         exe,
         "--netns".into(),
@@ -206,6 +228,38 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
             }
             for (node, ns) in &status.nodes {
                 println!("node {node}: network namespace {ns}");
+            }
+            println!(
+                "agent runtime: {}",
+                match status.agent_runtime {
+                    tpbpf_lab::agent::AgentRuntime::Runc =>
+                        "runc (the DaemonSet's security context: its capabilities, RuntimeDefault seccomp, no-new-privileges, read-only root)",
+                    tpbpf_lab::agent::AgentRuntime::Process => "process (a root process in the pod's network namespace; no runc)",
+                }
+            );
+            for a in status.agents.iter() {
+                let Some(pod) = &a.pod else {
+                    continue;
+                };
+                let state = if a.ready {
+                    "ready".to_string()
+                } else if a.running {
+                    match &pod.probe_failure {
+                        Some(f) => format!("running, not ready ({f})"),
+                        None => "running, not ready yet".into(),
+                    }
+                } else {
+                    match &pod.waiting {
+                        Some(w) => format!("{} {}", w.reason, w.message),
+                        None => "not running".into(),
+                    }
+                };
+                println!(
+                    "agent {}: {state}, {} restarts{}",
+                    tpbpf_lab::agent::pod_name(a.node),
+                    a.restarts,
+                    a.pid.map(|p| format!(", pid {p}")).unwrap_or_default()
+                );
             }
             println!(
                 "developer machine: network namespace {} (reaches the API endpoint only)",
