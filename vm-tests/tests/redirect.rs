@@ -319,7 +319,14 @@ fn only_the_bridged_network_namespace_is_redirected() {
         "UDP-RECVFROM:53,bind=10.96.5.5,fork",
         "SYSTEM:cat",
     ]));
-    std::thread::sleep(Duration::from_millis(300));
+    // Ready when socat has bound its port, however slow the machine.
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            run(Command::new("ip").args(["netns", "exec", other.name(), "ss", "-Hlun"]))
+                .contains("10.96.5.5:53")
+        }),
+        "socat did not bind 10.96.5.5:53"
+    );
 
     // In the bridged namespace: redirected.
     assert_redirected(

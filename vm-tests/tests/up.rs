@@ -517,7 +517,14 @@ fn a_namespace_named_test_leaves_local_test_to_the_apps_resolver() {
         "--address=/local.test/192.0.2.7",
         "--pid-file=",
     ]));
-    std::thread::sleep(Duration::from_millis(300));
+    // Ready when dnsmasq has bound its port, however slow the machine.
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            run(Command::new("ip").args(["netns", "exec", &dev, "ss", "-Hlun"]))
+                .contains("127.0.0.53:53")
+        }),
+        "dnsmasq did not bind 127.0.0.53:53"
+    );
     let cg = TestCgroup::new();
     let instance = Instance(unique_name("tt"));
     let out = Command::new(tpbpf_bin())
