@@ -1308,11 +1308,23 @@ pub async fn agents_ready(client: &Client) -> Result<(i32, i32, Vec<String>), St
             waiting.push(format!("node {node}: {why}"));
         }
     }
-    Ok((
-        status.number_ready,
-        status.desired_number_scheduled,
-        waiting,
-    ))
+    // As `kubectl rollout status`: ready pods count once the controller
+    // has seen this version of the DaemonSet and made its pods from it;
+    // until then the ready pods may be the ones it replaces.
+    let observed = status.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
+    let updated = status.updated_number_scheduled.unwrap_or(0);
+    let ready = if observed {
+        status.number_ready.min(updated)
+    } else {
+        0
+    };
+    if updated < status.desired_number_scheduled {
+        waiting.push(format!(
+            "{updated} of {} agent pods are from the DaemonSet as applied (a rollout in progress)",
+            status.desired_number_scheduled
+        ));
+    }
+    Ok((ready, status.desired_number_scheduled, waiting))
 }
 
 #[cfg(test)]

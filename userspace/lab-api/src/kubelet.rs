@@ -78,10 +78,11 @@ struct NodeAgent {
 }
 
 impl NodeAgent {
-    fn new(generation: String, lab: &Lab, image: &str) -> Self {
+    /// A new pod (`version`: the last resourceVersion of the one before).
+    fn new(generation: String, lab: &Lab, image: &str, version: u64) -> Self {
         let now = now_s();
         NodeAgent {
-            generation,
+            generation: generation.clone(),
             proc: None,
             pid: None,
             started: None,
@@ -91,7 +92,9 @@ impl NodeAgent {
             liveness: Track::default(),
             killed_for: None,
             state: AgentPodState {
+                version,
                 created_at: now,
+                generation,
                 image: image.to_string(),
                 runtime: lab.agent_runtime(),
                 ready_changed_at: now,
@@ -200,14 +203,18 @@ fn step(lab: &Lab, node: &spec::Node, ds: &Value, entry: Option<NodeAgent>) -> N
                 "the agent DaemonSet changed: replacing the agent's pod"
             );
             old.stop(lab, node.name);
-            NodeAgent::new(generation, lab, image)
+            let mut e = NodeAgent::new(generation, lab, image, old.state.version);
+            // The replacement is new: written even if it looks the same.
+            e.written = None;
+            e
         }
         None => {
             // This kubelet is new (the lab's API process started): it
             // adopts what runs, with the pod's counts so far.
-            let mut e = NodeAgent::new(generation, lab, image);
+            let mut e = NodeAgent::new(generation.clone(), lab, image, 0);
             if let Some(prev) = lab.agent_state(node.name) {
                 e.state = prev;
+                e.state.generation = generation;
             }
             if let Some(pid) = lab
                 .agent_running(node.name)

@@ -619,16 +619,32 @@ pub fn daemon_sets(live: &crate::server::Live) -> Vec<serde_json::Value> {
         .iter()
         .filter(|a| a.pod.is_some())
         .count() as i64;
+    let updated = |version: &serde_json::Value| {
+        live.status
+            .agents
+            .iter()
+            .filter(|a| {
+                a.pod
+                    .as_ref()
+                    .is_some_and(|p| *version == p.generation.as_str())
+            })
+            .count() as i64
+    };
     live.store
         .list("daemonsets")
         .into_iter()
         .map(|mut d| {
             let agent = d["metadata"]["name"] == tpbpf_agent_api::DAEMONSET
                 && d["metadata"]["namespace"] == AGENT_NAMESPACE;
-            let (ready, scheduled) = if agent { (ready, scheduled) } else { (0, 0) };
+            let (ready, scheduled, updated) = if agent {
+                (ready, scheduled, updated(&d["metadata"]["resourceVersion"]))
+            } else {
+                (0, 0, 0)
+            };
             d["status"] = serde_json::json!({
                 "currentNumberScheduled": scheduled,
-                "updatedNumberScheduled": scheduled,
+                // Pods made from this version of the DaemonSet.
+                "updatedNumberScheduled": updated,
                 "desiredNumberScheduled": n,
                 "numberReady": ready,
                 "numberAvailable": ready,

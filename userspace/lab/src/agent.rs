@@ -265,6 +265,9 @@ pub struct AgentPodState {
     pub version: u64,
     /// When this pod was made (a DaemonSet change makes a new one).
     pub created_at: u64,
+    /// The DaemonSet's resourceVersion it was made from (up to date or
+    /// not, for `updatedNumberScheduled`).
+    pub generation: String,
     pub image: String,
     pub runtime: AgentRuntime,
     /// The readiness probe passed (or there is none and the container runs).
