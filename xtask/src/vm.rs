@@ -991,23 +991,41 @@ fn collect(out: &Path, selected: &[Selected]) -> Result<Vec<TestResult>> {
     Ok(results)
 }
 
-/// The first lines of a failed test's panic message.
+/// What a failed test's output says of the cause: tpbpf's own error line
+/// or the verifier's verdict where there is one, else the panic's place and
+/// its first line.
 fn failure_of(log: &str, test: &str) -> String {
     let marker = format!("---- {test} stdout ----");
     let Some(at) = log.find(&marker) else {
         return String::new();
     };
-    log[at + marker.len()..]
+    let block = &log[at + marker.len()..];
+    let block = block.split("\n---- ").next().unwrap_or(block);
+    let lines: Vec<&str> = block
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .skip_while(|l| !l.contains("panicked at"))
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ")
-        .chars()
-        .take(240)
-        .collect()
+        .collect();
+    let cause = lines
+        .iter()
+        .find(|l| l.contains("tpbpf: error:") && !l.ends_with("did not start:"))
+        .or_else(|| {
+            lines
+                .iter()
+                .find(|l| l.contains("verifier_log:") || l.contains("Verifier output:"))
+        })
+        .map(|l| l.to_string());
+    let text = cause.unwrap_or_else(|| {
+        let mut it = lines.iter().skip_while(|l| !l.contains("panicked at"));
+        let place = it
+            .next()
+            .and_then(|l| l.split("panicked at ").nth(1))
+            .unwrap_or("")
+            .trim_end_matches(':')
+            .to_string();
+        format!("{place}: {}", it.next().unwrap_or(&""))
+    });
+    text.chars().take(240).collect()
 }
 
 fn counts(results: &[TestResult]) -> (usize, usize, usize) {
@@ -1066,7 +1084,7 @@ fn record(kernel: &Kernel, results: &[TestResult], guest_secs: f64, partial: boo
             "release": kernel.release,
             "package": format!("{} {}", kernel.package, kernel.version),
             "partial": partial,
-            "guest_seconds": guest_secs.round(),
+            "guest_seconds": guest_secs.round() as u64,
             "passed": pass, "failed": fail, "skipped": skip,
             "tests": tests,
         }),
