@@ -307,6 +307,19 @@ fn bpftool_ids(args: &[&str]) -> Vec<u64> {
 }
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes.
+/// A time bound a test asserts, stretched by `TPBPF_TEST_TIME_SCALE`
+/// (`cargo xtask vm-test` sets it under TCG, which emulates every
+/// instruction: about ten times slower than this machine). The bound a user
+/// sees is the unscaled one; the test prints what it measured.
+pub fn scaled(d: Duration) -> Duration {
+    let k: f64 = std::env::var("TPBPF_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|k: &f64| *k >= 1.0)
+        .unwrap_or(1.0);
+    d.mul_f64(k)
+}
+
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {

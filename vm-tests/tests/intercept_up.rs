@@ -755,7 +755,7 @@ fn an_intercept_follows_its_deployment_when_a_pod_is_replaced() {
     assert_ne!(new_ip, "10.244.1.10");
     let url = format!("http://{new_ip}/");
     let mut last = String::new();
-    let taken = wait_for(Duration::from_secs(10), || {
+    let taken = wait_for(scaled(Duration::from_secs(10)), || {
         last = curl_from(&client_pod, &url);
         last.contains("developer")
     });
@@ -766,8 +766,8 @@ fn an_intercept_follows_its_deployment_when_a_pod_is_replaced() {
     );
     println!("new pod {new_name} ({new_ip}) intercepted {took:?} after it answered");
     assert!(
-        took < Duration::from_secs(2),
-        "the new pod took {took:?} to be intercepted (more than 2 s)"
+        took < scaled(Duration::from_secs(2)),
+        "the new pod took {took:?} to be intercepted (more than 2 s, scaled by TPBPF_TEST_TIME_SCALE)"
     );
     let new_netns = format!("{}-default-{new_name}", lab.name);
     assert_eq!(sk_lookup_links_in(&new_netns).len(), 1);

@@ -781,8 +781,10 @@ fn write_job(kernel: &Kernel, selected: &[Selected], args: &Args, run_dir: &Path
         writeln!(job, "export CI={}", shell_quote(&ci))?;
     }
     if accel() == "tcg" {
-        // Emulated: bulk tests move less (each says how much it moved).
+        // Emulated: bulk tests move less (each says how much it moved),
         writeln!(job, "export TPBPF_TEST_UPLOAD_MIB=256")?;
+        // Time bounds the tests assert, stretched for emulation.
+        writeln!(job, "export TPBPF_TEST_TIME_SCALE=10")?;
     }
     writeln!(job, "hostname tpbpf-vm")?;
     writeln!(job, "ip link set lo up")?;
