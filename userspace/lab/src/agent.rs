@@ -216,7 +216,7 @@ impl ContainerSpec {
             return oci::ALL_CAPS.iter().map(|c| c.to_string()).collect();
         }
         let drop_all = self.caps_drop.iter().any(|c| c.eq_ignore_ascii_case("ALL"));
-        let dropped: Vec<String> = self.caps_drop.iter().map(|c| norm(c)).collect();
+        let dropped: Vec<String> = self.caps_drop.iter().map(|c| norm(c.as_str())).collect();
         let mut caps: Vec<String> = if drop_all {
             Vec::new()
         } else {

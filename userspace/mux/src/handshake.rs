@@ -364,6 +364,12 @@ impl Server {
                         .await
                         {
                             Ok(Ok(s)) => Box::new(s),
+                            // Connected and closed without a byte: the
+                            // kubelet's tcpSocket probe, every period.
+                            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                                debug!(%peer, "connection closed before its TLS hello (a TCP probe)");
+                                return;
+                            }
                             Ok(Err(e)) => {
                                 warn!(%peer, "tunnel connection refused: TLS handshake failed: {e}");
                                 return;
