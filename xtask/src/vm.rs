@@ -1079,12 +1079,32 @@ fn record(kernel: &Kernel, results: &[TestResult], guest_secs: f64, partial: boo
             json!({ "result": word, "note": r.note }),
         );
     }
-    let (pass, fail, skip) = counts(results);
+    let package = format!("{} {}", kernel.package, kernel.version);
+    // A partial run of the same package updates its tests in a whole-suite
+    // entry (a re-run of what failed); anything else replaces the entry.
+    let (tests, partial, guest_secs) = match all.get(&line) {
+        Some(old)
+            if partial
+                && old["partial"] == false
+                && old["package"].as_str() == Some(package.as_str()) =>
+        {
+            let mut merged = old["tests"].as_object().cloned().unwrap_or_default();
+            merged.extend(tests);
+            (
+                merged,
+                false,
+                old["guest_seconds"].as_f64().unwrap_or(0.0) + guest_secs,
+            )
+        }
+        _ => (tests, partial, guest_secs),
+    };
+    let n = |word: &str| tests.values().filter(|t| t["result"] == word).count();
+    let (pass, fail, skip) = (n("pass"), n("fail"), n("skip"));
     all.insert(
         line,
         json!({
             "release": kernel.release,
-            "package": format!("{} {}", kernel.package, kernel.version),
+            "package": package,
             "partial": partial,
             "guest_seconds": guest_secs.round() as u64,
             "passed": pass, "failed": fail, "skipped": skip,
