@@ -272,7 +272,7 @@ pub(super) fn write_matrix(all: &BTreeMap<String, Value>) -> Result<()> {
             v["passed"],
             v["failed"],
             v["skipped"],
-            v["guest_seconds"]
+            v["guest_seconds"].as_f64().unwrap_or(0.0).round() as u64
         )?;
     }
     writeln!(m)?;
