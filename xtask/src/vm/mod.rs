@@ -233,6 +233,7 @@ pub fn vm_test(args: Args) -> Result<()> {
 }
 
 /// A test binary of vm-tests: its name (`tests/NAME.rs`) and path.
+#[derive(Clone)]
 struct TestBinary {
     name: String,
     path: PathBuf,
@@ -276,8 +277,8 @@ fn build_suite() -> Result<Vec<TestBinary>> {
 }
 
 /// What runs in the guest: a binary and its test-name filters.
-struct Selected<'a> {
-    bin: &'a TestBinary,
+struct Selected {
+    bin: TestBinary,
     filters: Vec<String>,
 }
 
@@ -292,7 +293,7 @@ const SIBLINGS: &[&str] = &[
 /// Copies the selected test binaries and their siblings into the run's
 /// directory, laid out as `debug/deps/` and `debug/`, so that a build that
 /// replaces them while the guest runs does not change them under it.
-fn snapshot(selected: Vec<Selected<'_>>, run_dir: &Path) -> Result<Vec<Selected<'static>>> {
+fn snapshot(selected: Vec<Selected>, run_dir: &Path) -> Result<Vec<Selected>> {
     let deps = run_dir.join("snap/debug/deps");
     fs::create_dir_all(&deps)?;
     let mut out = Vec::new();
@@ -306,12 +307,8 @@ fn snapshot(selected: Vec<Selected<'_>>, run_dir: &Path) -> Result<Vec<Selected<
             .parent()
             .and_then(Path::parent)
             .map(Path::to_path_buf);
-        let bin: &'static TestBinary = Box::leak(Box::new(TestBinary {
-            name: s.bin.name.clone(),
-            path: dst,
-        }));
         out.push(Selected {
-            bin,
+            bin: TestBinary { path: dst, ..s.bin },
             filters: s.filters,
         });
     }
@@ -327,10 +324,11 @@ fn snapshot(selected: Vec<Selected<'_>>, run_dir: &Path) -> Result<Vec<Selected<
     Ok(out)
 }
 
-fn select<'a>(bins: &'a [TestBinary], args: &Args) -> Result<Vec<Selected<'a>>> {
+fn select(bins: &[TestBinary], args: &Args) -> Result<Vec<Selected>> {
     let find = |name: &str| {
         bins.iter()
             .find(|b| b.name == name)
+            .cloned()
             .with_context(|| format!("no test binary `{name}` in vm-tests/tests"))
     };
     if args.ci_subset {
@@ -363,7 +361,7 @@ fn select<'a>(bins: &'a [TestBinary], args: &Args) -> Result<Vec<Selected<'a>>> 
     Ok(bins
         .iter()
         .map(|bin| Selected {
-            bin,
+            bin: bin.clone(),
             filters: Vec::new(),
         })
         .collect())
