@@ -1,8 +1,6 @@
 //! Encoding and decoding: pure functions over byte slices.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use thiserror::Error;
-
 use crate::{
     Destination, Frame, Hello, InterceptMode, ResetReason, Welcome, WelcomeStatus, MAGIC, MAX_BODY,
     WELCOME_MAGIC,
@@ -17,21 +15,47 @@ const WELCOME_FIXED: usize = 4 + 2 + 1 + 8 + 2;
 /// The largest token a hello may carry.
 const MAX_TOKEN: usize = 4096;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+/// Why bytes from the peer are not a frame (or a frame cannot be encoded).
+///
+/// `Display` and `Error` are written out here rather than derived: the
+/// protocol crate depends on nothing, so every process can speak it.
+#[derive(Debug, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("frame body of {0} bytes is larger than the maximum {MAX_BODY}")]
     TooLarge(u32),
-    #[error("unknown frame type {0} (a newer peer? the versions should have been negotiated)")]
     UnknownType(u8),
-    #[error("frame type {kind} has undefined flags {flags:#04x}")]
     Flags { kind: u8, flags: u8 },
-    #[error("malformed {what}")]
     Malformed { what: &'static str },
-    #[error("not a tpbpf tunnel: the peer did not start with a tpbpf hello")]
     BadMagic,
-    #[error("hello token of {0} bytes is larger than the maximum {MAX_TOKEN}")]
     TokenTooLarge(usize),
 }
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge(len) => write!(
+                f,
+                "frame body of {len} bytes is larger than the maximum {MAX_BODY}"
+            ),
+            Self::UnknownType(kind) => write!(
+                f,
+                "unknown frame type {kind} (a newer peer? the versions should have been negotiated)"
+            ),
+            Self::Flags { kind, flags } => {
+                write!(f, "frame type {kind} has undefined flags {flags:#04x}")
+            }
+            Self::Malformed { what } => write!(f, "malformed {what}"),
+            Self::BadMagic => {
+                f.write_str("not a tpbpf tunnel: the peer did not start with a tpbpf hello")
+            }
+            Self::TokenTooLarge(len) => write!(
+                f,
+                "hello token of {len} bytes is larger than the maximum {MAX_TOKEN}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
 
 const OPEN: u8 = 1;
 const DATA: u8 = 2;

@@ -257,3 +257,42 @@ fn garbage_instead_of_a_hello_is_refused_at_the_first_byte() {
         Err(DecodeError::TokenTooLarge(_))
     ));
 }
+
+#[test]
+fn each_refusal_says_what_was_wrong_in_words() {
+    let cases = [
+        (
+            DecodeError::TooLarge(MAX_BODY + 1),
+            format!(
+                "frame body of {} bytes is larger than the maximum {MAX_BODY}",
+                MAX_BODY + 1
+            ),
+        ),
+        (
+            DecodeError::UnknownType(200),
+            "unknown frame type 200 (a newer peer? the versions should have been negotiated)"
+                .to_string(),
+        ),
+        (
+            DecodeError::Flags { kind: 3, flags: 1 },
+            "frame type 3 has undefined flags 0x01".to_string(),
+        ),
+        (
+            DecodeError::Malformed { what: "address" },
+            "malformed address".to_string(),
+        ),
+        (
+            DecodeError::BadMagic,
+            "not a tpbpf tunnel: the peer did not start with a tpbpf hello".to_string(),
+        ),
+        (
+            DecodeError::TokenTooLarge(5000),
+            "hello token of 5000 bytes is larger than the maximum 4096".to_string(),
+        ),
+    ];
+    for (err, text) in cases {
+        assert_eq!(err.to_string(), text);
+        // An error a caller can box or put behind `anyhow`.
+        let _: &dyn std::error::Error = &err;
+    }
+}
