@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod demo;
 mod dist;
 mod image;
+mod layering;
 mod manifests;
 mod vm;
 
@@ -29,8 +30,12 @@ enum Task {
     /// Format check, clippy (userspace, then the eBPF crate on its own
     /// target), unit tests, then the privileged tests (root).
     Test,
-    /// Format check and clippy only.
+    /// Format check, clippy, and the workspace's shape (no `ip` command,
+    /// crate boundaries, file sizes).
     Lint,
+    /// Only the shape checks of `lint`: which crate may depend on which,
+    /// and no product source file over 800 lines. No build needed.
+    Layering,
     /// The main job: `tpbpf doctor`, then a real redirected connection.
     Demo,
     /// Benchmarks (release build): the cost tpbpf's hooks add to connect(),
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Test => test(),
         Task::Lint => lint(),
+        Task::Layering => layering::check_workspace(),
         Task::Demo => demo::run(),
         Task::Bench { which } => bench(which.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
@@ -153,7 +159,8 @@ fn lint() -> Result<()> {
 
     step("no product crate runs `ip` (routes, rules and links go over rtnetlink)");
     no_ip_command()?;
-    Ok(())
+
+    layering::check_workspace()
 }
 
 /// The product crates (all but the lab, which builds its namespaces with
