@@ -1,0 +1,64 @@
+//! The `pods/portforward` subresource: the lab upgrades where the API
+//! server would have the kubelet upgrade, to SPDY/3.1 (tunneled in
+//! WebSocket, or a plain upgrade) as kubectl asks, or to
+//! `v4.channel.k8s.io` as kube-rs asks.
+use axum::{
+    extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade},
+    http::{HeaderMap, StatusCode, Uri},
+    response::Response,
+};
+
+use super::{authz::Who, status, ApiConfig};
+use crate::{
+    objects,
+    portforward_spdy::{self, SpdyUpgrade},
+};
+
+/// A port-forward to pod `name` in `ns`, for `who`: the RBAC check, the
+/// pod, then the upgrade the client asked for.
+// The request's parts, as the router took them apart.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn portforward(
+    cfg: &ApiConfig,
+    who: &Who,
+    ns: &str,
+    name: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    spdy: SpdyUpgrade,
+) -> Response {
+    if let Who::Restricted(user, allowed) = who {
+        if !allowed.iter().any(|a| a == ns) {
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!("pods \"{name}\" is forbidden: User \"{user}\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"{ns}\""),
+            );
+        }
+    }
+    // Like the API server, find the pod before looking at the upgrade.
+    let Some(target) = crate::portforward::target(&cfg.lab, ns, name) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("pods \"{name}\" not found"),
+        );
+    };
+    let pod = || portforward_spdy::Pod::in_lab(name, objects::uid("Pod", ns, name), target.clone());
+    match (ws, spdy) {
+        // kubectl: SPDY/3.1 tunneled in WebSocket.
+        (Ok(ws), _) if portforward_spdy::wants_tunnel(&ws) => portforward_spdy::tunnel(ws, pod()),
+        // kube-rs: v4.channel.k8s.io.
+        (Ok(ws), _) => crate::portforward::upgrade(ws, target.clone(), uri),
+        // kubectl's fallback: Upgrade: SPDY/3.1.
+        (Err(_), SpdyUpgrade(Some(on_upgrade))) => {
+            portforward_spdy::upgrade(on_upgrade, headers, pod())
+        }
+        (Err(_), SpdyUpgrade(None)) => status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "Upgrade request required".into(),
+        ),
+    }
+}
