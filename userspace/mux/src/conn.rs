@@ -37,23 +37,9 @@ pub(crate) async fn run(
     peer_received: u64,
     leftover: BytesMut,
 ) -> Ended {
-    let replay = {
-        let mut inner = shared.lock();
-        if peer_received < inner.acked_seq || peer_received > inner.sent_seq {
-            return Ended::Protocol(format!(
-                "the peer resumed from byte {peer_received}, outside what was sent ({}..{})",
-                inner.acked_seq, inner.sent_seq
-            ));
-        }
-        inner.drop_acked(peer_received);
-        // Pings, pongs and acks queued for the last transport are stale.
-        inner.unreliable.clear();
-        inner.ping_started = None;
-        // The handshake told the peer what we received.
-        inner.ack_sent = inner.recv_seq;
-        inner.connected = true;
-        inner.replayed += inner.replay_len as u64;
-        inner.replay_chunks()
+    let replay = match shared.lock().resume_from(peer_received) {
+        Ok(replay) => replay,
+        Err(e) => return Ended::Protocol(e),
     };
     let config = &shared.config;
     let (mut rd, mut wr) = tokio::io::split(io);
