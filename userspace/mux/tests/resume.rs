@@ -170,12 +170,12 @@ async fn past_the_resume_window_streams_fail_with_a_clear_error() {
         .unwrap_err();
     println!("server error: {err}");
     assert!(err.to_string().contains("resume window"), "{err}");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        srv.server.sessions(),
-        0,
-        "the server kept an expired session"
-    );
+    wait_for(
+        "the server to forget the expired session",
+        Duration::from_secs(10),
+        || srv.server.sessions() == 0,
+    )
+    .await;
 }
 
 /// Many streams echoing both ways while the transport is killed: every
@@ -191,10 +191,16 @@ async fn echo_streams_in_both_directions_survive_kills() {
     )
     .await
     .unwrap();
+    // Five cuts, each once another 16 MiB came back: every cut falls in
+    // the middle of the transfer (160 MiB come back in all).
     let p = proxy.clone();
+    let s2 = session.clone();
     let cutter = tokio::spawn(async move {
-        for _ in 0..5 {
-            tokio::time::sleep(Duration::from_millis(60)).await;
+        for cut in 1..=5u64 {
+            wait_for("the echo to go on", Duration::from_secs(60), || {
+                s2.stats().bytes_received >= cut * (16 << 20)
+            })
+            .await;
             p.cut();
         }
     });

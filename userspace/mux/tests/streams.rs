@@ -40,9 +40,13 @@ async fn streams_carry_data_both_ways_and_half_close() {
         t.await.unwrap();
     }
     // Streams that both sides finished are forgotten on both sides.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(session.stats().streams, 0);
-    assert_eq!(srv.sessions.lock().unwrap()[0].stats().streams, 0);
+    let served = srv.sessions.lock().unwrap()[0].clone();
+    wait_for(
+        "both sides to forget their finished streams",
+        Duration::from_secs(10),
+        || session.stats().streams == 0 && served.stats().streams == 0,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -78,16 +82,38 @@ async fn a_slow_reader_does_not_make_the_session_buffer_without_bound() {
         s
     });
     let mut held = rx.recv().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let server_session = srv.sessions.lock().unwrap()[0].clone();
+    // The window's worth arrives and is held for the reader...
+    wait_for(
+        "a window of data at the receiver",
+        Duration::from_secs(10),
+        || server_session.stats().buffered >= INITIAL_WINDOW as usize,
+    )
+    .await;
+    // ...and a round trip on another stream of the session, whose frames
+    // go behind whatever the writer had, finds no more: the writer waits
+    // for credit.
+    let mut probe = session.open_with(dst(), b"probe").unwrap();
+    let mut other = rx.recv().await.unwrap();
+    let mut b = [0u8; 5];
+    other.read_exact(&mut b).await.unwrap();
+    other.write_all(&b).await.unwrap();
+    probe.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"probe");
     assert!(
         !done.load(Ordering::SeqCst),
         "8 MiB went into a stream nobody reads"
     );
-    let server_session = srv.sessions.lock().unwrap()[0].clone();
     let buffered = server_session.stats().buffered;
-    assert!(
-        buffered <= INITIAL_WINDOW as usize,
+    assert_eq!(
+        buffered, INITIAL_WINDOW as usize,
         "the receiver buffered {buffered} bytes for an unread stream (window {INITIAL_WINDOW})"
+    );
+    // The probe's 5 bytes and the held stream's window, nothing more.
+    assert_eq!(
+        session.stats().bytes_sent,
+        u64::from(INITIAL_WINDOW) + 5,
+        "the writer was let past the window"
     );
     assert!(
         session.stats().unacked <= 2 * u64::from(INITIAL_WINDOW),
@@ -134,7 +160,12 @@ async fn a_bulk_transfer_does_not_starve_an_interactive_stream() {
             tokio::join!(send, recv);
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for(
+        "the bulk streams to get going",
+        Duration::from_secs(10),
+        || session.stats().bytes_sent >= 4 << 20,
+    )
+    .await;
     let before = session.stats().bytes_sent;
     // Meanwhile an interactive stream does 200 small round trips.
     let mut s = session.open(dst()).unwrap();
@@ -231,7 +262,12 @@ async fn dropping_a_stream_with_unread_data_resets_the_peer() {
     s.write_all(b"ping").await.unwrap();
     let mut peer = rx.recv().await.unwrap();
     peer.write_all(b"unread").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_for(
+        "the bytes to arrive, unread",
+        Duration::from_secs(10),
+        || session.stats().buffered == 6,
+    )
+    .await;
     drop(s);
     let mut buf = [0u8; 4];
     peer.read_exact(&mut buf).await.unwrap();

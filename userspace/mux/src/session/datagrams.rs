@@ -129,3 +129,54 @@ impl Drop for Flow {
         self.shared.lock().flows.remove(&self.id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tpbpf_proto::{Destination, Frame};
+
+    use super::{super::testing::shared, MAX_FLOW_QUEUE};
+    use crate::{Request, Session};
+
+    fn datagram(flow: u32, data: Vec<u8>) -> Frame {
+        Frame::Datagram {
+            flow,
+            dst: Destination::Addr("10.96.0.10:53".parse().unwrap()),
+            data,
+        }
+    }
+
+    #[test]
+    fn answers_on_an_unread_flow_keep_the_newest_and_count_the_dropped() {
+        let (s, config) = shared(true);
+        let flow = Session::from_shared(s.clone())
+            .flow(Destination::Addr("10.96.0.10:53".parse().unwrap()))
+            .unwrap();
+        let mut inner = s.lock();
+        for i in 0..MAX_FLOW_QUEUE + 3 {
+            let wake = inner
+                .on_frame(
+                    datagram(flow.id, (i as u32).to_be_bytes().to_vec()),
+                    &config,
+                )
+                .unwrap();
+            assert!(!wake);
+        }
+        let f = &inner.flows[&flow.id];
+        assert_eq!((f.queue.len(), f.dropped), (MAX_FLOW_QUEUE, 3));
+        assert_eq!(f.queue.front(), Some(&3u32.to_be_bytes().to_vec()));
+        // A datagram on a flow the peer opened is a request; one on a flow
+        // of ours that is gone is dropped.
+        inner.on_frame(datagram(2, b"q".to_vec()), &config).unwrap();
+        inner
+            .on_frame(datagram(flow.id + 2, b"late".to_vec()), &config)
+            .unwrap();
+        assert!(matches!(
+            &inner.requests.iter().collect::<Vec<_>>()[..],
+            [Request::Datagram { flow: 2, .. }]
+        ));
+        drop(inner);
+        let id = flow.id;
+        drop(flow);
+        assert!(!s.lock().flows.contains_key(&id));
+    }
+}

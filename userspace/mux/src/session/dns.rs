@@ -52,3 +52,63 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tpbpf_proto::{Frame, ResetReason};
+
+    use super::super::testing::{sent, shared};
+    use crate::Session;
+
+    #[tokio::test]
+    async fn a_query_gets_its_answer_and_a_stray_answer_is_dropped() {
+        let (s, config) = shared(true);
+        let session = Session::from_shared(s.clone());
+        let query = tokio::spawn({
+            let session = session.clone();
+            async move { session.dns(b"q".to_vec(), Duration::from_secs(5)).await }
+        });
+        // The query goes out; its answer, and one for no query, come back.
+        let id = loop {
+            let frames = sent(&mut s.lock(), &config);
+            if let [Frame::DnsQuery { id, query }] = &frames[..] {
+                assert_eq!(query, b"q");
+                break *id;
+            }
+            assert!(frames.is_empty(), "{frames:?}");
+            tokio::task::yield_now().await;
+        };
+        for (id, answer) in [(id + 1, &b"stray"[..]), (id, b"answer")] {
+            let answer = answer.to_vec();
+            s.lock()
+                .on_frame(Frame::DnsAnswer { id, answer }, &config)
+                .unwrap();
+        }
+        assert_eq!(query.await.unwrap().unwrap(), b"answer");
+        assert!(s.lock().dns_pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_query_fails_with_the_reason_when_the_session_ends() {
+        let (s, _) = shared(true);
+        let session = Session::from_shared(s.clone());
+        let query = tokio::spawn({
+            let session = session.clone();
+            async move { session.dns(b"q".to_vec(), Duration::from_secs(5)).await }
+        });
+        while s.lock().dns_pending.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        s.lock()
+            .end(ResetReason::Aborted, "the tunnel session was closed".into());
+        let e = query.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+        assert!(e.to_string().contains("closed"), "{e}");
+        assert!(session
+            .dns(b"q".to_vec(), Duration::from_secs(1))
+            .await
+            .is_err());
+    }
+}

@@ -221,3 +221,126 @@ impl Drop for Intercept {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tpbpf_proto::{Frame, InterceptMode};
+
+    use super::super::testing::{sent, shared};
+    use crate::Session;
+
+    /// Waits for the frames the session sends, yielding to its tasks.
+    async fn next_sent(s: &super::Shared, config: &crate::Config) -> Vec<Frame> {
+        loop {
+            let frames = sent(&mut s.lock(), config);
+            if !frames.is_empty() {
+                return frames;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_intercept_is_proved_answered_ended_and_stopped_when_dropped() {
+        let (s, config) = shared(true);
+        let session = Session::from_shared(s.clone());
+        let target = "10.0.0.7:8080".parse().unwrap();
+        let (proof_tx, mut proof_rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            session
+                .intercept(
+                    target,
+                    InterceptMode::Steal,
+                    Duration::from_secs(5),
+                    |port, nonce| {
+                        let proof_tx = proof_tx.clone();
+                        async move {
+                            proof_tx.send((port, nonce)).unwrap();
+                            Ok(())
+                        }
+                    },
+                )
+                .await
+        });
+        let id = match &next_sent(&s, &config).await[..] {
+            [Frame::InterceptStart {
+                intercept,
+                target: t,
+                mode: InterceptMode::Steal,
+            }] if *t == target => *intercept,
+            other => panic!("{other:?}"),
+        };
+        s.lock()
+            .on_frame(
+                Frame::InterceptChallenge {
+                    intercept: id,
+                    port: 4000,
+                    nonce: [3; 16],
+                },
+                &config,
+            )
+            .unwrap();
+        assert_eq!(proof_rx.recv().await, Some((4000, [3; 16])));
+        s.lock()
+            .on_frame(
+                Frame::InterceptStatus {
+                    intercept: id,
+                    ok: true,
+                    message: "A=1".into(),
+                },
+                &config,
+            )
+            .unwrap();
+        let intercept = task.await.unwrap().unwrap();
+        assert_eq!(intercept.info(), "A=1");
+        // A later failure is the intercept's end.
+        s.lock()
+            .on_frame(
+                Frame::InterceptStatus {
+                    intercept: id,
+                    ok: false,
+                    message: "pod gone".into(),
+                },
+                &config,
+            )
+            .unwrap();
+        assert_eq!(intercept.ended().await, "pod gone");
+        drop(intercept);
+        assert_eq!(
+            next_sent(&s, &config).await,
+            vec![Frame::InterceptStop { intercept: id }]
+        );
+        assert!(s.lock().intercepts.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refused_intercept_says_why() {
+        let (s, config) = shared(true);
+        let session = Session::from_shared(s.clone());
+        let task = tokio::spawn(async move {
+            session
+                .intercept(
+                    "10.0.0.7:8080".parse().unwrap(),
+                    InterceptMode::Steal,
+                    Duration::from_secs(5),
+                    |_, _| async { Ok(()) },
+                )
+                .await
+        });
+        next_sent(&s, &config).await;
+        s.lock()
+            .on_frame(
+                Frame::InterceptStatus {
+                    intercept: 1,
+                    ok: false,
+                    message: "not allowed by policy".into(),
+                },
+                &config,
+            )
+            .unwrap();
+        let e = task.await.unwrap().err().expect("refused");
+        assert!(e.to_string().contains("not allowed by policy"), "{e}");
+    }
+}

@@ -27,6 +27,8 @@ mod requests;
 mod schedule;
 mod state;
 mod streams;
+#[cfg(test)]
+mod testing;
 
 pub use datagrams::Flow;
 pub use intercepts::Intercept;

@@ -131,3 +131,102 @@ impl Inner {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tpbpf_proto::Frame;
+
+    use super::{super::testing::server, ACK_EVERY};
+
+    /// A server that sent three batches of 10, 20 and 30 bytes.
+    fn sent_three() -> super::Inner {
+        let (mut inner, _) = server();
+        for n in [10, 20, 30] {
+            inner.record_sent(vec![n as u8; n]);
+        }
+        inner
+    }
+
+    fn replayed(inner: &super::Inner) -> Vec<u8> {
+        inner
+            .replay_chunks()
+            .iter()
+            .flat_map(|c| c.to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn an_ack_trims_the_replay_buffer_to_what_the_peer_lacks() {
+        let mut inner = sent_three();
+        assert_eq!((inner.sent_seq, inner.replay_len), (60, 60));
+        // Into the second batch: the first goes, the second is skipped into.
+        inner.on_ack(15).unwrap();
+        assert_eq!(inner.replay.len(), 2);
+        assert_eq!((inner.replay_skip, inner.replay_len), (5, 45));
+        let rest = replayed(&inner);
+        assert_eq!(rest.len(), 45);
+        assert_eq!(&rest[..15], &[20; 15]);
+        assert_eq!(&rest[15..], &[30; 30]);
+        // To the end of a batch exactly.
+        inner.on_ack(30).unwrap();
+        assert_eq!((inner.replay.len(), inner.replay_skip), (1, 0));
+        assert_eq!(replayed(&inner), vec![30; 30]);
+        // Everything.
+        inner.on_ack(60).unwrap();
+        assert!(inner.replay.is_empty());
+        assert_eq!((inner.replay_len, inner.acked_seq), (0, 60));
+    }
+
+    #[test]
+    fn an_old_ack_changes_nothing_and_one_past_what_was_sent_is_an_error() {
+        let mut inner = sent_three();
+        inner.on_ack(30).unwrap();
+        // Across a resume, an older acknowledgement can arrive late.
+        inner.on_ack(12).unwrap();
+        assert_eq!((inner.acked_seq, inner.replay_len), (30, 30));
+        let e = inner.on_ack(61).unwrap_err();
+        assert!(e.contains("beyond what was sent (60)"), "{e}");
+        assert_eq!(inner.replay_len, 30);
+    }
+
+    #[test]
+    fn resuming_replays_from_what_the_peer_received() {
+        let mut inner = sent_three();
+        inner.on_ack(10).unwrap();
+        inner.recv_seq = 500;
+        inner.unreliable.push(Frame::Ping { nonce: 1 });
+        inner.connected = false;
+        // The peer got 25 bytes before the transport died.
+        let replay = inner.resume_from(25).unwrap();
+        let bytes: Vec<u8> = replay.iter().flat_map(|c| c.to_vec()).collect();
+        assert_eq!(bytes.len(), 35);
+        assert_eq!(&bytes[..5], &[20; 5]);
+        assert_eq!(inner.replayed, 35);
+        assert!(inner.unreliable.is_empty(), "a stale ping survived");
+        assert!(inner.connected);
+        assert_eq!(inner.ack_sent, 500);
+        // Before what was acknowledged, or past what was sent: refused.
+        assert!(inner.resume_from(24).is_err());
+        assert!(inner.resume_from(61).is_err());
+    }
+
+    #[test]
+    fn acks_go_every_ack_every_bytes_or_when_forced() {
+        let (mut inner, _) = server();
+        assert!(!inner.maybe_ack(true), "an ack for nothing");
+        inner.recv_seq = ACK_EVERY - 1;
+        assert!(!inner.maybe_ack(false));
+        inner.recv_seq = ACK_EVERY;
+        assert!(inner.maybe_ack(false));
+        assert_eq!(
+            inner.unreliable,
+            vec![Frame::Ack {
+                received: ACK_EVERY
+            }]
+        );
+        inner.recv_seq += 1;
+        assert!(!inner.maybe_ack(false));
+        assert!(inner.maybe_ack(true));
+        assert_eq!(inner.ack_sent, ACK_EVERY + 1);
+    }
+}

@@ -87,3 +87,46 @@ impl Session {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tpbpf_proto::{Frame, InterceptMode};
+
+    use super::{super::testing::server, Request, MAX_INTERCEPT_REQUESTS, MAX_REQUESTS};
+
+    #[test]
+    fn queries_past_the_bound_are_dropped_but_intercept_control_ends_the_session() {
+        let (mut inner, config) = server();
+        for id in 0..MAX_REQUESTS as u32 + 10 {
+            let wake = inner
+                .on_frame(Frame::DnsQuery { id, query: vec![1] }, &config)
+                .unwrap();
+            assert!(!wake);
+        }
+        assert_eq!(inner.requests.len(), MAX_REQUESTS);
+        assert!(
+            matches!(inner.requests.back(), Some(Request::Dns { id, .. }) if *id == MAX_REQUESTS as u32 - 1)
+        );
+
+        let start = |intercept| Frame::InterceptStart {
+            intercept,
+            target: "10.0.0.1:80".parse().unwrap(),
+            mode: InterceptMode::Steal,
+        };
+        for i in 0..MAX_INTERCEPT_REQUESTS as u32 {
+            inner.on_frame(start(i), &config).unwrap();
+        }
+        let e = inner.on_frame(start(999), &config).unwrap_err();
+        assert!(e.contains("intercept requests unanswered"), "{e}");
+        // In order, none lost.
+        let ids: Vec<u32> = inner
+            .intercept_requests
+            .iter()
+            .map(|r| match r {
+                Request::InterceptStart { id, .. } => *id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, (0..MAX_INTERCEPT_REQUESTS as u32).collect::<Vec<_>>());
+    }
+}

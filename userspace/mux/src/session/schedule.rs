@@ -108,3 +108,134 @@ impl Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tpbpf_proto::{Frame, ResetReason};
+
+    use super::super::testing::{dst, sent, server, shared, shared_with, write};
+    use super::{BATCH, MAX_CONTROL};
+    use crate::{Config, CHUNK};
+
+    fn data_turns(frames: &[Frame]) -> Vec<(u32, usize)> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Data { stream, data } => Some((*stream, data.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn control_frames_go_first_then_streams_take_turns_of_a_chunk() {
+        let (s, config) = shared(true);
+        let session = super::super::Session::from_shared(s.clone());
+        let a = session.open(dst()).unwrap();
+        let b = session.open(dst()).unwrap();
+        // Both opens leave at once, empty.
+        let opens = sent(&mut s.lock(), &config);
+        assert!(
+            matches!(&opens[..], [Frame::Open { stream: 1, data: d1, .. }, Frame::Open { stream: 3, data: d3, .. }] if d1.is_empty() && d3.is_empty()),
+            "{opens:?}"
+        );
+        assert_eq!(write(&s, a.id(), &vec![1; 3 * CHUNK]), Some(3 * CHUNK));
+        assert_eq!(write(&s, b.id(), &vec![2; CHUNK + 1]), Some(CHUNK + 1));
+        b.reset(ResetReason::Aborted, "gone");
+        // b's reset is control: it goes first, and b's data never goes.
+        let frames = sent(&mut s.lock(), &config);
+        assert!(
+            matches!(frames[0], Frame::Reset { stream: 3, .. }),
+            "{frames:?}"
+        );
+        assert_eq!(data_turns(&frames), vec![(1, CHUNK); 3]);
+
+        // Two streams with data alternate, a chunk each.
+        let c = session.open(dst()).unwrap();
+        let d = session.open(dst()).unwrap();
+        sent(&mut s.lock(), &config);
+        assert_eq!(write(&s, c.id(), &vec![3; 2 * CHUNK]), Some(2 * CHUNK));
+        assert_eq!(
+            write(&s, d.id(), &vec![4; 2 * CHUNK + 1]),
+            Some(2 * CHUNK + 1)
+        );
+        assert_eq!(
+            data_turns(&sent(&mut s.lock(), &config)),
+            vec![(5, CHUNK), (7, CHUNK), (5, CHUNK), (7, CHUNK), (7, 1)]
+        );
+    }
+
+    #[test]
+    fn first_bytes_ride_in_the_open_and_the_half_close_follows_the_data() {
+        let (s, config) = shared(true);
+        let session = super::super::Session::from_shared(s.clone());
+        let a = session.open_with(dst(), b"hello").unwrap();
+        s.shutdown(a.id()).unwrap();
+        assert_eq!(
+            sent(&mut s.lock(), &config),
+            vec![
+                Frame::Open {
+                    stream: 1,
+                    dst: dst(),
+                    data: b"hello".to_vec()
+                },
+                Frame::HalfClose { stream: 1 }
+            ]
+        );
+        assert!(s.lock().take_output(&config).is_none(), "sent twice");
+    }
+
+    #[test]
+    fn a_full_replay_buffer_holds_stream_data_but_not_control() {
+        let config = Config {
+            resume_bytes: 2 * CHUNK,
+            ..Config::default()
+        };
+        let s = shared_with(true, config.clone());
+        let session = super::super::Session::from_shared(s.clone());
+        let a = session.open(dst()).unwrap();
+        assert_eq!(write(&s, a.id(), &vec![0; 4 * CHUNK]), Some(4 * CHUNK));
+        let mut inner = s.lock();
+        // The open (with a chunk) and one more chunk fill the replay buffer.
+        let first = sent(&mut inner, &config);
+        assert!(matches!(first[0], Frame::Open { stream: 1, ref data, .. } if data.len() == CHUNK));
+        assert_eq!(data_turns(&first), vec![(1, CHUNK)]);
+        assert!(inner.replay_len >= 2 * CHUNK, "{}", inner.replay_len);
+        // Nothing more of the stream while nothing is acknowledged; control
+        // still goes.
+        inner.push_control(&Frame::GoAway {
+            message: "bye".into(),
+        });
+        assert_eq!(
+            sent(&mut inner, &config),
+            vec![Frame::GoAway {
+                message: "bye".into()
+            }]
+        );
+        // The rest, once the peer has it all.
+        let all = inner.sent_seq;
+        inner.on_ack(all).unwrap();
+        assert_eq!(data_turns(&sent(&mut inner, &config)), vec![(1, CHUNK); 2]);
+    }
+
+    #[test]
+    fn lossy_frames_are_dropped_past_the_control_bound() {
+        let (mut inner, config) = server();
+        let big = Frame::DnsAnswer {
+            id: 1,
+            answer: vec![0; 60_000],
+        };
+        while inner.push_lossy(&big) {}
+        assert!(inner.control.len() >= MAX_CONTROL);
+        assert!(
+            inner.control.len() < MAX_CONTROL + 60_100,
+            "{}",
+            inner.control.len()
+        );
+        // Control goes out whole, in one batch, past the batch size.
+        let (_, reliable) = inner.take_output(&config).unwrap();
+        assert!(reliable.len() > BATCH);
+        assert!(inner.control.is_empty());
+        assert!(inner.push_lossy(&big), "the bound outlived its bytes");
+    }
+}

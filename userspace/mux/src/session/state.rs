@@ -210,3 +210,33 @@ impl Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tpbpf_proto::ResetReason;
+
+    use super::super::testing::{dst, open, server};
+
+    #[test]
+    fn ending_the_session_fails_its_streams_and_forgets_the_dropped_ones() {
+        let (mut inner, config) = server();
+        inner.on_frame(open(1, b""), &config).unwrap();
+        inner.on_frame(open(3, b""), &config).unwrap();
+        // Stream 3's application is gone: nothing holds it once it fails.
+        inner.streams.get_mut(&3).unwrap().dropped = true;
+        inner.end(ResetReason::Aborted, "the tunnel session was closed".into());
+        assert!(inner.ended.is_some());
+        assert!(!inner.connected);
+        let kept = &inner.streams[&1];
+        assert_eq!(
+            kept.reset,
+            Some((ResetReason::Aborted, "the tunnel session was closed".into()))
+        );
+        assert!(!inner.streams.contains_key(&3), "a dropped stream was kept");
+        assert_eq!(inner.granted, tpbpf_proto::INITIAL_WINDOW as usize);
+        assert_eq!(inner.streams_dst(1), Some(dst()));
+        // Ending twice keeps the first reason.
+        inner.end(ResetReason::ResumeExpired, "later".into());
+        assert_eq!(inner.ended.as_ref().unwrap().0, ResetReason::Aborted);
+    }
+}

@@ -106,6 +106,28 @@ pub async fn round_trip(s: &mut Stream, data: &[u8], chunk: usize) -> std::io::R
     Ok(back)
 }
 
+/// Waits until `cond` holds, looking every few milliseconds; fails the test,
+/// saying what it waited for, once `timeout` has passed.
+pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {timeout:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The server's first session, once its handshake is done.
+pub async fn first_session(srv: &TestServer) -> Session {
+    wait_for("the server's session", Duration::from_secs(10), || {
+        !srv.sessions.lock().unwrap().is_empty()
+    })
+    .await;
+    srv.sessions.lock().unwrap()[0].clone()
+}
+
 /// A server that hands every stream it accepts to the test, unread.
 pub async fn handing_server(
     config: Config,
