@@ -194,7 +194,7 @@ fn no_ip_command() -> Result<()> {
     }
     if !found.is_empty() {
         bail!(
-            "product code names the `ip` command (use tpbpf_daemon::netlink):\n  {}",
+            "product code names the `ip` command (use tpbpf_sys::netlink):\n  {}",
             found.join("\n  ")
         );
     }

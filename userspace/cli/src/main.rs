@@ -1,11 +1,11 @@
 //! `tpbpf`: the command line.
 mod cmd;
 mod netns;
-mod routes;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+pub use tpbpf_userside::Output;
 
 #[derive(Parser)]
 #[command(
@@ -26,13 +26,6 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    #[default]
-    Table,
-    Json,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Check that this machine can run tpbpf: kernel, program types, BTF, cgroup v2, privileges.
@@ -51,7 +44,7 @@ enum Command {
     /// Run one command with the bridge active for its process tree only;
     /// exits with the command's status and leaves nothing behind.
     Run(cmd::bridge::RunArgs),
-    /// Run tpbpfd in the foreground, bridging a whole cgroup subtree.
+    /// Run a bridge in the foreground (what `tpbpf up` starts), bridging a whole cgroup subtree.
     Daemon(cmd::bridge::DaemonArgs),
     /// Install tpbpf's agent into the kubeconfig's cluster (server-side
     /// apply; cluster-admin), and wait until every node has one ready.
@@ -132,7 +125,7 @@ fn main() -> ExitCode {
         } => {
             let told = tpbpf_cgroup::reaper::wait_for_creator_input();
             if !told.starts_with(b"done") {
-                cmd::bridge::undo_tc_path(mark, table, &ifaces, &told);
+                tpbpfd::tc::undo(mark, table, &ifaces, &told);
             }
             Ok(ExitCode::SUCCESS)
         }

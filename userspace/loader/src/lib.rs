@@ -7,12 +7,12 @@
 //! 5.8, `bpf_get_netns_cookie` from sock_ops 5.15). `tpbpf doctor` checks
 //! each of these on the running kernel.
 
-mod cidr;
 mod intercept;
 mod redirect;
 
-pub mod netns;
-pub use cidr::{Cidr, CidrParseError};
+/// Network namespaces (kept here for the agent's callers).
+pub use tpbpf_sys::netns;
+pub use tpbpf_sys::{Cidr, CidrParseError};
 pub use intercept::{Bypass as InterceptBypass, Interceptor};
 pub use redirect::{
     remove_leftover_tc_filter, AttachedIds, Bypass, OrigDstTable, ProxyConfig, Redirector,

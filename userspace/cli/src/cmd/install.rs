@@ -28,10 +28,10 @@ pub struct InstallArgs {
     /// The cluster's service and pod ranges (repeatable; default:
     /// discovered, as `tpbpf up` does). Tunnels reach only these.
     #[arg(long = "cluster-cidr", value_name = "CIDR")]
-    cluster_cidrs: Vec<tpbpf_loader::Cidr>,
+    cluster_cidrs: Vec<tpbpf_sys::Cidr>,
     /// A further range developers may reach through the agent (repeatable).
     #[arg(long = "allow-cidr", value_name = "CIDR")]
-    allow_cidrs: Vec<tpbpf_loader::Cidr>,
+    allow_cidrs: Vec<tpbpf_sys::Cidr>,
     /// Seconds a disconnected developer's session keeps its intercepts.
     #[arg(long, default_value_t = 30)]
     resume_window_s: u64,

@@ -1,6 +1,6 @@
 //! `tpbpf intercept` / `leave` / `list`: the cluster's traffic for a
 //! workload comes to a local port. The commands are clients of the running
-//! tpbpfd's control socket (`tpbpf_daemon::control`); tpbpfd asks the agent
+//! tpbpfd's control socket (`tpbpf_userside::control`); tpbpfd asks the agent
 //! on each of the workload's pods' nodes, over a tunnel session, to steer
 //! the pod port's new connections into the session, and carries them to
 //! the local port.
@@ -15,8 +15,8 @@ use tokio::{
 
 use crate::Output;
 
-pub use tpbpf_daemon::control::control_socket;
-use tpbpf_daemon::control::{InterceptRequest, ModeRequest, Request};
+pub use tpbpf_userside::control::control_socket;
+use tpbpf_userside::control::{InterceptRequest, ModeRequest, Request};
 
 #[derive(clap::Args)]
 pub struct InterceptArgs {

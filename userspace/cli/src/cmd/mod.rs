@@ -4,6 +4,5 @@ pub mod install;
 pub mod intercept;
 pub mod lab;
 pub mod redirect;
-pub mod scope;
 pub mod service;
 pub mod up;

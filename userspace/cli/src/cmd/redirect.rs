@@ -18,7 +18,7 @@ use tokio::{
 };
 use tpbpf_cgroup::{reaper::Reaper, ChildCgroup};
 
-use super::scope::{exit_code, forward, spawn_in_cgroup};
+use tpbpf_userside::process::{exit_code, forward, spawn_in_cgroup};
 use tpbpf_loader::{Cidr, OrigDstTable, Redirector};
 use tracing::{info, warn};
 

@@ -8,10 +8,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use tokio::signal::unix::{signal, SignalKind};
-use tpbpf_daemon::service;
+use tpbpf_bridge_api as service;
+use tpbpf_userside::args::emit;
 
-use super::bridge::emit;
 use crate::Output;
 
 #[derive(clap::Subcommand)]
@@ -36,8 +35,8 @@ pub struct InstallArgs {
     /// Print the unit instead of installing it.
     #[arg(long)]
     dry_run: bool,
-    /// With --dry-run: the binary the unit runs (a package's
-    /// /usr/bin/tpbpf), instead of this one.
+    /// With --dry-run: the tpbpfd binary the unit runs (a package's
+    /// /usr/bin/tpbpfd), instead of the one beside this tpbpf.
     #[arg(long, value_name = "PATH", requires = "dry_run")]
     exe: Option<PathBuf>,
 }
@@ -76,18 +75,28 @@ fn require_root(what: &str) -> Result<()> {
 
 /// A group by name or number.
 fn group_id(group: &str) -> Result<u32> {
-    if let Ok(gid) = group.parse::<u32>() {
-        return Ok(gid);
-    }
-    match nix::unistd::Group::from_name(group) {
-        Ok(Some(g)) => Ok(g.gid.as_raw()),
-        Ok(None) => bail!(
-            "there is no group `{group}`: `sudo tpbpf service install` creates it (or give --group)"
-        ),
-        Err(e) => bail!("looking up group `{group}`: {e}"),
-    }
+    tpbpfd::service::group_id(group).map_err(anyhow::Error::msg)
 }
 
+/// The tpbpfd binary installed beside this tpbpf (`/usr/bin/tpbpfd` next to
+/// `/usr/bin/tpbpf`; `target/*/tpbpfd` in a build).
+fn tpbpfd_exe() -> Result<PathBuf> {
+    let exe = std::env::current_exe()
+        .and_then(|e| e.canonicalize())
+        .context("finding tpbpf's own executable")?;
+    let daemon = exe.with_file_name("tpbpfd");
+    if !daemon.is_file() {
+        bail!(
+            "there is no tpbpfd beside {} ({}): install tpbpf's package, or build it (cargo build -p tpbpfd)",
+            exe.display(),
+            daemon.display()
+        );
+    }
+    Ok(daemon)
+}
+
+/// tpbpfd's service in this process (`tpbpf service run`): what the
+/// `tpbpfd` binary does, for a machine with tpbpf alone.
 fn serve(args: RunArgs) -> Result<ExitCode> {
     require_root("tpbpfd")?;
     let gid = group_id(&args.group)?;
@@ -96,9 +105,7 @@ fn serve(args: RunArgs) -> Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        let listener = service::listen(&path, gid)
-            .with_context(|| format!("making tpbpfd's socket {}", path.display()))?;
+    rt.block_on(tpbpfd::service::run(&path, gid, || {
         emit(
             args.output,
             json!({"event": "ready", "pid": std::process::id(), "socket": path, "gid": gid}),
@@ -108,21 +115,12 @@ fn serve(args: RunArgs) -> Result<ExitCode> {
                 args.group
             ),
         );
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let result = tokio::select! {
-            r = service::serve(listener, service::Policy { group: gid }) => r.context("tpbpfd's socket failed"),
-            _ = sigint.recv() => Ok(()),
-            _ = sigterm.recv() => Ok(()),
-        };
-        // Every bridge's session ends with this process: their programs are
-        // detached with it.
-        let _ = std::fs::remove_file(&path);
-        result.map(|()| ExitCode::SUCCESS)
-    })
+    }))
+    .context("tpbpfd's socket failed")?;
+    Ok(ExitCode::SUCCESS)
 }
 
-/// The systemd unit for this binary.
+/// The systemd unit running the tpbpfd binary `exe`.
 fn unit(exe: &Path, group: &str) -> String {
     format!(
         "[Unit]\n\
@@ -130,7 +128,7 @@ fn unit(exe: &Path, group: &str) -> String {
          After=network.target\n\
          \n\
          [Service]\n\
-         ExecStart={} service run --group {group}\n\
+         ExecStart={} --group {group}\n\
          Restart=on-failure\n\
          RuntimeDirectory=tpbpf\n\
          RuntimeDirectoryPreserve=yes\n\
@@ -146,13 +144,15 @@ fn has_systemd() -> bool {
 }
 
 fn install(args: InstallArgs) -> Result<ExitCode> {
-    let exe = std::env::current_exe()
-        .and_then(|e| e.canonicalize())
-        .context("finding tpbpf's own executable")?;
     if args.dry_run {
-        print!("{}", unit(args.exe.as_deref().unwrap_or(&exe), &args.group));
+        let exe = match &args.exe {
+            Some(e) => e.clone(),
+            None => tpbpfd_exe()?,
+        };
+        print!("{}", unit(&exe, &args.group));
         return Ok(ExitCode::SUCCESS);
     }
+    let exe = tpbpfd_exe()?;
     require_root("installing tpbpfd")?;
     if nix::unistd::Group::from_name(&args.group)?.is_none() {
         println!("creating group {}", args.group);
@@ -202,12 +202,12 @@ fn running_pid() -> Option<i32> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let ours = args
-        .windows(2)
-        .any(|w| w[0] == b"service" && w[1] == b"run");
+        .first()
+        .is_some_and(|a| a.ends_with(b"/tpbpfd") || *a == b"tpbpfd");
     ours.then_some(pid)
 }
 
-/// Starts `tpbpf service run` in the background (no systemd); returns its pid.
+/// Starts tpbpfd in the background (no systemd); returns its pid.
 fn start(args: &RunArgs) -> Result<u32> {
     require_root("starting tpbpfd")?;
     group_id(&args.group)?;
@@ -215,7 +215,7 @@ fn start(args: &RunArgs) -> Result<u32> {
         println!("tpbpfd is already running (pid {pid})");
         return Ok(pid as u32);
     }
-    let exe = std::env::current_exe().context("finding tpbpf's own executable")?;
+    let exe = tpbpfd_exe()?;
     std::fs::create_dir_all("/run/tpbpf")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -223,7 +223,7 @@ fn start(args: &RunArgs) -> Result<u32> {
         .open(LOG_FILE)
         .with_context(|| format!("opening {LOG_FILE}"))?;
     let mut cmd = Command::new(exe);
-    cmd.args(["service", "run", "-o", "json", "--group", &args.group]);
+    cmd.args(["--json", "--group", &args.group]);
     if let Some(s) = &args.socket {
         cmd.arg("--socket").arg(s);
     }

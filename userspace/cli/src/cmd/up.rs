@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tpbpf_loader::Cidr;
+use tpbpf_sys::Cidr;
 
 use crate::Output;
 
@@ -117,49 +117,18 @@ fn is_bridge_daemon(pid: i64, instance: &str) -> bool {
 }
 
 fn state_dir(instance: &str) -> PathBuf {
-    tpbpf_daemon::control::state_dir(instance)
+    tpbpf_userside::control::state_dir(instance)
 }
 
 fn alive(pid: i64) -> bool {
     tpbpf_lab::alive(pid as i32)
 }
 
-/// Routes this machine already has that overlap a range to bridge: a VPN
-/// or a local network that tpbpf must not silently take over.
-fn overlapping_routes(cidrs: &[String], never: &[Cidr]) -> Vec<(String, String, String)> {
-    let routes = match crate::routes::main_table() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(
-                "reading the routing table over rtnetlink: {e}; not checking for overlaps"
-            );
-            return Vec::new();
-        }
-    };
-    let mut found = Vec::new();
-    for r in routes {
-        let route = r.dst;
-        for c in cidrs {
-            let Ok(cidr) = c.parse::<Cidr>() else {
-                continue;
-            };
-            let overlap = cidr.contains(route.addr()) || route.contains(cidr.addr());
-            let excluded = never
-                .iter()
-                .any(|n| n.contains(route.addr()) && n.prefix_len() <= route.prefix_len());
-            if overlap && !excluded {
-                found.push((c.clone(), route.to_string(), r.dev.clone()));
-            }
-        }
-    }
-    found
-}
-
 pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     // As a user, tpbpfd (the service) loads and attaches; it makes this
     // user's state directory and says early if this user may not use it.
     if !nix::unistd::geteuid().is_root() {
-        tpbpf_daemon::service::prepare(&tpbpf_daemon::service::socket_path())?;
+        tpbpf_userside::client::prepare(&tpbpf_bridge_api::socket_path())?;
     }
     let dir = state_dir(&args.instance);
     if let Some(state) = read_state(&args.instance) {
@@ -172,84 +141,6 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         }
     }
     let upstream = args.upstream.clone();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (info, agent) = rt.block_on(async {
-        let (client, ctx, server, context_ns) =
-            tpbpf_kube::client(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
-        // Bare names resolve in the first named namespace (else the
-        // context's); the context's namespace is always connected.
-        let ns = args
-            .namespaces
-            .first()
-            .cloned()
-            .unwrap_or_else(|| context_ns.clone());
-        let given = tpbpf_kube::Given {
-            ranges: !args.cidrs.is_empty(),
-            dns: args.cluster_dns.is_some(),
-        };
-        let mut info =
-            tpbpf_kube::discover(&client, &ctx, &server, &ns, &args.cluster_domain, given).await?;
-        if given.ranges {
-            info.service_cidrs = args.cidrs.iter().map(ToString::to_string).collect();
-        }
-        if let Some(dns) = args.cluster_dns {
-            info.dns = Some(dns);
-        }
-        for extra in args.namespaces.iter().skip(1).chain([&context_ns]) {
-            if !info.namespaces.contains(extra) {
-                info.namespaces.push(extra.clone());
-            }
-        }
-        let agent = tpbpf_kube::find_agent(&client).await;
-        Ok::<_, anyhow::Error>((info, agent))
-    })?;
-    for w in &info.warnings {
-        eprintln!("tpbpf: warning: {w}");
-    }
-    if upstream == "agent" && matches!(agent, Ok(None)) {
-        eprintln!("tpbpf: {}", tpbpf_kube::NO_AGENT);
-        return Ok(ExitCode::from(tpbpf_kube::NO_AGENT_EXIT));
-    }
-    let agent_text = match &agent {
-        Ok(Some(a)) => format!(
-            "{} on {} (v{}, {}), reached through port-forward",
-            a.pod,
-            a.node,
-            a.version,
-            if a.healthy {
-                "healthy"
-            } else {
-                "UNHEALTHY: run `tpbpf-agent info` on that node"
-            }
-        ),
-        Ok(None) => format!(
-            "none found in {} (the tunnel needs tpbpf's agent installed)",
-            tpbpf_kube::AGENT_NAMESPACE
-        ),
-        Err(e) => format!("not reachable: {e}"),
-    };
-    let mut cidrs: Vec<String> = info
-        .service_cidrs
-        .iter()
-        .chain(&info.pod_cidrs)
-        .cloned()
-        .collect();
-    cidrs.extend(args.also_proxy.iter().map(ToString::to_string));
-    let overlaps = overlapping_routes(&cidrs, &args.never_proxy);
-    if !overlaps.is_empty() {
-        let lines: Vec<String> = overlaps
-            .iter()
-            .map(|(c, r, d)| format!("  cluster range {c} overlaps route {r} (dev {d})"))
-            .collect();
-        bail!(
-            "the cluster's ranges overlap routes this machine already has:\n{}\nbridging them would take that traffic; exclude them with --never-proxy {} (or fix the overlap)",
-            lines.join("\n"),
-            overlaps.iter().map(|o| o.1.clone()).collect::<Vec<_>>().join(" --never-proxy ")
-        );
-    }
-
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join("tpbpfd.log");
     let log = std::fs::File::create(&log_path)?;
@@ -268,6 +159,8 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         &args.transport,
         "--cluster-domain",
         &args.cluster_domain,
+        "--discover",
+        "--check-routes",
     ]);
     cmd.arg("--status-file").arg(dir.join("live.json"));
     cmd.arg("--control-socket").arg(dir.join("control.sock"));
@@ -280,16 +173,19 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     if let Some(a) = &args.agent_address {
         cmd.args(["--agent-address", a]);
     }
-    for c in &cidrs {
-        cmd.args(["--cidr", c]);
+    for c in &args.cidrs {
+        cmd.args(["--cidr", &c.to_string()]);
+    }
+    for c in &args.also_proxy {
+        cmd.args(["--also-proxy", &c.to_string()]);
     }
     for c in &args.never_proxy {
         cmd.args(["--never-proxy", &c.to_string()]);
     }
-    if let Some(dns) = info.dns {
+    if let Some(dns) = args.cluster_dns {
         cmd.args(["--cluster-dns", &dns.to_string()]);
     }
-    for ns in &info.namespaces {
+    for ns in &args.namespaces {
         cmd.args(["--namespace", ns]);
     }
     if let Some(cg) = &args.cgroup {
@@ -308,31 +204,64 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let ready: Value = match rx.recv_timeout(Duration::from_secs(60)) {
+    let ready: Value = match rx.recv_timeout(Duration::from_secs(90)) {
         Ok(line) if !line.is_empty() => {
-            serde_json::from_str(&line).context("tpbpfd's ready event")?
+            serde_json::from_str(&line).context("the bridge's ready event")?
         }
         _ => {
             let _ = child.kill();
+            let status = child.wait().ok();
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            bail!(
-                "tpbpfd did not start:\n{}",
-                log.lines()
-                    .rev()
-                    .take(10)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
+            let last: Vec<&str> = log.lines().rev().take(10).collect();
+            let last: Vec<&str> = last.into_iter().rev().collect();
+            if status.and_then(|s| s.code()) == Some(i32::from(tpbpf_kube::NO_AGENT_EXIT)) {
+                eprintln!("tpbpf: {}", tpbpf_kube::NO_AGENT);
+                return Ok(ExitCode::from(tpbpf_kube::NO_AGENT_EXIT));
+            }
+            // The bridge's own last words, without its log prefixes.
+            let errors: Vec<&str> = last
+                .iter()
+                .filter_map(|l| l.strip_prefix("tpbpf: error: "))
+                .collect();
+            if errors.is_empty() {
+                bail!("the bridge did not start:\n{}", last.join("\n"));
+            }
+            bail!("{}", errors.join("\n"));
         }
+    };
+    let info: tpbpf_kube::ClusterInfo = serde_json::from_value(ready["cluster"].clone())
+        .context("the bridge's ready event has no cluster")?;
+    for w in &info.warnings {
+        eprintln!("tpbpf: warning: {w}");
+    }
+    let cidrs: Vec<String> = ready["cidrs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let agent = ready["agent"].clone();
+    let agent_text = match (&agent, ready["agent_error"].as_str()) {
+        (Value::Object(a), _) => format!(
+            "{} on {} (v{}, {}), reached through port-forward",
+            a["pod"].as_str().unwrap_or("?"),
+            a["node"].as_str().unwrap_or("?"),
+            a["version"].as_str().unwrap_or("?"),
+            if a["healthy"].as_bool() == Some(true) {
+                "healthy"
+            } else {
+                "UNHEALTHY: run `tpbpf-agent info` on that node"
+            }
+        ),
+        (_, Some(e)) => format!("not reachable: {e}"),
+        _ => format!(
+            "none found in {} (the tunnel needs tpbpf's agent installed)",
+            tpbpf_kube::AGENT_NAMESPACE
+        ),
     };
     let state = json!({
         "instance": args.instance,
         "pid": child.id(),
         "cluster": info,
-        "agent": agent.as_ref().ok().cloned().flatten(),
+        "agent": agent,
         "upstream": upstream,
         "bridge": ready,
         "log": log_path,

@@ -40,7 +40,7 @@ pub fn state_dir(instance: &str) -> PathBuf {
     if uid == 0 {
         PathBuf::from("/run/tpbpf").join(instance)
     } else {
-        crate::service::user_dir(uid).join(instance)
+        tpbpf_bridge_api::user_dir(uid).join(instance)
     }
 }
 

@@ -8,7 +8,7 @@ use std::io;
 
 use tracing::warn;
 
-use crate::netlink;
+use tpbpf_sys::netlink;
 
 /// The mark, table and rule priority tpbpf uses by default.
 pub const DEFAULT_MARK: u32 = 0x7470_0000;

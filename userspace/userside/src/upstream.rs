@@ -1,14 +1,15 @@
-//! Where bridged traffic goes after tpbpfd. The tunnel to the cluster's
-//! agent is one upstream; [`NetnsUpstream`] is another, which dials every
-//! original destination itself from inside a given network namespace
-//! (`--upstream netns:NAME`): for tests and debugging without a cluster.
+//! Where the user's side sends what tpbpfd hands over: an [`Upstream`]
+//! dials. The tunnel to the cluster's agent is one upstream;
+//! [`NetnsUpstream`] is another, which dials every original destination
+//! itself from inside a given network namespace (`--upstream netns:NAME`,
+//! root only): for tests and debugging without a cluster. Its sockets live
+//! in that other namespace, which the bridge's programs never touch.
 use std::{
     future::Future,
     io,
     net::SocketAddr,
-    path::PathBuf,
     pin::Pin,
-    sync::{mpsc, Arc, OnceLock},
+    sync::{mpsc, Arc},
     time::Duration,
 };
 
@@ -18,7 +19,7 @@ use tokio::{
     net::{TcpSocket, UdpSocket},
     sync::oneshot,
 };
-use tpbpf_loader::Bypass;
+use tpbpf_bridge_api::limits::DNS_TIMEOUT;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -32,43 +33,28 @@ pub trait DatagramFlow: Send + Sync {
     fn recv<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<usize>>;
 }
 
+/// Dials destinations as seen from the cluster. One role: what tpbpfd
+/// hands over is taken by the hand-over receiver, which dials here.
 pub trait Upstream: Send + Sync + 'static {
-    /// Opens a TCP stream to `dst` as seen from the cluster.
-    fn connect_tcp(&self, dst: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Stream>>>;
     /// Opens a TCP stream to `dst` whose first bytes are `first` (a tunnel
     /// sends them with the open, saving a round trip).
     fn connect_tcp_with(
         &self,
         dst: SocketAddr,
         first: Vec<u8>,
-    ) -> BoxFuture<'_, io::Result<Box<dyn Stream>>> {
-        Box::pin(async move {
-            use tokio::io::AsyncWriteExt;
-            let mut s = self.connect_tcp(dst).await?;
-            s.write_all(&first).await?;
-            Ok(s)
-        })
-    }
-    /// Takes a redirected connection to `dst` whole (tpbpfd hands it to a
-    /// user's side of the bridge); `Err` gives it back to be dialed here.
-    fn take_tcp(
-        &self,
-        client: tokio::net::TcpStream,
-        _dst: SocketAddr,
-    ) -> Result<(), tokio::net::TcpStream> {
-        Err(client)
-    }
+    ) -> BoxFuture<'_, io::Result<Box<dyn Stream>>>;
     /// Opens a datagram flow to `dst` as seen from the cluster.
     fn udp(&self, dst: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn DatagramFlow>>>;
-    /// Sends a DNS query (wire format) to the cluster's DNS and returns the answer.
+    /// Sends a DNS query (wire format) to the cluster's DNS and returns the
+    /// answer, within [`DNS_TIMEOUT`].
     fn dns(&self, query: Vec<u8>) -> BoxFuture<'_, io::Result<Vec<u8>>>;
-    /// Exempts the upstream's own sockets from redirection (tpbpfd may run
-    /// inside the cgroup it bridges).
-    fn exempt(&self, _bypass: Bypass) {}
     /// For status output and logs.
     fn describe(&self) -> String;
-    /// Ends what the upstream holds open (a tunnel session), saying why.
-    fn close(&self, _why: &str) {}
+    /// Ends what the upstream holds open (a tunnel session), saying why,
+    /// once the peer has been told (or could not be).
+    fn close<'a>(&'a self, _why: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
     /// Live state for `tpbpf status` (a tunnel's session, RTT, bytes).
     fn status(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -84,18 +70,13 @@ pub struct NetnsUpstream {
     name: String,
     cluster_dns: Option<SocketAddr>,
     requests: mpsc::Sender<SocketRequest>,
-    bypass: OnceLock<Bypass>,
 }
 
 impl NetnsUpstream {
     /// `name` is an `ip netns` name or a path to a namespace file.
     /// `cluster_dns` is where cluster DNS queries go, inside that namespace.
     pub fn new(name: &str, cluster_dns: Option<SocketAddr>) -> io::Result<Arc<Self>> {
-        let path = if name.contains('/') {
-            PathBuf::from(name)
-        } else {
-            PathBuf::from("/run/netns").join(name)
-        };
+        let path = tpbpf_sys::netns::path_of(name);
         let ns = std::fs::File::open(&path).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -110,7 +91,7 @@ impl NetnsUpstream {
         std::thread::Builder::new()
             .name(format!("netns-{name}"))
             .spawn(move || {
-                let entered = tpbpf_loader::netns::enter(&ns);
+                let entered = tpbpf_sys::netns::enter(&ns);
                 let failed = entered.is_err();
                 let _ = ready_tx.send(entered);
                 if failed {
@@ -133,7 +114,6 @@ impl NetnsUpstream {
             name: name.to_string(),
             cluster_dns,
             requests: tx,
-            bypass: OnceLock::new(),
         }))
     }
 
@@ -146,9 +126,6 @@ impl NetnsUpstream {
             .await
             .map_err(|_| io::Error::other("the namespace thread is gone"))??;
         sock.set_nonblocking(true)?;
-        if let Some(b) = self.bypass.get() {
-            b.register(&sock)?;
-        }
         Ok(sock)
     }
 
@@ -161,11 +138,15 @@ impl NetnsUpstream {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const DNS_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Upstream for NetnsUpstream {
-    fn connect_tcp(&self, dst: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Stream>>> {
+    fn connect_tcp_with(
+        &self,
+        dst: SocketAddr,
+        first: Vec<u8>,
+    ) -> BoxFuture<'_, io::Result<Box<dyn Stream>>> {
         Box::pin(async move {
+            use tokio::io::AsyncWriteExt;
             let sock = self.socket(dst, Type::STREAM).await?;
             let sock = TcpSocket::from_std_stream(sock.into());
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
@@ -173,7 +154,9 @@ impl Upstream for NetnsUpstream {
                 .map_err(|_| {
                     io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {dst}"))
                 })??;
+            let mut stream = stream;
             let _ = stream.set_nodelay(true);
+            stream.write_all(&first).await?;
             Ok(Box::new(stream) as Box<dyn Stream>)
         })
     }
@@ -197,7 +180,7 @@ impl Upstream for NetnsUpstream {
             let mut buf = vec![0u8; 65535];
             for _ in 0..2 {
                 sock.send(&query).await?;
-                match tokio::time::timeout(DNS_TIMEOUT, sock.recv(&mut buf)).await {
+                match tokio::time::timeout(DNS_TIMEOUT / 2, sock.recv(&mut buf)).await {
                     Ok(Ok(n)) => return Ok(buf[..n].to_vec()),
                     Ok(Err(e)) => return Err(e),
                     Err(_) => continue,
@@ -208,10 +191,6 @@ impl Upstream for NetnsUpstream {
                 format!("cluster DNS {server} did not answer"),
             ))
         })
-    }
-
-    fn exempt(&self, bypass: Bypass) {
-        let _ = self.bypass.set(bypass);
     }
 
     fn describe(&self) -> String {

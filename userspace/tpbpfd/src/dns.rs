@@ -24,7 +24,7 @@ use tokio::{
 use tpbpf_loader::Bypass;
 use tracing::{debug, warn};
 
-use crate::upstream::Upstream;
+use crate::service::UserSide;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -93,12 +93,12 @@ fn route(cfg: &DnsConfig, qname: &str) -> Route {
 
 pub struct Dns {
     cfg: DnsConfig,
-    upstream: Arc<dyn Upstream>,
+    upstream: Arc<UserSide>,
     bypass: Bypass,
 }
 
 impl Dns {
-    pub fn new(cfg: DnsConfig, upstream: Arc<dyn Upstream>, bypass: Bypass) -> Self {
+    pub fn new(cfg: DnsConfig, upstream: Arc<UserSide>, bypass: Bypass) -> Self {
         Self {
             cfg,
             upstream,

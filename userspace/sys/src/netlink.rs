@@ -34,9 +34,9 @@ where
 {
     let ns = match netns {
         None => std::fs::File::open("/proc/thread-self/ns/net")?,
-        Some(n) => tpbpf_loader::netns::open(n)?,
+        Some(n) => crate::netns::open(n)?,
     };
-    tpbpf_loader::netns::run_in(&ns, || {
+    crate::netns::run_in(&ns, || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

@@ -1,25 +1,24 @@
-//! tpbpfd's core. The kernel programs (tpbpf-loader) send every socket the
-//! bridged processes open toward the cluster to the listeners here:
+//! tpbpfd: root's half of every bridge. The kernel programs (tpbpf-loader)
+//! send every socket the bridged processes open toward the cluster to the
+//! listeners here:
 //! - a TCP listener on 127.0.0.1 (and one on ::1 for IPv6 destinations),
-//!   which recovers each connection's original destination and dials it
-//!   through an [`Upstream`];
+//!   which recovers each connection's original destination and hands the
+//!   connection to the bridge's user's side ([`service::UserSide`]);
 //! - a UDP socket receiving on the slot addresses 127.100.x.y, each naming
-//!   one original destination, relaying datagram flows through the upstream
-//!   and answering from the same slot address;
+//!   one original destination, relaying datagram flows through the user's
+//!   side and answering from the same slot address;
 //! - a DNS proxy behind both, for port 53 to any resolver: cluster names are
-//!   answered through the upstream, everything else is forwarded unchanged to
-//!   the resolver the application asked.
-pub mod control;
+//!   answered through the user's side, everything else is forwarded
+//!   unchanged to the resolver the application asked.
+//!
+//! Nothing here speaks Kubernetes, HTTP or TLS: that is the user's side's
+//! (`tpbpf-userside`), which runs as the user who asked.
 pub mod dns;
-pub mod netlink;
 pub mod policy;
 pub mod service;
-mod sockdiag;
-pub mod tcp;
-pub mod tunnel;
+pub mod tc;
+mod tcp;
 mod udp;
-pub mod upstream;
-pub mod wire;
 
 use std::{
     fs::File,
@@ -30,12 +29,12 @@ use std::{
 
 use thiserror::Error;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tpbpf_loader::{AttachedIds, Cidr, LoadError, ProxyConfig, Redirector};
+use tpbpf_loader::{AttachedIds, LoadError, ProxyConfig, Redirector};
+use tpbpf_sys::Cidr;
 use tracing::info;
 
 pub use dns::DnsConfig;
-pub use tunnel::TunnelUpstream;
-pub use upstream::{NetnsUpstream, Upstream};
+use service::UserSide;
 
 #[derive(Debug, Error)]
 pub enum BridgeError {
@@ -75,7 +74,7 @@ pub struct Bridge {
 impl Bridge {
     pub async fn start(
         options: BridgeOptions,
-        upstream: Arc<dyn Upstream>,
+        upstream: Arc<UserSide>,
     ) -> Result<Self, BridgeError> {
         let mut redirector = Redirector::load()?;
         for cidr in &options.cidrs {
@@ -84,7 +83,6 @@ impl Bridge {
         for cidr in &options.never_proxy {
             redirector.add_range(*cidr, false)?;
         }
-        upstream.exempt(redirector.bypass());
 
         let io_err = |what| move |source| BridgeError::Io { what, source };
         let tcp4 = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0).into())
@@ -184,7 +182,7 @@ impl Bridge {
     }
 
     /// The interfaces whose `clsact` qdisc the tc path made (before Linux
-    /// 6.6); [`netlink::remove_clsact_if_unused`] undoes each once this
+    /// 6.6); [`tpbpf_sys::netlink::remove_clsact_if_unused`] undoes each once this
     /// bridge is dropped.
     pub fn made_clsact(&self) -> Vec<String> {
         self.redirector.made_clsact().to_vec()

@@ -15,6 +15,7 @@ use std::{
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tpbpf_mux::{Destination, Flow, Session};
+use tpbpf_bridge_api::limits::DNS_TIMEOUT;
 use tracing::{info, warn};
 
 use crate::upstream::{BoxFuture, DatagramFlow, Stream, Upstream};
@@ -29,7 +30,6 @@ pub type Factory = Arc<
 
 /// How long a new connection waits for a session before it fails.
 const WAIT_FOR_SESSION: Duration = Duration::from_secs(10);
-const DNS_TIMEOUT: Duration = Duration::from_secs(4);
 
 #[derive(Clone, Default)]
 struct State {
@@ -151,10 +151,6 @@ impl DatagramFlow for TunnelFlow {
 }
 
 impl Upstream for TunnelUpstream {
-    fn connect_tcp(&self, dst: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Stream>>> {
-        self.connect_tcp_with(dst, Vec::new())
-    }
-
     fn connect_tcp_with(
         &self,
         dst: SocketAddr,
@@ -187,10 +183,15 @@ impl Upstream for TunnelUpstream {
         self.describe.clone()
     }
 
-    fn close(&self, why: &str) {
-        if let Some(s) = self.session.borrow().clone() {
-            s.close(why);
-        }
+    fn close<'a>(&'a self, why: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let session = self.session.borrow().clone();
+            if let Some(s) = session {
+                s.close(why);
+                // Let the go-away leave.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
     }
 
     fn status(&self) -> Value {

@@ -1,16 +1,19 @@
 //! Frames on tpbpfd's service socket (`SOCK_SEQPACKET`, so each frame is one
 //! record and a passed descriptor travels with the frame it belongs to):
-//! a 2-byte header length, a JSON header, then a binary payload.
+//! a 2-byte header length, a header, then a binary payload. The header is
+//! JSON for requests and answers, or one of the contract's binary headers
+//! for the datagrams and DNS messages that follow (`tpbpf-bridge-api`).
 use std::{
     io::{self, IoSlice, IoSliceMut},
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    sync::Mutex,
 };
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::unix::AsyncFd;
 
-/// The largest JSON header.
+/// The largest header.
 pub const MAX_HEADER: usize = 16 * 1024;
 /// The largest payload (a datagram, a DNS message).
 pub const MAX_PAYLOAD: usize = 64 * 1024;
@@ -25,6 +28,7 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// The header as a JSON message.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, String> {
         serde_json::from_slice(&self.header).map_err(|e| format!("not a message: {e}"))
     }
@@ -34,23 +38,31 @@ fn invalid(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
+/// A message as a frame's JSON header.
+pub fn json(message: &impl Serialize) -> io::Result<Vec<u8>> {
+    serde_json::to_vec(message).map_err(io::Error::other)
+}
+
 /// Sends one frame (blocking or not, as the socket is).
 pub fn send_frame(
     sock: BorrowedFd<'_>,
-    header: &impl Serialize,
+    header: &[u8],
     payload: &[u8],
     fd: Option<BorrowedFd<'_>>,
 ) -> io::Result<()> {
-    let h = serde_json::to_vec(header).map_err(io::Error::other)?;
-    if h.len() > MAX_HEADER || payload.len() > MAX_PAYLOAD {
+    if header.len() > MAX_HEADER || payload.len() > MAX_PAYLOAD {
         return Err(invalid(format!(
             "a frame of {} + {} bytes is over the limit ({MAX_HEADER} + {MAX_PAYLOAD})",
-            h.len(),
+            header.len(),
             payload.len()
         )));
     }
-    let len = (h.len() as u16).to_be_bytes();
-    let iov = [IoSlice::new(&len), IoSlice::new(&h), IoSlice::new(payload)];
+    let len = (header.len() as u16).to_be_bytes();
+    let iov = [
+        IoSlice::new(&len),
+        IoSlice::new(header),
+        IoSlice::new(payload),
+    ];
     let raw: [RawFd; 1] = [fd.map_or(-1, |f| f.as_raw_fd())];
     let cmsgs: &[ControlMessage] = if fd.is_some() {
         &[ControlMessage::ScmRights(&raw)]
@@ -65,10 +77,16 @@ pub fn send_frame(
 /// was cut (too long), carries more than one descriptor or is malformed is
 /// an error, and any descriptors it carried are closed.
 pub fn recv_frame(sock: BorrowedFd<'_>) -> io::Result<Option<Frame>> {
-    let mut buf = vec![0u8; MAX_FRAME + 1];
+    recv_frame_with(sock, &mut Vec::new())
+}
+
+/// [`recv_frame`] into `buf`, a buffer kept between calls: only the
+/// frame's own bytes are allocated per frame.
+fn recv_frame_with(sock: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<Option<Frame>> {
+    buf.resize(MAX_FRAME + 1, 0);
     let mut cmsg = nix::cmsg_space!([RawFd; 4]);
     let (n, flags, fds) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut iov = [IoSliceMut::new(buf)];
         let msg = recvmsg::<()>(
             sock.as_raw_fd(),
             &mut iov,
@@ -107,18 +125,19 @@ pub fn recv_frame(sock: BorrowedFd<'_>) -> io::Result<Option<Frame>> {
             "a header of {hlen} bytes in a frame of {n}"
         )));
     }
-    buf.truncate(n);
-    let payload = buf.split_off(2 + hlen);
-    buf.drain(..2);
     Ok(Some(Frame {
-        header: buf,
-        payload,
+        header: buf[2..2 + hlen].to_vec(),
+        payload: buf[2 + hlen..n].to_vec(),
         fd: fds.into_iter().next(),
     }))
 }
 
 /// A connected service socket, for tokio.
-pub struct Channel(AsyncFd<OwnedFd>);
+pub struct Channel {
+    fd: AsyncFd<OwnedFd>,
+    /// The receive buffer, kept between frames (one reader at a time).
+    buf: Mutex<Vec<u8>>,
+}
 
 impl Channel {
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
@@ -126,17 +145,31 @@ impl Channel {
         sock.set_nonblocking(true)?;
         // SAFETY: an OwnedFd keeps its one descriptor open until dropped.
         let fd = unsafe { AsyncFd::register(OwnedFd::from(sock)) }?;
-        Ok(Self(fd))
+        Ok(Self {
+            fd,
+            buf: Mutex::new(Vec::new()),
+        })
     }
 
+    /// Sends a frame whose header is the JSON of `message`.
     pub async fn send(
         &self,
-        header: &impl Serialize,
+        message: &impl Serialize,
+        payload: &[u8],
+        fd: Option<BorrowedFd<'_>>,
+    ) -> io::Result<()> {
+        self.send_raw(&json(message)?, payload, fd).await
+    }
+
+    /// Sends a frame with a header already encoded.
+    pub async fn send_raw(
+        &self,
+        header: &[u8],
         payload: &[u8],
         fd: Option<BorrowedFd<'_>>,
     ) -> io::Result<()> {
         loop {
-            let mut ready = self.0.writable().await?;
+            let mut ready = self.fd.writable().await?;
             match ready.try_io(|s| send_frame(s.as_fd(), header, payload, fd)) {
                 Ok(r) => return r,
                 Err(_would_block) => continue,
@@ -146,8 +179,9 @@ impl Channel {
 
     pub async fn recv(&self) -> io::Result<Option<Frame>> {
         loop {
-            let mut ready = self.0.readable().await?;
-            match ready.try_io(|s| recv_frame(s.as_fd())) {
+            let mut ready = self.fd.readable().await?;
+            let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+            match ready.try_io(|s| recv_frame_with(s.as_fd(), &mut buf)) {
                 Ok(r) => return r,
                 Err(_would_block) => continue,
             }
@@ -155,7 +189,7 @@ impl Channel {
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.0.get_ref().as_fd()
+        self.fd.get_ref().as_fd()
     }
 }
 
@@ -229,7 +263,7 @@ mod tests {
         let passed = std::fs::File::open("/dev/null").unwrap();
         send_frame(
             a.as_fd(),
-            &serde_json::json!({"op": "x"}),
+            &json(&serde_json::json!({"op": "x"})).unwrap(),
             b"payload",
             Some(passed.as_fd()),
         )
@@ -262,9 +296,9 @@ mod tests {
         assert!(recv_frame(b.as_fd()).is_err());
         // Too big to send.
         let payload = vec![0u8; MAX_PAYLOAD + 1];
-        assert!(send_frame(a.as_fd(), &1, &payload, None).is_err());
+        assert!(send_frame(a.as_fd(), b"1", &payload, None).is_err());
         // Still in step after all that.
-        send_frame(a.as_fd(), &2, b"ok", None).unwrap();
+        send_frame(a.as_fd(), b"2", b"ok", None).unwrap();
         let f = recv_frame(b.as_fd()).unwrap().unwrap();
         assert_eq!(
             (f.header.as_slice(), f.payload.as_slice()),

@@ -21,12 +21,10 @@ use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 use tpbpf_loader::{SlotInfo, Udp6Last, UdpSlots};
 use tracing::{debug, warn};
 
-use crate::{dns::Dns, upstream::Upstream};
+use tpbpf_bridge_api::limits::{FLOW_IDLE, MAX_FLOWS};
 
-/// A flow with no datagram either way for this long is closed.
-const FLOW_IDLE: Duration = Duration::from_secs(120);
-/// At most this many flows at once (per proxy socket): more are dropped.
-const MAX_FLOWS: usize = 4096;
+use crate::{dns::Dns, service::UserSide};
+
 /// How often a live flow marks its slot as in use (the kernel hands out
 /// slots idle for `UDP_SLOT_IDLE_NS`, 30 s).
 const TOUCH_EVERY: Duration = Duration::from_secs(5);
@@ -60,7 +58,7 @@ impl UdpProxy {
         self.port
     }
 
-    pub async fn serve(self, slots: UdpSlots, upstream: Arc<dyn Upstream>, dns: Option<Arc<Dns>>) {
+    pub async fn serve(self, slots: UdpSlots, upstream: Arc<UserSide>, dns: Option<Arc<Dns>>) {
         let mut flows: HashMap<(SocketAddrV4, Ipv4Addr), mpsc::Sender<Vec<u8>>> = HashMap::new();
         let (closed_tx, mut closed_rx) = mpsc::unbounded_channel();
         let mut buf = vec![0u8; 65536];
@@ -92,7 +90,7 @@ impl UdpProxy {
                     // another local process (or user) that sends to its
                     // address.
                     let slot_addr = SocketAddrV4::new(slot_ip, self.port);
-                    match crate::sockdiag::udp_socket_of(client, slot_addr) {
+                    match tpbpf_sys::sockdiag::udp_socket_of(client, slot_addr) {
                         Ok(Some((cookie, _))) if cookie == info.owner => {}
                         Ok(_) => {
                             warn!(%client, %slot_ip, "a datagram to a UDP slot from a socket it was not made for: dropped");
@@ -158,7 +156,7 @@ impl ReplyPath {
 pub async fn serve6(
     sock: UdpSocket,
     last: Udp6Last,
-    upstream: Arc<dyn Upstream>,
+    upstream: Arc<UserSide>,
     dns: Option<Arc<Dns>>,
 ) {
     let sock = Arc::new(sock);
@@ -218,7 +216,7 @@ pub async fn serve6(
 /// Relays one flow; `touch`: its slot, kept in use while datagrams pass.
 async fn run_flow(
     reply: ReplyPath,
-    upstream: Arc<dyn Upstream>,
+    upstream: Arc<UserSide>,
     orig: SocketAddr,
     mut rx: mpsc::Receiver<Vec<u8>>,
     touch: Option<(UdpSlots, SlotInfo)>,

@@ -1,0 +1,33 @@
+//! The bounds both sides keep, in one place: what a user's bridge may make
+//! tpbpfd hold, and how long either side waits.
+use std::time::Duration;
+
+/// Connections tpbpfd serves at once.
+pub const MAX_SESSIONS: usize = 64;
+/// Bridges one user may hold at once.
+pub const MAX_BRIDGES_PER_USER: usize = 8;
+/// Redirected connections waiting to be handed over, per bridge.
+pub const MAX_PENDING_HANDOVERS: usize = 1024;
+/// Datagram flows per bridge, on each side.
+pub const MAX_FLOWS: usize = 4096;
+/// Datagrams queued per flow.
+pub const FLOW_QUEUE: usize = 64;
+/// A flow with no datagram either way for this long is closed.
+pub const FLOW_IDLE: Duration = Duration::from_secs(120);
+/// DNS queries in flight per bridge.
+pub const MAX_DNS_IN_FLIGHT: usize = 256;
+/// How long a cluster DNS query may take, end to end (the resolver of the
+/// application retries after this).
+pub const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Exemptions of the user's side's own sockets in flight per bridge.
+pub const MAX_EXEMPTIONS_IN_FLIGHT: usize = 64;
+/// A request must arrive this soon after connecting, and be answered this
+/// soon (loading a bridge may take longer: [`UP_TIMEOUT`]).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the user's side waits for its bridge to be loaded and attached.
+pub const UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Ranges in one request, to bridge and never to.
+pub const MAX_RANGES: usize = 256;
+/// DNS suffixes and namespaces in one request.
+pub const MAX_DNS_SUFFIXES: usize = 16;
+pub const MAX_NAMESPACES: usize = 64;

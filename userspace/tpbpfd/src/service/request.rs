@@ -1,0 +1,243 @@
+//! What a user may ask for: a request checked and turned into a bridge's
+//! options, the cgroup it may bridge, and its state directory.
+use std::{io, path::{Path, PathBuf}};
+
+use tpbpf_bridge_api::{
+    limits::{MAX_DNS_SUFFIXES, MAX_NAMESPACES, MAX_RANGES},
+    user_dir, UpRequest, RUN_DIR,
+};
+use tpbpf_sys::{seqpacket::Peer, Cidr, CidrParseError};
+
+use crate::{BridgeOptions, DnsConfig};
+
+/// A name of `A-Za-z0-9._-`, 1 to `max` bytes.
+fn name_ok(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks a request of uid `uid` and turns it into the bridge's options
+/// (without the tc path, which [`tc_targets`] checks).
+pub fn options(request: &UpRequest, uid: u32) -> Result<BridgeOptions, String> {
+    if !name_ok(&request.instance, 64) || request.instance.starts_with('.') {
+        return Err(format!("`{}` is not a bridge name", request.instance));
+    }
+    if request.cidrs.len() > MAX_RANGES || request.never_proxy.len() > MAX_RANGES {
+        return Err(format!(
+            "at most {MAX_RANGES} ranges to bridge and {MAX_RANGES} never to"
+        ));
+    }
+    let parse = |list: &[String]| -> Result<Vec<Cidr>, String> {
+        list.iter()
+            .map(|c| c.parse().map_err(|e: CidrParseError| e.to_string()))
+            .collect()
+    };
+    let dns = match &request.dns {
+        None => None,
+        Some(d) => {
+            if d.suffixes.len() > MAX_DNS_SUFFIXES || d.namespaces.len() > MAX_NAMESPACES {
+                return Err(format!(
+                    "at most {MAX_DNS_SUFFIXES} DNS suffixes and {MAX_NAMESPACES} namespaces"
+                ));
+            }
+            let names = std::iter::once(&d.cluster_domain)
+                .chain(&d.suffixes)
+                .chain(&d.namespaces);
+            for n in names {
+                if !name_ok(n, 253) {
+                    return Err(format!("`{n}` is not a DNS name"));
+                }
+            }
+            Some(DnsConfig {
+                cluster_domain: d.cluster_domain.clone(),
+                suffixes: d.suffixes.clone(),
+                namespaces: d.namespaces.clone(),
+            })
+        }
+    };
+    let cidrs = parse(&request.cidrs)?;
+    if cidrs.is_empty() && dns.is_none() {
+        return Err("nothing to bridge: no ranges and no DNS".into());
+    }
+    let wants_tc = !request.attach_ifaces.is_empty() || !request.attach_netns.is_empty();
+    if wants_tc && uid != 0 {
+        return Err(
+            "the tc path (--attach-iface, --attach-netns) reaches other network namespaces: only root may attach it"
+                .into(),
+        );
+    }
+    for n in request.attach_ifaces.iter().chain(&request.attach_netns) {
+        if !name_ok(n, 255) {
+            return Err(format!("`{n}` is not an interface or namespace name"));
+        }
+    }
+    Ok(BridgeOptions {
+        cidrs,
+        never_proxy: parse(&request.never_proxy)?,
+        dns,
+        tc_mark: wants_tc.then_some(crate::policy::DEFAULT_MARK),
+    })
+}
+
+/// The cgroup a user may bridge: one below the cgroup v2 mount that the
+/// user owns (a delegated subtree, e.g. systemd's `user@UID.service`), or,
+/// without one, the whole machine (allowed to members of the group).
+pub fn scope_for(peer: &Peer, cgroup: Option<&Path>) -> Result<(std::fs::File, String), String> {
+    use std::os::unix::fs::MetadataExt;
+    let mount = tpbpf_cgroup::cgroup2_mount().map_err(|e| e.to_string())?;
+    let path = match cgroup {
+        None => mount.clone(),
+        Some(p) => {
+            let canon = p
+                .canonicalize()
+                .map_err(|e| format!("cgroup {}: {e}", p.display()))?;
+            if !canon.starts_with(&mount) {
+                return Err(format!(
+                    "{} is not a cgroup (not below {})",
+                    p.display(),
+                    mount.display()
+                ));
+            }
+            canon
+        }
+    };
+    let dir = std::fs::File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let meta = dir.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a cgroup", path.display()));
+    }
+    if path != mount && peer.uid != 0 && meta.uid() != peer.uid {
+        return Err(format!(
+            "cgroup {} belongs to uid {}, not to you (uid {}): bridge a cgroup of your own, or the whole machine",
+            path.display(),
+            meta.uid(),
+            peer.uid
+        ));
+    }
+    Ok((dir, path.display().to_string()))
+}
+
+/// `/run/tpbpf/uid-UID`, the user's, 0700: made if missing; refused if it
+/// is anything else (a link, another owner).
+pub fn prepare_user_dir(peer: &Peer) -> io::Result<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = if peer.uid == 0 {
+        PathBuf::from(RUN_DIR)
+    } else {
+        user_dir(peer.uid)
+    };
+    std::fs::create_dir_all(RUN_DIR)?;
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {
+            std::os::unix::fs::chown(&dir, Some(peer.uid), Some(peer.gid))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(&dir)?;
+    if !meta.is_dir() || meta.uid() != peer.uid {
+        return Err(io::Error::other(format!(
+            "{} is not a directory of uid {}",
+            dir.display(),
+            peer.uid
+        )));
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use tpbpf_bridge_api::DnsRequest;
+
+    use super::*;
+
+    fn request() -> UpRequest {
+        UpRequest {
+            instance: "default".into(),
+            cidrs: vec!["10.96.0.0/12".into(), "fd00::/108".into()],
+            never_proxy: vec!["10.96.0.1/32".into()],
+            dns: Some(DnsRequest {
+                cluster_domain: "cluster.local".into(),
+                suffixes: vec![],
+                namespaces: vec!["default".into(), "cache".into()],
+            }),
+            ..UpRequest::default()
+        }
+    }
+
+    #[test]
+    fn a_plain_request_becomes_its_options() {
+        let o = options(&request(), 1000).unwrap();
+        assert_eq!(o.cidrs.len(), 2);
+        assert_eq!(o.never_proxy[0].to_string(), "10.96.0.1/32");
+        let dns = o.dns.unwrap();
+        assert_eq!(dns.cluster_domain, "cluster.local");
+        assert_eq!(dns.namespaces, ["default", "cache"]);
+        assert_eq!(o.tc_mark, None);
+    }
+
+    #[test]
+    fn names_that_are_paths_or_not_names_are_refused() {
+        for bad in ["", "../x", "a/b", ".hidden", "a b", &"x".repeat(65)] {
+            let r = UpRequest {
+                instance: bad.into(),
+                ..request()
+            };
+            assert!(options(&r, 1000).is_err(), "instance `{bad}` accepted");
+        }
+        let mut r = request();
+        r.dns.as_mut().unwrap().namespaces.push("a;rm".into());
+        assert!(options(&r, 1000).unwrap_err().contains("not a DNS name"));
+    }
+
+    #[test]
+    fn ranges_are_parsed_and_bounded() {
+        let r = UpRequest {
+            cidrs: vec!["10.96.0.0/33".into()],
+            ..request()
+        };
+        assert!(options(&r, 1000).unwrap_err().contains("not an IP range"));
+        let r = UpRequest {
+            cidrs: vec!["10.0.0.0/8".into(); MAX_RANGES + 1],
+            ..request()
+        };
+        assert!(options(&r, 1000).unwrap_err().contains("at most"));
+        let mut r = request();
+        r.dns.as_mut().unwrap().namespaces = vec!["ns".into(); MAX_NAMESPACES + 1];
+        assert!(options(&r, 1000).unwrap_err().contains("at most"));
+    }
+
+    #[test]
+    fn nothing_to_bridge_is_refused() {
+        let r = UpRequest {
+            cidrs: vec![],
+            dns: None,
+            ..request()
+        };
+        assert!(options(&r, 1000).unwrap_err().contains("nothing to bridge"));
+    }
+
+    #[test]
+    fn only_root_attaches_the_tc_path() {
+        let r = UpRequest {
+            attach_ifaces: vec!["veth0".into()],
+            ..request()
+        };
+        assert!(options(&r, 1000).unwrap_err().contains("only root"));
+        let r2 = UpRequest {
+            attach_netns: vec!["box".into()],
+            ..request()
+        };
+        assert!(options(&r2, 1000).is_err());
+        assert!(options(&r, 0).unwrap().tc_mark.is_some());
+        let r3 = UpRequest {
+            attach_ifaces: vec!["../../etc".into()],
+            ..request()
+        };
+        assert!(options(&r3, 0).is_err());
+    }
+}
