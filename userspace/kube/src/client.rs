@@ -96,12 +96,20 @@ pub async fn client(
 /// Called with every socket the kube client makes, before it connects
 /// (tpbpfd exempts its own connections to the API server from its own
 /// redirection this way).
-type SocketHook = Box<dyn Fn(&socket2::Socket) + Send + Sync>;
+/// What the hook does with a socket before it connects (it gets a
+/// duplicate of the socket's descriptor).
+pub type SocketHookFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>;
+type SocketHook = Box<dyn Fn(std::os::fd::OwnedFd) -> SocketHookFuture + Send + Sync>;
 static SOCKET_HOOK: std::sync::OnceLock<SocketHook> = std::sync::OnceLock::new();
 
 /// Sets the hook every socket of the kube client goes through before it
-/// connects (once per process).
-pub fn on_new_socket(hook: impl Fn(&socket2::Socket) + Send + Sync + 'static) {
+/// connects (once per process): the user's side exempts its connections
+/// to the API server from its own bridge there, awaited, so no worker
+/// thread blocks. A hook's error fails that connection.
+pub fn on_new_socket(
+    hook: impl Fn(std::os::fd::OwnedFd) -> SocketHookFuture + Send + Sync + 'static,
+) {
     let _ = SOCKET_HOOK.set(Box::new(hook));
 }
 
@@ -179,7 +187,12 @@ async fn connect_one(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::
         Some(socket2::Protocol::TCP),
     )?;
     if let Some(hook) = SOCKET_HOOK.get() {
-        hook(&sock);
+        hook(sock.try_clone()?.into()).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("exempting the connection to the API server from the bridge: {e}"),
+            )
+        })?;
     }
     sock.set_tcp_nodelay(true)?;
     sock.set_nonblocking(true)?;

@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// What tpbpf needs to know about a cluster.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ClusterInfo {
     pub context: String,
     pub server: String,

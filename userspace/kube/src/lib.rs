@@ -18,7 +18,7 @@ mod port_forward;
 mod workload;
 
 // The range type the modules share (`crate::Cidr`).
-use tpbpf_loader::Cidr;
+use tpbpf_sys::Cidr;
 
 pub use kube::Client as KubeClient;
 
@@ -27,7 +27,7 @@ pub use agent::{
     AGENT_DAEMONSET, AGENT_NAMESPACE, AGENT_PORT, NO_AGENT, NO_AGENT_EXIT,
 };
 pub use apply::{apply, delete};
-pub use client::{client, on_new_socket};
+pub use client::{client, on_new_socket, SocketHookFuture};
 pub use discover::{discover, parse_range_error, pick_pod_ranges, ClusterInfo, Given};
 pub use error::KubeError;
 pub use follow::follow;
