@@ -219,7 +219,7 @@ fn an_expired_or_foreign_client_certificate_and_an_unknown_token_are_refused_in_
 }
 
 #[test]
-fn the_exec_plugin_identity_brings_a_bridge_up_and_the_plugin_runs() {
+fn the_exec_plugin_identity_brings_a_bridge_up_and_the_plugin_runs_once_per_up() {
     if !require_root() {
         return;
     }
@@ -264,7 +264,16 @@ fn the_exec_plugin_identity_brings_a_bridge_up_and_the_plugin_runs() {
     );
     let state: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(state["agent"]["healthy"], true, "{state}");
-    assert!(calls() > before, "the exec credential plugin never ran");
+    // One process holds the kubeconfig (the bridge's user's side), with one
+    // kube client for discovery, the agent's lookup, the tunnel and the
+    // intercepts: a plugin that takes seconds (aws, gcloud, kubelogin) runs
+    // once per `tpbpf up`.
+    assert_eq!(
+        calls() - before,
+        1,
+        "the exec credential plugin ran {} times for one tpbpf up",
+        calls() - before
+    );
 
     // Through the tunnel, which port-forwards as that identity.
     let resolv = std::env::temp_dir().join(format!("{}.resolv.conf", lab.name));
@@ -284,6 +293,18 @@ fn the_exec_plugin_identity_brings_a_bridge_up_and_the_plugin_runs() {
         "{page}{}",
         String::from_utf8_lossy(&got.stderr)
     );
+    // The tunnel's port-forwards and `tpbpf list` (through the bridge's
+    // control socket) ask for no new token.
+    let list = Command::new(tpbpf_bin())
+        .args(["--netns", &dev, "list", "--instance", &instance.0])
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert_eq!(calls() - before, 1, "the plugin ran again after up");
 
     // kubectl takes it for the same user.
     if let Ok(out) = Command::new("ip")

@@ -124,14 +124,27 @@ fn build_client(config: Config) -> Result<Client, KubeError> {
     if config.proxy_url.is_some() {
         return Client::try_from(config).map_err(KubeError::Client);
     }
-    let https = config
+    // kube runs an exec credential plugin once for the TLS identity and
+    // once for the auth layer. A plugin that gives a token (aws, gcloud,
+    // kubelogin: seconds each) runs once here: the auth layer first, then
+    // TLS without the plugin. Only a plugin that gives a client certificate
+    // (no auth layer) runs a second time, for the TLS identity.
+    let auth = config.auth_layer().map_err(KubeError::Client)?;
+    let tls_config = if config.auth_info.exec.is_some() && auth.is_some() {
+        let mut c = config.clone();
+        c.auth_info.exec = None;
+        c
+    } else {
+        config.clone()
+    };
+    let https = tls_config
         .rustls_https_connector_with_connector(Connector)
         .map_err(KubeError::Client)?;
     let hyper = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(https);
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
-        .option_layer(config.auth_layer().map_err(KubeError::Client)?)
+        .option_layer(auth)
         .map_err(BoxError::from)
         .service(hyper);
     Ok(Client::new(service, config.default_namespace))

@@ -96,7 +96,7 @@ impl Lab {
         pki::write_with_mode(
             &self.exec_plugin_path(),
             &format!(
-                "#!/bin/sh\n# The lab's exec credential plugin (as `aws eks get-token`): one\n# ExecCredential with the token of user {EXEC_USER}.\necho \"$(date +%s) uid=$(id -u)\" >> {calls} 2>/dev/null\nprintf '%s\\n' '{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{exec}\"}}}}'\n",
+                "#!/bin/sh\n# The lab's exec credential plugin (as `aws eks get-token`): one\n# ExecCredential with the token of user {EXEC_USER}, valid for 15 minutes.\necho \"$(date +%s) uid=$(id -u)\" >> {calls} 2>/dev/null\nexp=$(date -u -d @$(( $(date +%s) + 900 )) +%Y-%m-%dT%H:%M:%SZ)\nprintf '%s\\n' '{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{exec}\",\"expirationTimestamp\":\"'\"$exp\"'\"}}}}'\n",
                 calls = self.exec_plugin_calls_path().display(),
             ),
             0o700,
