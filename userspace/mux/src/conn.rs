@@ -184,6 +184,7 @@ pub(crate) async fn run(
     };
     let mut inner = shared.lock();
     inner.connected = false;
+    shared.transport_ended.notify_waiters();
     match ended {
         Ended::Lost(_) if inner.ended.is_some() => Ended::Closed,
         e => e,

@@ -293,6 +293,63 @@ async fn closing_a_session_fails_its_streams_on_both_sides_with_the_reason() {
     assert!(session.open(dst()).is_err());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_close_returns_once_the_peer_can_know_the_session_ended() {
+    let config = Config {
+        resume_window: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let srv = server(config.clone(), echo).await;
+    let addr = srv.addr;
+    // The client on a runtime of its own, dropped the moment the close
+    // returns, as a process exits after `tpbpf down`: only what the close
+    // waited for has left.
+    let took = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let took = rt.block_on(async move {
+            let session = client(addr, config).await;
+            let mut s = session.open_with(dst(), b"x").unwrap();
+            let mut one = [0u8; 1];
+            s.read_exact(&mut one).await.unwrap();
+            let t = std::time::Instant::now();
+            session
+                .close_flushed("tpbpf down", Duration::from_secs(5))
+                .await;
+            let took = t.elapsed();
+            // With no transport left, a second close returns at once.
+            let t = std::time::Instant::now();
+            session.close_flushed("again", Duration::from_secs(5)).await;
+            (took, t.elapsed())
+        });
+        drop(rt);
+        took
+    })
+    .join()
+    .unwrap();
+    assert!(
+        took.0 < Duration::from_secs(5),
+        "the close waited out its bound: the transport never shut down"
+    );
+    assert!(took.1 < Duration::from_secs(1), "{:?}", took.1);
+    // The go-away reached the server: it ends the session now instead of
+    // holding it for a resume for a minute.
+    let served = first_session(&srv).await;
+    wait_for(
+        "the server to end the session",
+        Duration::from_secs(2),
+        || served.ended().is_some(),
+    )
+    .await;
+    assert!(
+        served.ended().unwrap().contains("closed the session"),
+        "{:?}",
+        served.ended()
+    );
+}
+
 #[tokio::test]
 async fn dns_queries_and_datagram_flows_go_both_ways() {
     let srv = server(Config::default(), echo).await;

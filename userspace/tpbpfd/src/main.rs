@@ -47,7 +47,10 @@ fn main() -> ExitCode {
 
 fn serve(args: Args) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
-        return Err("tpbpfd loads eBPF programs and needs root: sudo tpbpf service install sets it up".into());
+        return Err(
+            "tpbpfd loads eBPF programs and needs root: sudo tpbpf service install sets it up"
+                .into(),
+        );
     }
     let gid = tpbpfd::service::group_id(&args.group)?;
     let path = args.socket.unwrap_or_else(tpbpf_bridge_api::socket_path);

@@ -42,8 +42,8 @@ impl TcPath {
         );
         let mut argv: Vec<&OsStr> = vec!["__undo-on-exit".as_ref(), mark.as_ref(), table.as_ref()];
         argv.extend(ifaces.iter().map(|i| OsStr::new(i.as_str())));
-        let mut helper =
-            Reaper::spawn_with(&exe, &argv).map_err(io_err("starting the clean-up helper".into()))?;
+        let mut helper = Reaper::spawn_with(&exe, &argv)
+            .map_err(io_err("starting the clean-up helper".into()))?;
         let route = policy::PolicyRoute::install(policy::DEFAULT_MARK, policy::DEFAULT_TABLE)
             .map_err(io_err("installing the policy route for the tc path".into()))?;
         for iface in &ifaces {
@@ -55,7 +55,9 @@ impl TcPath {
         for iface in &made_clsact {
             helper
                 .tell(&format!("{MADE_CLSACT}{iface}"))
-                .map_err(io_err("telling the clean-up helper about a clsact qdisc".into()))?;
+                .map_err(io_err(
+                    "telling the clean-up helper about a clsact qdisc".into(),
+                ))?;
         }
         info!(?ifaces, "tc path attached");
         Ok(Self {

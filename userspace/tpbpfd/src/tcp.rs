@@ -5,7 +5,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tpbpf_loader::OrigDstTable;
 use tracing::{debug, warn};
 
-
 use crate::{dns::Dns, service::UserSide};
 
 pub async fn serve(

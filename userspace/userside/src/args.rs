@@ -218,7 +218,8 @@ impl BridgeArgs {
     /// Where handed-over traffic goes.
     pub async fn upstream(&self, cluster: Option<&Cluster>) -> Result<Arc<dyn Upstream>> {
         if self.upstream == "agent" {
-            let cluster = cluster.context("the tunnel to tpbpf's agent needs the cluster's kubeconfig")?;
+            let cluster =
+                cluster.context("the tunnel to tpbpf's agent needs the cluster's kubeconfig")?;
             return self.tunnel(cluster.client.clone()).await;
         }
         let Some(name) = self.upstream.strip_prefix("netns:") else {
@@ -285,7 +286,12 @@ impl BridgeArgs {
     }
 
     /// What tpbpfd is asked for.
-    pub fn up_request(&self, instance: &str, cgroup: Option<PathBuf>, run: bool) -> Result<UpRequest> {
+    pub fn up_request(
+        &self,
+        instance: &str,
+        cgroup: Option<PathBuf>,
+        run: bool,
+    ) -> Result<UpRequest> {
         let cidrs = self.ranges();
         if cidrs.is_empty() && self.no_dns {
             bail!("nothing to bridge: give --cidr ranges, or leave DNS capture on");

@@ -67,7 +67,12 @@ pub fn prepare(path: &Path) -> io::Result<PathBuf> {
     let sock = ServiceAt::Socket(path.to_path_buf()).connect()?;
     sock.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     sock.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    seqpacket::send_frame(sock.as_fd(), &seqpacket::json(&ToService::Prepare)?, &[], None)?;
+    seqpacket::send_frame(
+        sock.as_fd(),
+        &seqpacket::json(&ToService::Prepare)?,
+        &[],
+        None,
+    )?;
     let frame = seqpacket::recv_frame(sock.as_fd())?
         .ok_or_else(|| io::Error::other("tpbpfd closed the connection without an answer"))?;
     match frame.parse::<FromService>().map_err(io::Error::other)? {
@@ -86,7 +91,8 @@ pub async fn up(
 ) -> io::Result<(Channel, Ready)> {
     let sock = at.connect()?;
     let chan = Channel::new(OwnedFd::from(sock))?;
-    chan.send(&ToService::Up(Box::new(request)), &[], pidfd).await?;
+    chan.send(&ToService::Up(Box::new(request)), &[], pidfd)
+        .await?;
     let frame = tokio::time::timeout(UP_TIMEOUT, chan.recv())
         .await
         .map_err(|_| {

@@ -138,9 +138,14 @@ pub async fn serve(bridge: Arc<BridgeChannel>, upstream: Arc<dyn Upstream>) -> i
                         let answer = tokio::time::timeout(DNS_TIMEOUT, upstream.dns(payload)).await;
                         let (answer, error) = match answer {
                             Ok(Ok(a)) if a.len() <= MAX_PAYLOAD => (a, None),
-                            Ok(Ok(a)) => (Vec::new(), Some(format!("an answer of {} bytes", a.len()))),
+                            Ok(Ok(a)) => {
+                                (Vec::new(), Some(format!("an answer of {} bytes", a.len())))
+                            }
                             Ok(Err(e)) => (Vec::new(), Some(e.to_string())),
-                            Err(_) => (Vec::new(), Some("the cluster's DNS did not answer in time".into())),
+                            Err(_) => (
+                                Vec::new(),
+                                Some("the cluster's DNS did not answer in time".into()),
+                            ),
                         };
                         let _ = bridge
                             .send_datagram(Datagram::DnsAnswer { id, error }, &answer)

@@ -176,7 +176,18 @@ pub fn start(mut args: BridgeArgs, mode: Mode, tpbpfd: Tpbpfd) -> Result<ExitCod
                 as_root,
                 command,
             } => {
-                run(&args, at, &upstream, &exempting, cgroup_parent, as_root, &command, !in_process, extra).await
+                run(
+                    &args,
+                    at,
+                    &upstream,
+                    &exempting,
+                    cgroup_parent,
+                    as_root,
+                    &command,
+                    !in_process,
+                    extra,
+                )
+                .await
             }
         };
         upstream.close("tpbpf down").await;

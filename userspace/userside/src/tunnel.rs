@@ -14,8 +14,8 @@ use std::{
 
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use tpbpf_mux::{Destination, Flow, Session};
 use tpbpf_bridge_api::limits::DNS_TIMEOUT;
+use tpbpf_mux::{Destination, Flow, Session};
 use tracing::{info, warn};
 
 use crate::upstream::{BoxFuture, DatagramFlow, Stream, Upstream};
@@ -30,6 +30,8 @@ pub type Factory = Arc<
 
 /// How long a new connection waits for a session before it fails.
 const WAIT_FOR_SESSION: Duration = Duration::from_secs(10);
+/// How long closing waits for the go-away to leave.
+const CLOSE_WITHIN: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Default)]
 struct State {
@@ -187,9 +189,7 @@ impl Upstream for TunnelUpstream {
         Box::pin(async move {
             let session = self.session.borrow().clone();
             if let Some(s) = session {
-                s.close(why);
-                // Let the go-away leave.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                s.close_flushed(why, CLOSE_WITHIN).await;
             }
         })
     }

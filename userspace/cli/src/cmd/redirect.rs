@@ -18,8 +18,8 @@ use tokio::{
 };
 use tpbpf_cgroup::{reaper::Reaper, ChildCgroup};
 
-use tpbpf_userside::process::{exit_code, forward, spawn_in_cgroup};
 use tpbpf_loader::{Cidr, OrigDstTable, Redirector};
+use tpbpf_userside::process::{exit_code, forward, spawn_in_cgroup};
 use tracing::{info, warn};
 
 use crate::Output;

@@ -236,7 +236,11 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     }
     let cidrs: Vec<String> = ready["cidrs"]
         .as_array()
-        .map(|a| a.iter().filter_map(|c| c.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     let agent = ready["agent"].clone();
     let agent_text = match (&agent, ready["agent_error"].as_str()) {

@@ -162,6 +162,19 @@ impl Session {
         self.shared.write.notify_one();
     }
 
+    /// [`Session::close`], then waits until the go-away has been written
+    /// and the transport shut down (at most `within`; at once when no
+    /// transport is connected), so the peer learns the session ended on
+    /// purpose rather than waiting out its resume window.
+    pub async fn close_flushed(&self, message: &str, within: std::time::Duration) {
+        let ended = self.shared.transport_ended.notified();
+        let connected = self.shared.lock().connected;
+        self.close(message);
+        if connected {
+            let _ = tokio::time::timeout(within, ended).await;
+        }
+    }
+
     /// Why the session ended, if it did.
     pub fn ended(&self) -> Option<String> {
         self.shared.lock().ended.as_ref().map(|(_, m)| m.clone())

@@ -23,6 +23,9 @@ pub(crate) struct Shared {
     pub(crate) write: Notify,
     /// Wakes the driver: the session ended locally.
     pub(crate) closed: Notify,
+    /// Wakes [`super::Session::close_flushed`]: a transport's run ended
+    /// (after a close: its go-away written and the transport shut down).
+    pub(crate) transport_ended: Notify,
     pub(crate) config: Config,
     pub(crate) id: [u8; 16],
 }
@@ -114,6 +117,7 @@ impl Shared {
             inner: Mutex::new(Inner::new(client)),
             write: Notify::new(),
             closed: Notify::new(),
+            transport_ended: Notify::new(),
             config,
             id,
         })

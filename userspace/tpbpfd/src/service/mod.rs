@@ -35,8 +35,8 @@ use tracing::{debug, info, warn};
 
 pub use request::options;
 use run_scope::RunScope;
-pub use user_side::{RemoteFlow, UserSide};
 use user_side::lock;
+pub use user_side::{RemoteFlow, UserSide};
 
 use crate::{tc::TcPath, Bridge};
 

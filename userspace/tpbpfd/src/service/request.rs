@@ -1,6 +1,9 @@
 //! What a user may ask for: a request checked and turned into a bridge's
 //! options, the cgroup it may bridge, and its state directory.
-use std::{io, path::{Path, PathBuf}};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 use tpbpf_bridge_api::{
     limits::{MAX_DNS_SUFFIXES, MAX_NAMESPACES, MAX_RANGES},
@@ -14,8 +17,7 @@ use crate::{BridgeOptions, DnsConfig};
 fn name_ok(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
