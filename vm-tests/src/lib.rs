@@ -277,6 +277,17 @@ pub fn cgroup_prog_ids(dir: &Path) -> Vec<u64> {
 }
 
 fn bpftool_ids(args: &[&str]) -> Vec<u64> {
+    let v = bpftool_json(args);
+    v.as_array()
+        .map(|a| a.iter().filter_map(|e| e["id"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// `bpftool ARGS` (JSON output), parsed; an empty output is an empty list.
+/// bpftool failing (after the retries below) or giving output that is not
+/// JSON fails the caller: a listing that silently came back empty would let
+/// every "nothing is attached" check pass.
+fn bpftool_json(args: &[&str]) -> serde_json::Value {
     // bpftool walks ids and then opens each: an object freed in between (by
     // a test running in parallel) fails the listing. Walk again.
     let mut attempt = 0;
@@ -284,12 +295,13 @@ fn bpftool_ids(args: &[&str]) -> Vec<u64> {
         let out = Command::new("bpftool")
             .args(args)
             .output()
-            .expect("running bpftool");
+            .unwrap_or_else(|e| panic!("running bpftool {args:?}: {e} (is bpftool installed?)"));
         attempt += 1;
         if out.status.success() || attempt >= 10 {
             assert!(
                 out.status.success(),
-                "bpftool {args:?} failed: {}",
+                "bpftool {args:?} failed {attempt} times, last with {}: {}",
+                out.status,
                 String::from_utf8_lossy(&out.stderr)
             );
             break String::from_utf8_lossy(&out.stdout).into_owned();
@@ -297,16 +309,12 @@ fn bpftool_ids(args: &[&str]) -> Vec<u64> {
         std::thread::sleep(Duration::from_millis(20));
     };
     if out.trim().is_empty() {
-        return Vec::new();
+        return serde_json::Value::Array(Vec::new());
     }
-    let v: serde_json::Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("bpftool {args:?} gave non-JSON ({e}): {out}"));
-    v.as_array()
-        .map(|a| a.iter().filter_map(|e| e["id"].as_u64()).collect())
-        .unwrap_or_default()
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("bpftool {args:?} gave non-JSON ({e}): {out}"))
 }
 
-/// Polls `cond` every 10 ms until it holds or `timeout` passes.
 /// A time bound a test asserts, stretched by `TPBPF_TEST_TIME_SCALE`
 /// (`cargo xtask vm-test` sets it under TCG, which emulates every
 /// instruction: about ten times slower than this machine). The bound a user
@@ -320,7 +328,15 @@ pub fn scaled(d: Duration) -> Duration {
     d.mul_f64(k)
 }
 
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    wait_for_every(timeout, Duration::from_millis(10), cond)
+}
+
+/// Polls `cond` every `every` until it holds or `timeout` passes: for a
+/// condition that costs a process to check (`tpbpf status`, `ss`), or one
+/// that changes only on a period (the live state, written twice a second).
+pub fn wait_for_every(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
@@ -329,7 +345,7 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         if Instant::now() > deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(every);
     }
 }
 
@@ -450,7 +466,8 @@ pub const CLUSTER_CIDR6: &str = "fd00:96::/64";
 pub struct Cluster {
     pub http: Bg,
     pub udp: Bg,
-    _bulk: Bg,
+    /// Its `request` event says a transfer has begun.
+    pub bulk: Bg,
     _dns: Bg,
     pub ns: NetNs,
 }
@@ -501,7 +518,7 @@ impl Cluster {
         Self {
             http,
             udp,
-            _bulk: bulk,
+            bulk,
             _dns: dns,
             ns,
         }
@@ -884,19 +901,22 @@ impl Drop for Instance {
     }
 }
 
-/// sk_lookup links attached in the network namespace `netns`.
+/// sk_lookup links attached in the network namespace `netns`. A namespace
+/// that is not there, or bpftool failing, fails the caller (rather than
+/// answering "none", which every negative check would take for a pass).
 pub fn sk_lookup_links_in(netns: &str) -> Vec<serde_json::Value> {
-    let ino = std::fs::metadata(format!("/run/netns/{netns}"))
+    let path = format!("/run/netns/{netns}");
+    let ino = std::fs::metadata(&path)
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .unwrap_or(0);
-    let out = Command::new("bpftool")
-        .args(["link", "show", "-j"])
-        .output()
-        .unwrap();
-    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        .unwrap_or_else(|e| panic!("network namespace {netns}: {path}: {e}"));
+    let links = bpftool_json(&["-j", "link", "show"]);
+    let Some(links) = links.as_array() else {
+        panic!("bpftool link show gave JSON that is not a list: {links}");
+    };
     links
-        .into_iter()
+        .iter()
         .filter(|l| l["attach_type"] == "sk_lookup" && l["netns_ino"].as_u64() == Some(ino))
+        .cloned()
         .collect()
 }
 

@@ -272,11 +272,24 @@ fn an_intercept_stopped_during_its_access_check_is_never_attached() {
     };
     let web_a = format!("{}-default-web-7d4b9c-a1", lab.name);
     let web_a2 = web_a.clone();
+    let agent_log = format!("/run/tpbpf-lab/{}/agent-node1.log", lab.name);
+    let agent_log2 = agent_log.clone();
+    let checked_after_stop = move || {
+        std::fs::read_to_string(&agent_log2)
+            .unwrap_or_default()
+            .contains("intercept stopped while it was being checked")
+    };
     as_developer(&lab, move |client| async move {
         let (session, _) = session(&client, "tpbpf-agent-node1").await;
         let c2 = client.clone();
-        // The proof arrives (through a real port-forward) only after the
-        // client has given up and sent its stop.
+        // The proof is sent (through a real port-forward) only once the
+        // client has given up: `intercept` has returned, its stop queued
+        // on the tunnel, a frame on a connection already open, while the
+        // proof needs a new port-forward through the API server.
+        let (gave_up_tx, gave_up_rx) = tokio::sync::oneshot::channel::<()>();
+        let gave_up_rx = std::sync::Mutex::new(Some(gave_up_rx));
+        let (proof_tx, proof_rx) = tokio::sync::oneshot::channel();
+        let proof_tx = std::sync::Mutex::new(Some(proof_tx));
         let got = session
             .intercept(
                 "10.244.1.10:80".parse().unwrap(),
@@ -284,36 +297,53 @@ fn an_intercept_stopped_during_its_access_check_is_never_attached() {
                 Duration::from_secs(10),
                 move |port, nonce| {
                     let c2 = c2.clone();
+                    let gave_up = gave_up_rx.lock().unwrap().take();
+                    let proved = proof_tx.lock().unwrap().take();
                     tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        tpbpf_kube::prove_port_forward(
+                        if let Some(gave_up) = gave_up {
+                            let _ = gave_up.await;
+                        }
+                        let r = tpbpf_kube::prove_port_forward(
                             &c2,
                             "default",
                             "web-7d4b9c-a1",
                             port,
                             nonce,
                         )
-                        .await
-                        .expect("the proof");
+                        .await;
+                        if let Some(proved) = proved {
+                            let _ = proved.send(r);
+                        }
                     });
                     async { Err("given up".to_string()) }
                 },
             )
             .await;
         assert!(got.is_err());
-        // The check passes after the stop: nothing may be attached.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _ = gave_up_tx.send(());
+        tokio::time::timeout(Duration::from_secs(30), proof_rx)
+            .await
+            .expect("the proof was not sent in 30 s")
+            .expect("the proof task ended without a word")
+            .expect("the proof");
+        // The check passes after the stop: the agent drops what it made
+        // and says so. Until then an attachment could still come.
+        let checked = tokio::task::spawn_blocking(move || {
+            wait_for(Duration::from_secs(20), checked_after_stop)
+        })
+        .await
+        .unwrap();
         // The session is still alive: its intercepts would stay.
         assert!(session.ended().is_none());
         assert!(
             sk_lookup_links_in(&web_a2).is_empty(),
             "attached after its stop"
         );
+        assert!(checked, "the agent never finished the check it was racing");
     });
     assert!(from_a_pod(&lab).contains("served by nginx"));
     // The proof did arrive, after the stop.
-    let log = std::fs::read_to_string(format!("/run/tpbpf-lab/{}/agent-node1.log", lab.name))
-        .unwrap_or_default();
+    let log = std::fs::read_to_string(&agent_log).unwrap_or_default();
     assert!(
         log.contains("intercept stopped while it was being checked"),
         "the race was not exercised:\n{log}"

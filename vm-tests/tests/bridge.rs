@@ -400,7 +400,7 @@ fn sigkill_of_tpbpfd_during_a_transfer_detaches_at_once_and_it_starts_again() {
     if !require_root() {
         return;
     }
-    let cluster = Cluster::new("kill");
+    let mut cluster = Cluster::new("kill");
     let client = Client::new();
     let root = TestCgroup::new();
     let bridged: PathBuf = root.path().join("bridged");
@@ -413,7 +413,11 @@ fn sigkill_of_tpbpfd_during_a_transfer_detaches_at_once_and_it_starts_again() {
         .arg(&bridged)
         .arg(format!("{BULK4}:80"));
     let transfer = Bg::spawn(&mut curl);
-    std::thread::sleep(Duration::from_millis(500));
+    // In progress once the bulk server has the request: it sends from then.
+    cluster
+        .bulk
+        .wait_event(Duration::from_secs(10), |e| e["event"] == "request")
+        .expect("the transfer never reached the bulk server");
 
     let killed_at = Instant::now();
     d.kill(libc::SIGKILL);

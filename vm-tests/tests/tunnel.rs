@@ -110,13 +110,38 @@ fn a_download_survives_killing_the_port_forward_connection() {
     .spawn()
     .unwrap();
     let mut curl = KillOnDrop(curl);
-    let mut killed = 0;
-    for _ in 0..2 {
-        std::thread::sleep(Duration::from_millis(1200));
-        // Kill tpbpfd's connections to the API endpoint (the port-forward
-        // transport) in the kernel: a reset, not a polite close.
-        killed += kill_transports(&dev);
-    }
+    let written = || std::fs::metadata(&out).map_or(0, |m| m.len());
+    // Kill tpbpfd's connections to the API endpoint (the port-forward
+    // transport) in the kernel, a reset rather than a polite close: once
+    // the download is under way, and again once the session has resumed
+    // over a new transport and the download moves through it.
+    assert!(
+        wait_for(Duration::from_secs(20), || written() > 0),
+        "the download never started"
+    );
+    let mut killed = kill_transports(&dev);
+    let at_first_kill = written();
+    assert!(
+        (at_first_kill as usize) < tpbpf_lab::BLOB_LEN,
+        "the download was over before the first kill"
+    );
+    let resumed = wait_for_every(Duration::from_secs(20), Duration::from_millis(100), || {
+        let t = &status(&s.instance.0)["live"]["tunnel"];
+        t["connected"] == true
+            && t["resumes"].as_u64().unwrap_or(0) >= 1
+            && written() > at_first_kill
+    });
+    assert!(
+        resumed,
+        "the session did not resume after the first kill, or the download stood still: {}",
+        status(&s.instance.0)["live"]["tunnel"]
+    );
+    killed += kill_transports(&dev);
+    println!(
+        "transports killed at {at_first_kill} and {} of {} bytes",
+        written(),
+        tpbpf_lab::BLOB_LEN
+    );
     assert!(killed >= 2, "ss -K killed no transport connection");
     let status = curl
         .0
@@ -155,15 +180,15 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `tpbpf status` once `ok` holds of it, or its last answer after 45 s
+/// (the caller's asserts then say what is wrong).
 fn status_after(instance: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(45);
-    loop {
-        let st = status(instance);
-        if ok(&st) || Instant::now() > deadline {
-            return st;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let mut st = Value::Null;
+    wait_for_every(Duration::from_secs(45), Duration::from_millis(250), || {
+        st = status(instance);
+        ok(&st)
+    });
+    st
 }
 
 #[test]

@@ -130,18 +130,15 @@ fn up_discovers_the_cluster_and_bridges_a_subtree_until_down() {
     // The session through the tunnel: connected, with an RTT and the bytes
     // the clients moved (the live state is written twice a second).
     let mut st = Value::Null;
-    for _ in 0..20 {
+    wait_for_every(Duration::from_secs(10), Duration::from_millis(200), || {
         let out = Command::new(tpbpf_bin())
             .args(["status", "-o", "json", "--instance", &instance.0])
             .output()
             .unwrap();
         assert!(out.status.success());
         st = serde_json::from_slice(&out.stdout).unwrap();
-        if st["live"]["tunnel"]["bytes_received"].as_u64().unwrap_or(0) > 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        st["live"]["tunnel"]["bytes_received"].as_u64().unwrap_or(0) > 0
+    });
     assert_eq!(st["up"], true);
     let t = &st["live"]["tunnel"];
     assert_eq!(t["connected"], true, "{st}");
@@ -307,10 +304,15 @@ fn tpbpfds_own_api_server_connections_are_not_redirected() {
         .wait_event(Duration::from_secs(30), |e| e["event"] == "ready")
         .expect("tpbpfd ready");
     // The API server (172.31.0.1:6443) is bridged like a service; killing
-    // tpbpfd's connections to it (its port-forward) forces a new one.
+    // tpbpfd's connections to it (its port-forward) forces a new one, which
+    // must reach the API server itself (an established connection to it,
+    // waited for), not tpbpfd's own bridge.
     let script =
-        "curl -sS -m 5 http://10.96.0.20/ && ss -K dst 172.31.0.1 dport = 6443 >/dev/null \
-                  && sleep 1 && curl -sS -m 15 http://10.96.0.20/";
+        "curl -sS -m 5 http://10.96.0.20/ && ss -K dst 172.31.0.1 dport = 6443 >/dev/null || exit 1; \
+         n=0; until ss -Htn state established dst 172.31.0.1 dport = 6443 | grep -q .; do \
+           n=$((n+1)); [ $n -lt 150 ] || { echo \"no new connection to the API server\" >&2; exit 1; }; \
+           sleep 0.1; \
+         done; curl -sS -m 15 http://10.96.0.20/";
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
