@@ -323,11 +323,7 @@ fn listener_in(path: &std::path::Path) -> anyhow::Result<std::net::TcpListener> 
 }
 
 fn intercept(netns: &str, target: SocketAddr, to: SocketAddr) -> anyhow::Result<()> {
-    let path = if netns.contains('/') {
-        std::path::PathBuf::from(netns)
-    } else {
-        std::path::Path::new("/run/netns").join(netns)
-    };
+    let path = tpbpf_loader::netns::path_of(netns);
     let listener = listener_in(&path)?;
     let ns = std::fs::File::open(&path)?;
     let interceptor = tpbpf_loader::Interceptor::attach(&ns, target, &listener)?;

@@ -1,7 +1,8 @@
 //! `cargo xtask dist`: the release artifacts in `target/dist/`.
-//! - `tpbpf_VERSION_amd64.deb`: `/usr/bin/tpbpf` (the eBPF object is
-//!   embedded in it), its debug info split out, the tpbpfd unit (the one
-//!   `tpbpf service install` writes, for `/usr/bin/tpbpf`), and maintainer
+//! - `tpbpf_VERSION_amd64.deb`: `/usr/bin/tpbpf` (the user's side and the
+//!   command line) and `/usr/bin/tpbpfd` (root's service; the eBPF object is
+//!   embedded in both), their debug info split out, the tpbpfd unit (the one
+//!   `tpbpf service install` writes, for `/usr/bin/tpbpfd`), and maintainer
 //!   scripts: `postinst` creates group `tpbpf` and, where systemd runs,
 //!   enables and starts tpbpfd; `prerm` stops it.
 //! - `tpbpf-dbgsym_VERSION_amd64.deb`: the debug info, under
@@ -50,9 +51,9 @@ pub fn dist(args: &Args) -> Result<Made> {
         }
     }
     let profile = if args.debug { "debug" } else { "release" };
-    step(&format!("build tpbpf ({profile})"));
+    step(&format!("build tpbpf and tpbpfd ({profile})"));
     let mut build = cargo();
-    build.args(["build", "-p", "tpbpf", "--locked"]);
+    build.args(["build", "-p", "tpbpf", "-p", "tpbpfd", "--locked"]);
     if !args.debug {
         build.arg("--release");
     }
@@ -67,36 +68,20 @@ pub fn dist(args: &Args) -> Result<Made> {
     let pkg = stage.join("tpbpf");
     let dbg = stage.join("tpbpf-dbgsym");
 
-    step("split the debug info out, strip the binary");
+    step("split the debug info out, strip the binaries");
     let usr_bin = pkg.join("usr/bin");
     fs::create_dir_all(&usr_bin)?;
     let stripped = usr_bin.join("tpbpf");
-    let build_id = build_id(&bin)?;
-    let debug_file = dbg.join(format!(
-        "usr/lib/debug/.build-id/{}/{}.debug",
-        &build_id[..2],
-        &build_id[2..]
-    ));
-    fs::create_dir_all(debug_file.parent().unwrap())?;
-    run(Command::new("objcopy")
-        .args(["--only-keep-debug", "--compress-debug-sections"])
-        .arg(&bin)
-        .arg(&debug_file))?;
-    run(Command::new("objcopy")
-        .args([
-            "--strip-debug",
-            "--strip-unneeded",
-            "--remove-section=.comment",
-        ])
-        .arg(format!("--add-gnu-debuglink={}", debug_file.display()))
-        .arg(&bin)
-        .arg(&stripped))?;
+    split_debug(&bin, &stripped, &dbg)?;
+    let daemon_bin = target.join(profile).join("tpbpfd");
+    let daemon_stripped = usr_bin.join("tpbpfd");
+    split_debug(&daemon_bin, &daemon_stripped, &dbg)?;
 
     step("the tpbpfd unit, maintainer scripts, docs");
     let unit_dir = pkg.join("usr/lib/systemd/system");
     fs::create_dir_all(&unit_dir)?;
     let unit = Command::new(&bin)
-        .args(["service", "install", "--dry-run", "--exe", "/usr/bin/tpbpf"])
+        .args(["service", "install", "--dry-run", "--exe", "/usr/bin/tpbpfd"])
         .output()
         .context("running tpbpf service install --dry-run")?;
     if !unit.status.success() {
@@ -166,7 +151,7 @@ pub fn dist(args: &Args) -> Result<Made> {
              Section: debug\n\
              Priority: optional\n\
              Description: debug symbols for tpbpf\n \
-             The debug info split out of /usr/bin/tpbpf, found by build id.\n",
+             The debug info split out of /usr/bin/tpbpf and /usr/bin/tpbpfd, found by build id.\n",
             du_kib(&dbg)?
         ),
     )?;
@@ -197,6 +182,10 @@ pub fn dist(args: &Args) -> Result<Made> {
         bin.display()
     );
     println!("{:>9}  /usr/bin/tpbpf in the package", mib(&stripped)?);
+    println!(
+        "{:>9}  /usr/bin/tpbpfd in the package (root's service: no Kubernetes, HTTP or TLS code)",
+        mib(&daemon_stripped)?
+    );
     println!("{:>9}  its debug info (compressed)", mib(&debug_file)?);
     let _ = fs::remove_dir_all(&stage);
     for p in [Some(&deb), Some(&dbg_deb), image.as_ref()]
@@ -343,4 +332,30 @@ fn mib(path: &Path) -> Result<String> {
         .with_context(|| format!("{}", path.display()))?
         .len();
     Ok(format!("{:.1} MiB", len as f64 / (1024.0 * 1024.0)))
+}
+
+/// Strips `bin` into `stripped`, its debug info into the dbgsym package at
+/// `dbg`, found by build id.
+fn split_debug(bin: &Path, stripped: &Path, dbg: &Path) -> Result<()> {
+    let build_id = build_id(bin)?;
+    let debug_file = dbg.join(format!(
+        "usr/lib/debug/.build-id/{}/{}.debug",
+        &build_id[..2],
+        &build_id[2..]
+    ));
+    fs::create_dir_all(debug_file.parent().unwrap())?;
+    run(Command::new("objcopy")
+        .args(["--only-keep-debug", "--compress-debug-sections"])
+        .arg(bin)
+        .arg(&debug_file))?;
+    run(Command::new("objcopy")
+        .args([
+            "--strip-debug",
+            "--strip-unneeded",
+            "--remove-section=.comment",
+        ])
+        .arg(format!("--add-gnu-debuglink={}", debug_file.display()))
+        .arg(bin)
+        .arg(stripped))?;
+    Ok(())
 }

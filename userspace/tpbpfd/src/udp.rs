@@ -21,7 +21,7 @@ use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 use tpbpf_loader::{SlotInfo, Udp6Last, UdpSlots};
 use tracing::{debug, warn};
 
-use tpbpf_bridge_api::limits::{FLOW_IDLE, MAX_FLOWS};
+use tpbpf_bridge_api::limits::{FLOW_IDLE, FLOW_QUEUE, MAX_FLOWS};
 
 use crate::{dns::Dns, service::UserSide};
 
@@ -117,7 +117,7 @@ impl UdpProxy {
                         debug!(%client, %orig, "{MAX_FLOWS} UDP flows open: datagram dropped");
                         continue;
                     }
-                    let (tx, rx) = mpsc::channel(256);
+                    let (tx, rx) = mpsc::channel(FLOW_QUEUE);
                     let _ = tx.try_send(data);
                     flows.insert(key, tx);
                     let reply = ReplyPath::Slot(self.sock.clone(), slot_ip, client);
@@ -200,7 +200,7 @@ pub async fn serve6(
                     debug!(%client, %orig, "{MAX_FLOWS} IPv6 UDP flows open: datagram dropped");
                     continue;
                 }
-                let (tx, rx) = mpsc::channel(256);
+                let (tx, rx) = mpsc::channel(FLOW_QUEUE);
                 let _ = tx.try_send(data);
                 flows.insert(key, tx);
                 let (upstream, closed) = (upstream.clone(), closed_tx.clone());

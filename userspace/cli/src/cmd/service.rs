@@ -264,3 +264,18 @@ fn uninstall() -> Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unit_runs_the_tpbpfd_binary_for_the_group() {
+        let text = unit(Path::new("/usr/bin/tpbpfd"), "tpbpf");
+        assert!(
+            text.contains("\nExecStart=/usr/bin/tpbpfd --group tpbpf\n"),
+            "{text}"
+        );
+        assert!(text.contains("RuntimeDirectory=tpbpf"), "{text}");
+    }
+}

@@ -218,15 +218,11 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
                 eprintln!("tpbpf: {}", tpbpf_kube::NO_AGENT);
                 return Ok(ExitCode::from(tpbpf_kube::NO_AGENT_EXIT));
             }
-            // The bridge's own last words, without its log prefixes.
-            let errors: Vec<&str> = last
-                .iter()
-                .filter_map(|l| l.strip_prefix("tpbpf: error: "))
-                .collect();
-            if errors.is_empty() {
-                bail!("the bridge did not start:\n{}", last.join("\n"));
+            // The bridge's own error, all its lines, without the prefix.
+            if let Some(at) = log.rfind("tpbpf: error: ") {
+                bail!("{}", log[at + "tpbpf: error: ".len()..].trim_end());
             }
-            bail!("{}", errors.join("\n"));
+            bail!("the bridge did not start:\n{}", last.join("\n"));
         }
     };
     let info: tpbpf_kube::ClusterInfo = serde_json::from_value(ready["cluster"].clone())

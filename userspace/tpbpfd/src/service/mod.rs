@@ -159,7 +159,13 @@ impl Service {
                     Err(e) => refuse(e).await,
                 }
             }
-            other => refuse(format!("{other:?} before any bridge")).await,
+            ToService::Exempt { .. } => {
+                refuse(
+                    "an exemption is asked on a bridge's own connection, for that bridge: this connection has none"
+                        .into(),
+                )
+                .await
+            }
         }
     }
 
