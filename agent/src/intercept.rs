@@ -1,7 +1,8 @@
 //! Intercepts asked for over a tunnel session: find the pod's network
 //! namespace from its IP, open a listener inside it, steer the port's new
 //! connections to that listener with sk_lookup, and carry each connection
-//! to the developer as a stream of the session. Everything is owned by the
+//! to the developer as a stream of the session that names its intercept
+//! ([`Session::open_intercepted`]). Everything is owned by the
 //! session's task: when the session ends (tpbpfd gone, `leave`, `down`),
 //! the intercept is detached and the pod's app gets its connections again.
 use std::{
@@ -13,7 +14,7 @@ use std::{
 };
 
 use tokio::{net::TcpStream, task::JoinHandle};
-use tpbpf_mux::{Destination, InterceptMode, Session};
+use tpbpf_mux::{InterceptMode, Session};
 use tracing::{debug, info, warn};
 
 use crate::policy::Policy;
@@ -63,6 +64,9 @@ impl Target {
 pub(crate) struct Route {
     key: u64,
     pub(crate) session: Session,
+    /// The session's id for the intercept: every connection carried for it
+    /// names it, so the developer's side hands it to that intercept.
+    pub(crate) intercept: u32,
     pub(crate) mode: InterceptMode,
 }
 
@@ -367,10 +371,12 @@ pub async fn check_access(
     Ok(Arc::new(ns))
 }
 
-/// Puts an intercept of `target` in place for `session`. Two steals of
-/// one port are refused; filtered intercepts and mirrors share it.
+/// Puts an intercept of `target` in place for `session`, as its intercept
+/// `intercept`. Two steals of one port are refused; filtered intercepts and
+/// mirrors share it.
 pub fn start(
     session: &Session,
+    intercept: u32,
     target: SocketAddr,
     mode: &InterceptMode,
     ns: Arc<File>,
@@ -379,6 +385,7 @@ pub fn start(
     let route = Route {
         key,
         session: session.clone(),
+        intercept,
         mode: mode.clone(),
     };
     let mut targets = TARGETS.lock().unwrap_or_else(|e| e.into_inner());
@@ -502,7 +509,9 @@ async fn serve_conn(t: &Arc<Target>, mut conn: TcpStream, peer: SocketAddr) -> s
         let mut first = vec![0u8; 16 * 1024];
         let n = conn.try_read(&mut first).unwrap_or_default();
         first.truncate(n);
-        let mut stream = r.session.open_with(Destination::Addr(t.addr), &first)?;
+        let mut stream = r
+            .session
+            .open_intercepted(r.intercept, peer, t.addr, &first)?;
         debug!(target = %t.addr, %peer, "intercepted connection");
         tpbpf_mux::relay(&mut conn, &mut stream).await?;
         return Ok(());
@@ -512,7 +521,10 @@ async fn serve_conn(t: &Arc<Target>, mut conn: TcpStream, peer: SocketAddr) -> s
         conn,
         &modes,
         || dial_app(t),
-        |i| routes[i].session.open(Destination::Addr(t.addr)),
+        |i| {
+            let r = &routes[i];
+            r.session.open_intercepted(r.intercept, peer, t.addr, &[])
+        },
     )
     .await
 }

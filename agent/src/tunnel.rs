@@ -299,7 +299,7 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, polic
                             Ok(ns) => {
                                 let s2 = session.clone();
                                 tokio::task::spawn_blocking(move || {
-                                    crate::intercept::start(&s2, target, &mode, ns)
+                                    crate::intercept::start(&s2, id, target, &mode, ns)
                                 })
                                 .await
                                 .map_err(|e| e.to_string())

@@ -19,7 +19,7 @@ use tokio::{
 };
 use tpbpf_proto::{
     decode_hello, decode_welcome, encode_hello, encode_welcome, DecodeError, Hello, ResetReason,
-    Welcome, WelcomeStatus, VERSION,
+    Welcome, WelcomeStatus, MIN_VERSION, VERSION,
 };
 use tracing::{debug, info, warn};
 
@@ -148,6 +148,17 @@ impl Client {
                 endpoint: connector.describe(),
                 status: welcome.status,
                 message: welcome.message,
+            });
+        }
+        if welcome.version < MIN_VERSION {
+            return Err(HandshakeError::Refused {
+                endpoint: connector.describe(),
+                status: WelcomeStatus::Version,
+                message: format!(
+                    "the agent speaks tunnel protocol version {}, this tpbpf needs {MIN_VERSION} \
+                     at least: install the agent of this tpbpf release",
+                    welcome.version
+                ),
             });
         }
         let shared = Shared::new(config, id, true);
@@ -417,11 +428,12 @@ impl Server {
             received: 0,
             message,
         };
-        let refusal = if hello.version < 1 {
+        let refusal = if hello.version < MIN_VERSION {
             Some(refuse(
                 WelcomeStatus::Version,
                 format!(
-                    "protocol version {} is not supported (this agent speaks {VERSION})",
+                    "tunnel protocol version {} is not supported (this agent speaks {VERSION}, \
+                     {MIN_VERSION} at least): use the tpbpf release of this agent",
                     hello.version
                 ),
             ))

@@ -124,8 +124,11 @@ pub enum Frame {
         id: u32,
         answer: Vec<u8>,
     },
-    /// Agent to client: a connection arrived for an intercept; its bytes
-    /// follow on `stream` as if the client had opened it.
+    /// Agent to client: a connection for intercept `intercept` arrived
+    /// (from `src`, to the pod's `dst`): this opens `stream`, an id of the
+    /// agent's, as [`Frame::Open`] would; its bytes follow in data frames.
+    /// The client refuses it with a reset when it has no such intercept
+    /// (any more). Since version 2; every intercepted connection opens so.
     InterceptIncoming {
         intercept: u32,
         stream: u32,
@@ -133,8 +136,8 @@ pub enum Frame {
         dst: SocketAddr,
     },
     /// Client to agent: steer new connections to `target` (a pod's IP and
-    /// port) into this session; the agent opens a stream per connection,
-    /// with `target` as its destination.
+    /// port) into this session; the agent opens a stream per connection
+    /// with [`Frame::InterceptIncoming`], `target` as its destination.
     InterceptStart {
         intercept: u32,
         target: SocketAddr,

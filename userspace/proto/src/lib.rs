@@ -17,7 +17,11 @@
 //!
 //! # Compatibility rules
 //! - The hello carries the protocol version; the server answers with the
-//!   version both speak (the lower one) or refuses the session.
+//!   version both speak (the lower one) or refuses the session; either side
+//!   refuses a version below [`MIN_VERSION`].
+//! - A frame type whose meaning changes (not its layout: bodies never
+//!   change) raises [`VERSION`] and, where the old meaning cannot be
+//!   spoken any more, [`MIN_VERSION`].
 //! - New frame types are appended with new type numbers and only sent to a
 //!   peer whose negotiated version knows them; a peer that receives an
 //!   unknown type drops the session with [`DecodeError::UnknownType`].
@@ -37,7 +41,13 @@ pub use codec::{
 pub use frame::{Destination, Frame, Hello, InterceptMode, ResetReason, Welcome, WelcomeStatus};
 
 /// The protocol version this crate speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// The oldest version it accepts. Version 2 opens intercepted connections
+/// with [`Frame::InterceptIncoming`], which version 1 read as a notice and
+/// ignored (and then failed on the stream's data): a version-1 peer is
+/// refused at the hello rather than mid-session. The agent and the CLI ship
+/// together.
+pub const MIN_VERSION: u16 = 2;
 /// The largest frame body accepted (and sent): 256 KiB.
 pub const MAX_BODY: u32 = 256 * 1024;
 /// The credit each side has on a new stream before any credit frame: what

@@ -296,3 +296,31 @@ fn each_refusal_says_what_was_wrong_in_words() {
         let _: &dyn std::error::Error = &err;
     }
 }
+
+/// The open of an intercepted connection is the layout version 1 defined
+/// (only its meaning changed in version 2): the intercept in the header's
+/// id, then the stream, the source and the destination.
+#[test]
+fn an_intercepted_connection_s_open_keeps_its_layout() {
+    let frame = Frame::InterceptIncoming {
+        intercept: 3,
+        stream: 8,
+        src: "10.0.9.1:5000".parse().unwrap(),
+        dst: "10.0.0.7:8080".parse().unwrap(),
+    };
+    let mut buf = Vec::new();
+    encode(&frame, &mut buf).unwrap();
+    #[rustfmt::skip]
+    let expected = [
+        0, 0, 0, 18, 9, 0, 0, 0, 0, 3,
+        0, 0, 0, 8,
+        4, 10, 0, 9, 1, 0x13, 0x88,
+        4, 10, 0, 0, 7, 0x1f, 0x90,
+    ];
+    assert_eq!(buf, expected);
+    assert_eq!(decode(&buf), Ok(Some((frame, buf.len()))));
+    // Cut short: refused, not guessed.
+    let mut short = buf[..buf.len() - 1].to_vec();
+    short[3] -= 1;
+    assert!(matches!(decode(&short), Err(DecodeError::Malformed { .. })));
+}

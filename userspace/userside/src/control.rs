@@ -223,16 +223,16 @@ pub struct Manager {
     transport: Transport,
     default_namespace: String,
     sessions: tokio::sync::Mutex<HashMap<String, Session>>,
-    /// Pod address and port → local port, for the streams agents open.
-    routes: Arc<Mutex<HashMap<SocketAddr, u16>>>,
     active: Mutex<HashMap<String, Entry>>,
 }
 
-/// One pod's intercept, as its watcher keeps it.
+/// One pod's intercept, as its watcher keeps it: the connections the
+/// agent carries for it go to the developer's `local` port.
 struct Held {
     namespace: String,
     pod: tpbpf_kube::WorkloadPod,
     remote: u16,
+    local: u16,
     mode: InterceptMode,
 }
 
@@ -279,7 +279,6 @@ impl Manager {
             transport,
             default_namespace,
             sessions: tokio::sync::Mutex::new(HashMap::new()),
-            routes: Arc::new(Mutex::new(HashMap::new())),
             active: Mutex::new(HashMap::new()),
         })
     }
@@ -297,8 +296,7 @@ impl Manager {
         }
     }
 
-    /// A live session with the agent on `node`, made if needed; its
-    /// incoming streams (intercepted connections) go to local ports.
+    /// A live session with the agent on `node`, made if needed.
     async fn session(&self, node: &str) -> Result<Session, String> {
         let mut sessions = self.sessions.lock().await;
         if let Some(s) = sessions.get(node).filter(|s| s.ended().is_none()) {
@@ -307,44 +305,16 @@ impl Manager {
         let (session, describe) =
             connect_agent(&self.client, self.transport, None, Some(node)).await?;
         info!(node, %describe, "intercept session made");
-        let (s2, routes) = (session.clone(), self.routes.clone());
+        // Intercepted connections come to their intercepts' handles
+        // (`hold`); the agent opens nothing else towards this side.
+        let s2 = session.clone();
         tokio::spawn(async move {
-            while let Some(mut stream) = s2.accept().await {
-                let target = match stream.destination() {
-                    Some(tpbpf_mux::Destination::Addr(a)) => a,
-                    other => {
-                        warn!(?other, "an intercepted connection without a pod address");
-                        continue;
-                    }
-                };
-                let local = routes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&target)
-                    .copied();
-                let Some(local) = local else {
-                    stream.reset(
-                        tpbpf_mux::ResetReason::Refused,
-                        &format!("{target} is not intercepted here"),
-                    );
-                    continue;
-                };
-                tokio::spawn(async move {
-                    match TcpStream::connect(("127.0.0.1", local)).await {
-                        Ok(mut tcp) => {
-                            let _ = tcp.set_nodelay(true);
-                            debug!(%target, local, "intercepted connection");
-                            let _ = tpbpf_mux::relay(&mut stream, &mut tcp).await;
-                        }
-                        Err(e) => {
-                            warn!(%target, local, "the local port does not answer: {e}");
-                            stream.reset(
-                                tpbpf_mux::ResetReason::Refused,
-                                &format!("nothing answers on the developer's port {local}: {e}"),
-                            );
-                        }
-                    }
-                });
+            while let Some(stream) = s2.accept().await {
+                warn!(session = %s2.short_id(), "the agent opened a stream that is no intercepted connection: refused");
+                stream.reset(
+                    tpbpf_mux::ResetReason::Refused,
+                    "this side takes intercepted connections only",
+                );
             }
         });
         sessions.insert(node.to_string(), session.clone());
@@ -390,7 +360,6 @@ impl Manager {
         let mut handles = Vec::new();
         for p in &pods {
             let target = SocketAddr::new(p.ip, remote);
-            lock(&self.routes).insert(target, local);
             let attempt = async {
                 let session = self.session(&p.node).await?;
                 session
@@ -403,16 +372,8 @@ impl Manager {
                     .await
                     .map_err(|e| format!("pod {} on {}: {e}", p.name, p.node))
             };
-            match attempt.await {
-                Ok(h) => handles.push((p.clone(), h)),
-                Err(e) => {
-                    let mut routes = lock(&self.routes);
-                    for p in &pods {
-                        routes.remove(&SocketAddr::new(p.ip, remote));
-                    }
-                    return Err(e);
-                }
-            }
+            // The handles made so far are dropped: their intercepts go.
+            handles.push((p.clone(), attempt.await?));
         }
         // The environment of the first pod's process (every replica has
         // the same spec).
@@ -427,7 +388,15 @@ impl Manager {
         let problems: Problems = Arc::new(Mutex::new(HashMap::new()));
         let held: Pods = Arc::new(Mutex::new(HashMap::new()));
         for (pod, h) in handles {
-            self.start_hold(&held, &problems, &namespace, pod, remote, &mode, Some(h));
+            self.start_hold(
+                &held,
+                &problems,
+                &namespace,
+                pod,
+                (remote, local),
+                &mode,
+                Some(h),
+            );
         }
         let follower = {
             let (me, held, problems, namespace, mode) = (
@@ -479,7 +448,7 @@ impl Manager {
         problems: &Problems,
         namespace: &str,
         pod: tpbpf_kube::WorkloadPod,
-        remote: u16,
+        (remote, local): (u16, u16),
         mode: &InterceptMode,
         handle: Option<Intercept>,
     ) {
@@ -488,6 +457,7 @@ impl Manager {
             namespace: namespace.to_string(),
             pod: pod.clone(),
             remote,
+            local,
             mode: mode.clone(),
         };
         let task = tokio::spawn(self.clone().hold(what, handle, problems.clone(), rx));
@@ -529,14 +499,12 @@ impl Manager {
         for ph in gone {
             info!(what, pod = ph.pod.name, ip = %ph.pod.ip, "pod gone: releasing its intercept");
             lock(problems).remove(&ph.pod.name);
-            let routes = self.routes.clone();
             tokio::spawn(async move {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 if ph.stop.send(tx).is_ok() {
                     let _ = tokio::time::timeout(Duration::from_secs(6), rx).await;
                 }
                 ph.task.abort();
-                lock(&routes).remove(&SocketAddr::new(ph.pod.ip, remote));
             });
         }
         for p in now {
@@ -551,14 +519,14 @@ impl Manager {
                 break;
             }
             info!(what, pod = p.name, ip = %p.ip, node = p.node, "new pod: intercepting it");
-            lock(&self.routes).insert(SocketAddr::new(p.ip, remote), local);
-            self.start_hold(held, problems, namespace, p, remote, mode, None);
+            self.start_hold(held, problems, namespace, p, (remote, local), mode, None);
         }
     }
 
-    /// Keeps one pod's intercept: makes it if `handle` is none, and when the
-    /// agent or the session loses it, puts it back as soon as the agent is
-    /// there again.
+    /// Keeps one pod's intercept: makes it if `handle` is none, carries the
+    /// connections the agent intercepts for it to the developer's port, and
+    /// when the agent or the session loses it, puts it back as soon as the
+    /// agent is there again.
     async fn hold(
         self: Arc<Self>,
         what: Held,
@@ -570,19 +538,34 @@ impl Manager {
             namespace,
             pod,
             remote,
+            local,
             mode,
         } = what;
         let target = SocketAddr::new(pod.ip, remote);
         loop {
-            if let Some(h) = handle.take() {
-                let why = tokio::select! {
-                    why = h.ended() => why,
-                    done = &mut stop => {
-                        // `leave`: the agent answers once the pod has its port back.
-                        h.stop(Duration::from_secs(5)).await;
-                        return acknowledge(done);
+            if let Some(mut h) = handle.take() {
+                let why = loop {
+                    tokio::select! {
+                        next = h.accept() => match next {
+                            Ok((stream, src)) => to_local(stream, src, target, local),
+                            Err(why) => break why,
+                        },
+                        done = &mut stop => {
+                            // `leave`: the agent answers once the pod has its
+                            // port back; what it carried until then is still
+                            // the developer's.
+                            h.stop();
+                            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                                while let Ok((stream, src)) = h.accept().await {
+                                    to_local(stream, src, target, local);
+                                }
+                            })
+                            .await;
+                            return acknowledge(done);
+                        }
                     }
                 };
+                drop(h);
                 warn!(pod = pod.name, "intercept lost: {why}; putting it back");
                 lock(&problems).insert(pod.name.clone(), format!("lost on {}: {why}", pod.node));
                 tokio::select! {
@@ -633,22 +616,14 @@ impl Manager {
         entry.follower.abort();
         let holds: Vec<PodHold> = lock(&entry.pods).drain().map(|(_, h)| h).collect();
         let mut waits = Vec::new();
-        let mut pods = Vec::new();
         for h in holds {
             let (tx, rx) = tokio::sync::oneshot::channel();
             if h.stop.send(tx).is_ok() {
                 waits.push(rx);
             }
-            pods.push(h.pod);
         }
         for w in waits {
             let _ = tokio::time::timeout(Duration::from_secs(6), w).await;
-        }
-        // Only now: streams the agents opened before they detached were
-        // still routed to the developer.
-        let mut routes = lock(&self.routes);
-        for p in &pods {
-            routes.remove(&SocketAddr::new(p.ip, entry.remote));
         }
         Ok(json!({"left": name}))
     }
@@ -749,6 +724,28 @@ impl Manager {
             });
         }
     }
+}
+
+/// Carries one intercepted connection (from `src` to the pod's `target`)
+/// to the developer's `local` port; if nothing answers there, the pod's
+/// client is reset with why.
+fn to_local(mut stream: tpbpf_mux::Stream, src: SocketAddr, target: SocketAddr, local: u16) {
+    tokio::spawn(async move {
+        match TcpStream::connect(("127.0.0.1", local)).await {
+            Ok(mut tcp) => {
+                let _ = tcp.set_nodelay(true);
+                debug!(%src, %target, local, "intercepted connection");
+                let _ = tpbpf_mux::relay(&mut stream, &mut tcp).await;
+            }
+            Err(e) => {
+                warn!(%src, %target, local, "the local port does not answer: {e}");
+                stream.reset(
+                    tpbpf_mux::ResetReason::Refused,
+                    &format!("nothing answers on the developer's port {local}: {e}"),
+                );
+            }
+        }
+    });
 }
 
 /// Answers a `leave` that asked a pod's watcher to stop.

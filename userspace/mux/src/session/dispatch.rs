@@ -90,9 +90,14 @@ impl Inner {
                 port,
                 nonce,
             } => self.on_intercept_challenge(intercept, port, nonce),
-            // The agent's announcement of a connection's source; the
-            // stream's open carries what is needed.
-            Frame::InterceptIncoming { .. } => {}
+            Frame::InterceptIncoming {
+                intercept,
+                stream,
+                src,
+                dst,
+            } => {
+                wake_writer |= self.on_intercept_incoming(intercept, stream, src, dst, config)?;
+            }
         }
         Ok(wake_writer)
     }
@@ -106,11 +111,33 @@ impl Inner {
         data: Vec<u8>,
         config: &Config,
     ) -> Result<bool, String> {
+        if let Some(message) = self.check_open(stream, config)? {
+            return self.refuse_open(stream, message);
+        }
+        self.admit_open(stream, dst);
+        self.incoming.push_back(stream);
+        if let Some(w) = self.accept_waker.take() {
+            w.wake();
+        }
+        if data.is_empty() {
+            return Ok(false);
+        }
+        self.on_data(stream, Bytes::from(data))
+    }
+
+    /// Checks a stream the peer opens (with an open or an intercepted
+    /// connection): an id it may not use ends the session (`Err`); past the
+    /// session's limits it is to be refused (`Ok(Some(why))`).
+    pub(super) fn check_open(
+        &mut self,
+        stream: u32,
+        config: &Config,
+    ) -> Result<Option<String>, String> {
         if stream % 2 != self.peer_parity || stream <= self.max_peer_id {
             return Err(format!("the peer opened stream {stream}, an id it may not use (ids must grow, odd from the client, even from the server)"));
         }
         self.max_peer_id = stream;
-        let refuse = if self.streams.len() >= config.max_streams {
+        Ok(if self.streams.len() >= config.max_streams {
             Some(format!(
                 "too many streams on this tunnel session (limit {})",
                 config.max_streams
@@ -122,34 +149,32 @@ impl Inner {
             ))
         } else {
             None
-        };
-        if let Some(message) = refuse {
-            // Refusals pile up only while the peer does not read:
-            // past the bound, the session ends instead of growing.
-            if self.control.len() >= MAX_CONTROL {
-                return Err(format!(
-                    "the peer opens streams and does not read the refusals ({} bytes waiting)",
-                    self.control.len()
-                ));
-            }
-            self.push_control(&Frame::Reset {
-                stream,
-                reason: ResetReason::Refused,
-                message,
-            });
-            return Ok(true);
+        })
+    }
+
+    /// Refuses a stream the peer opened, with a reset that says why.
+    pub(super) fn refuse_open(&mut self, stream: u32, message: String) -> Result<bool, String> {
+        // Refusals pile up only while the peer does not read:
+        // past the bound, the session ends instead of growing.
+        if self.control.len() >= MAX_CONTROL {
+            return Err(format!(
+                "the peer opens streams and does not read the refusals ({} bytes waiting)",
+                self.control.len()
+            ));
         }
+        self.push_control(&Frame::Reset {
+            stream,
+            reason: ResetReason::Refused,
+            message,
+        });
+        Ok(true)
+    }
+
+    /// Takes a stream the peer opened (checked): its state and its window.
+    pub(super) fn admit_open(&mut self, stream: u32, dst: Destination) {
         self.granted += INITIAL_WINDOW as usize;
         self.streams
             .insert(stream, StreamState::new(Some(dst), None));
-        self.incoming.push_back(stream);
-        if let Some(w) = self.accept_waker.take() {
-            w.wake();
-        }
-        if data.is_empty() {
-            return Ok(false);
-        }
-        self.on_data(stream, Bytes::from(data))
     }
 
     /// Stream data from the peer.

@@ -32,6 +32,7 @@ mod testing;
 
 pub use datagrams::Flow;
 pub use intercepts::Intercept;
+use intercepts::Intercepted;
 pub use requests::Request;
 use state::reset_error;
 pub(crate) use state::{Inner, Shared};
@@ -86,6 +87,17 @@ impl Session {
 
     /// Opens a stream whose first bytes travel in the open frame itself.
     pub fn open_with(&self, dst: Destination, first: &[u8]) -> io::Result<Stream> {
+        self.open_stream(dst, first, None)
+    }
+
+    /// Opens a stream; one for an intercepted connection opens with
+    /// [`Frame::InterceptIncoming`] (`intercepts`).
+    fn open_stream(
+        &self,
+        dst: Destination,
+        first: &[u8],
+        intercepted: Option<Intercepted>,
+    ) -> io::Result<Stream> {
         let config = &self.shared.config;
         let mut inner = self.shared.lock();
         if let Some((reason, message)) = &inner.ended {
@@ -113,13 +125,16 @@ impl Session {
         inner.next_id = id.checked_add(2).ok_or_else(|| {
             io::Error::other("this tunnel session used all its stream ids: start a new session")
         })?;
-        let mut s = StreamState::new(None, Some(dst));
+        let mut s = StreamState::new(None, intercepted.is_none().then_some(dst));
         let n = first.len().min(INITIAL_WINDOW as usize);
         s.send.extend(&first[..n]);
         s.send_credit -= n as u64;
         inner.bytes_sent += n as u64;
         inner.granted += INITIAL_WINDOW as usize;
         inner.streams.insert(id, s);
+        if let Some(i) = intercepted {
+            inner.push_control(&i.open_frame(id));
+        }
         inner.queue(id);
         drop(inner);
         self.shared.write.notify_one();
