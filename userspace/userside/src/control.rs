@@ -223,7 +223,8 @@ pub struct Manager {
     transport: Transport,
     default_namespace: String,
     sessions: tokio::sync::Mutex<HashMap<String, Session>>,
-    active: Mutex<HashMap<String, Entry>>,
+    /// Intercepts by name, reserved from the request's first step on.
+    active: Names<Entry>,
 }
 
 /// One pod's intercept, as its watcher keeps it: the connections the
@@ -279,7 +280,7 @@ impl Manager {
             transport,
             default_namespace,
             sessions: tokio::sync::Mutex::new(HashMap::new()),
-            active: Mutex::new(HashMap::new()),
+            active: Names::default(),
         })
     }
 
@@ -334,9 +335,9 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| self.default_namespace.clone());
         let mode = req.mode.to_mode();
-        if lock(&self.active).contains_key(&name) {
-            return Err(format!("an intercept named {name} exists: `tpbpf leave {name}` first, or pick another --name"));
-        }
+        // Taken before the first await, freed if anything below fails: a
+        // second request with this name is refused meanwhile.
+        let reservation = self.active.reserve(&name)?;
         let workload = tpbpf_kube::resolve_workload(&self.client, &namespace, &target).await?;
         // Follow the workload from before the first list: a pod that comes
         // while the first ones are being intercepted is not missed.
@@ -422,18 +423,21 @@ impl Manager {
                 }
             })
         };
-        lock(&self.active).insert(
-            name.clone(),
-            Entry {
-                workload: workload.clone(),
-                remote,
-                local,
-                mode: mode.clone(),
-                pods: held,
-                follower,
-                problems,
-            },
-        );
+        let entry = Entry {
+            workload: workload.clone(),
+            remote,
+            local,
+            mode: mode.clone(),
+            pods: held,
+            follower,
+            problems,
+        };
+        if let Err(entry) = reservation.fill(entry) {
+            drop(entry);
+            return Err(format!(
+                "the intercept {name} was ended (tpbpf down) while it was being set up"
+            ));
+        }
         Ok(
             json!({"name": name, "kind": workload.kind, "namespace": namespace, "workload": workload.name, "pods": pods, "env": env}),
         )
@@ -609,9 +613,7 @@ impl Manager {
     /// Removes an intercept and returns once the agents say every pod has
     /// its port back.
     async fn leave(&self, name: &str) -> Result<Value, String> {
-        let entry = lock(&self.active)
-            .remove(name)
-            .ok_or_else(|| format!("no intercept named {name} (`tpbpf list` shows them)"))?;
+        let entry = self.active.remove(name)?;
         // No new pods from here on.
         entry.follower.abort();
         let holds: Vec<PodHold> = lock(&entry.pods).drain().map(|(_, h)| h).collect();
@@ -633,48 +635,26 @@ impl Manager {
             .map(str::to_string)
             .unwrap_or_else(|| self.default_namespace.clone());
         let workloads = tpbpf_kube::workloads(&self.client, &namespace).await?;
-        let active = lock(&self.active);
-        let intercepts_of = |kind: &str, name: &str| -> Vec<Value> {
-            active
+        let intercepts = self.active.summaries(|name, e| Listed {
+            name: name.to_string(),
+            kind: e.workload.kind,
+            workload: e.workload.name.clone(),
+            namespace: e.workload.namespace.clone(),
+            remote: e.remote,
+            local: e.local,
+            mode: format!("{:?}", e.mode),
+            pods: lock(&e.pods).keys().cloned().collect(),
+            problems: lock(&e.problems)
                 .iter()
-                .filter(|(_, e)| {
-                    e.workload.name == name
-                        && e.workload.kind == kind
-                        && e.workload.namespace == namespace
-                })
-                .map(|(n, e)| {
-                    let problems = lock(&e.problems);
-                    let mut pods: Vec<String> = lock(&e.pods).keys().cloned().collect();
-                    pods.sort();
-                    json!({"name": n, "remote": e.remote, "local": e.local, "mode": format!("{:?}", e.mode),
-                           "pods": pods, "problem": problems.values().next()})
-                })
-                .collect()
-        };
-        let mut out: Vec<Value> = workloads
-            .into_iter()
-            .map(|(kind, name, replicas)| {
-                let intercepts = intercepts_of(&kind, &name);
-                json!({"kind": kind, "name": name, "replicas": replicas, "intercepts": intercepts})
-            })
-            .collect();
-        // Intercepts of replicasets and bare pods, which the list above
-        // does not show.
-        for e in active.values() {
-            let (kind, name) = (e.workload.kind, e.workload.name.as_str());
-            if e.workload.namespace == namespace
-                && !out.iter().any(|w| w["kind"] == kind && w["name"] == name)
-            {
-                let replicas = lock(&e.pods).len();
-                out.push(json!({"kind": kind, "name": name, "replicas": replicas, "intercepts": intercepts_of(kind, name)}));
-            }
-        }
-        Ok(json!({"namespace": namespace, "workloads": out}))
+                .map(|(p, m)| (p.clone(), m.clone()))
+                .collect(),
+        });
+        Ok(listing(&namespace, workloads, intercepts))
     }
 
     /// Ends every intercept and closes the sessions (`tpbpf down`).
     pub async fn shutdown(&self) {
-        lock(&self.active).clear();
+        drop(self.active.drain());
         for (_, s) in self.sessions.lock().await.drain() {
             s.close("tpbpf down");
         }
@@ -724,6 +704,213 @@ impl Manager {
             });
         }
     }
+}
+
+/// Intercepts by name. A request takes its name ([`Names::reserve`])
+/// before its first await and fills it in once the intercept is in place;
+/// the name is freed if the request fails on the way. So two requests
+/// with one name cannot both go ahead: the check and the insert are one
+/// critical section. Generic over the entry so it is tested without a
+/// cluster.
+struct Names<T> {
+    slots: Mutex<NameSlots<T>>,
+}
+
+struct NameSlots<T> {
+    by_name: HashMap<String, Slot<T>>,
+    next_ticket: u64,
+}
+
+enum Slot<T> {
+    /// A request is setting it up; the ticket tells its reservation from a
+    /// later one of the same name (after `tpbpf down` freed it).
+    Reserved(u64),
+    Active(T),
+}
+
+impl<T> Default for Names<T> {
+    fn default() -> Self {
+        Names {
+            slots: Mutex::new(NameSlots {
+                by_name: HashMap::new(),
+                next_ticket: 1,
+            }),
+        }
+    }
+}
+
+/// A name taken by a request: filled in with [`Reservation::fill`], freed
+/// when dropped unfilled.
+struct Reservation<'a, T> {
+    names: &'a Names<T>,
+    name: String,
+    ticket: u64,
+}
+
+impl<T> Names<T> {
+    fn reserve(&self, name: &str) -> Result<Reservation<'_, T>, String> {
+        let mut slots = lock(&self.slots);
+        match slots.by_name.get(name) {
+            Some(Slot::Active(_)) => Err(format!(
+                "an intercept named {name} exists: `tpbpf leave {name}` first, or pick another --name"
+            )),
+            Some(Slot::Reserved(_)) => Err(format!(
+                "an intercept named {name} is being set up by another request: wait for it, or pick another --name"
+            )),
+            None => {
+                let ticket = slots.next_ticket;
+                slots.next_ticket += 1;
+                slots.by_name.insert(name.to_string(), Slot::Reserved(ticket));
+                Ok(Reservation {
+                    names: self,
+                    name: name.to_string(),
+                    ticket,
+                })
+            }
+        }
+    }
+
+    /// Takes an intercept out (`leave`); one still being set up stays.
+    fn remove(&self, name: &str) -> Result<T, String> {
+        let mut slots = lock(&self.slots);
+        match slots.by_name.remove(name) {
+            Some(Slot::Active(t)) => Ok(t),
+            Some(reserved @ Slot::Reserved(_)) => {
+                slots.by_name.insert(name.to_string(), reserved);
+                Err(format!(
+                    "the intercept {name} is still being set up: `tpbpf leave {name}` once its `tpbpf intercept` has answered"
+                ))
+            }
+            None => Err(format!(
+                "no intercept named {name} (`tpbpf list` shows them)"
+            )),
+        }
+    }
+
+    /// Takes every intercept out, and frees the names being set up (their
+    /// requests then fail): `tpbpf down`.
+    fn drain(&self) -> Vec<T> {
+        lock(&self.slots)
+            .by_name
+            .drain()
+            .filter_map(|(_, slot)| match slot {
+                Slot::Active(t) => Some(t),
+                Slot::Reserved(_) => None,
+            })
+            .collect()
+    }
+
+    /// What `f` makes of each intercept in place, by name.
+    fn summaries<S>(&self, f: impl Fn(&str, &T) -> S) -> Vec<S> {
+        let slots = lock(&self.slots);
+        let mut active: Vec<(&String, &T)> = slots
+            .by_name
+            .iter()
+            .filter_map(|(n, slot)| match slot {
+                Slot::Active(t) => Some((n, t)),
+                Slot::Reserved(_) => None,
+            })
+            .collect();
+        active.sort_by(|a, b| a.0.cmp(b.0));
+        active.into_iter().map(|(n, t)| f(n, t)).collect()
+    }
+}
+
+impl<T> Reservation<'_, T> {
+    /// Puts the intercept in place under the name; hands it back if the
+    /// name was freed meanwhile (`tpbpf down`), to be dropped.
+    fn fill(self, value: T) -> Result<(), T> {
+        let mut slots = lock(&self.names.slots);
+        match slots.by_name.get_mut(&self.name) {
+            Some(slot @ Slot::Reserved(_)) if matches!(slot, Slot::Reserved(t) if *t == self.ticket) =>
+            {
+                *slot = Slot::Active(value);
+                Ok(())
+            }
+            _ => Err(value),
+        }
+        // Dropped here: the slot is no longer this reservation's.
+    }
+}
+
+impl<T> Drop for Reservation<'_, T> {
+    fn drop(&mut self) {
+        let mut slots = lock(&self.names.slots);
+        if matches!(slots.by_name.get(&self.name), Some(Slot::Reserved(t)) if *t == self.ticket) {
+            slots.by_name.remove(&self.name);
+        }
+    }
+}
+
+/// One intercept as `tpbpf list` shows it.
+#[derive(Clone, Debug)]
+struct Listed {
+    name: String,
+    kind: &'static str,
+    workload: String,
+    namespace: String,
+    remote: u16,
+    local: u16,
+    mode: String,
+    /// The pods it holds now.
+    pods: Vec<String>,
+    /// Pod → what is wrong with its intercept.
+    problems: Vec<(String, String)>,
+}
+
+impl Listed {
+    fn json(&self) -> Value {
+        let mut pods = self.pods.clone();
+        pods.sort();
+        // The first pod's problem, by name: the same one each time.
+        let problem = self
+            .problems
+            .iter()
+            .min_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, m)| m.clone());
+        json!({"name": self.name, "remote": self.remote, "local": self.local, "mode": self.mode,
+               "pods": pods, "problem": problem})
+    }
+}
+
+/// The answer to `tpbpf list` for `namespace`: its workloads (kind, name,
+/// replicas), each with the intercepts of it, then the workloads the list
+/// does not show (replica sets, bare pods) that are intercepted, with the
+/// pods held as their replicas.
+fn listing(
+    namespace: &str,
+    workloads: Vec<(String, String, i32)>,
+    intercepts: Vec<Listed>,
+) -> Value {
+    let here: Vec<&Listed> = intercepts
+        .iter()
+        .filter(|i| i.namespace == namespace)
+        .collect();
+    let of = |kind: &str, name: &str| -> Vec<Value> {
+        here.iter()
+            .filter(|i| i.kind == kind && i.workload == name)
+            .map(|i| i.json())
+            .collect()
+    };
+    let mut out: Vec<Value> = workloads
+        .into_iter()
+        .map(|(kind, name, replicas)| {
+            let intercepts = of(&kind, &name);
+            json!({"kind": kind, "name": name, "replicas": replicas, "intercepts": intercepts})
+        })
+        .collect();
+    for i in &here {
+        if !out
+            .iter()
+            .any(|w| w["kind"] == i.kind && w["name"] == i.workload.as_str())
+        {
+            out.push(
+                json!({"kind": i.kind, "name": i.workload, "replicas": i.pods.len(),
+                            "intercepts": of(i.kind, &i.workload)}),
+            );
+        }
+    }
+    json!({"namespace": namespace, "workloads": out})
 }
 
 /// Carries one intercepted connection (from `src` to the pod's `target`)

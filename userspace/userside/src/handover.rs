@@ -86,6 +86,24 @@ impl BridgeChannel {
         }
     }
 
+    /// Ends the bridge and waits (at most `within`) until tpbpfd has
+    /// detached it and removed what it made (a `run`'s cgroup): this side
+    /// stops sending, tpbpfd sees the end, tears down, and closes its end.
+    /// Anything still arriving (a late hand-over) is dropped.
+    pub async fn finish(&self, within: std::time::Duration) {
+        // SAFETY: shutdown on a descriptor this channel owns; no memory.
+        unsafe {
+            libc::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&self.chan.fd()),
+                libc::SHUT_WR,
+            )
+        };
+        let _ = tokio::time::timeout(within, async {
+            while let Ok(Some(_)) = self.chan.recv().await {}
+        })
+        .await;
+    }
+
     async fn send_datagram(&self, header: Datagram, payload: &[u8]) -> io::Result<()> {
         self.chan.send_raw(&header.encode(), payload, None).await
     }

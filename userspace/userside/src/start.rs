@@ -26,6 +26,9 @@ use crate::{
     upstream::{BoxFuture, Upstream},
 };
 
+/// How long ending a bridge waits for tpbpfd to have detached it.
+const FINISH_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where this bridge's tpbpfd is.
 pub enum Tpbpfd {
     /// The service, for a user (or root, asked to use it).
@@ -160,12 +163,13 @@ pub fn start(mut args: BridgeArgs, mode: Mode, tpbpfd: Tpbpfd) -> Result<ExitCod
                 let ended = tokio::select! {
                     _ = sigint.recv() => None,
                     _ = sigterm.recv() => None,
-                    e = handover::serve(bridge, upstream.clone()) => Some(e),
+                    e = handover::serve(bridge.clone(), upstream.clone()) => Some(e),
                 };
                 info!("detaching");
                 if let Some(m) = intercepts {
                     m.shutdown().await;
                 }
+                bridge.finish(FINISH_WITHIN).await;
                 match ended {
                     None => Ok(ExitCode::SUCCESS),
                     Some(e) => Err(anyhow::Error::new(e).context("the bridge ended")),
@@ -244,8 +248,10 @@ async fn run(
         let mut go = go;
         go.write_all(b"\n").context("releasing the command")?;
     }
-    let serve = handover::serve(bridge, upstream.clone());
+    let serve = handover::serve(bridge.clone(), upstream.clone());
     let (status, ended) = process::wait_forwarding(&mut child, signals, serve).await?;
+    // The command's cgroup is gone when `tpbpf run` returns.
+    bridge.finish(FINISH_WITHIN).await;
     if let Some(e) = ended {
         return Err(anyhow::Error::new(e).context("the bridge ended before the command"));
     }

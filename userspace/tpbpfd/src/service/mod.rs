@@ -18,7 +18,7 @@ mod user_side;
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -278,6 +278,10 @@ impl Service {
         if let Some(run) = run {
             run.finish();
         }
+        // Done: the user's side waits for this end of the connection to
+        // close, whoever still holds the channel (a datagram flow's task).
+        // SAFETY: shutdown on a descriptor the channel owns; no memory.
+        unsafe { libc::shutdown(chan.fd().as_raw_fd(), libc::SHUT_RDWR) };
         info!(uid = peer.uid, instance = request.instance, "bridge down");
         Ok(())
     }
