@@ -821,22 +821,23 @@ impl<T> Reservation<'_, T> {
     /// name was freed meanwhile (`tpbpf down`), to be dropped.
     fn fill(self, value: T) -> Result<(), T> {
         let mut slots = lock(&self.names.slots);
-        match slots.by_name.get_mut(&self.name) {
-            Some(slot @ Slot::Reserved(_)) if matches!(slot, Slot::Reserved(t) if *t == self.ticket) =>
-            {
-                *slot = Slot::Active(value);
-                Ok(())
-            }
-            _ => Err(value),
+        if !self.holds(&slots) {
+            return Err(value);
         }
-        // Dropped here: the slot is no longer this reservation's.
+        slots.by_name.insert(self.name.clone(), Slot::Active(value));
+        Ok(())
+    }
+
+    /// Whether the name's slot is still this reservation's.
+    fn holds(&self, slots: &NameSlots<T>) -> bool {
+        matches!(slots.by_name.get(&self.name), Some(Slot::Reserved(t)) if *t == self.ticket)
     }
 }
 
 impl<T> Drop for Reservation<'_, T> {
     fn drop(&mut self) {
         let mut slots = lock(&self.names.slots);
-        if matches!(slots.by_name.get(&self.name), Some(Slot::Reserved(t)) if *t == self.ticket) {
+        if self.holds(&slots) {
             slots.by_name.remove(&self.name);
         }
     }
@@ -980,4 +981,380 @@ async fn read_request(rd: tokio::net::unix::OwnedReadHalf) -> Result<Request, St
         ));
     }
     serde_json::from_str(&line).map_err(|e| format!("not a request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use serde_json::json;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    fn request(line: &str) -> Result<Request, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+
+    fn intercept_request(mode: ModeRequest) -> InterceptRequest {
+        InterceptRequest {
+            name: "dev".into(),
+            workload: "deployment/web".into(),
+            namespace: None,
+            remote: 80,
+            local: 8080,
+            mode,
+        }
+    }
+
+    // Requests.
+
+    #[test]
+    fn each_request_parses_from_its_json_line() {
+        let r = request(r#"{"op":"intercept","name":"dev","workload":"web","remote":80,"local":8080,"mode":"steal"}"#).unwrap();
+        match r {
+            Request::Intercept(i) => {
+                assert_eq!((i.name.as_str(), i.workload.as_str()), ("dev", "web"));
+                assert_eq!((i.remote, i.local, i.namespace), (80, 8080, None));
+                assert_eq!(i.mode.to_mode(), InterceptMode::Steal);
+            }
+            other => panic!("{other:?}"),
+        }
+        let r = request(r#"{"op":"intercept","name":"dev","workload":"web","namespace":"shop","remote":80,"local":8080,"mode":"header","header":"x-dev","value":"me"}"#).unwrap();
+        let Request::Intercept(i) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(i.namespace.as_deref(), Some("shop"));
+        assert_eq!(
+            i.mode.to_mode(),
+            InterceptMode::Header {
+                name: "x-dev".into(),
+                value: "me".into()
+            }
+        );
+        let r = request(r#"{"op":"intercept","name":"d","workload":"w","remote":1,"local":2,"mode":"path","prefix":"/api"}"#).unwrap();
+        let Request::Intercept(i) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(i.mode.to_mode(), InterceptMode::PathPrefix("/api".into()));
+        assert!(matches!(
+            request(
+                r#"{"op":"intercept","name":"d","workload":"w","remote":1,"local":2,"mode":"mirror"}"#
+            ),
+            Ok(Request::Intercept(InterceptRequest {
+                mode: ModeRequest::Mirror,
+                ..
+            }))
+        ));
+        assert!(
+            matches!(request(r#"{"op":"leave","name":"dev"}"#), Ok(Request::Leave { name }) if name == "dev")
+        );
+        assert!(matches!(
+            request(r#"{"op":"list"}"#),
+            Ok(Request::List { namespace: None })
+        ));
+        assert!(matches!(
+            request(r#"{"op":"list","namespace":"shop"}"#),
+            Ok(Request::List { namespace: Some(n) }) if n == "shop"
+        ));
+    }
+
+    #[test]
+    fn what_the_cli_sends_is_what_tpbpfd_reads() {
+        let sent = Request::Intercept(intercept_request(ModeRequest::Header {
+            header: "x-dev".into(),
+            value: "me".into(),
+        }));
+        let line = serde_json::to_string(&sent).unwrap();
+        let Ok(Request::Intercept(got)) = request(&line) else {
+            panic!("{line}")
+        };
+        assert_eq!(got.name, "dev");
+        assert!(
+            matches!(&got.mode, ModeRequest::Header { header, value } if header == "x-dev" && value == "me")
+        );
+    }
+
+    #[test]
+    fn malformed_requests_are_refused() {
+        for line in [
+            r#"{"op":"remove","name":"dev"}"#,
+            r#"{"name":"dev"}"#,
+            r#"{"op":"intercept","name":"dev","workload":"web","remote":80,"local":8080}"#,
+            r#"{"op":"intercept","name":"dev","workload":"web","remote":80,"local":8080,"mode":"teleport"}"#,
+            r#"{"op":"intercept","name":"dev","workload":"web","remote":70000,"local":8080,"mode":"steal"}"#,
+            r#"{"op":"intercept","name":"dev","workload":"web","remote":80,"local":8080,"mode":"header","header":"x"}"#,
+            r#"{"op":"leave"}"#,
+        ] {
+            assert!(request(line).is_err(), "{line} was taken");
+        }
+    }
+
+    #[test]
+    fn names_and_filters_are_checked_before_anything_is_asked_of_the_cluster() {
+        assert_eq!(intercept_request(ModeRequest::Steal).check(), Ok(()));
+        let long = "a".repeat(MAX_NAME + 1);
+        let cases: Vec<(InterceptRequest, &str)> = vec![
+            (
+                InterceptRequest {
+                    name: String::new(),
+                    ..intercept_request(ModeRequest::Steal)
+                },
+                "names are 1 to 253 bytes",
+            ),
+            (
+                InterceptRequest {
+                    workload: long.clone(),
+                    ..intercept_request(ModeRequest::Steal)
+                },
+                "names are 1 to 253 bytes",
+            ),
+            (
+                InterceptRequest {
+                    namespace: Some(String::new()),
+                    ..intercept_request(ModeRequest::Mirror)
+                },
+                "names are 1 to 253 bytes",
+            ),
+            (
+                intercept_request(ModeRequest::Header {
+                    header: String::new(),
+                    value: "me".into(),
+                }),
+                "names are 1 to 253 bytes",
+            ),
+            (
+                intercept_request(ModeRequest::Header {
+                    header: "x-dev".into(),
+                    value: "v".repeat(4097),
+                }),
+                "header value is over 4 KiB",
+            ),
+            (
+                intercept_request(ModeRequest::Path {
+                    prefix: "api".into(),
+                }),
+                "must start with /",
+            ),
+            (
+                intercept_request(ModeRequest::Path {
+                    prefix: format!("/{}", "p".repeat(4096)),
+                }),
+                "at most 4 KiB",
+            ),
+        ];
+        for (req, why) in cases {
+            let e = req.check().expect_err(why);
+            assert!(e.contains(why), "{e}");
+            assert!(e.len() < 200, "the refusal quotes too much: {e}");
+        }
+        let edge = InterceptRequest {
+            name: "a".repeat(MAX_NAME),
+            ..intercept_request(ModeRequest::Path { prefix: "/".into() })
+        };
+        assert_eq!(edge.check(), Ok(()));
+    }
+
+    /// `read_request` on one end of a socket pair, after `write` on the
+    /// other (then closed).
+    async fn read_after(write: &[u8]) -> Result<Request, String> {
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let (rd, _wr) = a.into_split();
+        let data = write.to_vec();
+        let writer = tokio::spawn(async move {
+            let _ = b.write_all(&data).await;
+            let _ = b.shutdown().await;
+        });
+        let got = read_request(rd).await;
+        writer.abort();
+        got
+    }
+
+    #[tokio::test]
+    async fn a_request_is_one_json_line_within_the_size_bound() {
+        let got = read_after(b"{\"op\":\"leave\",\"name\":\"dev\"}\n").await;
+        assert!(matches!(got, Ok(Request::Leave { name }) if name == "dev"));
+        let e = read_after(b"{\"op\":\"list\"}").await.unwrap_err();
+        assert!(e.contains("one line of at most"), "{e}");
+        let mut big = vec![b' '; MAX_REQUEST + 10];
+        big.push(b'\n');
+        let e = read_after(&big).await.unwrap_err();
+        assert!(e.contains("one line of at most 65536 bytes"), "{e}");
+        let e = read_after(b"intercept web\n").await.unwrap_err();
+        assert!(e.starts_with("not a request"), "{e}");
+    }
+
+    // The reservation of names.
+
+    /// A request as `Manager::intercept` makes it: the name is taken
+    /// first, then the awaits (the workload, its pods, the agents), here a
+    /// barrier both requests reach before either goes on, then the entry.
+    async fn intercept_with(
+        names: Arc<Names<u32>>,
+        barrier: Arc<tokio::sync::Barrier>,
+        entry: u32,
+    ) -> Result<(), String> {
+        let reservation = names.reserve("dev");
+        barrier.wait().await;
+        let reservation = reservation?;
+        tokio::task::yield_now().await;
+        reservation
+            .fill(entry)
+            .map_err(|_| "freed meanwhile".to_string())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_requests_with_one_name_at_once_exactly_one_proceeds() {
+        for _ in 0..100 {
+            let names: Arc<Names<u32>> = Arc::default();
+            let barrier = Arc::new(tokio::sync::Barrier::new(2));
+            let a = tokio::spawn(intercept_with(names.clone(), barrier.clone(), 1));
+            let b = tokio::spawn(intercept_with(names.clone(), barrier.clone(), 2));
+            let results = [a.await.unwrap(), b.await.unwrap()];
+            let ok: Vec<usize> = (0..2).filter(|i| results[*i].is_ok()).collect();
+            assert_eq!(ok.len(), 1, "{results:?}");
+            let refused = results[1 - ok[0]].as_ref().unwrap_err();
+            assert!(
+                refused.contains("an intercept named dev is being set up by another request"),
+                "{refused}"
+            );
+            // The one that went ahead holds the name, with its entry.
+            assert_eq!(names.remove("dev"), Ok(ok[0] as u32 + 1));
+        }
+    }
+
+    #[test]
+    fn a_name_in_place_is_refused_and_a_failed_request_frees_its_name() {
+        let names: Names<u32> = Names::default();
+        names.reserve("dev").unwrap().fill(1).unwrap();
+        let e = names.reserve("dev").err().unwrap();
+        assert!(
+            e.contains("an intercept named dev exists: `tpbpf leave dev` first"),
+            "{e}"
+        );
+        // A request that fails on the way (its reservation dropped unfilled).
+        drop(names.reserve("other").unwrap());
+        names.reserve("other").unwrap().fill(2).unwrap();
+        assert_eq!(names.remove("dev"), Ok(1));
+        assert_eq!(names.remove("other"), Ok(2));
+        let e = names.remove("dev").unwrap_err();
+        assert!(e.contains("no intercept named dev"), "{e}");
+    }
+
+    #[test]
+    fn a_name_being_set_up_cannot_be_left_and_is_not_listed() {
+        let names: Names<u32> = Names::default();
+        let reservation = names.reserve("dev").unwrap();
+        let e = names.remove("dev").unwrap_err();
+        assert!(e.contains("still being set up"), "{e}");
+        assert!(names.summaries(|n, _| n.to_string()).is_empty());
+        reservation.fill(7).unwrap();
+        assert_eq!(
+            names.summaries(|n, e| (n.to_string(), *e)),
+            vec![("dev".to_string(), 7)]
+        );
+    }
+
+    #[test]
+    fn an_intercept_ended_by_down_while_set_up_is_handed_back_and_spares_a_newer_one() {
+        let names: Names<u32> = Names::default();
+        names.reserve("a").unwrap().fill(1).unwrap();
+        let old = names.reserve("dev").unwrap();
+        // `tpbpf down`: what is in place goes, the name being set up is freed.
+        assert_eq!(names.drain(), vec![1]);
+        let newer = names.reserve("dev").unwrap();
+        // The old request ends: its entry comes back to be dropped, and it
+        // takes nothing from the newer one of the same name.
+        assert_eq!(old.fill(2), Err(2));
+        assert!(names.reserve("dev").is_err());
+        newer.fill(3).unwrap();
+        assert_eq!(names.remove("dev"), Ok(3));
+    }
+
+    // The listing.
+
+    fn listed(name: &str, kind: &'static str, workload: &str, pods: &[&str]) -> Listed {
+        Listed {
+            name: name.into(),
+            kind,
+            workload: workload.into(),
+            namespace: "default".into(),
+            remote: 80,
+            local: 8080,
+            mode: "Steal".into(),
+            pods: pods.iter().map(|p| p.to_string()).collect(),
+            problems: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_listing_puts_each_intercept_under_its_workload_in_its_namespace() {
+        let workloads = vec![
+            ("deployment".to_string(), "web".to_string(), 2),
+            ("statefulset".to_string(), "db".to_string(), 1),
+        ];
+        let mut web = listed("dev", "deployment", "web", &["web-2", "web-1"]);
+        web.problems = vec![
+            ("web-2".into(), "lost on node2: pod gone".into()),
+            ("web-1".into(), "not in place yet: no agent".into()),
+        ];
+        let elsewhere = Listed {
+            namespace: "shop".into(),
+            ..listed("other", "deployment", "web", &["web-x"])
+        };
+        let v = listing(
+            "default",
+            workloads,
+            vec![
+                web,
+                listed("rs", "replicaset", "web-7d4b9c", &["web-7d4b9c-a1"]),
+                listed("rs2", "replicaset", "web-7d4b9c", &["web-7d4b9c-a1"]),
+                elsewhere,
+            ],
+        );
+        assert_eq!(
+            v,
+            json!({"namespace": "default", "workloads": [
+                {"kind": "deployment", "name": "web", "replicas": 2, "intercepts": [
+                    {"name": "dev", "remote": 80, "local": 8080, "mode": "Steal",
+                     "pods": ["web-1", "web-2"], "problem": "not in place yet: no agent"}]},
+                {"kind": "statefulset", "name": "db", "replicas": 1, "intercepts": []},
+                // Not in the cluster's list: shown once, with both intercepts.
+                {"kind": "replicaset", "name": "web-7d4b9c", "replicas": 1, "intercepts": [
+                    {"name": "rs", "remote": 80, "local": 8080, "mode": "Steal",
+                     "pods": ["web-7d4b9c-a1"], "problem": null},
+                    {"name": "rs2", "remote": 80, "local": 8080, "mode": "Steal",
+                     "pods": ["web-7d4b9c-a1"], "problem": null}]},
+            ]})
+        );
+    }
+
+    #[test]
+    fn an_empty_namespace_lists_nothing() {
+        assert_eq!(
+            listing(
+                "empty",
+                Vec::new(),
+                vec![listed("dev", "deployment", "web", &[])]
+            ),
+            json!({"namespace": "empty", "workloads": []})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_cut_short_does_not_hold_its_name() {
+        // A request that never gets past its awaits (here cut by a timeout,
+        // as a client that goes away is) frees its name when dropped.
+        let names: Arc<Names<u32>> = Arc::default();
+        let n2 = names.clone();
+        let stuck = async move {
+            let _reservation = n2.reserve("dev")?;
+            std::future::pending::<()>().await;
+            Ok::<(), String>(())
+        };
+        assert!(tokio::time::timeout(Duration::from_millis(10), stuck)
+            .await
+            .is_err());
+        assert!(names.reserve("dev").is_ok());
+    }
 }
