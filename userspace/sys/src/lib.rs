@@ -4,6 +4,7 @@
 //! diagnostics, and the frames and peer credentials of tpbpfd's service
 //! socket.
 mod cidr;
+pub mod flows;
 pub mod netlink;
 pub mod netns;
 pub mod seqpacket;

@@ -4,7 +4,6 @@
 //! from that same address, so `recvmsg4/6` can show the application the
 //! original source.
 use std::{
-    collections::HashMap,
     io::{IoSlice, IoSliceMut},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsRawFd,
@@ -22,6 +21,7 @@ use tpbpf_loader::{SlotInfo, Udp6Last, UdpSlots};
 use tracing::{debug, warn};
 
 use tpbpf_bridge_api::limits::{FLOW_IDLE, FLOW_QUEUE, MAX_FLOWS};
+use tpbpf_sys::flows::{Delivery, Flows};
 
 use crate::{dns::Dns, service::UserSide};
 
@@ -59,12 +59,12 @@ impl UdpProxy {
     }
 
     pub async fn serve(self, slots: UdpSlots, upstream: Arc<UserSide>, dns: Option<Arc<Dns>>) {
-        let mut flows: HashMap<(SocketAddrV4, Ipv4Addr), mpsc::Sender<Vec<u8>>> = HashMap::new();
+        let mut flows: Flows<(SocketAddrV4, Ipv4Addr)> = Flows::new(MAX_FLOWS, FLOW_QUEUE);
         let (closed_tx, mut closed_rx) = mpsc::unbounded_channel();
         let mut buf = vec![0u8; 65536];
         loop {
             tokio::select! {
-                Some(key) = closed_rx.recv() => { flows.remove(&key); }
+                Some(key) = closed_rx.recv() => flows.remove(&key),
                 got = recv_with_dst(&self.sock, &mut buf) => {
                     let (n, client, slot_ip) = match got {
                         Ok(v) => v,
@@ -76,8 +76,8 @@ impl UdpProxy {
                     };
                     let data = buf[..n].to_vec();
                     let key = (client, slot_ip);
-                    if let Some(tx) = flows.get(&key) {
-                        if tx.try_send(data).is_err() {
+                    if flows.contains(&key) {
+                        if flows.deliver(&key, data) == Delivery::Full {
                             debug!(%client, "UDP flow queue full: datagram dropped");
                         }
                         continue;
@@ -113,13 +113,11 @@ impl UdpProxy {
                             continue;
                         }
                     }
-                    if flows.len() >= MAX_FLOWS {
+                    let Some(rx) = flows.open(key) else {
                         debug!(%client, %orig, "{MAX_FLOWS} UDP flows open: datagram dropped");
                         continue;
-                    }
-                    let (tx, rx) = mpsc::channel(FLOW_QUEUE);
-                    let _ = tx.try_send(data);
-                    flows.insert(key, tx);
+                    };
+                    flows.deliver(&key, data);
                     let reply = ReplyPath::Slot(self.sock.clone(), slot_ip, client);
                     let (upstream, closed) = (upstream.clone(), closed_tx.clone());
                     let touch = Some((slots.clone(), info));
@@ -160,12 +158,12 @@ pub async fn serve6(
     dns: Option<Arc<Dns>>,
 ) {
     let sock = Arc::new(sock);
-    let mut flows: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut flows: Flows<(SocketAddr, SocketAddr)> = Flows::new(MAX_FLOWS, FLOW_QUEUE);
     let (closed_tx, mut closed_rx) = mpsc::unbounded_channel();
     let mut buf = vec![0u8; 65536];
     loop {
         tokio::select! {
-            Some(key) = closed_rx.recv() => { flows.remove(&key); }
+            Some(key) = closed_rx.recv() => flows.remove(&key),
             got = sock.recv_from(&mut buf) => {
                 let (n, client) = match got {
                     Ok(v) => v,
@@ -192,17 +190,15 @@ pub async fn serve6(
                     }
                 }
                 let key = (client, orig);
-                if let Some(tx) = flows.get(&key) {
-                    let _ = tx.try_send(data);
+                if flows.contains(&key) {
+                    flows.deliver(&key, data);
                     continue;
                 }
-                if flows.len() >= MAX_FLOWS {
+                let Some(rx) = flows.open(key) else {
                     debug!(%client, %orig, "{MAX_FLOWS} IPv6 UDP flows open: datagram dropped");
                     continue;
-                }
-                let (tx, rx) = mpsc::channel(FLOW_QUEUE);
-                let _ = tx.try_send(data);
-                flows.insert(key, tx);
+                };
+                flows.deliver(&key, data);
                 let (upstream, closed) = (upstream.clone(), closed_tx.clone());
                 tokio::spawn(async move {
                     run_flow(reply, upstream, orig, rx, None).await;

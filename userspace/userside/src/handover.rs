@@ -24,7 +24,10 @@ use tpbpf_bridge_api::{
     },
     Datagram, FromService, ToService,
 };
-use tpbpf_sys::seqpacket::{Channel, Frame, MAX_PAYLOAD};
+use tpbpf_sys::{
+    flows::{Delivery, Flows},
+    seqpacket::{Channel, Frame, MAX_PAYLOAD},
+};
 use tracing::{debug, warn};
 
 use crate::upstream::Upstream;
@@ -112,12 +115,12 @@ impl BridgeChannel {
 /// Carries what tpbpfd hands over through `upstream` until tpbpfd ends the
 /// connection (returns why).
 pub async fn serve(bridge: Arc<BridgeChannel>, upstream: Arc<dyn Upstream>) -> io::Error {
-    let mut flows = Flows::default();
+    let mut flows = Flows::new(MAX_FLOWS, FLOW_QUEUE);
     let (closed_tx, mut closed_rx) = mpsc::unbounded_channel::<u32>();
     let dns_slots = Arc::new(Semaphore::new(MAX_DNS_IN_FLIGHT));
     loop {
         while let Ok(id) = closed_rx.try_recv() {
-            flows.remove(id);
+            flows.remove(&id);
         }
         let frame = match bridge.chan.recv().await {
             Ok(Some(f)) => f,
@@ -143,8 +146,12 @@ pub async fn serve(bridge: Arc<BridgeChannel>, upstream: Arc<dyn Upstream>) -> i
                         let _ = closed.send(flow);
                     });
                 }
-                Datagram::UdpSend { flow } => flows.send(flow, payload),
-                Datagram::UdpClose { flow } => flows.remove(flow),
+                Datagram::UdpSend { flow } => {
+                    if flows.deliver(&flow, payload) == Delivery::Full {
+                        debug!(flow, "UDP flow queue full: datagram dropped");
+                    }
+                }
+                Datagram::UdpClose { flow } => flows.remove(&flow),
                 Datagram::Dns { id } => {
                     let Ok(permit) = dns_slots.clone().try_acquire_owned() else {
                         debug!("{MAX_DNS_IN_FLIGHT} DNS queries in flight: one dropped");
@@ -210,35 +217,6 @@ fn take_over(fd: OwnedFd, dst: SocketAddr, upstream: Arc<dyn Upstream>) {
     });
 }
 
-/// The user's side's datagram flows, by tpbpfd's flow id: bounded in count
-/// and, per flow, in queued datagrams.
-#[derive(Default)]
-struct Flows(HashMap<u32, mpsc::Sender<Vec<u8>>>);
-
-impl Flows {
-    /// A new flow's queue; `None` when there are too many or the id is taken.
-    fn open(&mut self, id: u32) -> Option<mpsc::Receiver<Vec<u8>>> {
-        if self.0.len() >= MAX_FLOWS || self.0.contains_key(&id) {
-            return None;
-        }
-        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
-        self.0.insert(id, tx);
-        Some(rx)
-    }
-
-    /// Queues a datagram of flow `id`; dropped if the flow is unknown or
-    /// its queue is full (datagrams may be lost).
-    fn send(&self, id: u32, datagram: Vec<u8>) {
-        if let Some(tx) = self.0.get(&id) {
-            let _ = tx.try_send(datagram);
-        }
-    }
-
-    fn remove(&mut self, id: u32) {
-        self.0.remove(&id);
-    }
-}
-
 /// One datagram flow on the user's side.
 async fn user_flow(
     bridge: Arc<BridgeChannel>,
@@ -274,38 +252,5 @@ async fn user_flow(
             },
             _ = tokio::time::sleep(FLOW_IDLE) => return,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_flow_table_is_bounded_and_refuses_duplicates() {
-        let mut flows = Flows::default();
-        let mut queues = Vec::new();
-        for id in 0..MAX_FLOWS as u32 {
-            queues.push(flows.open(id).expect("room for the flow"));
-        }
-        assert!(flows.open(MAX_FLOWS as u32).is_none(), "one flow too many");
-        assert!(flows.open(3).is_none(), "a duplicate id");
-        flows.remove(3);
-        assert!(flows.open(3).is_some(), "an id is free again once removed");
-    }
-
-    #[test]
-    fn a_flow_queues_at_most_its_bound_and_unknown_flows_are_ignored() {
-        let mut flows = Flows::default();
-        let mut rx = flows.open(1).unwrap();
-        for i in 0..FLOW_QUEUE + 10 {
-            flows.send(1, vec![i as u8]);
-        }
-        flows.send(2, vec![0]);
-        let mut got = 0;
-        while rx.try_recv().is_ok() {
-            got += 1;
-        }
-        assert_eq!(got, FLOW_QUEUE);
     }
 }
