@@ -36,7 +36,11 @@ fn finds_the_socket_bound_to_an_address_and_forgets_it_when_closed() {
             assert_eq!(uid, unsafe { libc::geteuid() });
         }
         Ok(None) => panic!("no socket found for {local}"),
-        Err(e) => return skip(&format!("this kernel answers no UDP socket diagnostics (udp_diag): {e}")),
+        Err(e) => {
+            return skip(&format!(
+                "this kernel answers no UDP socket diagnostics (udp_diag): {e}"
+            ))
+        }
     }
     drop(sock);
     assert_eq!(udp_socket_of(local, remote).unwrap(), None);

@@ -72,7 +72,7 @@ pub fn dist(args: &Args) -> Result<Made> {
     let usr_bin = pkg.join("usr/bin");
     fs::create_dir_all(&usr_bin)?;
     let stripped = usr_bin.join("tpbpf");
-    split_debug(&bin, &stripped, &dbg)?;
+    let debug_file = split_debug(&bin, &stripped, &dbg)?;
     let daemon_bin = target.join(profile).join("tpbpfd");
     let daemon_stripped = usr_bin.join("tpbpfd");
     split_debug(&daemon_bin, &daemon_stripped, &dbg)?;
@@ -81,7 +81,13 @@ pub fn dist(args: &Args) -> Result<Made> {
     let unit_dir = pkg.join("usr/lib/systemd/system");
     fs::create_dir_all(&unit_dir)?;
     let unit = Command::new(&bin)
-        .args(["service", "install", "--dry-run", "--exe", "/usr/bin/tpbpfd"])
+        .args([
+            "service",
+            "install",
+            "--dry-run",
+            "--exe",
+            "/usr/bin/tpbpfd",
+        ])
         .output()
         .context("running tpbpf service install --dry-run")?;
     if !unit.status.success() {
@@ -186,7 +192,7 @@ pub fn dist(args: &Args) -> Result<Made> {
         "{:>9}  /usr/bin/tpbpfd in the package (root's service: no Kubernetes, HTTP or TLS code)",
         mib(&daemon_stripped)?
     );
-    println!("{:>9}  its debug info (compressed)", mib(&debug_file)?);
+    println!("{:>9}  tpbpf's debug info (compressed)", mib(&debug_file)?);
     let _ = fs::remove_dir_all(&stage);
     for p in [Some(&deb), Some(&dbg_deb), image.as_ref()]
         .into_iter()
@@ -335,8 +341,8 @@ fn mib(path: &Path) -> Result<String> {
 }
 
 /// Strips `bin` into `stripped`, its debug info into the dbgsym package at
-/// `dbg`, found by build id.
-fn split_debug(bin: &Path, stripped: &Path, dbg: &Path) -> Result<()> {
+/// `dbg`, found by build id; returns the debug info's file.
+fn split_debug(bin: &Path, stripped: &Path, dbg: &Path) -> Result<PathBuf> {
     let build_id = build_id(bin)?;
     let debug_file = dbg.join(format!(
         "usr/lib/debug/.build-id/{}/{}.debug",
@@ -357,5 +363,5 @@ fn split_debug(bin: &Path, stripped: &Path, dbg: &Path) -> Result<()> {
         .arg(format!("--add-gnu-debuglink={}", debug_file.display()))
         .arg(bin)
         .arg(stripped))?;
-    Ok(())
+    Ok(debug_file)
 }
