@@ -357,8 +357,12 @@ impl Manager {
                 workload.kind, workload.name
             ));
         }
-        // Every pod, wherever it runs; the first failure undoes the rest.
-        let mut handles = Vec::new();
+        // Every pod, wherever it runs; each pod's watcher carries its
+        // connections from the moment its intercept is in place. The first
+        // failure undoes the rest.
+        let problems: Problems = Arc::new(Mutex::new(HashMap::new()));
+        let held: Pods = Arc::new(Mutex::new(HashMap::new()));
+        let mut env = serde_json::Map::new();
         for p in &pods {
             let target = SocketAddr::new(p.ip, remote);
             let attempt = async {
@@ -373,27 +377,27 @@ impl Manager {
                     .await
                     .map_err(|e| format!("pod {} on {}: {e}", p.name, p.node))
             };
-            // The handles made so far are dropped: their intercepts go.
-            handles.push((p.clone(), attempt.await?));
-        }
-        // The environment of the first pod's process (every replica has
-        // the same spec).
-        let env: serde_json::Map<String, Value> = handles
-            .first()
-            .map(|(_, h)| h.info())
-            .unwrap_or("")
-            .split('\0')
-            .filter_map(|e| e.split_once('='))
-            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
-            .collect();
-        let problems: Problems = Arc::new(Mutex::new(HashMap::new()));
-        let held: Pods = Arc::new(Mutex::new(HashMap::new()));
-        for (pod, h) in handles {
+            let h = match attempt.await {
+                Ok(h) => h,
+                Err(e) => {
+                    // Their handles are dropped with their tasks: their
+                    // intercepts go.
+                    for (_, ph) in lock(&held).drain() {
+                        ph.task.abort();
+                    }
+                    return Err(e);
+                }
+            };
+            if env.is_empty() {
+                // The environment of the first pod's process (every
+                // replica has the same spec).
+                env = environ(h.info());
+            }
             self.start_hold(
                 &held,
                 &problems,
                 &namespace,
-                pod,
+                p.clone(),
                 (remote, local),
                 &mode,
                 Some(h),
@@ -914,6 +918,15 @@ fn listing(
     json!({"namespace": namespace, "workloads": out})
 }
 
+/// A process environment as the agent gives it (`KEY=VALUE` entries
+/// separated by NUL bytes), as a JSON object.
+fn environ(info: &str) -> serde_json::Map<String, Value> {
+    info.split('\0')
+        .filter_map(|e| e.split_once('='))
+        .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+        .collect()
+}
+
 /// Carries one intercepted connection (from `src` to the pod's `target`)
 /// to the developer's `local` port; if nothing answers there, the pod's
 /// client is reset with why.
@@ -1269,6 +1282,15 @@ mod tests {
         assert!(names.reserve("dev").is_err());
         newer.fill(3).unwrap();
         assert_eq!(names.remove("dev"), Ok(3));
+    }
+
+    #[test]
+    fn the_pod_s_environment_becomes_an_object() {
+        assert_eq!(
+            Value::Object(environ("A=1\0PATH=/bin:/usr/bin\0EQ=a=b\0junk\0")),
+            json!({"A": "1", "PATH": "/bin:/usr/bin", "EQ": "a=b"})
+        );
+        assert!(environ("").is_empty());
     }
 
     // The listing.
