@@ -135,3 +135,46 @@ async fn a_peer_of_protocol_version_1_is_refused_at_the_hello() {
     .await;
     assert!(!matches!(ok, Err(HandshakeError::Refused { .. })));
 }
+
+#[tokio::test]
+async fn an_agent_of_protocol_version_1_is_refused_by_the_client() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // An old agent: it takes the hello and answers in version 1.
+    let old = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 512];
+        let _ = tcp.read(&mut buf).await.unwrap();
+        let mut welcome = Vec::new();
+        tpbpf_proto::encode_welcome(
+            &tpbpf_proto::Welcome {
+                version: 1,
+                status: WelcomeStatus::Accepted,
+                received: 0,
+                message: String::new(),
+            },
+            &mut welcome,
+        );
+        tcp.write_all(&welcome).await.unwrap();
+        let _ = tcp.read(&mut buf).await;
+    });
+    let got = Client::connect(
+        Arc::new(TcpConnector { addr }),
+        TOKEN.to_vec(),
+        Config::default(),
+    )
+    .await;
+    match got {
+        Err(HandshakeError::Refused {
+            status: WelcomeStatus::Version,
+            message,
+            ..
+        }) => assert!(
+            message.contains("version 1") && message.contains("install the agent"),
+            "{message}"
+        ),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a session with a version-1 agent"),
+    }
+    old.abort();
+}
