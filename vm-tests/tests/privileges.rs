@@ -463,3 +463,125 @@ ask(b'\xff\xff{')
         "programs still attached after down"
     );
 }
+
+/// A member's whole-machine bridge: it takes cluster ranges only (not
+/// loopback, tpbpf's UDP slots, or a top-level DNS domain), and carries
+/// that member's sockets only: root's and another account's TCP and DNS to
+/// the cluster's ranges and names, from the same network namespace and any
+/// cgroup, go where they would without tpbpf (nowhere: the namespace has no
+/// route to the cluster).
+#[test]
+fn a_members_bridge_takes_only_cluster_ranges_and_carries_only_that_members_sockets() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("po") else {
+        return;
+    };
+    let dev = lab.dev_netns();
+    let gid = unused_gid().to_string();
+    let home = NobodyHome::new(&lab.kubeconfig());
+    let bin = PublicCopy::of(&tpbpf_bin());
+    let socket = bin.path().with_file_name("tpbpfd.sock");
+    let mut service = Bg::spawn(Command::new(tpbpf_bin()).args([
+        "--netns",
+        &dev,
+        "service",
+        "run",
+        "-o",
+        "json",
+        "--group",
+        &gid,
+        "--socket",
+        &socket.display().to_string(),
+    ]));
+    service
+        .wait_event(Duration::from_secs(10), |e| e["event"] == "ready")
+        .expect("tpbpfd's service ready");
+    let kubeconfig = home.kubeconfig().display().to_string();
+    let bridge = NobodyBridge(unique_name("nw"));
+    let nobody = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &dev,
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+            ])
+            .arg(format!("--groups={gid}"))
+            .arg(bin.path())
+            .args(args)
+            .env("TPBPF_SERVICE_SOCKET", &socket)
+            .env("HOME", &home.0)
+            .env_remove("KUBECONFIG")
+            .env_remove("SUDO_UID")
+            .output()
+            .unwrap();
+        (out.status.success(), both(&out))
+    };
+
+    // Ranges and domains that would take others' traffic, or tpbpf's own.
+    for range in [
+        "0.0.0.0/1",
+        "127.0.0.0/8",
+        "127.100.0.0/16",
+        "169.254.169.254/32",
+    ] {
+        let (ok, text) = nobody(&[
+            "up",
+            "--kubeconfig",
+            &kubeconfig,
+            "--instance",
+            &bridge.0,
+            "--cidr",
+            range,
+        ]);
+        assert!(!ok, "{range} accepted: {text}");
+        assert!(text.contains("cluster ranges only"), "{range}: {text}");
+    }
+    let (ok, text) = nobody(&[
+        "up",
+        "--kubeconfig",
+        &kubeconfig,
+        "--instance",
+        &bridge.0,
+        "--cluster-domain",
+        "com",
+    ]);
+    assert!(!ok, "domain com accepted: {text}");
+    assert!(text.contains("top-level domain"), "{text}");
+
+    // The whole machine (no --cgroup): this member's sockets only.
+    let (ok, text) = nobody(&["up", "--kubeconfig", &kubeconfig, "--instance", &bridge.0]);
+    assert!(ok, "{text}");
+    let elsewhere = TestCgroup::new();
+    let resolv = home.0.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+    let curl = |who: &str, url: &str| {
+        let script = format!("exec {who} curl -sS -m 3 {url}");
+        let out = bridged_shell(elsewhere.path(), &dev, &resolv, &script)
+            .output()
+            .unwrap();
+        (out.status.success(), both(&out))
+    };
+    let member = "setpriv --reuid=65534 --regid=65534 --clear-groups";
+    let other = "setpriv --reuid=65533 --regid=65533 --clear-groups";
+    for url in ["http://web.default/", "http://10.96.0.20/"] {
+        let (ok, text) = curl(member, url);
+        assert!(
+            ok && text.contains("served by nginx"),
+            "the member, {url}: {text}"
+        );
+        for (who, name) in [("", "root"), (other, "another account")] {
+            let (ok, text) = curl(who, url);
+            assert!(
+                !ok && !text.contains("served by nginx"),
+                "{name}'s {url} went through the member's bridge: {text}"
+            );
+        }
+    }
+    let (ok, text) = nobody(&["down", "--instance", &bridge.0]);
+    assert!(ok, "{text}");
+}

@@ -119,6 +119,10 @@ pub mod flags {
     pub const UDP6: u32 = 8;
     /// Emit aya-log records from the hot paths (tpbpf runs at debug level).
     pub const LOG: u32 = 16;
+    /// Only sockets of processes running as [`super::Config::owner_uid`]
+    /// are bridged: a group member's bridge carries that member's traffic,
+    /// never another account's (nor root's).
+    pub const OWNER: u32 = 32;
 }
 
 /// Values of the CIDR maps.
@@ -174,6 +178,10 @@ pub struct Config {
     /// kind node, `ip netns exec`) is left alone, since tpbpfd's listeners
     /// do not exist there. Zero: any namespace.
     pub netns_cookie: u64,
+    /// With [`flags::OWNER`]: the uid whose processes' sockets are bridged.
+    pub owner_uid: u32,
+    /// Keeps the layout the same on both sides (explicit padding).
+    pub _pad: u32,
 }
 
 /// An original destination.

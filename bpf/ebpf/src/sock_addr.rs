@@ -14,7 +14,9 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
@@ -132,7 +134,8 @@ fn config() -> Option<Config> {
 }
 
 /// The configuration, if `ctx`'s socket is one to bridge: tpbpf is
-/// configured and the socket lives in the bridged network namespace.
+/// configured, the socket lives in the bridged network namespace, and for a
+/// user's bridge the process is that user's.
 #[inline(always)]
 fn config_in(ctx: &SockAddrContext) -> Option<Config> {
     let cfg = config()?;
@@ -142,6 +145,11 @@ fn config_in(ctx: &SockAddrContext) -> Option<Config> {
         if ns != cfg.netns_cookie {
             return None;
         }
+    }
+    // The low 32 bits are the uid (the high, the gid). Sockets are made in
+    // a process's context, so there is always one: the caller's.
+    if cfg.flags & flags::OWNER != 0 && bpf_get_current_uid_gid() as u32 != cfg.owner_uid {
+        return None;
     }
     Some(cfg)
 }

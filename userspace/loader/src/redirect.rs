@@ -77,6 +77,9 @@ pub struct ProxyConfig {
     /// The tc path for other network namespaces: the transparent listener's
     /// port (on 127.0.0.1) and the mark its packets get.
     pub tc: Option<(u16, u32)>,
+    /// Bridge only the sockets of this uid's processes (a user's bridge);
+    /// `None`: every process of the scope (root's).
+    pub owner_uid: Option<u32>,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -198,6 +201,10 @@ impl Redirector {
             value.udp6_port_be = u32::from(port.to_be());
             value.flags |= flags::UDP6;
         }
+        if let Some(uid) = proxy.owner_uid {
+            value.owner_uid = uid;
+            value.flags |= flags::OWNER;
+        }
         config
             .set(0, value, 0)
             .map_err(|source| LoadError::Map { name, source })
@@ -228,6 +235,7 @@ impl Redirector {
             udp6_port: None,
             dns: false,
             tc: None,
+            owner_uid: None,
         })
     }
 

@@ -60,6 +60,9 @@ pub struct BridgeOptions {
     /// The tc path for other network namespaces: the mark steered packets
     /// get. `None`: no transparent listener.
     pub tc_mark: Option<u32>,
+    /// A user's bridge: only this uid's processes are bridged. `None`:
+    /// every process of the scope (root's bridges).
+    pub owner_uid: Option<u32>,
 }
 
 /// The running bridge: programs loaded, listeners serving. Attach it to a
@@ -125,6 +128,7 @@ impl Bridge {
                 (Some(l), Some(mark)) => l.local_addr().ok().map(|a| (a.port(), mark)),
                 _ => None,
             },
+            owner_uid: options.owner_uid,
         };
         redirector.configure(proxy)?;
 

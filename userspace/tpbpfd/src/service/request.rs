@@ -21,9 +21,68 @@ fn name_ok(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Checks a request of uid `uid` and turns it into the bridge's options
-/// (without the tc path, which [`tc_targets`] checks).
+/// Ranges no user's bridge may take, and what they are: another account's
+/// (or root's) traffic to them would be taken, or tpbpf's own.
+const RESERVED: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "this host's network"),
+    (
+        "127.0.0.0/8",
+        "loopback, where tpbpf's listeners and UDP slots are",
+    ),
+    ("169.254.0.0/16", "link-local, where cloud metadata is"),
+    ("224.0.0.0/4", "multicast"),
+    ("255.255.255.255/32", "broadcast"),
+    ("::/128", "the unspecified address"),
+    ("::1/128", "loopback"),
+    ("::ffff:0:0/96", "IPv4-mapped addresses"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+];
+
+/// Why a user may not bridge `range`: it overlaps a reserved range or one
+/// of `own`, this machine's addresses.
+fn reserved(range: &Cidr, own: &[std::net::IpAddr]) -> Option<String> {
+    let overlaps = |r: &Cidr| r.contains(range.addr()) || range.contains(r.addr());
+    for (r, what) in RESERVED {
+        let r: Cidr = r.parse().expect("a reserved range");
+        if overlaps(&r) {
+            return Some(format!("{range} overlaps {r} ({what})"));
+        }
+    }
+    own.iter()
+        .find(|a| range.contains(**a))
+        .map(|a| format!("{range} holds {a}, an address of this machine"))
+}
+
+/// This machine's addresses, in tpbpfd's network namespace.
+fn own_addresses() -> Vec<std::net::IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(std::net::IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+/// Checks a request of uid `uid` and turns it into the bridge's options.
 pub fn options(request: &UpRequest, uid: u32) -> Result<BridgeOptions, String> {
+    let own = if uid == 0 {
+        Vec::new()
+    } else {
+        own_addresses()
+    };
+    check(request, uid, &own)
+}
+
+/// [`options`], with `own` the machine's addresses.
+fn check(request: &UpRequest, uid: u32, own: &[std::net::IpAddr]) -> Result<BridgeOptions, String> {
     if !name_ok(&request.instance, 64) || request.instance.starts_with('.') {
         return Err(format!("`{}` is not a bridge name", request.instance));
     }
@@ -64,6 +123,24 @@ pub fn options(request: &UpRequest, uid: u32) -> Result<BridgeOptions, String> {
     if cidrs.is_empty() && dns.is_none() {
         return Err("nothing to bridge: no ranges and no DNS".into());
     }
+    if uid != 0 {
+        for c in &cidrs {
+            if let Some(why) = reserved(c, own) {
+                return Err(format!(
+                    "{why}: a user's bridge takes cluster ranges only (root may bridge any range)"
+                ));
+            }
+        }
+        if let Some(d) = &request.dns {
+            for n in std::iter::once(&d.cluster_domain).chain(&d.suffixes) {
+                if !n.trim_end_matches('.').contains('.') {
+                    return Err(format!(
+                        "`{n}` is a top-level domain, not a cluster's: a user's bridge answers only names under a cluster domain of two labels or more (cluster.local)"
+                    ));
+                }
+            }
+        }
+    }
     let wants_tc = !request.attach_ifaces.is_empty() || !request.attach_netns.is_empty();
     if wants_tc && uid != 0 {
         return Err(
@@ -81,6 +158,7 @@ pub fn options(request: &UpRequest, uid: u32) -> Result<BridgeOptions, String> {
         never_proxy: parse(&request.never_proxy)?,
         dns,
         tc_mark: wants_tc.then_some(crate::policy::DEFAULT_MARK),
+        owner_uid: (uid != 0).then_some(uid),
     })
 }
 
@@ -157,6 +235,11 @@ mod tests {
 
     use super::*;
 
+    /// [`check`] on a machine with no address in the test's ranges.
+    fn check_(request: &UpRequest, uid: u32) -> Result<BridgeOptions, String> {
+        check(request, uid, &[])
+    }
+
     fn request() -> UpRequest {
         UpRequest {
             instance: "default".into(),
@@ -173,7 +256,7 @@ mod tests {
 
     #[test]
     fn a_plain_request_becomes_its_options() {
-        let o = options(&request(), 1000).unwrap();
+        let o = check_(&request(), 1000).unwrap();
         assert_eq!(o.cidrs.len(), 2);
         assert_eq!(o.never_proxy[0].to_string(), "10.96.0.1/32");
         let dns = o.dns.unwrap();
@@ -189,11 +272,11 @@ mod tests {
                 instance: bad.into(),
                 ..request()
             };
-            assert!(options(&r, 1000).is_err(), "instance `{bad}` accepted");
+            assert!(check_(&r, 1000).is_err(), "instance `{bad}` accepted");
         }
         let mut r = request();
         r.dns.as_mut().unwrap().namespaces.push("a;rm".into());
-        assert!(options(&r, 1000).unwrap_err().contains("not a DNS name"));
+        assert!(check_(&r, 1000).unwrap_err().contains("not a DNS name"));
     }
 
     #[test]
@@ -202,15 +285,15 @@ mod tests {
             cidrs: vec!["10.96.0.0/33".into()],
             ..request()
         };
-        assert!(options(&r, 1000).unwrap_err().contains("not an IP range"));
+        assert!(check_(&r, 1000).unwrap_err().contains("not an IP range"));
         let r = UpRequest {
             cidrs: vec!["10.0.0.0/8".into(); MAX_RANGES + 1],
             ..request()
         };
-        assert!(options(&r, 1000).unwrap_err().contains("at most"));
+        assert!(check_(&r, 1000).unwrap_err().contains("at most"));
         let mut r = request();
         r.dns.as_mut().unwrap().namespaces = vec!["ns".into(); MAX_NAMESPACES + 1];
-        assert!(options(&r, 1000).unwrap_err().contains("at most"));
+        assert!(check_(&r, 1000).unwrap_err().contains("at most"));
     }
 
     #[test]
@@ -220,7 +303,52 @@ mod tests {
             dns: None,
             ..request()
         };
-        assert!(options(&r, 1000).unwrap_err().contains("nothing to bridge"));
+        assert!(check_(&r, 1000).unwrap_err().contains("nothing to bridge"));
+    }
+
+    #[test]
+    fn a_user_may_not_take_loopback_the_slots_link_local_or_a_top_level_domain() {
+        for bad in [
+            "0.0.0.0/1",
+            "127.0.0.0/8",
+            "127.100.0.0/16",
+            "127.0.0.1/32",
+            "169.254.169.254/32",
+            "224.0.0.0/8",
+            "::1/128",
+            "fe80::/64",
+            "::/0",
+        ] {
+            let r = UpRequest {
+                cidrs: vec![bad.into()],
+                ..request()
+            };
+            let e = check_(&r, 1000).unwrap_err();
+            assert!(e.contains("cluster ranges only"), "{bad}: {e}");
+            assert!(check_(&r, 0).is_ok(), "root may bridge {bad}");
+        }
+        let own: Vec<std::net::IpAddr> = vec!["192.0.2.7".parse().unwrap()];
+        let r: Cidr = "192.0.2.0/24".parse().unwrap();
+        assert!(reserved(&r, &own)
+            .unwrap()
+            .contains("an address of this machine"));
+        assert!(reserved(&"10.96.0.0/12".parse().unwrap(), &own).is_none());
+        for domain in ["com", "local", "org."] {
+            let mut r = request();
+            r.dns.as_mut().unwrap().cluster_domain = domain.into();
+            let e = check_(&r, 1000).unwrap_err();
+            assert!(e.contains("top-level domain"), "{domain}: {e}");
+            assert!(check_(&r, 0).is_ok());
+        }
+        let mut r = request();
+        r.dns.as_mut().unwrap().suffixes = vec!["com".into()];
+        assert!(check_(&r, 1000).is_err());
+    }
+
+    #[test]
+    fn a_user_s_bridge_carries_only_that_user_s_sockets() {
+        assert_eq!(check_(&request(), 1000).unwrap().owner_uid, Some(1000));
+        assert_eq!(check_(&request(), 0).unwrap().owner_uid, None);
     }
 
     #[test]
@@ -229,17 +357,17 @@ mod tests {
             attach_ifaces: vec!["veth0".into()],
             ..request()
         };
-        assert!(options(&r, 1000).unwrap_err().contains("only root"));
+        assert!(check_(&r, 1000).unwrap_err().contains("only root"));
         let r2 = UpRequest {
             attach_netns: vec!["box".into()],
             ..request()
         };
-        assert!(options(&r2, 1000).is_err());
-        assert!(options(&r, 0).unwrap().tc_mark.is_some());
+        assert!(check_(&r2, 1000).is_err());
+        assert!(check_(&r, 0).unwrap().tc_mark.is_some());
         let r3 = UpRequest {
             attach_ifaces: vec!["../../etc".into()],
             ..request()
         };
-        assert!(options(&r3, 0).is_err());
+        assert!(check_(&r3, 0).is_err());
     }
 }
