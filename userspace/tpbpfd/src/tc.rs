@@ -35,14 +35,15 @@ impl TcPath {
                     .map_err(io_err(format!("finding the interfaces leading to {ns}")))?,
             );
         }
-        let exe = std::env::current_exe().map_err(io_err("tpbpfd's own executable".into()))?;
+        // The running binary itself, whatever its path now holds.
+        let exe = std::path::Path::new("/proc/self/exe");
         let (mark, table) = (
             policy::DEFAULT_MARK.to_string(),
             policy::DEFAULT_TABLE.to_string(),
         );
         let mut argv: Vec<&OsStr> = vec!["__undo-on-exit".as_ref(), mark.as_ref(), table.as_ref()];
         argv.extend(ifaces.iter().map(|i| OsStr::new(i.as_str())));
-        let mut helper = Reaper::spawn_with(&exe, &argv)
+        let mut helper = Reaper::spawn_with(exe, &argv)
             .map_err(io_err("starting the clean-up helper".into()))?;
         let route = policy::PolicyRoute::install(policy::DEFAULT_MARK, policy::DEFAULT_TABLE)
             .map_err(io_err("installing the policy route for the tc path".into()))?;

@@ -95,6 +95,80 @@ fn tpbpfd_exe() -> Result<PathBuf> {
     Ok(daemon)
 }
 
+/// Where `service install` and `service start` copy tpbpfd when the one
+/// beside tpbpf could be changed by someone other than root.
+const INSTALLED_DAEMON: &str = "/usr/local/libexec/tpbpf/tpbpfd";
+
+/// Why root must not run `path`: it, or a directory above it, is not
+/// root's, or group or others may write it (who may write there may
+/// replace what root runs). `None`: only root can change it.
+fn not_roots(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut at = Some(path);
+    while let Some(p) = at {
+        let meta = match std::fs::metadata(p) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("{}: {e}", p.display())),
+        };
+        if meta.uid() != 0 {
+            return Some(format!("{} belongs to uid {}", p.display(), meta.uid()));
+        }
+        // A sticky directory (/tmp) still lets others add entries.
+        if meta.mode() & 0o022 != 0 {
+            return Some(format!(
+                "{} may be written by others (mode {:o})",
+                p.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+        at = p.parent();
+    }
+    None
+}
+
+/// The tpbpfd root will run: the one beside tpbpf where only root can
+/// change it; else a copy at [`INSTALLED_DAEMON`] (made unless `dry_run`).
+fn daemon_for_root(dry_run: bool) -> Result<PathBuf> {
+    let daemon = tpbpfd_exe()?;
+    let Some(why) = not_roots(&daemon) else {
+        return Ok(daemon);
+    };
+    let to = PathBuf::from(INSTALLED_DAEMON);
+    eprintln!(
+        "tpbpf: {} is not root's to run ({why}): {} a root-owned copy at {INSTALLED_DAEMON}",
+        daemon.display(),
+        if dry_run {
+            "the unit would run"
+        } else {
+            "running"
+        }
+    );
+    if dry_run {
+        return Ok(to);
+    }
+    copy_for_root(&daemon, &to)?;
+    Ok(to)
+}
+
+/// Copies `from` to `to` as root's, 0755, made under a temporary name and
+/// renamed into place; refuses a directory there that is not root's.
+fn copy_for_root(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = to.parent().context("a file with no directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    if let Some(why) = not_roots(dir) {
+        bail!("{why}: not copying tpbpfd there");
+    }
+    let tmp = to.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::copy(from, &tmp)
+        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    std::os::unix::fs::chown(&tmp, Some(0), Some(0))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, to)?;
+    Ok(())
+}
+
 /// tpbpfd's service in this process (`tpbpf service run`): what the
 /// `tpbpfd` binary does, for a machine with tpbpf alone.
 fn serve(args: RunArgs) -> Result<ExitCode> {
@@ -147,13 +221,13 @@ fn install(args: InstallArgs) -> Result<ExitCode> {
     if args.dry_run {
         let exe = match &args.exe {
             Some(e) => e.clone(),
-            None => tpbpfd_exe()?,
+            None => daemon_for_root(true)?,
         };
         print!("{}", unit(&exe, &args.group));
         return Ok(ExitCode::SUCCESS);
     }
-    let exe = tpbpfd_exe()?;
     require_root("installing tpbpfd")?;
+    let exe = daemon_for_root(false)?;
     if nix::unistd::Group::from_name(&args.group)?.is_none() {
         println!("creating group {}", args.group);
         let ok = Command::new("groupadd")
@@ -215,7 +289,7 @@ fn start(args: &RunArgs) -> Result<u32> {
         println!("tpbpfd is already running (pid {pid})");
         return Ok(pid as u32);
     }
-    let exe = tpbpfd_exe()?;
+    let exe = daemon_for_root(false)?;
     std::fs::create_dir_all("/run/tpbpf")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -258,6 +332,13 @@ fn uninstall() -> Result<ExitCode> {
         println!("stopped tpbpfd (pid {pid})");
     }
     let _ = std::fs::remove_file(PID_FILE);
+    if Path::new(INSTALLED_DAEMON).exists() {
+        std::fs::remove_file(INSTALLED_DAEMON)?;
+        if let Some(dir) = Path::new(INSTALLED_DAEMON).parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        println!("removed {INSTALLED_DAEMON}");
+    }
     println!(
         "tpbpfd is gone; every bridge it held is detached (group {} stays)",
         service::GROUP
@@ -277,5 +358,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("RuntimeDirectory=tpbpf"), "{text}");
+    }
+
+    #[test]
+    fn root_runs_only_what_only_root_can_change() {
+        assert_eq!(not_roots(Path::new("/usr/bin/env")), None);
+        let tmp = std::env::temp_dir().join(format!("tpbpf-not-roots-{}", std::process::id()));
+        std::fs::write(&tmp, b"").unwrap();
+        let why = not_roots(&tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let why = why.expect("a file in the shared temporary directory");
+        assert!(
+            why.contains("may be written by others") || why.contains("belongs to uid"),
+            "{why}"
+        );
+        assert!(not_roots(Path::new("/no/such/tpbpfd")).is_some());
     }
 }

@@ -49,8 +49,10 @@ impl RunScope {
         };
         let cgroup = tpbpf_cgroup::ChildCgroup::create(&parent, &format!("tpbpf-run-{pid}"))
             .map_err(|e| e.to_string())?;
-        let exe = std::env::current_exe().map_err(|e| format!("tpbpfd's own executable: {e}"))?;
-        let reaper = tpbpf_cgroup::reaper::Reaper::spawn(&exe, &["__reap-cgroup"], cgroup.path())
+        // The running binary itself: its path may name another file by now
+        // (replaced by whoever may write there), `/proc/self/exe` cannot.
+        let exe = std::path::Path::new("/proc/self/exe");
+        let reaper = tpbpf_cgroup::reaper::Reaper::spawn(exe, &["__reap-cgroup"], cgroup.path())
             .map_err(|e| format!("starting the cgroup clean-up helper: {e}"))?;
         cgroup.add(pid as u32).map_err(|e| e.to_string())?;
         // The pid named the pidfd's process when it was moved if that
