@@ -375,6 +375,12 @@ fn up_and_run_without_an_agent_say_to_install_it_and_install_uninstall_work() {
         );
     };
     no_agent("up", up());
+    let state = std::path::Path::new("/run/tpbpf").join(&instance.0);
+    assert!(
+        !state.exists(),
+        "a bridge that did not come up left {}",
+        state.display()
+    );
     no_agent("run", run_true());
 
     // Installed: an agent per node, and the bridge works.

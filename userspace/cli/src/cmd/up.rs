@@ -141,6 +141,8 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         }
     }
     let upstream = args.upstream.clone();
+    // A bridge that does not come up leaves no state directory behind.
+    let made_dir = !dir.exists();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join("tpbpfd.log");
     let log = std::fs::File::create(&log_path)?;
@@ -214,6 +216,9 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let last: Vec<&str> = log.lines().rev().take(10).collect();
             let last: Vec<&str> = last.into_iter().rev().collect();
+            if made_dir {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
             if status.and_then(|s| s.code()) == Some(i32::from(tpbpf_kube::NO_AGENT_EXIT)) {
                 eprintln!("tpbpf: {}", tpbpf_kube::NO_AGENT);
                 return Ok(ExitCode::from(tpbpf_kube::NO_AGENT_EXIT));
