@@ -585,3 +585,87 @@ fn a_members_bridge_takes_only_cluster_ranges_and_carries_only_that_members_sock
     let (ok, text) = nobody(&["down", "--instance", &bridge.0]);
     assert!(ok, "{text}");
 }
+
+/// Two whole-machine bridges of group members and a DNS query to a
+/// resolver outside the cluster: tpbpfd forwards it once, its own
+/// forwarding socket is no member's to capture, so the bridges do not hand
+/// the query to each other forever, and tpbpfd's descriptors stay flat.
+#[test]
+fn two_members_bridges_do_not_forward_dns_to_each_other() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("pl") else {
+        return;
+    };
+    let dev = lab.dev_netns();
+    let gid = unused_gid().to_string();
+    let home = NobodyHome::new(&lab.kubeconfig());
+    let bin = PublicCopy::of(&tpbpf_bin());
+    let socket = bin.path().with_file_name("tpbpfd.sock");
+    let mut service = Bg::spawn(Command::new(tpbpf_bin()).args([
+        "--netns",
+        &dev,
+        "service",
+        "run",
+        "-o",
+        "json",
+        "--group",
+        &gid,
+        "--socket",
+        &socket.display().to_string(),
+    ]));
+    service
+        .wait_event(Duration::from_secs(10), |e| e["event"] == "ready")
+        .expect("tpbpfd's service ready");
+    let kubeconfig = home.kubeconfig().display().to_string();
+    let bridges = [
+        NobodyBridge(unique_name("l1")),
+        NobodyBridge(unique_name("l2")),
+    ];
+    for b in &bridges {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &dev,
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+            ])
+            .arg(format!("--groups={gid}"))
+            .arg(bin.path())
+            .args(["up", "--kubeconfig", &kubeconfig, "--instance", &b.0])
+            .env("TPBPF_SERVICE_SOCKET", &socket)
+            .env("HOME", &home.0)
+            .env_remove("KUBECONFIG")
+            .env_remove("SUDO_UID")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", both(&out));
+    }
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", service.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = fds();
+    let elsewhere = TestCgroup::new();
+    let resolv = home.0.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 192.0.2.1\n").unwrap();
+    for transport in ["+tcp", "+notcp"] {
+        let script = format!(
+            "exec setpriv --reuid=65534 --regid=65534 --clear-groups dig {transport} +time=2 +tries=1 @192.0.2.1 example.org"
+        );
+        let _ = bridged_shell(elsewhere.path(), &dev, &resolv, &script)
+            .output()
+            .unwrap();
+    }
+    // A loop would still be growing: give it the time a query had.
+    let grew = wait_for(scaled(Duration::from_secs(3)), || fds() > before + 16);
+    let after = fds();
+    assert!(
+        !grew,
+        "tpbpfd went from {before} to {after} open descriptors after one query each way"
+    );
+}

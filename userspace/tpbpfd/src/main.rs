@@ -53,6 +53,7 @@ fn serve(args: Args) -> Result<(), String> {
         );
     }
     let gid = tpbpfd::service::group_id(&args.group)?;
+    raise_open_files();
     let path = args.socket.unwrap_or_else(tpbpf_bridge_api::socket_path);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -74,4 +75,21 @@ fn serve(args: Args) -> Result<(), String> {
         }
     }))
     .map_err(|e| e.to_string())
+}
+
+/// Every bridge holds descriptors (programs, links, listeners, handed-over
+/// and forwarding sockets): the soft limit goes up to the hard one, as the
+/// unit's `LimitNOFILE` does where systemd starts tpbpfd.
+fn raise_open_files() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit write and read the one struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }

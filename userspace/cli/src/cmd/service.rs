@@ -206,6 +206,7 @@ fn unit(exe: &Path, group: &str) -> String {
          Restart=on-failure\n\
          RuntimeDirectory=tpbpf\n\
          RuntimeDirectoryPreserve=yes\n\
+         LimitNOFILE=65536\n\
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n",
@@ -358,6 +359,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("RuntimeDirectory=tpbpf"), "{text}");
+        assert!(text.contains("\nLimitNOFILE=65536\n"), "{text}");
     }
 
     #[test]
