@@ -669,3 +669,155 @@ fn two_members_bridges_do_not_forward_dns_to_each_other() {
         "tpbpfd went from {before} to {after} open descriptors after one query each way"
     );
 }
+
+/// A bridged process floods tpbpfd with DNS: 3,000 UDP queries and 300
+/// DNS-over-TCP connections to a resolver that never answers (each forward
+/// would hold a socket for its timeout). tpbpfd's descriptors stay under
+/// the bounds it documents (forwards and TCP connections per bridge), and
+/// another bridge of the same tpbpfd keeps working meanwhile.
+#[test]
+fn a_dns_flood_from_a_bridged_process_stays_within_tpbpfds_bounds() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("pf") else {
+        return;
+    };
+    let dev = lab.dev_netns();
+    let gid = unused_gid().to_string();
+    let home = NobodyHome::new(&lab.kubeconfig());
+    let bin = PublicCopy::of(&tpbpf_bin());
+    let socket = bin.path().with_file_name("tpbpfd.sock");
+    let mut service = Bg::spawn(Command::new(tpbpf_bin()).args([
+        "--netns",
+        &dev,
+        "service",
+        "run",
+        "-o",
+        "json",
+        "--group",
+        &gid,
+        "--socket",
+        &socket.display().to_string(),
+    ]));
+    service
+        .wait_event(Duration::from_secs(10), |e| e["event"] == "ready")
+        .expect("tpbpfd's service ready");
+    // A resolver that takes every query and answers none.
+    let mut hole = Bg::spawn(Command::new("ip").args([
+        "netns",
+        "exec",
+        &dev,
+        "python3",
+        "-c",
+        r#"
+import socket, threading
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("127.0.0.1", 53))
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("127.0.0.1", 53)); t.listen(4096)
+held = []
+def tcp():
+    while True:
+        held.append(t.accept()[0])
+threading.Thread(target=tcp, daemon=True).start()
+print('{"event":"ready"}', flush=True)
+while True:
+    u.recv(65535)
+"#,
+    ]));
+    hole.wait_event(Duration::from_secs(10), |e| e["event"] == "ready")
+        .expect("the silent resolver");
+    let kubeconfig = home.kubeconfig().display().to_string();
+    let cg = TestCgroup::new();
+    std::os::unix::fs::chown(cg.path(), Some(65534), Some(65534)).unwrap();
+    let (flooded, other) = (
+        NobodyBridge(unique_name("f1")),
+        NobodyBridge(unique_name("f2")),
+    );
+    let up = |b: &NobodyBridge, extra: &[&str]| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &dev,
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+            ])
+            .arg(format!("--groups={gid}"))
+            .arg(bin.path())
+            .args(["up", "--kubeconfig", &kubeconfig, "--instance", &b.0])
+            .args(extra)
+            .env("TPBPF_SERVICE_SOCKET", &socket)
+            .env("HOME", &home.0)
+            .env_remove("KUBECONFIG")
+            .env_remove("SUDO_UID")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", both(&out));
+    };
+    up(&flooded, &[]);
+    up(&other, &["--cgroup", &cg.path().display().to_string()]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", service.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = fds();
+    let elsewhere = TestCgroup::new();
+    let resolv = home.0.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+    let flood = r#"
+import socket, struct, time
+q = struct.pack(">HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\x07example\x03org\x00\x00\x01\x00\x01"
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(3000):
+    u.sendto(q, ("127.0.0.1", 53))
+held = []
+for i in range(300):
+    try:
+        s = socket.create_connection(("127.0.0.1", 53), timeout=2)
+        s.sendall(struct.pack(">H", len(q)) + q)
+        held.append(s)
+    except OSError:
+        pass
+print(len(held), flush=True)
+time.sleep(4)
+"#;
+    // In a file: bridged_shell quotes its script in single quotes.
+    let flood_py = home.0.join("flood.py");
+    std::fs::write(&flood_py, flood).unwrap();
+    let script = format!(
+        "exec setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 {}",
+        flood_py.display()
+    );
+    let mut flooder = bridged_shell(elsewhere.path(), &dev, &resolv, &script);
+    let flooder = Bg::spawn(&mut flooder);
+    // While it holds its connections: the bounds hold, the other bridge works.
+    let mut peak = 0;
+    let during = std::time::Instant::now();
+    while during.elapsed() < Duration::from_secs(3) {
+        peak = peak.max(fds());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bound = before + 256 + 64 + 64;
+    eprintln!("tpbpfd's descriptors: {before} before the flood, {peak} at most during it");
+    assert!(
+        peak <= bound,
+        "tpbpfd held {peak} descriptors during the flood (from {before}; bound {bound})"
+    );
+    let r = bridged_shell(
+        cg.path(),
+        &dev,
+        &resolv,
+        "exec setpriv --reuid=65534 --regid=65534 --clear-groups curl -sS -m 5 http://web.default/",
+    )
+    .output()
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains("served by nginx"),
+        "the other bridge during the flood: {}",
+        both(&r)
+    );
+    drop(flooder);
+}

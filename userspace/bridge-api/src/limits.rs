@@ -14,8 +14,15 @@ pub const MAX_FLOWS: usize = 4096;
 pub const FLOW_QUEUE: usize = 64;
 /// A flow with no datagram either way for this long is closed.
 pub const FLOW_IDLE: Duration = Duration::from_secs(120);
-/// DNS queries in flight per bridge.
+/// DNS queries in flight per bridge, to the cluster.
 pub const MAX_DNS_IN_FLIGHT: usize = 256;
+/// DNS queries tpbpfd forwards at once per bridge, to the resolvers the
+/// applications asked (each a socket for up to 5 s): more are dropped, and
+/// the application's resolver retries.
+pub const MAX_DNS_FORWARDS: usize = 256;
+/// DNS-over-TCP connections tpbpfd serves at once per bridge (each open up
+/// to 30 s idle): more are reset.
+pub const MAX_DNS_TCP: usize = 64;
 /// How long a cluster DNS query may take, end to end (the resolver of the
 /// application retries after this).
 pub const DNS_TIMEOUT: Duration = Duration::from_secs(5);

@@ -17,10 +17,12 @@ use hickory_proto::{
     rr::Name,
 };
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::Semaphore;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream, UdpSocket},
 };
+use tpbpf_bridge_api::limits::{MAX_DNS_FORWARDS, MAX_DNS_TCP};
 use tpbpf_loader::Bypass;
 use tracing::{debug, warn};
 
@@ -95,6 +97,10 @@ pub struct Dns {
     cfg: DnsConfig,
     upstream: Arc<UserSide>,
     bypass: Bypass,
+    /// Forwards in flight ([`MAX_DNS_FORWARDS`]).
+    forwards: Semaphore,
+    /// DNS-over-TCP connections served ([`MAX_DNS_TCP`]).
+    tcp: Semaphore,
 }
 
 impl Dns {
@@ -103,6 +109,8 @@ impl Dns {
             cfg,
             upstream,
             bypass,
+            forwards: Semaphore::new(MAX_DNS_FORWARDS),
+            tcp: Semaphore::new(MAX_DNS_TCP),
         }
     }
 
@@ -179,6 +187,10 @@ impl Dns {
     /// Sends the query unchanged to the resolver the application asked,
     /// from a socket the programs leave alone.
     async fn forward(&self, query: &[u8], resolver: SocketAddr) -> Option<Vec<u8>> {
+        let Ok(_slot) = self.forwards.try_acquire() else {
+            debug!(%resolver, "{MAX_DNS_FORWARDS} DNS forwards in flight: one dropped");
+            return None;
+        };
         let result = async {
             let sock = Socket::new(
                 Domain::for_address(resolver),
@@ -213,6 +225,10 @@ impl Dns {
     }
 
     async fn forward_tcp(&self, query: &[u8], resolver: SocketAddr) -> io::Result<Vec<u8>> {
+        let _slot = self
+            .forwards
+            .try_acquire()
+            .map_err(|_| io::Error::other(format!("{MAX_DNS_FORWARDS} DNS forwards in flight")))?;
         let sock = Socket::new(
             Domain::for_address(resolver),
             Type::STREAM,
@@ -239,6 +255,11 @@ impl Dns {
 
     /// DNS over TCP (RFC 7766): length-prefixed messages, several per connection.
     pub async fn serve_tcp(&self, mut client: TcpStream, resolver: SocketAddr) {
+        let Ok(_slot) = self.tcp.try_acquire() else {
+            debug!(%resolver, "{MAX_DNS_TCP} DNS-over-TCP connections open: one reset");
+            let _ = client.set_zero_linger();
+            return;
+        };
         loop {
             let query = match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut client))
                 .await
