@@ -821,3 +821,84 @@ time.sleep(4)
     );
     drop(flooder);
 }
+
+/// One member holding idle connections to tpbpfd cannot take them all:
+/// past its share its connections are closed at once, and another member
+/// is still answered.
+#[test]
+fn one_member_cannot_hold_every_connection_to_tpbpfd() {
+    if !require_root() {
+        return;
+    }
+    let gid = unused_gid().to_string();
+    let bin = PublicCopy::of(&tpbpf_bin());
+    let socket = bin.path().with_file_name("tpbpfd.sock");
+    let mut service = Bg::spawn(Command::new(tpbpf_bin()).args([
+        "service",
+        "run",
+        "-o",
+        "json",
+        "--group",
+        &gid,
+        "--socket",
+        &socket.display().to_string(),
+    ]));
+    service
+        .wait_event(Duration::from_secs(10), |e| e["event"] == "ready")
+        .expect("tpbpfd's service ready");
+    // Member 65534 opens 40 connections and keeps them, asking nothing;
+    // then counts how many tpbpfd closed at once (read returns EOF).
+    let hog = r#"
+import socket, sys, time
+held = []
+for i in range(40):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sys.argv[1])
+    held.append(s)
+time.sleep(0.5)
+closed = 0
+for s in held:
+    s.setblocking(False)
+    try:
+        if s.recv(10) == b"":
+            closed += 1
+    except BlockingIOError:
+        pass
+print(closed, flush=True)
+time.sleep(3)
+"#;
+    let mut hog = Bg::spawn(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", &format!("--groups={gid}")])
+            .args(["/usr/bin/python3", "-c", hog])
+            .arg(&socket),
+    );
+    let closed = hog
+        .wait_event(Duration::from_secs(10), |e| e.is_number())
+        .and_then(|n| n.as_u64())
+        .expect("the hog's count") as usize;
+    assert_eq!(
+        closed,
+        40 - 16,
+        "tpbpfd kept {} of one member's idle connections",
+        40 - closed
+    );
+    // Another member is answered meanwhile.
+    let ask = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+h = json.dumps({"op": "prepare"}).encode()
+s.send(len(h).to_bytes(2, "big") + h)
+print(s.recv(70000)[2:].decode())
+"#;
+    let out = Command::new("setpriv")
+        .args(["--reuid=65533", "--regid=65533", &format!("--groups={gid}")])
+        .args(["/usr/bin/python3", "-c", ask])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all("/run/tpbpf/uid-65533");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("\"prepared\""), "{answer}{}", both(&out));
+}

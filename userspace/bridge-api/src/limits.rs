@@ -4,6 +4,8 @@ use std::time::Duration;
 
 /// Connections tpbpfd serves at once.
 pub const MAX_SESSIONS: usize = 64;
+/// Connections one user (not root) may hold to tpbpfd at once.
+pub const MAX_SESSIONS_PER_USER: usize = 16;
 /// Bridges one user may hold at once.
 pub const MAX_BRIDGES_PER_USER: usize = 8;
 /// Redirected connections waiting to be handed over, per bridge.

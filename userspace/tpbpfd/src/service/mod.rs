@@ -16,7 +16,7 @@ mod run_scope;
 mod user_side;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
@@ -27,7 +27,7 @@ use std::{
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::{io::unix::AsyncFd, sync::Semaphore};
 use tpbpf_bridge_api::{
-    limits::{MAX_BRIDGES_PER_USER, MAX_SESSIONS, REQUEST_TIMEOUT},
+    limits::{MAX_BRIDGES_PER_USER, MAX_SESSIONS, MAX_SESSIONS_PER_USER, REQUEST_TIMEOUT},
     Datagram, FromService, Ready, ToService, UpRequest, GROUP,
 };
 use tpbpf_sys::seqpacket::{Channel, Frame, Peer};
@@ -50,8 +50,11 @@ pub struct Policy {
 /// The bridges of one tpbpfd.
 pub struct Service {
     policy: Policy,
-    /// Each user's bridges: their exemption handles, by (uid, instance).
-    bridges: Mutex<HashMap<(u32, String), tpbpf_loader::Bypass>>,
+    /// Each user's bridges, by (uid, instance): a name is taken when its
+    /// request is checked, before anything is loaded.
+    bridges: Mutex<HashSet<(u32, String)>>,
+    /// Each user's connections to the service, for [`MAX_SESSIONS_PER_USER`].
+    sessions: Mutex<HashMap<u32, usize>>,
 }
 
 /// Binds the service socket at `path`: root:`group`, 0660, made under a
@@ -77,7 +80,8 @@ impl Service {
     pub fn new(policy: Policy) -> Arc<Self> {
         Arc::new(Self {
             policy,
-            bridges: Mutex::new(HashMap::new()),
+            bridges: Mutex::new(HashSet::new()),
+            sessions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -102,9 +106,18 @@ impl Service {
                 warn!("{MAX_SESSIONS} connections at once: one refused");
                 continue;
             };
+            // One user may not hold every connection the service takes.
+            let Some(user_slot) = Peer::of(conn.as_fd())
+                .ok()
+                .and_then(|p| UserSlot::take(&self, p.uid))
+            else {
+                warn!("{MAX_SESSIONS_PER_USER} connections of one user at once: one refused");
+                continue;
+            };
             let service = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let _user_slot = user_slot;
                 if let Err(e) = service.session(conn).await {
                     debug!("service connection: {e}");
                 }
@@ -198,15 +211,21 @@ impl Service {
             None => request::scope_for(&peer, request.cgroup.as_deref())?,
         };
         let key = (peer.uid, request.instance.clone());
-        {
-            let bridges = lock(&self.bridges);
-            if bridges.contains_key(&key) {
+        // The name and the count are checked and taken in one step.
+        let registered = {
+            let mut bridges = lock(&self.bridges);
+            if bridges.contains(&key) {
                 return Err(format!("you already have a bridge `{}`", request.instance));
             }
-            if bridges.keys().filter(|(uid, _)| *uid == peer.uid).count() >= MAX_BRIDGES_PER_USER {
+            if bridges.iter().filter(|(uid, _)| *uid == peer.uid).count() >= MAX_BRIDGES_PER_USER {
                 return Err(format!("{MAX_BRIDGES_PER_USER} bridges per user at most"));
             }
-        }
+            bridges.insert(key.clone());
+            Registered {
+                service: self.clone(),
+                key,
+            }
+        };
         let user = UserSide::new(
             chan.clone(),
             format!("the user's side of uid {} (pid {})", peer.uid, peer.pid),
@@ -227,18 +246,7 @@ impl Service {
         } else {
             None
         };
-        let registered = Registered {
-            service: self.clone(),
-            key: key.clone(),
-        };
         let bypass = bridge.bypass();
-        {
-            let mut bridges = lock(&self.bridges);
-            if bridges.contains_key(&key) {
-                return Err(format!("you already have a bridge `{}`", request.instance));
-            }
-            bridges.insert(key, bypass.clone());
-        }
         let proxy = bridge.proxy();
         let ready = Ready {
             cgroup: PathBuf::from(&scope_name),
@@ -313,6 +321,40 @@ async fn from_user(
                 .map_err(|e| e.to_string())
         }
         other => Err(format!("{other:?} on a bridge's connection")),
+    }
+}
+
+/// One of a user's connections to the service, given back when dropped.
+struct UserSlot {
+    service: Arc<Service>,
+    uid: u32,
+}
+
+impl UserSlot {
+    /// A connection slot for `uid`; root's are bounded by the service's.
+    fn take(service: &Arc<Service>, uid: u32) -> Option<Self> {
+        let mut sessions = lock(&service.sessions);
+        let n = sessions.entry(uid).or_insert(0);
+        if uid != 0 && *n >= MAX_SESSIONS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            service: service.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut sessions = lock(&self.service.sessions);
+        if let Some(n) = sessions.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                sessions.remove(&self.uid);
+            }
+        }
     }
 }
 

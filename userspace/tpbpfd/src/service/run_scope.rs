@@ -54,7 +54,11 @@ impl RunScope {
         let exe = std::path::Path::new("/proc/self/exe");
         let reaper = tpbpf_cgroup::reaper::Reaper::spawn(exe, &["__reap-cgroup"], cgroup.path())
             .map_err(|e| format!("starting the cgroup clean-up helper: {e}"))?;
-        cgroup.add(pid as u32).map_err(|e| e.to_string())?;
+        // From here a refusal waits for the helper (no zombie of root's).
+        if let Err(e) = cgroup.add(pid as u32) {
+            reaper.finish();
+            return Err(e.to_string());
+        }
         // The pid named the pidfd's process when it was moved if that
         // process still lives (a pid is not reused while its process exists).
         // SAFETY: pidfd_send_signal with signal 0 only checks; no memory is passed.
@@ -68,6 +72,7 @@ impl RunScope {
             )
         } == 0;
         if !alive {
+            reaper.finish();
             return Err("the command's process went away".into());
         }
         Ok(Self { cgroup, reaper })
