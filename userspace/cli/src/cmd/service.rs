@@ -292,9 +292,12 @@ fn start(args: &RunArgs) -> Result<u32> {
     }
     let exe = daemon_for_root(false)?;
     std::fs::create_dir_all("/run/tpbpf")?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Not through a link someone planted there.
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(LOG_FILE)
         .with_context(|| format!("opening {LOG_FILE}"))?;
     let mut cmd = Command::new(exe);

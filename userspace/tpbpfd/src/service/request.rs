@@ -171,9 +171,15 @@ pub fn scope_for(peer: &Peer, cgroup: Option<&Path>) -> Result<(std::fs::File, S
     let path = match cgroup {
         None => mount.clone(),
         Some(p) => {
-            let canon = p
-                .canonicalize()
-                .map_err(|e| format!("cgroup {}: {e}", p.display()))?;
+            // Root resolves the path: whether it exists is not said to a
+            // user who could not see it.
+            let canon = p.canonicalize().map_err(|e| {
+                if peer.uid == 0 {
+                    format!("cgroup {}: {e}", p.display())
+                } else {
+                    format!("{} is not a cgroup of yours", p.display())
+                }
+            })?;
             if !canon.starts_with(&mount) {
                 return Err(format!(
                     "{} is not a cgroup (not below {})",
