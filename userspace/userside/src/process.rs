@@ -66,6 +66,47 @@ impl Invoker {
     }
 }
 
+impl Invoker {
+    /// Gives `cmd` this user's USER, LOGNAME and HOME, and returns what its
+    /// child needs to become this user between fork and exec.
+    fn prepare(&self, cmd: &mut std::process::Command) -> Ids {
+        cmd.env("USER", &self.name).env("LOGNAME", &self.name);
+        if let Some(home) = &self.home {
+            cmd.env("HOME", home);
+        }
+        Ids {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+        }
+    }
+}
+
+/// A user's ids, prepared before fork.
+struct Ids {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+}
+
+impl Ids {
+    /// Becomes this user: groups, gid, then uid. Only async-signal-safe
+    /// calls on memory prepared before fork: for `pre_exec`.
+    fn become_user(&self) -> std::io::Result<()> {
+        // SAFETY: setgroups reads `groups.len()` ids from its pointer;
+        // setgid and setuid take no memory.
+        let failed = unsafe {
+            libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0
+                || libc::setgid(self.gid) != 0
+                || libc::setuid(self.uid) != 0
+        };
+        if failed {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// Spawns `argv` with the child joining `cgroup` between fork and exec, so
 /// not a single syscall of it runs outside the cgroup; then, with `user`,
 /// it becomes that user (groups, gid, uid) before exec.
@@ -78,13 +119,7 @@ pub fn spawn_in_cgroup(
         .context("cgroup path contains a NUL byte")?;
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]);
-    let ids = user.map(|u| (u.uid, u.gid, u.groups.clone()));
-    if let Some(u) = user {
-        cmd.env("USER", &u.name).env("LOGNAME", &u.name);
-        if let Some(home) = &u.home {
-            cmd.env("HOME", home);
-        }
-    }
+    let ids = user.map(|u| u.prepare(&mut cmd));
     // SAFETY: only async-signal-safe calls (open, write, close) on memory
     // prepared before fork.
     unsafe {
@@ -99,13 +134,8 @@ pub fn spawn_in_cgroup(
             if rc != 1 {
                 return Err(err);
             }
-            if let Some((uid, gid, groups)) = &ids {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(ids) = &ids {
+                ids.become_user()?;
             }
             Ok(())
         });
@@ -156,13 +186,7 @@ pub fn spawn_paused(
         .arg("read -r _ <&3 || exit 126; exec 3<&-; exec \"$@\"")
         .arg("tpbpf-run")
         .args(argv);
-    let ids = user.map(|u| (u.uid, u.gid, u.groups.clone()));
-    if let Some(u) = user {
-        cmd.env("USER", &u.name).env("LOGNAME", &u.name);
-        if let Some(home) = &u.home {
-            cmd.env("HOME", home);
-        }
-    }
+    let ids = user.map(|u| u.prepare(&mut cmd));
     // SAFETY: dup2, setgroups, setgid and setuid are async-signal-safe, on
     // memory prepared before fork; go_rd stays open in this process until
     // spawn returns.
@@ -171,13 +195,8 @@ pub fn spawn_paused(
             if libc::dup2(go_rd, 3) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some((uid, gid, groups)) = &ids {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(ids) = &ids {
+                ids.become_user()?;
             }
             Ok(())
         });
