@@ -86,6 +86,12 @@ fn from_rustls(e: &rustls::Error) -> Option<Cause> {
     })
 }
 
+/// What a connection's error `e` comes down to, if it is a TLS failure
+/// [`Cause`] names.
+pub fn cause_of(e: &(dyn StdError + 'static)) -> Option<Cause> {
+    rustls_error(e).and_then(from_rustls)
+}
+
 /// What `err` comes down to, if it is one of the failures [`Cause`] names.
 pub fn cause(err: &kube::Error) -> Option<Cause> {
     match err {

@@ -70,10 +70,21 @@ pub async fn client(
         user: entry.and_then(|c| c.user).unwrap_or_default(),
         server: server.clone(),
     };
-    let client = build_client(config)?;
+    let (client, tls) = build_client(config)?;
     if let Err(e) = client.apiserver_version().await {
         debug!("the API server's version: {e:?}");
-        if let Some(cause) = access::cause(&e) {
+        // In TLS 1.3 the server refuses a client certificate after the
+        // client's handshake is done, so hyper may lose the server's alert
+        // to a request it had not sent yet ("connection was not ready").
+        // A handshake of our own, read to its end, hears the alert.
+        let cause = match access::cause(&e) {
+            Some(c) => Some(c),
+            None => match &tls {
+                Some(tls) => probe_tls(tls).await,
+                None => None,
+            },
+        };
+        if let Some(cause) = cause {
             let (problem, fix) = access::explain(&cause, &target);
             return Err(KubeError::Refused {
                 kubeconfig: target.kubeconfig,
@@ -118,11 +129,14 @@ pub fn on_new_socket(
 /// and Nagle's algorithm meeting delayed ACKs costs 40 ms a round trip),
 /// and [`on_new_socket`] before each connect. Proxies in the kubeconfig go
 /// through kube's default stack.
-fn build_client(config: Config) -> Result<Client, KubeError> {
+///
+/// With the client comes the configuration its TLS identity was built
+/// from, for [`probe_tls`] (`None` through a proxy or over plain HTTP).
+fn build_client(config: Config) -> Result<(Client, Option<Config>), KubeError> {
     use kube::client::ConfigExt;
     use tower::{BoxError, ServiceBuilder};
     if config.proxy_url.is_some() {
-        return Client::try_from(config).map_err(KubeError::Client);
+        return Ok((Client::try_from(config).map_err(KubeError::Client)?, None));
     }
     // kube runs an exec credential plugin once for the TLS identity and
     // once for the auth layer. A plugin that gives a token (aws, gcloud,
@@ -147,7 +161,45 @@ fn build_client(config: Config) -> Result<Client, KubeError> {
         .option_layer(auth)
         .map_err(BoxError::from)
         .service(hyper);
-    Ok(Client::new(service, config.default_namespace))
+    let https_url = config.cluster_url.scheme_str() == Some("https");
+    Ok((
+        Client::new(service, config.default_namespace),
+        https_url.then_some(tls_config),
+    ))
+}
+
+/// One TLS connection to the API server with the client's own TLS
+/// settings, carrying `GET /version` and read until the server answers,
+/// closes or refuses: what the refusal was, if it was one [`access::Cause`]
+/// names. Bounded by 10 s; any other outcome is `None`.
+async fn probe_tls(config: &Config) -> Option<access::Cause> {
+    use kube::client::ConfigExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::ServiceExt;
+    let uri = config.cluster_url.clone();
+    let host = uri.host()?.to_string();
+    let probe = async {
+        let https = config.rustls_https_connector_with_connector(Connector).ok()?;
+        let stream = match https.oneshot(uri).await {
+            Ok(s) => s,
+            Err(e) => return access::cause_of(&*e),
+        };
+        let mut stream = hyper_util::rt::TokioIo::new(stream);
+        let request = format!("GET /version HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        // A write may fail once the server has closed, with its alert still
+        // to be read; the read says which.
+        let written = stream.write_all(request.as_bytes()).await;
+        // An answer (any status) or a close means the handshake held.
+        let mut buf = [0u8; 1024];
+        match stream.read(&mut buf).await {
+            Err(e) => access::cause_of(&e),
+            Ok(_) => written.err().and_then(|e| access::cause_of(&e)),
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), probe)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Plain TCP to the API server, made by tpbpf (see [`build_client`]).
