@@ -20,6 +20,18 @@ impl Lab {
         self.state.join("kubeconfig-restricted")
     }
 
+    /// The kubeconfig of [`identity::FORWARDER_USER`] (a token): only
+    /// `pods/portforward` and a bridge's reads.
+    pub fn forwarder_kubeconfig_path(&self) -> PathBuf {
+        self.state.join("kubeconfig-forwarder")
+    }
+
+    /// The agent's service-account token (what a kubelet projects into
+    /// the agent's pod).
+    pub fn agent_token_path(&self) -> PathBuf {
+        self.state.join("agent-token")
+    }
+
     /// The kubeconfig whose user runs [`Self::exec_plugin_path`].
     pub fn exec_kubeconfig_path(&self) -> PathBuf {
         self.state.join("kubeconfig-exec")
@@ -86,12 +98,24 @@ impl Lab {
         let admin = pki.create(api_ip, ADMIN_USER, ADMIN_GROUP)?;
         let restricted = format!("lab-dev-{:016x}{:016x}", random_u64(), random_u64());
         let exec = format!("lab-sso-{:016x}{:016x}", random_u64(), random_u64());
+        let forwarder = format!("lab-fwd-{:016x}{:016x}", random_u64(), random_u64());
+        let agent = format!("lab-sa-{:016x}{:016x}", random_u64(), random_u64());
+        let agent_user = format!(
+            "system:serviceaccount:{}:{}",
+            tpbpf_agent_api::NAMESPACE,
+            tpbpf_agent_api::DAEMONSET
+        );
+        let agent_groups = format!(
+            "system:serviceaccounts,system:serviceaccounts:{}",
+            tpbpf_agent_api::NAMESPACE
+        );
         pki::write_private(
             &self.tokens_path(),
             &format!(
-                "{restricted},{DEVELOPER_USER},{DEVELOPER_USER}\n{exec},{EXEC_USER},{EXEC_USER},\"{ADMIN_GROUP}\"\n"
+                "{restricted},{DEVELOPER_USER},{DEVELOPER_USER}\n{exec},{EXEC_USER},{EXEC_USER},\"{ADMIN_GROUP}\"\n{forwarder},{FORWARDER_USER},{FORWARDER_USER}\n{agent},{agent_user},{agent_user},\"{agent_groups}\"\n"
             ),
         )?;
+        pki::write_private(&self.agent_token_path(), &agent)?;
         // Owner-only, as the credential it prints.
         pki::write_with_mode(
             &self.exec_plugin_path(),
@@ -136,6 +160,11 @@ impl Lab {
                 self.exec_kubeconfig_path(),
                 EXEC_USER,
                 kubeconfig::Credential::Exec(&plugin),
+            ),
+            (
+                self.forwarder_kubeconfig_path(),
+                FORWARDER_USER,
+                kubeconfig::Credential::Token(&forwarder),
             ),
         ] {
             pki::write_private(&path, &self.kubeconfig_for(user, credential)?)?;

@@ -135,9 +135,14 @@ pub mod identity {
     pub const ADMIN_USER: &str = "kubernetes-admin";
     /// The group bound to cluster-admin (kubeadm's, in the certificate's O).
     pub const ADMIN_GROUP: &str = "system:masters";
-    /// `kubeconfig-restricted`: a token user who may port-forward only in
-    /// [`super::RESTRICTED_NAMESPACES`] and write nothing.
+    /// `kubeconfig-restricted`: a token user who reads all but secrets and,
+    /// in [`super::RESTRICTED_NAMESPACES`] only, port-forwards into, execs
+    /// into and patches pods (what an intercept and a pod's environment
+    /// ask); it installs nothing.
     pub const DEVELOPER_USER: &str = "lab-developer";
+    /// `kubeconfig-forwarder`: a token user with a bridge's reads and
+    /// `pods/portforward` in [`super::RESTRICTED_NAMESPACES`], nothing more.
+    pub const FORWARDER_USER: &str = "lab-forwarder";
     /// `kubeconfig-exec`: who the exec credential plugin's token stands
     /// for (an SSO admin, as a cloud's IAM maps one), in [`ADMIN_GROUP`].
     pub const EXEC_USER: &str = "lab-sso-admin";

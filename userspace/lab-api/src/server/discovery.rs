@@ -17,6 +17,8 @@ pub(super) fn answer(segs: &[&str]) -> Option<Response> {
         ["apis"] => {
             let groups: Vec<Value> = [
                 "apps",
+                "authentication.k8s.io",
+                "authorization.k8s.io",
                 "discovery.k8s.io",
                 "networking.k8s.io",
                 "rbac.authorization.k8s.io",
@@ -34,6 +36,35 @@ pub(super) fn answer(segs: &[&str]) -> Option<Response> {
     }
 }
 
+/// The reviews (create only, not kept): what `kubectl auth can-i`, `auth
+/// whoami` and an agent that reviews tokens and rights ask for.
+const REVIEWS: &[(&str, &str, &str, bool)] = &[
+    (
+        "authentication.k8s.io",
+        "tokenreviews",
+        "TokenReview",
+        false,
+    ),
+    (
+        "authentication.k8s.io",
+        "selfsubjectreviews",
+        "SelfSubjectReview",
+        false,
+    ),
+    (
+        "authorization.k8s.io",
+        "subjectaccessreviews",
+        "SubjectAccessReview",
+        false,
+    ),
+    (
+        "authorization.k8s.io",
+        "selfsubjectaccessreviews",
+        "SelfSubjectAccessReview",
+        false,
+    ),
+];
+
 fn resource_list(group: &str, version: &str) -> Response {
     let kinds = kinds();
     let mut resources: Vec<Value> = kinds
@@ -41,6 +72,14 @@ fn resource_list(group: &str, version: &str) -> Response {
         .filter(|k| k.group == group && k.version == version)
         .map(|k| json!({"name": k.plural, "singularName": k.kind.to_lowercase(), "namespaced": k.namespaced, "kind": k.kind, "verbs": ["get", "list", "watch"], "shortNames": k.short}))
         .collect();
+    if version == "v1" {
+        resources.extend(
+            REVIEWS
+                .iter()
+                .filter(|(g, ..)| *g == group)
+                .map(|(_, plural, kind, namespaced)| json!({"name": plural, "singularName": kind.to_lowercase(), "namespaced": namespaced, "kind": kind, "verbs": ["create"]})),
+        );
+    }
     if resources.is_empty() {
         return status(
             StatusCode::NOT_FOUND,
@@ -50,6 +89,7 @@ fn resource_list(group: &str, version: &str) -> Response {
     }
     if group.is_empty() {
         resources.push(json!({"name": "pods/portforward", "singularName": "", "namespaced": true, "kind": "PodPortForwardOptions", "verbs": ["create", "get"]}));
+        resources.push(json!({"name": "pods/exec", "singularName": "", "namespaced": true, "kind": "PodExecOptions", "verbs": ["create", "get"]}));
     }
     let gv = group_version(group, version);
     ok_json(

@@ -8,19 +8,23 @@ use axum::{
     response::Response,
 };
 
-use super::{authz::Who, status, ApiConfig};
+use super::{
+    rbac::{self, Attributes},
+    status, ApiConfig,
+};
 use crate::{
+    auth::User,
     objects,
     portforward_spdy::{self, SpdyUpgrade},
 };
 
-/// A port-forward to pod `name` in `ns`, for `who`: the RBAC check, the
+/// A port-forward to pod `name` in `ns`, for `user`: the RBAC check, the
 /// pod, then the upgrade the client asked for.
 // The request's parts, as the router took them apart.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn portforward(
     cfg: &ApiConfig,
-    who: &Who,
+    user: &User,
     ns: &str,
     name: &str,
     uri: &Uri,
@@ -28,14 +32,19 @@ pub(super) fn portforward(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     spdy: SpdyUpgrade,
 ) -> Response {
-    if let Who::Restricted(user, allowed) = who {
-        if !allowed.iter().any(|a| a == ns) {
-            return status(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-                format!("pods \"{name}\" is forbidden: User \"{user}\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"{ns}\""),
-            );
-        }
+    let attrs = Attributes::new("create", "", "pods")
+        .sub("portforward")
+        .ns(ns)
+        .named(name);
+    if !rbac::allowed(user, &cfg.restricted_namespaces, &attrs) {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "pods \"{name}\" is forbidden: {}",
+                attrs.forbidden(&user.name)
+            ),
+        );
     }
     // Like the API server, find the pod before looking at the upgrade.
     let Some(target) = crate::portforward::target(&cfg.lab, ns, name) else {

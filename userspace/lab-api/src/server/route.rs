@@ -16,10 +16,11 @@ use serde_json::json;
 use tracing::debug;
 
 use super::{
-    authz::{Peer, Who},
+    authz::Peer,
     discovery, forward,
     kinds::kinds,
-    read, status,
+    rbac::{self, Attributes},
+    read, reviews, status,
     write::write,
     ApiConfig,
 };
@@ -78,8 +79,18 @@ pub(super) async fn handle(
                 .into_response();
         }
     }
-    let who = Who::of(user, &cfg);
-    if let Who::Unbound(user) = &who {
+    // Token and access reviews: the caller's own rights are checked there
+    // (any authenticated user may ask about itself).
+    if method == Method::POST && !anonymous {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if let Some(resp) = reviews::answer(&cfg, &user, &segs, content_type, &body) {
+            return resp;
+        }
+    }
+    if !rbac::bound(&user) {
         // system:authenticated may discover (system:discovery); nothing
         // else is bound to these users.
         let discovery = matches!(
@@ -104,7 +115,7 @@ pub(super) async fn handle(
     // Pod port-forward: the lab upgrades where the API server would have
     // the kubelet upgrade.
     if let ["api", "v1", "namespaces", ns, "pods", name, "portforward"] = segs.as_slice() {
-        return forward::portforward(&cfg, &who, ns, name, &uri, &headers, ws, spdy);
+        return forward::portforward(&cfg, &user, ns, name, &uri, &headers, ws, spdy);
     }
     let writing = method != Method::GET;
     // /api/v1/... or /apis/<g>/<v>/...
@@ -158,7 +169,22 @@ pub(super) async fn handle(
                 format!("the lab takes JSON bodies, not {content_type}: use `kubectl apply --server-side` (JSON) or curl"),
             );
         }
-        return write(&cfg, &who, &method, kind, namespace, name, &body);
+        return write(&cfg, &user, &method, kind, namespace, name, &body);
+    }
+    let verb = match (name, query.get("watch").map(String::as_str)) {
+        (_, Some("true" | "1")) => "watch",
+        (Some(_), _) => "get",
+        (None, _) => "list",
+    };
+    let attrs = Attributes::new(verb, group, plural)
+        .ns(namespace.unwrap_or(""))
+        .named(name.unwrap_or(""));
+    if !rbac::allowed(&user, &cfg.restricted_namespaces, &attrs) {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("{plural} is forbidden: {}", attrs.forbidden(&user.name)),
+        );
     }
     read::read(
         &cfg.lab, kind, group, version, namespace, name, &query, &headers,

@@ -7,14 +7,20 @@ use axum::{
 use serde_json::Value;
 use tracing::info;
 
-use super::{authz::Who, kinds::Kind, ok_json, status, ApiConfig};
+use super::{
+    kinds::Kind,
+    ok_json,
+    rbac::{self, Attributes},
+    status, ApiConfig,
+};
+use crate::auth::User;
 use crate::store::Store;
 
 /// A write: server-side apply (PATCH), create (POST) or delete, of the kinds
 /// an install applies; the admin identity only, as cluster-admin.
 pub(super) fn write(
     cfg: &ApiConfig,
-    who: &Who,
+    user: &User,
     method: &Method,
     kind: &Kind,
     namespace: Option<&str>,
@@ -32,11 +38,24 @@ pub(super) fn write(
             format!("the lab's API accepts writes of what `tpbpf install` applies only: {what}"),
         );
     }
-    if !matches!(who, Who::Admin(_)) {
+    let verb = match *method {
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::DELETE => "delete",
+        _ => "patch",
+    };
+    let attrs = Attributes::new(verb, kind.group, kind.plural)
+        .ns(namespace.unwrap_or(""))
+        .named(name.unwrap_or(""));
+    if !rbac::allowed(user, &cfg.restricted_namespaces, &attrs) {
         return status(
             StatusCode::FORBIDDEN,
             "Forbidden",
-            format!("{} is forbidden: User \"{}\" cannot {} resource \"{}\" (installing takes cluster-admin)", kind.plural, who.name(), method.as_str().to_lowercase(), kind.plural),
+            format!(
+                "{} is forbidden: {} (installing takes cluster-admin)",
+                kind.plural,
+                attrs.forbidden(&user.name)
+            ),
         );
     }
     let store = Store::new(&cfg.lab);
