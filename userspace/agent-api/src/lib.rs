@@ -15,6 +15,12 @@ pub const HTTP_PORT: u16 = 4390;
 /// The tunnel (TLS), on every address of the agent pod; a hostPort too.
 pub const TUNNEL_PORT: u16 = 4391;
 
+/// Where a kubelet mounts the agent's service-account token, CA and
+/// namespace; [`SERVICE_ACCOUNT_DIR_ENV`] names another directory (the
+/// lab's agents that run as plain processes).
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+pub const SERVICE_ACCOUNT_DIR_ENV: &str = "TPBPF_SERVICE_ACCOUNT_DIR";
+
 /// What `/credentials` answers: one fresh token for one session, the
 /// agent's TLS certificate fingerprint to pin, and where its tunnel listens.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

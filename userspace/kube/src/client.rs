@@ -156,9 +156,14 @@ fn build_client(config: Config) -> Result<(Client, Option<Config>), KubeError> {
         .map_err(KubeError::Client)?;
     let hyper = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(https);
+    crate::identity::remember_certificate(&config.auth_info);
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .option_layer(auth)
+        .map_request(|req: http::Request<kube::client::Body>| {
+            crate::identity::saw_request(&req);
+            req
+        })
         .map_err(BoxError::from)
         .service(hyper);
     let https_url = config.cluster_url.scheme_str() == Some("https");
@@ -179,7 +184,9 @@ async fn probe_tls(config: &Config) -> Option<access::Cause> {
     let uri = config.cluster_url.clone();
     let host = uri.host()?.to_string();
     let probe = async {
-        let https = config.rustls_https_connector_with_connector(Connector).ok()?;
+        let https = config
+            .rustls_https_connector_with_connector(Connector)
+            .ok()?;
         let stream = match https.oneshot(uri).await {
             Ok(s) => s,
             Err(e) => return access::cause_of(&*e),

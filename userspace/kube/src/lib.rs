@@ -14,6 +14,7 @@ mod client;
 mod discover;
 mod error;
 mod follow;
+pub mod identity;
 mod port_forward;
 mod workload;
 

@@ -31,51 +31,7 @@ impl User {
 /// kube-apiserver's x509 authenticator reads it). `None` for a certificate
 /// that cannot be parsed or has no CN.
 pub fn user_of_cert(cert: &CertificateDer<'_>) -> Option<User> {
-    let parsed = webpki::EndEntityCert::try_from(cert).ok()?;
-    let (mut cn, mut groups) = (None, Vec::new());
-    for (oid, value) in subject_attributes(parsed.subject())? {
-        match oid.as_slice() {
-            [2, 5, 4, 3] => cn = Some(value),
-            [2, 5, 4, 10] => groups.push(value),
-            _ => {}
-        }
-    }
-    Some(User {
-        name: cn.filter(|n| !n.is_empty())?,
-        groups,
-    })
-}
-
-/// A Name's attributes (`RDNSequence` without its outer SEQUENCE header,
-/// as webpki gives it) as (OID arcs, string value).
-fn subject_attributes(subject: &[u8]) -> Option<Vec<(Vec<u64>, String)>> {
-    // Put back the SEQUENCE header so the DER reader sees one value.
-    let mut der = vec![0x30];
-    match subject.len() {
-        n if n < 0x80 => der.push(n as u8),
-        n if n <= 0xff => der.extend([0x81, n as u8]),
-        n if n <= 0xffff => der.extend([0x82, (n >> 8) as u8, n as u8]),
-        _ => return None,
-    }
-    der.extend_from_slice(subject);
-    let mut out = Vec::new();
-    yasna::parse_der(&der, |r| {
-        r.read_sequence_of(|r| {
-            r.read_set_of(|r| {
-                r.read_sequence(|r| {
-                    let oid = r.next().read_oid()?;
-                    let value = r.next().read_tagged_der()?;
-                    out.push((
-                        oid.components().clone(),
-                        String::from_utf8_lossy(value.value()).into_owned(),
-                    ));
-                    Ok(())
-                })
-            })
-        })
-    })
-    .ok()?;
-    Some(out)
+    tpbpf_mux::x509::subject_user(cert).map(|(name, groups)| User { name, groups })
 }
 
 /// Static bearer tokens, kube-apiserver's `--token-auth-file`:

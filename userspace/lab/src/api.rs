@@ -26,10 +26,16 @@ impl Lab {
         self.state.join("kubeconfig-forwarder")
     }
 
-    /// The agent's service-account token (what a kubelet projects into
-    /// the agent's pod).
+    /// What a kubelet mounts at `/var/run/secrets/kubernetes.io/serviceaccount`
+    /// in the agent's pod: its service account's `token`, `ca.crt` and
+    /// `namespace`.
+    pub fn agent_service_account_dir(&self) -> PathBuf {
+        self.state.join("agent-serviceaccount")
+    }
+
+    /// The agent's service-account token.
     pub fn agent_token_path(&self) -> PathBuf {
-        self.state.join("agent-token")
+        self.agent_service_account_dir().join("token")
     }
 
     /// The kubeconfig whose user runs [`Self::exec_plugin_path`].
@@ -115,7 +121,15 @@ impl Lab {
                 "{restricted},{DEVELOPER_USER},{DEVELOPER_USER}\n{exec},{EXEC_USER},{EXEC_USER},\"{ADMIN_GROUP}\"\n{forwarder},{FORWARDER_USER},{FORWARDER_USER}\n{agent},{agent_user},{agent_user},\"{agent_groups}\"\n"
             ),
         )?;
+        crate::process::mkdir(&self.agent_service_account_dir())?;
         pki::write_private(&self.agent_token_path(), &agent)?;
+        let ca = fs::read_to_string(pki.ca_cert())
+            .map_err(|e| LabError::NotReady(format!("reading {}: {e}", pki.ca_cert().display())))?;
+        write(&self.agent_service_account_dir().join("ca.crt"), &ca)?;
+        write(
+            &self.agent_service_account_dir().join("namespace"),
+            tpbpf_agent_api::NAMESPACE,
+        )?;
         // Owner-only, as the credential it prints.
         pki::write_with_mode(
             &self.exec_plugin_path(),

@@ -152,6 +152,9 @@ pub mod identity {
 /// that the developer machine reaches while pods and services stay out of
 /// its reach.
 pub const API_ADDR: &str = "172.31.0.1:6443";
+/// The `kubernetes` service's ClusterIP (port 443), which pods (the agent)
+/// reach the API endpoint by.
+pub const API_SERVICE_IP: &str = "10.96.0.1";
 /// The developer machine's address on the fabric (its namespace reaches the
 /// API endpoint and nothing else of the lab).
 pub const DEV_IP: &str = "172.31.0.100";

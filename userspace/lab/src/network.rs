@@ -4,7 +4,7 @@
 use crate::{
     netns::{ip, netns_add, nft, sysctl},
     process::mkdir,
-    spec, Lab, Result, AGENT_TUNNEL_PORT, API_ADDR, DEV_IP,
+    spec, Lab, Result, AGENT_TUNNEL_PORT, API_ADDR, API_SERVICE_IP, DEV_IP,
 };
 
 impl Lab {
@@ -64,6 +64,11 @@ impl Lab {
             ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             sysctl(&ns, "net/ipv4/ip_forward", "1")?;
+        }
+        // The fabric routes each node's pods through it (as a control
+        // plane's network does), so pods reach the API endpoint.
+        for node in &nodes {
+            ip(&["-n", &fabric, "route", "add", node.pod_cidr, "via", node.ip])?;
         }
         for node in &nodes {
             let ns = self.node_netns(node.name);
@@ -191,6 +196,12 @@ impl Lab {
                 ));
             }
         }
+        // The `kubernetes` service: the API endpoint, as pods reach it.
+        let api_port = API_ADDR.rsplit(':').next().unwrap_or("6443");
+        rules.push_str(&format!(
+            "  ip daddr {API_SERVICE_IP} tcp dport 443 dnat ip to {}:{api_port}\n",
+            API_ADDR.split(':').next().unwrap_or("172.31.0.1")
+        ));
         // Hairpin: a pod that reaches a service and is sent to itself is
         // masqueraded (as kube-proxy does), or it would get a packet from its
         // own address and answer it locally.

@@ -111,7 +111,14 @@ pub fn stage_rootfs(dir: &Path, agent: &Path) -> Result<PathBuf> {
     if rootfs.exists() {
         fs::remove_dir_all(&rootfs).map_err(io(format!("emptying {}", rootfs.display())))?;
     }
-    for d in ["proc", "sys", "dev", "etc", "tmp"] {
+    for d in [
+        "proc",
+        "sys",
+        "dev",
+        "etc",
+        "tmp",
+        SERVICE_ACCOUNT_DIR.trim_start_matches('/'),
+    ] {
         crate::mkdir(&rootfs.join(d))?;
     }
     for f in [AGENT_IN_IMAGE, "/etc/resolv.conf"] {
@@ -179,7 +186,12 @@ pub struct Bundle<'a> {
     pub node_netns: &'a str,
     /// The container's cgroup, relative to runc's own (so under the lab's).
     pub cgroup: &'a str,
+    /// The service account's directory, mounted at [`SERVICE_ACCOUNT_DIR`].
+    pub service_account: Option<&'a Path>,
 }
+
+/// Where a kubelet mounts a pod's service-account token, CA and namespace.
+pub const SERVICE_ACCOUNT_DIR: &str = tpbpf_agent_api::SERVICE_ACCOUNT_DIR;
 
 /// The OCI runtime config (runtime-spec 1.0) for `b`.
 pub fn config(b: &Bundle<'_>) -> Result<Value> {
@@ -259,6 +271,20 @@ pub fn config(b: &Bundle<'_>) -> Result<Value> {
         }
         json!({"destination": dst, "type": "bind", "source": src, "options": options})
     };
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        bind(&b.agent.display().to_string(), AGENT_IN_IMAGE, true),
+        bind(&b.resolv.display().to_string(), "/etc/resolv.conf", true),
+        json!({"destination": b.node_netns, "type": "bind", "source": b.node_netns, "options": ["bind"]}),
+    ];
+    if let Some(dir) = b.service_account {
+        mounts.push(bind(&dir.display().to_string(), SERVICE_ACCOUNT_DIR, true));
+    }
     Ok(json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -280,17 +306,7 @@ pub fn config(b: &Bundle<'_>) -> Result<Value> {
         },
         "root": {"path": b.rootfs, "readonly": c.read_only_root},
         "hostname": b.hostname,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            bind(&b.agent.display().to_string(), AGENT_IN_IMAGE, true),
-            bind(&b.resolv.display().to_string(), "/etc/resolv.conf", true),
-            {"destination": b.node_netns, "type": "bind", "source": b.node_netns, "options": ["bind"]},
-        ],
+        "mounts": mounts,
         "linux": linux,
     }))
 }

@@ -23,10 +23,11 @@ pub mod transport;
 
 use std::time::Duration;
 
+pub mod x509;
 pub use handshake::{same_token, Admission, Client, HandshakeError, Server};
 pub use session::{short_id, Flow, Intercept, Request, Session, Stats};
 pub use stream::Stream;
-pub use tpbpf_proto::{Destination, InterceptMode, ResetReason};
+pub use tpbpf_proto::{Credential, Destination, IdentityProof, InterceptMode, ResetReason};
 
 /// The largest piece of one stream's data sent in one turn.
 pub const CHUNK: usize = 16 * 1024;

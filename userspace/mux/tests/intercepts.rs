@@ -63,7 +63,7 @@ async fn intercepted_connections_reach_their_intercept_and_its_end_follows_them(
             target(),
             InterceptMode::Steal,
             Duration::from_secs(5),
-            |_, _| async { Ok(()) },
+            |_, _| async { Ok(None) },
         )
         .await
         .unwrap();
@@ -177,4 +177,51 @@ async fn an_agent_of_protocol_version_1_is_refused_by_the_client() {
         Ok(_) => panic!("a session with a version-1 agent"),
     }
     old.abort();
+}
+
+#[tokio::test]
+async fn the_agent_asks_who_the_client_is_and_gets_its_proof_for_that_intercept_only() {
+    use tpbpf_proto::{Credential, IdentityProof};
+    let srv = server(Config::default(), echo).await;
+    let session = client(srv.addr, Config::default()).await;
+    let agent = first_session(&srv).await;
+    let agent_task = tokio::spawn(async move {
+        let Some(Request::InterceptStart { id, .. }) = agent.next_request().await else {
+            panic!("no intercept start");
+        };
+        let proof = agent
+            .intercept_identity(id, [9; 16], Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(proof.pod, "web-1");
+        assert_eq!(proof.credential, Credential::Token("t0ken".into()));
+        // A second ask for an id the client is not proving times out.
+        let e = agent
+            .intercept_identity(id + 100, [1; 16], Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        agent.intercept_status(id, true, "").unwrap();
+    });
+    let handle = session
+        .intercept(
+            target(),
+            InterceptMode::Steal,
+            Duration::from_secs(5),
+            |port, nonce| async move {
+                assert_eq!((port, nonce), (0, [9; 16]));
+                Ok(Some(IdentityProof {
+                    namespace: "default".into(),
+                    pod: "web-1".into(),
+                    credential: Credential::Token("t0ken".into()),
+                }))
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(handle.info(), "");
+    tokio::time::timeout(Duration::from_secs(10), agent_task)
+        .await
+        .expect("the agent's side finished")
+        .unwrap();
 }

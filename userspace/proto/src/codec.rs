@@ -2,8 +2,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
-    Destination, Frame, Hello, InterceptMode, ResetReason, Welcome, WelcomeStatus, MAGIC, MAX_BODY,
-    WELCOME_MAGIC,
+    Credential, Destination, Frame, Hello, IdentityProof, InterceptMode, ResetReason, Welcome,
+    WelcomeStatus, MAGIC, MAX_BODY, MAX_PROOF_CHAIN, MAX_PROOF_NAME, WELCOME_MAGIC,
 };
 
 /// length (4) + type (1) + flags (1) + id (4).
@@ -74,7 +74,8 @@ const INTERCEPT_START: u8 = 14;
 const INTERCEPT_STATUS: u8 = 15;
 const INTERCEPT_STOP: u8 = 16;
 const INTERCEPT_CHALLENGE: u8 = 17;
-const LAST: u8 = INTERCEPT_CHALLENGE;
+const INTERCEPT_PROOF: u8 = 18;
+const LAST: u8 = INTERCEPT_PROOF;
 
 /// Appends `frame` to `out`. Fails, appending nothing, if its body would be
 /// larger than [`MAX_BODY`] (split data before encoding it).
@@ -168,6 +169,30 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), DecodeError> {
             out.extend_from_slice(&port.to_be_bytes());
             out.extend_from_slice(nonce);
             (INTERCEPT_CHALLENGE, *intercept)
+        }
+        Frame::InterceptProof { intercept, proof } => {
+            put_str(out, &proof.namespace);
+            put_str(out, &proof.pod);
+            match &proof.credential {
+                Credential::Token(t) => {
+                    out.push(0);
+                    put_str(out, t);
+                }
+                Credential::Certificate {
+                    chain,
+                    scheme,
+                    signature,
+                } => {
+                    out.push(1);
+                    out.push(chain.len().min(255) as u8);
+                    for c in chain.iter().take(255) {
+                        put_bytes(out, c);
+                    }
+                    out.extend_from_slice(&scheme.to_be_bytes());
+                    put_bytes(out, signature);
+                }
+            }
+            (INTERCEPT_PROOF, *intercept)
         }
         Frame::Ping { nonce } => {
             out.extend_from_slice(&nonce.to_be_bytes());
@@ -317,6 +342,10 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
             message: r.str("intercept message")?,
         },
         INTERCEPT_STOP => Frame::InterceptStop { intercept: id },
+        INTERCEPT_PROOF => Frame::InterceptProof {
+            intercept: id,
+            proof: r.proof()?,
+        },
         _ => Frame::InterceptChallenge {
             intercept: id,
             port: r.u16("challenge port")?,
@@ -547,7 +576,11 @@ fn put_dst(out: &mut Vec<u8>, dst: &Destination) {
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    put_bytes(out, s.as_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    let bytes = &b[..b.len().min(u16::MAX as usize)];
     out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
     out.extend_from_slice(bytes);
 }
@@ -585,6 +618,53 @@ impl Reader<'_> {
         let n = usize::from(self.u16(what)?);
         let b = self.take(n, what)?;
         String::from_utf8(b.to_vec()).map_err(|_| DecodeError::Malformed { what })
+    }
+    fn bytes(&mut self, what: &'static str) -> Result<Vec<u8>, DecodeError> {
+        let n = usize::from(self.u16(what)?);
+        Ok(self.take(n, what)?.to_vec())
+    }
+    /// An [`IdentityProof`]: names no longer than a Kubernetes name, at
+    /// most [`MAX_PROOF_CHAIN`] certificates.
+    fn proof(&mut self) -> Result<IdentityProof, DecodeError> {
+        let name = |r: &mut Self, what| {
+            let s = r.str(what)?;
+            if s.is_empty() || s.len() > MAX_PROOF_NAME {
+                return Err(DecodeError::Malformed { what });
+            }
+            Ok(s)
+        };
+        let namespace = name(self, "proof namespace")?;
+        let pod = name(self, "proof pod")?;
+        let credential = match self.u8("proof credential")? {
+            0 => Credential::Token(self.str("proof token")?),
+            1 => {
+                let n = usize::from(self.u8("proof chain length")?);
+                if n == 0 || n > MAX_PROOF_CHAIN {
+                    return Err(DecodeError::Malformed {
+                        what: "proof chain length",
+                    });
+                }
+                let mut chain = Vec::with_capacity(n);
+                for _ in 0..n {
+                    chain.push(self.bytes("proof certificate")?);
+                }
+                Credential::Certificate {
+                    chain,
+                    scheme: self.u16("proof signature scheme")?,
+                    signature: self.bytes("proof signature")?,
+                }
+            }
+            _ => {
+                return Err(DecodeError::Malformed {
+                    what: "proof credential",
+                })
+            }
+        };
+        Ok(IdentityProof {
+            namespace,
+            pod,
+            credential,
+        })
     }
     fn rest(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.0).to_vec()

@@ -156,13 +156,22 @@ pub enum Frame {
     InterceptStop {
         intercept: u32,
     },
-    /// Agent to client: before intercepting, prove that your Kubernetes
-    /// identity may port-forward into the pod: port-forward to the pod's
-    /// `port` through the API server and send `nonce` there.
+    /// Agent to client: before intercepting, prove your Kubernetes
+    /// identity. With a `port`: port-forward to the pod's `port` through
+    /// the API server and send `nonce` there (it proves `pods/portforward`).
+    /// With port 0 (since version 3): answer with [`Frame::InterceptProof`]
+    /// (the agent asks the API server what that identity may do).
     InterceptChallenge {
         intercept: u32,
         port: u16,
         nonce: [u8; 16],
+    },
+    /// Client to agent (since version 3): who is asking for the intercept
+    /// of pod `proof.namespace/proof.pod`, answering the challenge whose
+    /// nonce the agent sent.
+    InterceptProof {
+        intercept: u32,
+        proof: IdentityProof,
     },
     Ping {
         nonce: u64,
@@ -190,4 +199,60 @@ impl Frame {
             Frame::Ping { .. } | Frame::Pong { .. } | Frame::Ack { .. }
         )
     }
+}
+
+/// The most certificates a client's chain may carry in an
+/// [`IdentityProof`], and the longest namespace or pod name.
+pub const MAX_PROOF_CHAIN: usize = 4;
+pub const MAX_PROOF_NAME: usize = 253;
+
+/// A client's identity, as the API server would know it, and the pod it
+/// asks about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityProof {
+    pub namespace: String,
+    pub pod: String,
+    pub credential: Credential,
+}
+
+/// What identifies the client: its bearer token (a kubeconfig token or an
+/// exec plugin's), which the agent has the API server review; or its
+/// client certificate chain and a signature, made with the certificate's
+/// key, over [`identity_message`].
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    Token(String),
+    Certificate {
+        chain: Vec<Vec<u8>>,
+        /// The TLS `SignatureScheme` of `signature`.
+        scheme: u16,
+        signature: Vec<u8>,
+    },
+}
+
+// A token is a secret: never in a log.
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Token(_) => f.write_str("Token(..)"),
+            Credential::Certificate { chain, scheme, .. } => {
+                write!(
+                    f,
+                    "Certificate({} certificates, scheme {scheme:#06x})",
+                    chain.len()
+                )
+            }
+        }
+    }
+}
+
+/// What a client certificate's key signs: the challenge's nonce and the
+/// pod asked about, so a signature answers one challenge for one pod.
+pub fn identity_message(nonce: &[u8; 16], namespace: &str, pod: &str) -> Vec<u8> {
+    let mut m = b"tpbpf intercept identity v1\0".to_vec();
+    m.extend_from_slice(nonce);
+    m.extend_from_slice(namespace.as_bytes());
+    m.push(b'/');
+    m.extend_from_slice(pod.as_bytes());
+    m
 }

@@ -38,16 +38,21 @@ pub use codec::{
     data_frame, decode, decode_hello, decode_welcome, encode, encode_data, encode_data_parts,
     encode_hello, encode_welcome, DecodeError, HEADER_LEN,
 };
-pub use frame::{Destination, Frame, Hello, InterceptMode, ResetReason, Welcome, WelcomeStatus};
+pub use frame::{
+    identity_message, Credential, Destination, Frame, Hello, IdentityProof, InterceptMode,
+    ResetReason, Welcome, WelcomeStatus, MAX_PROOF_CHAIN, MAX_PROOF_NAME,
+};
 
 /// The protocol version this crate speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The oldest version it accepts. Version 2 opens intercepted connections
 /// with [`Frame::InterceptIncoming`], which version 1 read as a notice and
-/// ignored (and then failed on the stream's data): a version-1 peer is
-/// refused at the hello rather than mid-session. The agent and the CLI ship
+/// ignored (and then failed on the stream's data). Version 3's agent asks
+/// for an identity ([`Frame::InterceptProof`]) with a challenge that
+/// version 2 would answer by port-forwarding to port 0. An older peer is
+/// refused at the hello rather than mid-session; the agent and the CLI ship
 /// together.
-pub const MIN_VERSION: u16 = 2;
+pub const MIN_VERSION: u16 = 3;
 /// The largest frame body accepted (and sent): 256 KiB.
 pub const MAX_BODY: u32 = 256 * 1024;
 /// The credit each side has on a new stream before any credit frame: what

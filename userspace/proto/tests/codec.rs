@@ -45,8 +45,40 @@ fn mode() -> impl Strategy<Value = InterceptMode> {
     ]
 }
 
+fn credential() -> impl Strategy<Value = Credential> {
+    prop_oneof![
+        ".{0,200}".prop_map(Credential::Token),
+        (
+            prop::collection::vec(bytes(), 1..=MAX_PROOF_CHAIN),
+            any::<u16>(),
+            bytes()
+        )
+            .prop_map(|(chain, scheme, signature)| Credential::Certificate {
+                chain,
+                scheme,
+                signature
+            }),
+    ]
+}
+
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
+        (
+            any::<u32>(),
+            "[a-z0-9-]{1,63}",
+            "[a-z0-9.-]{1,253}",
+            credential()
+        )
+            .prop_map(
+                |(intercept, namespace, pod, credential)| Frame::InterceptProof {
+                    intercept,
+                    proof: IdentityProof {
+                        namespace,
+                        pod,
+                        credential,
+                    },
+                }
+            ),
         (any::<u32>(), addr(), mode()).prop_map(|(intercept, target, mode)| {
             Frame::InterceptStart {
                 intercept,
@@ -323,4 +355,29 @@ fn an_intercepted_connection_s_open_keeps_its_layout() {
     let mut short = buf[..buf.len() - 1].to_vec();
     short[3] -= 1;
     assert!(matches!(decode(&short), Err(DecodeError::Malformed { .. })));
+}
+
+#[test]
+fn a_proof_with_too_many_certificates_or_no_pod_is_refused() {
+    let proof = |chain: usize, pod: &str| Frame::InterceptProof {
+        intercept: 1,
+        proof: IdentityProof {
+            namespace: "default".into(),
+            pod: pod.into(),
+            credential: Credential::Certificate {
+                chain: vec![vec![0u8; 8]; chain],
+                scheme: 0x0403,
+                signature: vec![1; 64],
+            },
+        },
+    };
+    let mut buf = Vec::new();
+    encode(&proof(MAX_PROOF_CHAIN + 1, "web"), &mut buf).unwrap();
+    assert!(matches!(decode(&buf), Err(DecodeError::Malformed { .. })));
+    buf.clear();
+    encode(&proof(1, ""), &mut buf).unwrap();
+    assert!(matches!(decode(&buf), Err(DecodeError::Malformed { .. })));
+    buf.clear();
+    encode(&proof(1, "web"), &mut buf).unwrap();
+    assert!(decode(&buf).unwrap().is_some());
 }

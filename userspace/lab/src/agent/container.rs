@@ -43,6 +43,10 @@ pub struct ContainerSpec {
     /// `resources.limits`: CPU in millicores, memory in bytes.
     pub cpu_limit_millis: Option<u64>,
     pub memory_limit_bytes: Option<u64>,
+    /// `automountServiceAccountToken` (Kubernetes' default: true): the
+    /// service account's token, CA and namespace mounted, and the
+    /// `kubernetes` service in the environment.
+    pub service_account: bool,
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -153,6 +157,9 @@ impl ContainerSpec {
             host_pid: pod["hostPID"].as_bool().unwrap_or(false),
             cpu_limit_millis: limits["cpu"].as_str().and_then(cpu_millis),
             memory_limit_bytes: limits["memory"].as_str().and_then(bytes),
+            service_account: pod["automountServiceAccountToken"]
+                .as_bool()
+                .unwrap_or(true),
         })
     }
 

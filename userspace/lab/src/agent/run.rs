@@ -75,6 +75,14 @@ impl Lab {
         )];
         env.extend(c.env.iter().cloned());
         env.push(("NODE_NETNS".into(), node_netns.clone()));
+        let service_account = c.service_account.then(|| self.agent_service_account_dir());
+        if service_account.is_some() {
+            env.push((
+                "KUBERNETES_SERVICE_HOST".into(),
+                crate::API_SERVICE_IP.into(),
+            ));
+            env.push(("KUBERNETES_SERVICE_PORT".into(), "443".into()));
+        }
         let log = self.state.join(format!("agent-{}.log", node.name));
         let pid_file = self.agent_pid_path(node.name);
         let _ = fs::remove_file(&pid_file);
@@ -85,6 +93,13 @@ impl Lab {
                 let mut cmd = Command::new("ip");
                 cmd.env_clear()
                     .envs(env.iter().map(|(k, v)| (k, v)))
+                    // No mount of its own here: the agent is told where
+                    // the service account's files are.
+                    .envs(
+                        service_account
+                            .iter()
+                            .map(|d| (tpbpf_agent_api::SERVICE_ACCOUNT_DIR_ENV, d.as_os_str())),
+                    )
                     .args(["netns", "exec", &self.agent_netns(node.name), "sh", "-c"])
                     .arg(format!(
                         "mount --bind {} /etc/resolv.conf && exec \"$0\" \"$@\"",
@@ -112,6 +127,7 @@ impl Lab {
                     resolv: &resolv,
                     node_netns: &node_netns,
                     cgroup: &format!("tpbpf-lab.{}", self.agent_container_id(node.name)),
+                    service_account: service_account.as_deref(),
                 })?;
                 write(
                     &bundle.join("config.json"),

@@ -90,6 +90,12 @@ impl Inner {
                 port,
                 nonce,
             } => self.on_intercept_challenge(intercept, port, nonce),
+            Frame::InterceptProof { intercept, proof } => {
+                // A proof nobody asked for (or asked twice) is dropped.
+                if let Some(tx) = self.proofs.remove(&intercept) {
+                    let _ = tx.send(proof);
+                }
+            }
             Frame::InterceptIncoming {
                 intercept,
                 stream,

@@ -132,6 +132,46 @@ impl Session {
         Ok(())
     }
 
+    /// Asks the client who it is (an [`InterceptChallenge`] with port 0)
+    /// and waits up to `within` for its [`Frame::InterceptProof`].
+    ///
+    /// [`InterceptChallenge`]: Frame::InterceptChallenge
+    pub async fn intercept_identity(
+        &self,
+        id: u32,
+        nonce: [u8; 16],
+        within: Duration,
+    ) -> io::Result<tpbpf_proto::IdentityProof> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut inner = self.shared.lock();
+            if let Some((reason, m)) = &inner.ended {
+                return Err(reset_error(*reason, m));
+            }
+            inner.proofs.insert(id, tx);
+            inner.push_control(&Frame::InterceptChallenge {
+                intercept: id,
+                port: 0,
+                nonce,
+            });
+        }
+        self.shared.write.notify_one();
+        let got = tokio::time::timeout(within, rx).await;
+        self.shared.lock().proofs.remove(&id);
+        match got {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                self.ended()
+                    .unwrap_or_else(|| "the tunnel session ended".into()),
+            )),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client gave no identity within {within:?}"),
+            )),
+        }
+    }
+
     /// Asks the client to prove it may reach the pod (see
     /// [`Frame::InterceptChallenge`]).
     pub fn intercept_challenge(&self, id: u32, port: u16, nonce: [u8; 16]) -> io::Result<()> {
@@ -176,7 +216,8 @@ impl Session {
     /// this session. They arrive as streams, each for its intercept
     /// ([`Intercept::accept`]), with `target` as their destination. If the
     /// agent asks for a proof of access first, `prove(port, nonce)` gives
-    /// it. Dropping the handle removes the intercept.
+    /// it: a port-forward's it makes itself (`None`), an identity it
+    /// returns and this sends. Dropping the handle removes the intercept.
     pub async fn intercept<P, F>(
         &self,
         target: SocketAddr,
@@ -186,7 +227,7 @@ impl Session {
     ) -> io::Result<Intercept>
     where
         P: Fn(u16, [u8; 16]) -> F,
-        F: std::future::Future<Output = Result<(), String>>,
+        F: std::future::Future<Output = Result<Option<tpbpf_proto::IdentityProof>, String>>,
     {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel();
@@ -225,8 +266,17 @@ impl Session {
             tokio::select! {
                 a = &mut rx => break Some(a),
                 Some((port, nonce)) = crx.recv() => {
-                    if let Err(e) = prove(port, nonce).await {
-                        return Err(io::Error::new(io::ErrorKind::PermissionDenied, e));
+                    match prove(port, nonce).await {
+                        Err(e) => return Err(io::Error::new(io::ErrorKind::PermissionDenied, e)),
+                        Ok(None) => {}
+                        Ok(Some(proof)) => {
+                            let mut inner = self.shared.lock();
+                            if inner.ended.is_none() {
+                                inner.push_control(&Frame::InterceptProof { intercept: id, proof });
+                            }
+                            drop(inner);
+                            self.shared.write.notify_one();
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => break None,
@@ -395,7 +445,7 @@ mod tests {
                     target(),
                     InterceptMode::Steal,
                     Duration::from_secs(5),
-                    |_, _| async { Ok(()) },
+                    |_, _| async { Ok(None) },
                 )
                 .await
         });
@@ -436,7 +486,7 @@ mod tests {
                         let proof_tx = proof_tx.clone();
                         async move {
                             proof_tx.send((port, nonce)).unwrap();
-                            Ok(())
+                            Ok(None)
                         }
                     },
                 )
@@ -503,7 +553,7 @@ mod tests {
                     target(),
                     InterceptMode::Steal,
                     Duration::from_secs(5),
-                    |_, _| async { Ok(()) },
+                    |_, _| async { Ok(None) },
                 )
                 .await
         });

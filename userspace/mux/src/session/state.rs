@@ -65,6 +65,9 @@ pub(crate) struct Inner {
     /// Intercepts this side asked for: waiting for the agent's answer, or
     /// in place until it says they ended.
     pub(super) intercepts: HashMap<u32, InterceptState>,
+    /// The agent's side: identity checks waiting for the client's
+    /// [`Frame::InterceptProof`], by intercept id (one each).
+    pub(super) proofs: HashMap<u32, tokio::sync::oneshot::Sender<tpbpf_proto::IdentityProof>>,
     pub(super) next_intercept: u32,
     // Flow control (`flow`).
     /// The sum of receive windows and buffered bytes: what the peer can make
@@ -149,6 +152,7 @@ impl Inner {
             dns_pending: HashMap::new(),
             next_query: 1,
             intercepts: HashMap::new(),
+            proofs: HashMap::new(),
             next_intercept: 1,
             granted: 0,
             ended: None,

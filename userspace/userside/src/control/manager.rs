@@ -76,7 +76,15 @@ impl Manager {
         move |port, nonce| {
             let (client, namespace, pod) = (client.clone(), namespace.clone(), pod.clone());
             Box::pin(async move {
-                tpbpf_kube::prove_port_forward(&client, &namespace, &pod, port, nonce).await
+                // Port 0: the agent asks who we are (and then the API
+                // server what we may do); else a port-forward into the
+                // pod proves `pods/portforward`.
+                if port == 0 {
+                    return tpbpf_kube::identity::proof(&nonce, &namespace, &pod).map(Some);
+                }
+                tpbpf_kube::prove_port_forward(&client, &namespace, &pod, port, nonce)
+                    .await
+                    .map(|()| None)
             })
         }
     }

@@ -30,7 +30,9 @@ use tracing::{debug, info, warn};
 const INTERCEPT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The answer to an agent's access check, under way.
-type Proof = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+type Proof = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Option<tpbpf_mux::IdentityProof>, String>> + Send>,
+>;
 
 /// The control socket of a bridge started by `tpbpf up`.
 pub fn control_socket(instance: &str) -> PathBuf {
