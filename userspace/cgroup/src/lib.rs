@@ -12,14 +12,16 @@
 //! cgroup v2 can be mounted beside v1 controllers, and attaching programs
 //! needs no controllers.
 
+mod empty;
 pub mod reaper;
+
+pub use empty::{evacuate_and_remove, move_member};
 
 use std::{
     fs,
     io::{self, ErrorKind},
     path::{Path, PathBuf},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use thiserror::Error;
@@ -240,50 +242,6 @@ pub fn move_pid(dir: &Path, pid: u32) -> Result<()> {
         path: dir.into(),
         source,
     })
-}
-
-/// Empties the cgroup at `dir` into its parent (the processes keep running)
-/// and removes it, retrying while the kernel finishes moving them. Child
-/// cgroups are removed first. A cgroup that is already gone is not an error.
-pub fn evacuate_and_remove(dir: &Path, timeout: Duration) -> Result<()> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    if let Ok(entries) = fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                evacuate_and_remove(&entry.path(), timeout)?;
-            }
-        }
-    }
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(pids) = procs(dir) {
-            for pid in pids {
-                // A process may exit between read and write: ESRCH is fine.
-                match move_pid(parent, pid) {
-                    Ok(()) => {}
-                    Err(CgroupError::Move { source, .. })
-                        if source.raw_os_error() == Some(libc::ESRCH) => {}
-                    Err(e) => tracing::warn!("{e}"),
-                }
-            }
-        }
-        match fs::remove_dir(dir) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                thread::sleep(Duration::from_millis(10));
-            }
-            Err(source) => {
-                return Err(CgroupError::Remove {
-                    path: dir.into(),
-                    source,
-                })
-            }
-        }
-    }
 }
 
 /// A cgroup created by tpbpf. Dropping it moves any process still inside to
