@@ -197,17 +197,14 @@ impl Service {
                     Some(p) => Some(PathBuf::from(request::scope_for(&peer, Some(p))?.1)),
                     None => None,
                 };
-                Some(RunScope::make(&peer, pidfd, parent)?)
+                Some(RunScope::start(&peer, pidfd, parent).await?)
             }
             (true, None) => return Err("a command to bridge comes with its pidfd".into()),
             (false, Some(_)) => return Err("a descriptor where none belongs".into()),
             (false, None) => None,
         };
         let (scope, scope_name) = match &run {
-            Some(r) => {
-                let dir = r.cgroup.open().map_err(|e| e.to_string())?;
-                (dir, r.cgroup.path().display().to_string())
-            }
+            Some(r) => (r.open()?, r.path().display().to_string()),
             None => request::scope_for(&peer, request.cgroup.as_deref())?,
         };
         let key = (peer.uid, request.instance.clone());
@@ -284,7 +281,7 @@ impl Service {
             tc.finish();
         }
         if let Some(run) = run {
-            run.finish();
+            run.end().await;
         }
         // Done: the user's side waits for this end of the connection to
         // close, whoever still holds the channel (a datagram flow's task).

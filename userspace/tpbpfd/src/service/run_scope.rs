@@ -1,4 +1,10 @@
 //! The cgroup of one `tpbpf run` command.
+//!
+//! Making and emptying it block (files under /sys/fs/cgroup, a helper
+//! process, waits on `cgroup.events` while the cgroup freezes and empties):
+//! the async entry points ([`RunScope::start`], [`RunScope::end`], and a
+//! scope dropped on an error path) run them on the runtime's blocking
+//! threads, so the service's two workers keep answering other requests.
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use tpbpf_sys::seqpacket::Peer;
@@ -9,16 +15,42 @@ use tracing::warn;
 /// ends (processes still inside go back to the parent), or by a helper if
 /// tpbpfd dies.
 pub struct RunScope {
-    pub cgroup: tpbpf_cgroup::ChildCgroup,
+    /// `None` once handed to [`RunScope::end`] or a drop's clean-up.
+    inner: Option<Inner>,
+}
+
+struct Inner {
+    cgroup: tpbpf_cgroup::ChildCgroup,
     reaper: tpbpf_cgroup::reaper::Reaper,
 }
 
+impl Inner {
+    fn finish(self) {
+        if let Err(e) = self.cgroup.remove() {
+            warn!("removing a command's cgroup: {e}");
+        }
+        self.reaper.finish();
+    }
+}
+
 impl RunScope {
+    /// [`RunScope::make`] on a blocking thread.
+    pub async fn start(
+        peer: &Peer,
+        pidfd: OwnedFd,
+        parent: Option<std::path::PathBuf>,
+    ) -> Result<Self, String> {
+        let peer = peer.clone();
+        tokio::task::spawn_blocking(move || Self::make(&peer, pidfd, parent))
+            .await
+            .map_err(|e| format!("making the command's cgroup: {e}"))?
+    }
+
     /// Moves the process of `pidfd` into a cgroup of its own, after
     /// checking that it is the peer's child and, unless the peer is root,
     /// runs as the peer's uid. `parent` is where the cgroup goes (checked
     /// by the caller); `None`: below the command's own.
-    pub fn make(
+    fn make(
         peer: &Peer,
         pidfd: OwnedFd,
         parent: Option<std::path::PathBuf>,
@@ -75,14 +107,46 @@ impl RunScope {
             reaper.finish();
             return Err("the command's process went away".into());
         }
-        Ok(Self { cgroup, reaper })
+        Ok(Self {
+            inner: Some(Inner { cgroup, reaper }),
+        })
     }
 
-    pub fn finish(self) {
-        if let Err(e) = self.cgroup.remove() {
-            warn!("removing a command's cgroup: {e}");
+    /// The command's cgroup, open (to attach programs to).
+    pub fn open(&self) -> Result<std::fs::File, String> {
+        let inner = self.inner.as_ref().ok_or("the command's cgroup is gone")?;
+        inner.cgroup.open().map_err(|e| e.to_string())
+    }
+
+    pub fn path(&self) -> std::path::PathBuf {
+        self.inner
+            .as_ref()
+            .map(|i| i.cgroup.path().to_path_buf())
+            .unwrap_or_default()
+    }
+
+    /// Empties and removes the cgroup (its processes go back to the
+    /// parent), on a blocking thread; returns when it is done.
+    pub async fn end(mut self) {
+        if let Some(inner) = self.inner.take() {
+            if let Err(e) = tokio::task::spawn_blocking(move || inner.finish()).await {
+                warn!("removing a command's cgroup: {e}");
+            }
         }
-        self.reaper.finish();
+    }
+}
+
+impl Drop for RunScope {
+    /// A scope dropped on an error path: the same clean-up, off the
+    /// runtime's workers when there is a runtime.
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || inner.finish())),
+            Err(_) => inner.finish(),
+        }
     }
 }
 
