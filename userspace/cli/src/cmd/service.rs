@@ -11,6 +11,7 @@ use serde_json::json;
 use tpbpf_bridge_api as service;
 use tpbpf_userside::args::emit;
 
+use super::recorded::{Process, Recorded};
 use crate::Output;
 
 #[derive(clap::Subcommand)]
@@ -268,27 +269,32 @@ fn install(args: InstallArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn running_pid() -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(PID_FILE)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+/// The tpbpfd that `PID_FILE` records, if it still runs: the same process
+/// (pid and start time, see [`Recorded`]), and a `tpbpfd` by its command
+/// line. A pid file of a process that is gone names nothing, whatever now
+/// has its pid.
+fn running() -> Option<(Recorded, Process)> {
+    running_in(Path::new(PID_FILE))
+}
+
+fn running_in(pid_file: &Path) -> Option<(Recorded, Process)> {
+    let recorded = Recorded::parse_line(&std::fs::read_to_string(pid_file).ok()?)?;
+    let process = recorded.open()?;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", recorded.pid)).ok()?;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let ours = args
         .first()
         .is_some_and(|a| a.ends_with(b"/tpbpfd") || *a == b"tpbpfd");
-    ours.then_some(pid)
+    (ours && process.alive()).then_some((recorded, process))
 }
 
 /// Starts tpbpfd in the background (no systemd); returns its pid.
 fn start(args: &RunArgs) -> Result<u32> {
     require_root("starting tpbpfd")?;
     group_id(&args.group)?;
-    if let Some(pid) = running_pid() {
-        println!("tpbpfd is already running (pid {pid})");
-        return Ok(pid as u32);
+    if let Some((recorded, _)) = running() {
+        println!("tpbpfd is already running (pid {})", recorded.pid);
+        return Ok(recorded.pid as u32);
     }
     let exe = daemon_for_root(false)?;
     std::fs::create_dir_all("/run/tpbpf")?;
@@ -313,7 +319,8 @@ fn start(args: &RunArgs) -> Result<u32> {
         let _ = child.wait();
         bail!("tpbpfd did not start: see {LOG_FILE}");
     }
-    std::fs::write(PID_FILE, child.id().to_string())?;
+    let recorded = Recorded::of(child.id()).context("reading tpbpfd's start time")?;
+    std::fs::write(PID_FILE, recorded.to_line())?;
     println!("tpbpfd started (pid {}, log {LOG_FILE})", child.id());
     Ok(child.id())
 }
@@ -328,12 +335,9 @@ fn uninstall() -> Result<ExitCode> {
         let _ = Command::new("systemctl").arg("daemon-reload").status();
         println!("removed {UNIT_PATH}");
     }
-    if let Some(pid) = running_pid() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        println!("stopped tpbpfd (pid {pid})");
+    if let Some((recorded, process)) = running() {
+        let _ = process.signal(libc::SIGTERM);
+        println!("stopped tpbpfd (pid {})", recorded.pid);
     }
     let _ = std::fs::remove_file(PID_FILE);
     if Path::new(INSTALLED_DAEMON).exists() {
@@ -378,5 +382,53 @@ mod tests {
             "{why}"
         );
         assert!(not_roots(Path::new("/no/such/tpbpfd")).is_some());
+    }
+
+    /// A pid file naming a live process called `tpbpfd` that is not the
+    /// one recorded (its start time differs: the recorded one is gone and
+    /// its pid was handed out again) names no running tpbpfd, so `start`
+    /// starts one and `uninstall` signals nothing; with the process's own
+    /// start time it is found. A pid file of a bare pid names nothing.
+    #[test]
+    fn a_stale_pid_file_does_not_name_a_process_that_looks_like_tpbpfd() {
+        use std::os::unix::process::CommandExt;
+        let mut impostor = Command::new("sleep")
+            .arg0("/somewhere/tpbpfd")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        // Until it has exec'd, its command line is this test's.
+        let cmdline = format!("/proc/{}/cmdline", impostor.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !std::fs::read(&cmdline).is_ok_and(|c| c.starts_with(b"/somewhere/tpbpfd\0")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the impostor did not start"
+            );
+            std::thread::yield_now();
+        }
+        let now = Recorded::of(impostor.id()).unwrap();
+        let file = std::env::temp_dir().join(format!("tpbpf-pid-file-{}", std::process::id()));
+        let stale = Recorded {
+            start_time: now.start_time.wrapping_sub(1),
+            ..now
+        };
+        let found = |text: String| {
+            std::fs::write(&file, text).unwrap();
+            running_in(&file).map(|(r, _)| r)
+        };
+        // The process itself first: its command line is tpbpfd's by now.
+        let own_found = found(now.to_line());
+        let stale_found = found(stale.to_line());
+        let bare_found = found(format!("{}\n", now.pid));
+        let _ = std::fs::remove_file(&file);
+        let _ = impostor.kill();
+        let _ = impostor.wait();
+        assert_eq!(stale_found, None, "a stale pid file named a live process");
+        assert_eq!(
+            bare_found, None,
+            "a pid file without a start time was trusted"
+        );
+        assert_eq!(own_found, Some(now));
     }
 }

@@ -4,7 +4,7 @@ use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Command, ExitCode, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -265,6 +265,8 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     let state = json!({
         "instance": args.instance,
         "pid": child.id(),
+        // With the pid, what names this one process (see `down`).
+        "start_time": super::recorded::start_time(child.id() as i32),
         "cluster": info,
         "agent": agent,
         "upstream": upstream,
@@ -432,22 +434,28 @@ pub fn down(args: StateArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     if let Some(pid) = state["pid"].as_i64().filter(|p| alive(*p)) {
-        if !is_bridge_daemon(pid, &args.instance) {
+        // The process recorded, not whatever has its pid now: the same
+        // start time, held by a pidfd, then a tpbpf daemon of this bridge.
+        let recorded = state["start_time"]
+            .as_u64()
+            .and_then(|start_time| {
+                Some(super::recorded::Recorded {
+                    pid: i32::try_from(pid).ok()?,
+                    start_time,
+                })
+            })
+            .and_then(|r| r.open())
+            .filter(|p| is_bridge_daemon(pid, &args.instance) && p.alive());
+        let Some(process) = recorded else {
             bail!(
                 "the pid recorded for bridge `{}` ({pid}) is not its tpbpfd any more: nothing signalled; remove {} if the bridge is gone",
                 args.instance,
                 state_dir(&args.instance).display()
             );
-        }
-        // The pid is tpbpfd's, recorded by `tpbpf up` and checked above.
-        let target = nix::unistd::Pid::from_raw(pid as libc::pid_t);
-        let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while alive(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if alive(pid) {
-            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
+        };
+        let _ = process.signal(libc::SIGTERM);
+        if !process.wait_exit(Duration::from_secs(5)) {
+            let _ = process.signal(libc::SIGKILL);
         }
     }
     let _ = std::fs::remove_dir_all(state_dir(&args.instance));
