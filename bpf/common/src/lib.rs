@@ -24,15 +24,18 @@ pub mod maps {
     /// of each socket's destination.
     pub const UDP_SLOT_BY_DST: &str = "TPBPF_UDP_SLOT_BY_DST";
     /// `LruHashMap<u64 (socket cookie), u32 (slot)>`: the last slot made for
-    /// each socket, freed by `sock_release`.
+    /// each socket ([`super::NO_SLOT`] for an IPv6 socket's unconnected
+    /// datagrams), freed by `sock_release`. A socket with an entry is open:
+    /// tpbpfd ends a UDP flow once its socket has none.
     pub const COOKIE_SLOT: &str = "TPBPF_COOKIE_SLOT";
     /// `Array<UdpSlot>` of [`UDP_SLOTS`] entries: each slot's destination,
     /// owner socket and last use.
     pub const UDP_SLOTS: &str = "TPBPF_UDP_SLOTS";
     /// `Array<u32>` with one entry: the next slot to hand out.
     pub const UDP_NEXT: &str = "TPBPF_UDP_NEXT";
-    /// `LruHashMap<SockKey (netns, client port), OrigDst>`: the last
-    /// destination of each unconnected IPv6 UDP socket (see `Config::udp6_port_be`).
+    /// `LruHashMap<SockKey (netns, client port), Udp6Dst>`: the last
+    /// destination of each unconnected IPv6 UDP socket and that socket's
+    /// cookie (see `Config::udp6_port_be`).
     pub const UDP6_LAST: &str = "TPBPF_UDP6_LAST";
     /// `HashMap<Endpoint (the pod's own address and port), u32 (index)>`:
     /// what is intercepted. Only connections to the pod's address are
@@ -81,6 +84,9 @@ pub const UDP_SLOT_NET: [u8; 2] = [127, 100];
 /// A slot unused this long may be handed to another destination (a slot
 /// in use never is: its datagrams would reach the wrong destination).
 pub const UDP_SLOT_IDLE_NS: u64 = 30_000_000_000;
+/// The `COOKIE_SLOT` value of a socket that is known (it sent an IPv6
+/// datagram through tpbpfd) but has no slot.
+pub const NO_SLOT: u32 = u32::MAX;
 /// How many slots one allocation looks at before it gives up (the
 /// datagram then goes out unbridged, and fails as without tpbpf).
 pub const UDP_SLOT_PROBES: u32 = 8;
@@ -98,6 +104,18 @@ pub struct UdpSlot {
     /// while it relays the flow.
     pub used_ns: u64,
 }
+
+/// The last destination of an unconnected IPv6 UDP socket, and which
+/// socket it is: a socket that binds the same port later is not it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Udp6Dst {
+    pub orig: OrigDst,
+    /// Cookie of the socket that sent to `orig` (`SO_COOKIE`).
+    pub owner: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Udp6Dst>() == 24 + 8);
 
 /// The key of a slot: one per socket and destination.
 #[repr(C)]
@@ -240,6 +258,8 @@ mod pod {
     unsafe impl aya::Pod for super::UdpSlot {}
     // SAFETY: plain old data, `repr(C)`, no padding (24 + 8 bytes).
     unsafe impl aya::Pod for super::SlotKey {}
+    // SAFETY: plain old data, `repr(C)`, no padding (24 + 8 bytes).
+    unsafe impl aya::Pod for super::Udp6Dst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: as above.
@@ -261,5 +281,6 @@ mod tests {
         // No padding: aya's Pod types must have none.
         assert_eq!(size_of::<UdpSlot>(), 24 + 8 + 8);
         assert_eq!(size_of::<SlotKey>(), 24 + 8);
+        assert_eq!(size_of::<Udp6Dst>(), 24 + 8);
     }
 }

@@ -4,8 +4,8 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, SockMap},
 };
 use tpbpf_common::{
-    Config, Endpoint, OrigDst, SlotKey, SockKey, UdpSlot, CIDR_MAP_ENTRIES, CONN_MAP_ENTRIES,
-    UDP_SLOTS,
+    Config, Endpoint, OrigDst, SlotKey, SockKey, Udp6Dst, UdpSlot, CIDR_MAP_ENTRIES,
+    CONN_MAP_ENTRIES, UDP_SLOTS,
 };
 
 #[map(name = "TPBPF_CONFIG")]
@@ -48,7 +48,7 @@ pub static COOKIE_SLOT: LruHashMap<u64, u32> = LruHashMap::with_max_entries(UDP_
 pub static UDP_NEXT: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "TPBPF_UDP6_LAST")]
-pub static UDP6_LAST: LruHashMap<SockKey, OrigDst> =
+pub static UDP6_LAST: LruHashMap<SockKey, Udp6Dst> =
     LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
 
 /// Intercepted (pod address, port) -> index in `INTERCEPT_SOCKS`.

@@ -23,8 +23,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tpbpf_common::{
-    action, flags, Config, OrigDst, SlotKey, SockKey, UdpSlot, AF_INET, AF_INET6, UDP_SLOTS,
-    UDP_SLOT_IDLE_NS, UDP_SLOT_NET, UDP_SLOT_PROBES,
+    action, flags, Config, OrigDst, SlotKey, SockKey, Udp6Dst, UdpSlot, AF_INET, AF_INET6, NO_SLOT,
+    UDP_SLOTS, UDP_SLOT_IDLE_NS, UDP_SLOT_NET, UDP_SLOT_PROBES,
 };
 
 use crate::maps::{
@@ -218,6 +218,11 @@ fn udp_slot(orig: &OrigDst, owner: u64) -> Option<u32> {
             unsafe {
                 if (*entry).owner == owner && (*entry).orig == *orig {
                     (*entry).used_ns = now;
+                    // Still known as open (an entry the LRU map dropped
+                    // would end the socket's flows in tpbpfd).
+                    if COOKIE_SLOT.get(owner).is_none() {
+                        let _ = COOKIE_SLOT.insert(owner, slot, 0);
+                    }
                     return Some(slot);
                 }
             }
@@ -447,10 +452,18 @@ pub fn tpbpf_sendmsg6(ctx: SockAddrContext) -> i32 {
         if cfg.flags & flags::UDP6 == 0 {
             return ALLOW;
         }
-        if UDP6_LAST
-            .insert(udp6_key(&ctx), orig6(dst, port), 0)
-            .is_ok()
-        {
+        let last = Udp6Dst {
+            orig: orig6(dst, port),
+            owner: c,
+        };
+        // The socket's entry says it is open until sock_release; a slot
+        // it already has stays named there (look first: an insert into a
+        // full LRU map evicts even when the key is there).
+        // SAFETY: only presence is checked.
+        if unsafe { COOKIE_SLOT.get(c) }.is_none() {
+            let _ = COOKIE_SLOT.insert(c, NO_SLOT, 0);
+        }
+        if UDP6_LAST.insert(udp6_key(&ctx), last, 0).is_ok() {
             set_user_ip6(&ctx, LOOPBACK6_BE);
             set_user_port(&ctx, cfg.udp6_port_be);
         }
@@ -498,9 +511,12 @@ pub fn tpbpf_recvmsg6(ctx: SockAddrContext) -> i32 {
     let port = user_port(&ctx);
     if cfg.flags & flags::UDP6 != 0 && port == cfg.udp6_port_be && src == LOOPBACK6_BE {
         // SAFETY: copied out at once.
-        if let Some(orig) = unsafe { UDP6_LAST.get(udp6_key(&ctx)) } {
-            set_user_ip6(&ctx, orig.ip_be);
-            set_user_port(&ctx, orig.port_be);
+        if let Some(last) = unsafe { UDP6_LAST.get(udp6_key(&ctx)) }.copied() {
+            // Only the socket that sent there sees its destination.
+            if last.owner == cookie(&ctx) {
+                set_user_ip6(&ctx, last.orig.ip_be);
+                set_user_port(&ctx, last.orig.port_be);
+            }
         }
         return ALLOW;
     }

@@ -95,7 +95,10 @@ fn ctx_u32(field: &u32) -> u32 {
 const IPPROTO_UDP: u32 = 17;
 
 /// A socket goes: the last UDP slot made for it is free at once (a
-/// resolver's one-query sockets do not hold slots for the idle time).
+/// resolver's one-query sockets do not hold slots for the idle time), and
+/// its `COOKIE_SLOT` entry goes, which tells tpbpfd it has closed: tpbpfd
+/// ends its flows (every slot's, and an unconnected IPv6 socket's), so a
+/// socket that binds the same port later gets nothing of them.
 #[aya_ebpf::macros::cgroup_sock(sock_release)]
 pub fn tpbpf_sock_release(ctx: aya_ebpf::programs::SockContext) -> i32 {
     // Only UDP sockets hold slots: every other socket leaves at once,
@@ -112,6 +115,7 @@ pub fn tpbpf_sock_release(ctx: aya_ebpf::programs::SockContext) -> i32 {
         return 1;
     };
     let _ = crate::maps::COOKIE_SLOT.remove(cookie);
+    // `NO_SLOT` (an IPv6 socket's) is past the array's end: no entry.
     if let Some(entry) = crate::maps::UDP_SLOTS_MAP.get_ptr_mut(slot) {
         // SAFETY: `entry` points at a live map value of type UdpSlot.
         unsafe {

@@ -9,15 +9,16 @@
 
 mod intercept;
 mod redirect;
+mod udp;
 
 pub use intercept::{Bypass as InterceptBypass, Interceptor};
 pub use redirect::{
     remove_leftover_tc_filter, AttachedIds, Bypass, OrigDstTable, ProxyConfig, Redirector,
-    SlotInfo, Udp6Last, UdpSlots,
 };
 /// Network namespaces (kept here for the agent's callers).
 pub use tpbpf_sys::netns;
 pub use tpbpf_sys::{Cidr, CidrParseError};
+pub use udp::{SlotInfo, Udp6Dest, Udp6Last, UdpSlots};
 
 use thiserror::Error;
 

@@ -20,13 +20,13 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use tpbpf_common::{
-    action, flags, maps, programs, Config, OrigDst, SockKey, UdpSlot, AF_INET, AF_INET6,
-    UDP_SLOT_NET,
-};
+use tpbpf_common::{action, flags, maps, programs, Config, OrigDst, SockKey, AF_INET, AF_INET6};
 use tracing::debug;
 
-use crate::{Cidr, LoadError, EBPF_OBJECT};
+use crate::{
+    udp::{Udp6Last, UdpSlots},
+    Cidr, LoadError, EBPF_OBJECT,
+};
 
 /// The kernel's ids of what [`Redirector::attach`] attached, so tests and
 /// `tpbpf status` can check them against the kernel's own listings.
@@ -131,30 +131,13 @@ impl Redirector {
             name: maps::BYPASS,
             source,
         })?;
-        let slots = ebpf
-            .take_map(maps::UDP_SLOTS)
-            .ok_or(LoadError::MissingMap {
-                name: maps::UDP_SLOTS,
-            })?;
-        let slots = Array::try_from(slots).map_err(|source| LoadError::Map {
-            name: maps::UDP_SLOTS,
-            source,
-        })?;
-        let udp6 = ebpf
-            .take_map(maps::UDP6_LAST)
-            .ok_or(LoadError::MissingMap {
-                name: maps::UDP6_LAST,
-            })?;
-        let udp6 = HashMap::try_from(udp6).map_err(|source| LoadError::Map {
-            name: maps::UDP6_LAST,
-            source,
-        })?;
+        let (udp_slots, udp6_last) = crate::udp::take_maps(&mut ebpf)?;
         Ok(Self {
             ebpf,
             table: OrigDstTable(Arc::new(Mutex::new(conn_orig))),
             bypass: Bypass(Arc::new(Mutex::new(bypass))),
-            udp_slots: UdpSlots(Arc::new(Mutex::new(slots))),
-            udp6_last: Udp6Last(Arc::new(udp6)),
+            udp_slots,
+            udp6_last,
             attached: AttachedIds::default(),
             made_clsact: Vec::new(),
         })
@@ -475,96 +458,6 @@ impl Bypass {
     }
 }
 
-/// The UDP slot table: which original destination a slot address stands for.
-#[derive(Clone)]
-pub struct UdpSlots(Arc<Mutex<Array<MapData, UdpSlot>>>);
-
-/// What a slot address names: the original destination, and the socket
-/// (its cookie) the slot was made for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SlotInfo {
-    pub slot: u32,
-    pub orig: SocketAddr,
-    pub owner: u64,
-}
-
-impl UdpSlots {
-    fn slot_of(ip: Ipv4Addr) -> Option<u32> {
-        let o = ip.octets();
-        (o[..2] == UDP_SLOT_NET).then(|| u32::from(o[2]) << 8 | u32::from(o[3]))
-    }
-
-    /// What the slot address `ip` (127.100.x.y) names now.
-    pub fn lookup(&self, ip: Ipv4Addr) -> Option<SlotInfo> {
-        let slot = Self::slot_of(ip)?;
-        let entry = self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&slot, 0)
-            .ok()?;
-        if entry.owner == 0 || entry.orig.family == 0 {
-            return None;
-        }
-        Some(SlotInfo {
-            slot,
-            orig: orig_to_socket_addr(&entry.orig)?,
-            owner: entry.owner,
-        })
-    }
-
-    /// Marks `info`'s slot as in use now, if it still names the same
-    /// destination for the same socket: a flow tpbpfd relays keeps its
-    /// slot (connected sockets' datagrams pass no hook that would).
-    pub fn touch(&self, info: &SlotInfo) {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let Ok(mut entry) = map.get(&info.slot, 0) else {
-            return;
-        };
-        if entry.owner != info.owner || orig_to_socket_addr(&entry.orig) != Some(info.orig) {
-            return;
-        }
-        entry.used_ns = monotonic_ns();
-        drop(map);
-        let _ = self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set(info.slot, entry, 0);
-    }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
-}
-
-/// The last destination of each unconnected IPv6 UDP socket, by its
-/// namespace and local port.
-#[derive(Clone)]
-pub struct Udp6Last(Arc<HashMap<MapData, SockKey, OrigDst>>);
-
-impl Udp6Last {
-    /// Where a datagram that `proxy` (the IPv6 UDP proxy socket) received
-    /// from `[::1]:client_port` was going.
-    pub fn lookup<S: AsFd>(&self, proxy: &S, client_port: u16) -> Option<SocketAddr> {
-        let key = SockKey {
-            netns_cookie: netns_cookie(proxy).ok()?,
-            ip_be: [0; 4],
-            port: client_port,
-            family: AF_INET6,
-            _pad: 0,
-        };
-        orig_to_socket_addr(&self.0.get(&key, 0).ok()?)
-    }
-}
-
 /// `SO_COOKIE`: the kernel's id of a socket, as the programs see it.
 fn socket_cookie<S: AsFd>(sock: &S) -> io::Result<u64> {
     let mut cookie: u64 = 0;
@@ -611,7 +504,7 @@ fn sock_key(netns_cookie: u64, peer: SocketAddr) -> SockKey {
     }
 }
 
-fn orig_to_socket_addr(orig: &OrigDst) -> Option<SocketAddr> {
+pub(crate) fn orig_to_socket_addr(orig: &OrigDst) -> Option<SocketAddr> {
     let port = u16::from_be(orig.port_be as u16);
     match orig.family {
         AF_INET => Some(SocketAddr::V4(SocketAddrV4::new(
@@ -630,7 +523,7 @@ fn orig_to_socket_addr(orig: &OrigDst) -> Option<SocketAddr> {
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14): the network namespace a socket lives in.
-fn netns_cookie<S: AsFd>(sock: &S) -> io::Result<u64> {
+pub(crate) fn netns_cookie<S: AsFd>(sock: &S) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;

@@ -2,7 +2,11 @@
 //! (`NETLINK_SOCK_DIAG`, `inet_diag` for UDP) give the cookie of the socket
 //! bound to the datagram's source address, so a UDP slot answers only the
 //! socket it was made for, not any local process that sends to its address.
-use std::{io, net::SocketAddrV4, os::fd::AsRawFd};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsRawFd,
+};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_ERROR: u16 = 2;
@@ -16,6 +20,53 @@ const NLMSG_HDR_LEN: usize = 16;
 /// `local` (the socket bound to `local`, connected to `remote` or not), and
 /// its owner's uid; `None` if there is none.
 pub fn udp_socket_of(local: SocketAddrV4, remote: SocketAddrV4) -> io::Result<Option<(u64, u32)>> {
+    query(&request(local.into(), remote.into()))
+}
+
+/// [`udp_socket_of`] for IPv6 sockets.
+pub fn udp6_socket_of(local: SocketAddrV6, remote: SocketAddrV6) -> io::Result<Option<(u64, u32)>> {
+    query(&request(local.into(), remote.into()))
+}
+
+/// The `SOCK_DIAG_BY_FAMILY` request for the UDP socket at `local` that
+/// `remote` sends to (both of one family).
+fn request(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+    // inet_diag puts an IPv4 address in the first of four words.
+    let words = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => {
+            let mut o = [0u8; 16];
+            o[..4].copy_from_slice(&a.octets());
+            o
+        }
+        IpAddr::V6(a) => a.octets(),
+    };
+    let family = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let (lip, rip) = (words(local.ip()), words(remote.ip()));
+    let mut msg = Vec::with_capacity(NLMSG_HDR_LEN + REQ_LEN);
+    msg.extend_from_slice(&((NLMSG_HDR_LEN + REQ_LEN) as u32).to_ne_bytes());
+    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    msg.extend_from_slice(&[family as u8, libc::IPPROTO_UDP as u8, 0, 0]);
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+                                                    // The lookup is an incoming datagram's: source = remote, destination = local.
+    msg.extend_from_slice(&remote.port().to_be_bytes());
+    msg.extend_from_slice(&local.port().to_be_bytes());
+    msg.extend_from_slice(&rip);
+    msg.extend_from_slice(&lip);
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // any interface
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes());
+    msg
+}
+
+/// Sends one request on a fresh `NETLINK_SOCK_DIAG` socket and reads its answer.
+fn query(msg: &[u8]) -> io::Result<Option<(u64, u32)>> {
     // SAFETY: plain socket(2); the fd is owned below.
     let fd = unsafe {
         libc::socket(
@@ -29,24 +80,6 @@ pub fn udp_socket_of(local: SocketAddrV4, remote: SocketAddrV4) -> io::Result<Op
     }
     // SAFETY: a fresh fd this function owns.
     let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let mut msg = Vec::with_capacity(NLMSG_HDR_LEN + REQ_LEN);
-    msg.extend_from_slice(&((NLMSG_HDR_LEN + REQ_LEN) as u32).to_ne_bytes());
-    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    msg.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_UDP as u8, 0, 0]);
-    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
-                                                    // The lookup is an incoming datagram's: source = remote, destination = local.
-    msg.extend_from_slice(&remote.port().to_be_bytes());
-    msg.extend_from_slice(&local.port().to_be_bytes());
-    msg.extend_from_slice(&remote.ip().octets());
-    msg.extend_from_slice(&[0; 12]);
-    msg.extend_from_slice(&local.ip().octets());
-    msg.extend_from_slice(&[0; 12]);
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // any interface
-    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
-    msg.extend_from_slice(&u32::MAX.to_ne_bytes());
     // SAFETY: a buffer of the length given; the kernel's netlink address.
     let sent = unsafe {
         let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
@@ -102,4 +135,37 @@ fn parse(buf: &[u8]) -> io::Result<Option<(u64, u32)>> {
     let hi = u64::from(u32_at(cookie_at + 4).ok_or_else(bad)?);
     let uid = u32_at(id + SOCKID_LEN + 12).ok_or_else(bad)?;
     Ok(Some((hi << 32 | lo, uid)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_names_the_datagrams_source_then_its_destination_in_either_family() {
+        let v4 = request(
+            "127.0.0.1:5000".parse().unwrap(),
+            "127.100.0.1:53".parse().unwrap(),
+        );
+        assert_eq!(v4.len(), NLMSG_HDR_LEN + REQ_LEN);
+        let id = NLMSG_HDR_LEN + 8;
+        assert_eq!(v4[NLMSG_HDR_LEN], libc::AF_INET as u8);
+        assert_eq!(&v4[id..id + 4], &[0, 53, 0x13, 0x88]);
+        assert_eq!(
+            &v4[id + 4..id + 20],
+            &[127, 100, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(&v4[id + 20..id + 24], &[127, 0, 0, 1]);
+        let v6 = request(
+            "[::1]:5000".parse().unwrap(),
+            "[fd00::2]:7".parse().unwrap(),
+        );
+        assert_eq!(v6.len(), NLMSG_HDR_LEN + REQ_LEN);
+        assert_eq!(v6[NLMSG_HDR_LEN], libc::AF_INET6 as u8);
+        assert_eq!(&v6[id..id + 4], &[0, 7, 0x13, 0x88]);
+        assert_eq!(v6[id + 4], 0xfd);
+        assert_eq!(v6[id + 19], 2);
+        assert_eq!(v6[id + 35], 1, "the local address, ::1");
+        assert_eq!(&v6[id + 36..id + 44], &[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+    }
 }

@@ -4,6 +4,8 @@
 //! from that same address, so `recvmsg4/6` can show the application the
 //! original source.
 use std::{
+    collections::HashMap,
+    hash::Hash,
     io::{IoSlice, IoSliceMut},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsRawFd,
@@ -59,12 +61,12 @@ impl UdpProxy {
     }
 
     pub async fn serve(self, slots: UdpSlots, upstream: Arc<UserSide>, dns: Option<Arc<Dns>>) {
-        let mut flows: Flows<(SocketAddrV4, Ipv4Addr)> = Flows::new(MAX_FLOWS, FLOW_QUEUE);
+        let mut table: Table<(SocketAddrV4, Ipv4Addr)> = Table::new();
         let (closed_tx, mut closed_rx) = mpsc::unbounded_channel();
         let mut buf = vec![0u8; 65536];
         loop {
             tokio::select! {
-                Some(key) = closed_rx.recv() => flows.remove(&key),
+                Some((key, owner)) = closed_rx.recv() => table.closed(&key, owner),
                 got = recv_with_dst(&self.sock, &mut buf) => {
                     let (n, client, slot_ip) = match got {
                         Ok(v) => v,
@@ -76,11 +78,17 @@ impl UdpProxy {
                     };
                     let data = buf[..n].to_vec();
                     let key = (client, slot_ip);
-                    if flows.contains(&key) {
-                        if flows.deliver(&key, data) == Delivery::Full {
-                            debug!(%client, "UDP flow queue full: datagram dropped");
+                    if let Some(owner) = table.owner(&key) {
+                        // A flow is its socket's only while that socket is
+                        // open: one that binds the port later is not it.
+                        if slots.owner_open(owner) {
+                            if table.flows.deliver(&key, data) == Delivery::Full {
+                                debug!(%client, "UDP flow queue full: datagram dropped");
+                            }
+                            continue;
                         }
-                        continue;
+                        debug!(%client, %slot_ip, "a UDP flow's socket has closed: flow ended");
+                        table.remove(&key);
                     }
                     let Some(info) = slots.lookup(slot_ip) else {
                         debug!(%client, %slot_ip, "datagram for an unknown UDP slot: dropped");
@@ -90,43 +98,150 @@ impl UdpProxy {
                     // another local process (or user) that sends to its
                     // address.
                     let slot_addr = SocketAddrV4::new(slot_ip, self.port);
-                    match tpbpf_sys::sockdiag::udp_socket_of(client, slot_addr) {
-                        Ok(Some((cookie, _))) if cookie == info.owner => {}
-                        Ok(_) => {
-                            warn!(%client, %slot_ip, "a datagram to a UDP slot from a socket it was not made for: dropped");
-                            continue;
-                        }
-                        Err(e) => {
-                            warn!(%client, "cannot tell which socket sent a datagram (sock_diag: {e}; the kernel needs CONFIG_INET_UDP_DIAG): dropped");
-                            continue;
-                        }
+                    let diag = tpbpf_sys::sockdiag::udp_socket_of(client, slot_addr);
+                    if !sent_by(diag, info.owner, client.into()) {
+                        continue;
                     }
                     let orig = info.orig;
+                    let owner = Owner::Slot(slots.clone(), info);
+                    let reply = ReplyPath::Slot(self.sock.clone(), slot_ip, client);
                     if orig.port() == 53 {
                         if let Some(dns) = dns.clone() {
-                            let sock = self.sock.clone();
-                            tokio::spawn(async move {
-                                if let Some(answer) = dns.answer(&data, orig).await {
-                                    let _ = send_from(&sock, &answer, slot_ip, client).await;
-                                }
-                            });
+                            tokio::spawn(answer_dns(dns, data, orig, reply, owner));
                             continue;
                         }
                     }
-                    let Some(rx) = flows.open(key) else {
+                    let Some(rx) = table.open(key, info.owner) else {
                         debug!(%client, %orig, "{MAX_FLOWS} UDP flows open: datagram dropped");
                         continue;
                     };
-                    flows.deliver(&key, data);
-                    let reply = ReplyPath::Slot(self.sock.clone(), slot_ip, client);
+                    table.flows.deliver(&key, data);
                     let (upstream, closed) = (upstream.clone(), closed_tx.clone());
-                    let touch = Some((slots.clone(), info));
                     tokio::spawn(async move {
-                        run_flow(reply, upstream, orig, rx, touch).await;
-                        let _ = closed.send(key);
+                        run_flow(reply, upstream, orig, rx, owner).await;
+                        let _ = closed.send((key, info.owner));
                     });
                 }
             }
+        }
+    }
+}
+
+/// Whether sock_diag's answer says the datagram from `client` came from
+/// the socket `owner`; says why not.
+fn sent_by(diag: std::io::Result<Option<(u64, u32)>>, owner: u64, client: SocketAddr) -> bool {
+    match diag {
+        Ok(Some((cookie, _))) if cookie == owner => true,
+        Ok(_) => {
+            warn!(%client, "a datagram to a UDP flow from a socket it was not made for: dropped");
+            false
+        }
+        Err(e) => {
+            warn!(%client, "cannot tell which socket sent a datagram (sock_diag: {e}; the kernel needs CONFIG_INET_UDP_DIAG): dropped");
+            false
+        }
+    }
+}
+
+/// Answers one DNS query, if the socket that asked is still there.
+async fn answer_dns(
+    dns: Arc<Dns>,
+    query: Vec<u8>,
+    orig: SocketAddr,
+    reply: ReplyPath,
+    owner: Owner,
+) {
+    if let Some(answer) = dns.answer(&query, orig).await {
+        if owner.open() {
+            let _ = reply.send(&answer).await;
+        }
+    }
+}
+
+/// One proxy socket's flows, each with the socket (its cookie) it is for.
+struct Table<K> {
+    flows: Flows<K>,
+    owners: HashMap<K, u64>,
+}
+
+impl<K: Hash + Eq + Clone> Table<K> {
+    fn new() -> Self {
+        Self {
+            flows: Flows::new(MAX_FLOWS, FLOW_QUEUE),
+            owners: HashMap::new(),
+        }
+    }
+
+    fn owner(&self, key: &K) -> Option<u64> {
+        self.owners.get(key).copied()
+    }
+
+    fn open(&mut self, key: K, owner: u64) -> Option<mpsc::Receiver<Vec<u8>>> {
+        let rx = self.flows.open(key.clone())?;
+        self.owners.insert(key, owner);
+        Some(rx)
+    }
+
+    /// Ends the flow of `key` now: its task sees its queue close.
+    fn remove(&mut self, key: &K) {
+        self.flows.remove(key);
+        self.owners.remove(key);
+    }
+
+    /// The task of `owner`'s flow on `key` has ended; a newer flow on the
+    /// same key (another socket's) stays.
+    fn closed(&mut self, key: &K, owner: u64) {
+        if self.owner(key) == Some(owner) {
+            self.remove(key);
+        }
+    }
+}
+
+/// Whose flow it is: asked before every datagram either way, and every
+/// [`TOUCH_EVERY`] while it is quiet. A flow lives only as long as the
+/// socket it was made for (`sock_release` removes what this reads), so a
+/// socket that binds the same port later gets nothing of it.
+#[derive(Clone)]
+enum Owner {
+    /// An IPv4 slot's socket.
+    Slot(UdpSlots, SlotInfo),
+    /// An unconnected IPv6 socket, by its port on the proxy's namespace.
+    Last6 {
+        last: Udp6Last,
+        proxy: Arc<UdpSocket>,
+        port: u16,
+        owner: u64,
+    },
+}
+
+impl Owner {
+    /// The socket is still open (per datagram: one map lookup).
+    fn open(&self) -> bool {
+        match self {
+            Owner::Slot(slots, info) => slots.owner_open(info.owner),
+            Owner::Last6 {
+                last,
+                proxy,
+                port,
+                owner,
+            } => last
+                .lookup(proxy.as_ref(), *port)
+                .is_some_and(|d| d.owner == *owner),
+        }
+    }
+
+    /// Open, and its slot still names the flow's destination for it.
+    fn holds(&self) -> bool {
+        match self {
+            Owner::Slot(slots, info) => slots.still_owns(info),
+            Owner::Last6 { .. } => self.open(),
+        }
+    }
+
+    /// Marks the flow's slot as in use.
+    fn touch(&self) {
+        if let Owner::Slot(slots, info) = self {
+            slots.touch(info);
         }
     }
 }
@@ -150,7 +265,8 @@ impl ReplyPath {
 }
 
 /// The IPv6 proxy socket on `[::1]`: unconnected IPv6 datagrams, whose
-/// destination the kernel programs keep by (netns, client port).
+/// destination (and sending socket) the kernel programs keep by (netns,
+/// client port).
 pub async fn serve6(
     sock: UdpSocket,
     last: Udp6Last,
@@ -158,12 +274,19 @@ pub async fn serve6(
     dns: Option<Arc<Dns>>,
 ) {
     let sock = Arc::new(sock);
-    let mut flows: Flows<(SocketAddr, SocketAddr)> = Flows::new(MAX_FLOWS, FLOW_QUEUE);
+    let local = match sock.local_addr() {
+        Ok(SocketAddr::V6(a)) => a,
+        other => {
+            warn!("the IPv6 UDP proxy has no IPv6 address ({other:?}): not serving");
+            return;
+        }
+    };
+    let mut table: Table<(SocketAddr, SocketAddr)> = Table::new();
     let (closed_tx, mut closed_rx) = mpsc::unbounded_channel();
     let mut buf = vec![0u8; 65536];
     loop {
         tokio::select! {
-            Some(key) = closed_rx.recv() => flows.remove(&key),
+            Some((key, owner)) = closed_rx.recv() => table.closed(&key, owner),
             got = sock.recv_from(&mut buf) => {
                 let (n, client) = match got {
                     Ok(v) => v,
@@ -173,57 +296,72 @@ pub async fn serve6(
                         continue;
                     }
                 };
-                let Some(orig) = last.lookup(sock.as_ref(), client.port()) else {
+                let Some(dest) = last.lookup(sock.as_ref(), client.port()) else {
                     debug!(%client, "IPv6 datagram with no recorded destination: dropped");
                     continue;
                 };
-                let data = buf[..n].to_vec();
+                let (orig, data) = (dest.orig, buf[..n].to_vec());
+                let key = (client, orig);
+                if let Some(owner) = table.owner(&key) {
+                    if owner == dest.owner {
+                        table.flows.deliver(&key, data);
+                        continue;
+                    }
+                    debug!(%client, "the socket of an IPv6 UDP flow has closed: flow ended");
+                    table.remove(&key);
+                }
+                // Only the socket that sent to `orig` rides its flow.
+                let SocketAddr::V6(client6) = client else {
+                    continue;
+                };
+                let diag = tpbpf_sys::sockdiag::udp6_socket_of(client6, local);
+                if !sent_by(diag, dest.owner, client) {
+                    continue;
+                }
                 let reply = ReplyPath::Plain(sock.clone(), client);
+                let owner = Owner::Last6 {
+                    last: last.clone(),
+                    proxy: sock.clone(),
+                    port: client.port(),
+                    owner: dest.owner,
+                };
                 if orig.port() == 53 {
                     if let Some(dns) = dns.clone() {
-                        tokio::spawn(async move {
-                            if let Some(answer) = dns.answer(&data, orig).await {
-                                let _ = reply.send(&answer).await;
-                            }
-                        });
+                        tokio::spawn(answer_dns(dns, data, orig, reply, owner));
                         continue;
                     }
                 }
-                let key = (client, orig);
-                if flows.contains(&key) {
-                    flows.deliver(&key, data);
-                    continue;
-                }
-                let Some(rx) = flows.open(key) else {
+                let Some(rx) = table.open(key, dest.owner) else {
                     debug!(%client, %orig, "{MAX_FLOWS} IPv6 UDP flows open: datagram dropped");
                     continue;
                 };
-                flows.deliver(&key, data);
+                table.flows.deliver(&key, data);
                 let (upstream, closed) = (upstream.clone(), closed_tx.clone());
                 tokio::spawn(async move {
-                    run_flow(reply, upstream, orig, rx, None).await;
-                    let _ = closed.send(key);
+                    run_flow(reply, upstream, orig, rx, owner).await;
+                    let _ = closed.send((key, dest.owner));
                 });
             }
         }
     }
 }
 
-/// Relays one flow; `touch`: its slot, kept in use while datagrams pass.
+/// Relays one flow until it is idle for [`FLOW_IDLE`] or its socket has
+/// gone: no reply leaves for a socket that is not the flow's.
 async fn run_flow(
     reply: ReplyPath,
     upstream: Arc<UserSide>,
     orig: SocketAddr,
     mut rx: mpsc::Receiver<Vec<u8>>,
-    touch: Option<(UdpSlots, SlotInfo)>,
+    owner: Owner,
 ) {
-    let mut touched = tokio::time::Instant::now();
-    let mut touch = move || {
-        if let Some((slots, info)) = &touch {
-            if touched.elapsed() >= TOUCH_EVERY {
-                touched = tokio::time::Instant::now();
-                slots.touch(info);
-            }
+    use tokio::time::Instant;
+    let (mut touched, slot) = (Instant::now(), owner.clone());
+    let mut used = move |idle: &mut Instant| {
+        *idle = Instant::now() + FLOW_IDLE;
+        if touched.elapsed() >= TOUCH_EVERY {
+            touched = Instant::now();
+            slot.touch();
         }
     };
     let flow = match upstream.udp(orig).await {
@@ -234,12 +372,14 @@ async fn run_flow(
         }
     };
     debug!(%orig, "UDP flow open");
+    let mut idle = Instant::now() + FLOW_IDLE;
+    let mut check = tokio::time::interval(TOUCH_EVERY);
     let mut buf = vec![0u8; 65536];
     loop {
         tokio::select! {
             d = rx.recv() => match d {
                 Some(d) => {
-                    touch();
+                    used(&mut idle);
                     if let Err(e) = flow.send(&d).await {
                         debug!(%orig, "sending a datagram upstream: {e}");
                     }
@@ -248,7 +388,11 @@ async fn run_flow(
             },
             r = flow.recv(&mut buf) => match r {
                 Ok(n) => {
-                    touch();
+                    if !owner.open() {
+                        debug!(%orig, "the socket of a UDP flow has closed: flow ended");
+                        return;
+                    }
+                    used(&mut idle);
                     if let Err(e) = reply.send(&buf[..n]).await {
                         debug!(%orig, "returning a datagram: {e}");
                     }
@@ -258,7 +402,11 @@ async fn run_flow(
                     return;
                 }
             },
-            _ = tokio::time::sleep(FLOW_IDLE) => return,
+            _ = check.tick() => if !owner.holds() {
+                debug!(%orig, "the socket of a UDP flow has closed: flow ended");
+                return;
+            },
+            _ = tokio::time::sleep_until(idle) => return,
         }
     }
 }
@@ -323,4 +471,29 @@ async fn send_from(
             .map_err(std::io::Error::from)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flow_table_knows_each_flows_socket_and_a_late_close_leaves_a_newer_flow() {
+        let mut table: Table<u32> = Table::new();
+        let _old = table.open(1, 100).expect("room");
+        assert_eq!(table.owner(&1), Some(100));
+        assert!(table.open(1, 200).is_none(), "one flow per key");
+        // The owner closed: the flow ends now, and another socket on the
+        // same key gets a flow of its own.
+        table.remove(&1);
+        assert_eq!(table.owner(&1), None);
+        let _new = table.open(1, 200).expect("the key is free again");
+        // The old flow's task reports its end after that: the new flow stays.
+        table.closed(&1, 100);
+        assert_eq!(table.owner(&1), Some(200));
+        assert_eq!(table.flows.len(), 1);
+        table.closed(&1, 200);
+        assert_eq!(table.owner(&1), None);
+        assert!(table.flows.is_empty());
+    }
 }

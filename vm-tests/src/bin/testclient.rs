@@ -10,6 +10,9 @@
 //! With `--udp-wrap N ADDR`: a connected flow to ADDR, then datagrams to N
 //! other destinations from another socket, then the first flow again
 //! (the UDP slot counter's wrap).
+//! With `--udp-rebind ADDR` (and `--udp` or `--udp-connected`): a flow's
+//! socket closes while the cluster still owes it a late reply, and another
+//! socket binds its port at once; reports what that one receives.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
@@ -29,6 +32,7 @@ fn main() {
     let bench_n = take("--bench");
     let wrap_n = take("--udp-wrap");
     let spoof = take("--udp-spoof");
+    let rebind = take("--udp-rebind");
     let mode = if let Some(i) = args
         .iter()
         .position(|a| a == "--udp" || a == "--udp-connected")
@@ -53,6 +57,13 @@ fn main() {
             addr.parse()
                 .unwrap_or_else(|_| die("--udp-spoof ADDR: ADDR must be an address")),
         );
+        return;
+    }
+    if let Some(addr) = rebind {
+        let addr = addr
+            .parse()
+            .unwrap_or_else(|_| die("--udp-rebind ADDR: ADDR must be an address"));
+        println!("{}", udp_rebind(addr, mode == "--udp-connected"));
         return;
     }
     if let Some(n) = wrap_n {
@@ -315,4 +326,114 @@ fn udp_spoof(addr: SocketAddr) {
         "{}",
         serde_json::json!({"slot": slot.to_string(), "owner": mine, "intruder": theirs})
     );
+}
+
+/// A flow to `addr` (connected or not) asks for a late answer (`later`),
+/// takes the first one and closes; another socket binds the same port at
+/// once, sends to the proxy address the old flow used (when it can tell
+/// it), and reports everything it receives for 3 s.
+fn udp_rebind(addr: SocketAddr, connected: bool) -> serde_json::Value {
+    let any: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let fail = |what: &str, e: std::io::Error| serde_json::json!({"ok": false, "error": format!("{what}: {e}")});
+    let owner = match std::net::UdpSocket::bind(any) {
+        Ok(s) => s,
+        Err(e) => return fail("bind", e),
+    };
+    let _ = owner.set_read_timeout(Some(Duration::from_secs(3)));
+    let sent = if connected {
+        owner.connect(addr).and_then(|()| owner.send(b"later"))
+    } else {
+        owner.send_to(b"later", addr)
+    };
+    if let Err(e) = sent {
+        return fail("send", e);
+    }
+    let mut buf = [0u8; 2048];
+    let first = match owner.recv(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(e) => return fail("first answer", e),
+    };
+    let port = owner.local_addr().map(|a| a.port()).unwrap_or(0);
+    // The kernel's own view, as any local user reads it: a connected flow's
+    // socket sends to its slot; unconnected IPv6 goes to tpbpfd on [::1].
+    let proxy = proc_net_udp(addr.is_ipv6())
+        .into_iter()
+        .find_map(|(local, remote)| {
+            if connected {
+                (local.port() == port).then_some(remote)
+            } else if addr.is_ipv6() && local.ip() == std::net::Ipv6Addr::LOCALHOST {
+                Some(local)
+            } else {
+                None
+            }
+        });
+    drop(owner);
+    let bound = SocketAddr::new(any.ip(), port);
+    let intruder = match std::net::UdpSocket::bind(bound) {
+        Ok(s) => s,
+        Err(e) => return fail("binding the closed socket's port", e),
+    };
+    if let Some(proxy) = proxy {
+        let _ = intruder.send_to(b"intrude", proxy);
+    }
+    let mut got = Vec::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if left.is_zero() || intruder.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match intruder.recv_from(&mut buf) {
+            Ok((n, from)) => got.push(format!(
+                "{} from {from}",
+                String::from_utf8_lossy(&buf[..n])
+            )),
+            Err(_) => break,
+        }
+    }
+    serde_json::json!({
+        "ok": true,
+        "first": first,
+        "port": port,
+        "proxy": proxy.map(|p| p.to_string()),
+        "intruder_got": got,
+    })
+}
+
+/// (local, remote) of every UDP socket of this network namespace, from
+/// `/proc/net/udp` or `/proc/net/udp6`.
+fn proc_net_udp(v6: bool) -> Vec<(SocketAddr, SocketAddr)> {
+    let file = if v6 {
+        "/proc/net/udp6"
+    } else {
+        "/proc/net/udp"
+    };
+    let table = std::fs::read_to_string(file).unwrap_or_default();
+    let addr = |field: &str| -> Option<SocketAddr> {
+        let (ip, port) = field.split_once(':')?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        // Each 32-bit word is printed in host order.
+        let mut octets = Vec::new();
+        for i in (0..ip.len()).step_by(8) {
+            let word = u32::from_str_radix(ip.get(i..i + 8)?, 16).ok()?;
+            octets.extend_from_slice(&word.to_ne_bytes());
+        }
+        let ip: std::net::IpAddr = match octets.len() {
+            4 => <[u8; 4]>::try_from(octets).ok()?.into(),
+            16 => <[u8; 16]>::try_from(octets).ok()?.into(),
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, port))
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((addr(f.get(1)?)?, addr(f.get(2)?)?))
+        })
+        .collect()
 }

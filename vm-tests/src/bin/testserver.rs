@@ -4,7 +4,9 @@
 //!
 //! Usage: tpbpf-testserver --netns NAME http ADDR... | udp-echo ADDR... | bulk ADDR
 //! - http: answers every request with `served-by <ADDR> <tag>` (env TAG);
-//! - udp-echo: echoes each datagram, prefixed with `echo:`;
+//! - udp-echo: echoes each datagram, prefixed with `echo:`; one that starts
+//!   with `later` is answered once more a second after, prefixed `late:`
+//!   (a reply that comes after its client may have gone);
 //! - bulk: sends 64 KiB chunks slowly (about 2 MiB/s) until the peer closes;
 //! - sink: accepts and closes at once (for connect benchmarks).
 use std::{
@@ -191,11 +193,25 @@ fn serve_upload(conn: std::net::TcpStream) {
 }
 
 fn serve_udp(s: UdpSocket) {
+    let s = std::sync::Arc::new(s);
     let mut buf = [0u8; 2048];
     while let Ok((n, from)) = s.recv_from(&mut buf) {
         let mut out = b"echo:".to_vec();
         out.extend_from_slice(&buf[..n]);
         let _ = s.send_to(&out, from);
+        if buf[..n].starts_with(b"later") {
+            let (s, mut late) = (s.clone(), b"late:".to_vec());
+            late.extend_from_slice(&buf[..n]);
+            // The late answer's delay is what it stands for, not a wait.
+            thread::spawn(move || {
+                thread::sleep(Duration::from_secs(1));
+                let sent = s.send_to(&late, from).is_ok();
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "late", "peer": from.to_string(), "sent": sent})
+                );
+            });
+        }
         println!(
             "{}",
             serde_json::json!({"event": "datagram", "peer": from.to_string()})
