@@ -17,7 +17,10 @@ use tokio::{net::TcpStream, task::JoinHandle};
 use tpbpf_mux::{InterceptMode, Session};
 use tracing::{debug, info, warn};
 
-use crate::policy::Policy;
+use crate::{
+    policy::Policy,
+    rights::{InterceptRights, Rights},
+};
 
 /// Intercepted targets on this node: one sk_lookup program and listener
 /// per pod port, shared by the sessions intercepting it.
@@ -303,46 +306,90 @@ fn refuse_namespace(target: SocketAddr, ns: &File) -> Result<(), String> {
     Ok(())
 }
 
-/// How long a client has to prove it may port-forward into the pod.
+/// How long a client has to prove who it is (or its port-forward).
 const PROOF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// Checks through the API server that the session's user may port-forward
-/// into the target pod, as `kubectl port-forward` needs: the agent listens
-/// on a fresh port inside the pod's namespace and asks the client to
-/// port-forward there and send a nonce. The API server only lets the
-/// port-forward through if the user's identity may (`pods/portforward` in
-/// the pod's namespace).
-///
-/// The challenge listens on the pod's loopback: a port-forward lands there
-/// (the container runtime dials localhost inside the pod), a tunnel stream
-/// to the pod's address does not. Returns the pod's namespace, held open
-/// for the attach.
+/// What an access check found: the pod's network namespace (held open for
+/// the attach), and whether the client may have the pod's environment.
+pub struct Access {
+    pub netns: Arc<File>,
+    pub env: Result<(), String>,
+}
+
+/// Checks that the session's client may intercept `target`: the dial
+/// policy and the namespace first (never the node's or the agent's own);
+/// then, as `rights` says, its identity and rights with the API server
+/// (see [`crate::rights`]), or a port-forward into the pod.
 pub async fn check_access(
     session: &Session,
     id: u32,
     target: SocketAddr,
     policy: &Policy,
-) -> Result<Arc<File>, String> {
+    rights: &Rights,
+) -> Result<Access, String> {
     let ip = target.ip();
     policy
         .check(target)
         .map_err(|why| format!("{target} cannot be intercepted: {why}"))?;
+    let port_forward = rights.mode == InterceptRights::PortForward;
     let (ns, listener) = tokio::task::spawn_blocking(move || -> Result<_, String> {
         let ns = netns_of(ip)?;
         refuse_namespace(target, &ns)?;
-        let listener = loopback_listener_in(&ns, ip.is_ipv6())?;
+        let listener = if port_forward {
+            Some(loopback_listener_in(&ns, ip.is_ipv6())?)
+        } else {
+            None
+        };
         Ok((ns, listener))
     })
     .await
     .map_err(|e| e.to_string())??;
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
     let nonce = {
         let mut n = [0u8; 16];
         getrandom::getrandom(&mut n).map_err(|e| e.to_string())?;
         n
     };
+    let env = match listener {
+        Some(listener) => {
+            prove_port_forward(session, id, ip, listener, nonce).await?;
+            Ok(())
+        }
+        None => {
+            let api = rights.api()?;
+            let proof = session
+                .intercept_identity(id, nonce, PROOF_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    format!("no identity from the client for the intercept of {target}: {e}")
+                })?;
+            let granted = crate::rights::check(api, rights.mode, &proof, &nonce, ip).await?;
+            info!(%target, user = granted.user, env = granted.env.is_ok(), "intercept rights checked with the API server");
+            granted.env
+        }
+    };
+    Ok(Access {
+        netns: Arc::new(ns),
+        env,
+    })
+}
+
+/// The port-forward proof (`--intercept-rights port-forward`): the agent
+/// listens on a fresh port inside the pod's namespace and asks the client
+/// to port-forward there and send `nonce`. The API server only lets the
+/// port-forward through if the user may (`pods/portforward` on the pod).
+/// The listener is on the pod's loopback: a port-forward lands there (the
+/// container runtime dials localhost inside the pod), a tunnel stream to
+/// the pod's address does not.
+async fn prove_port_forward(
+    session: &Session,
+    id: u32,
+    ip: std::net::IpAddr,
+    listener: std::net::TcpListener,
+    nonce: [u8; 16],
+) -> Result<(), String> {
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
     session
         .intercept_challenge(id, port, nonce)
         .map_err(|e| e.to_string())?;
@@ -367,8 +414,7 @@ pub async fn check_access(
             format!(
                 "no proof that you may port-forward into the pod at {ip} (tpbpf port-forwards to it through the API server first): intercept refused"
             )
-        })??;
-    Ok(Arc::new(ns))
+        })?
 }
 
 /// Puts an intercept of `target` in place for `session`, as its intercept

@@ -5,7 +5,9 @@
 //! sessions: streams dialed from the node, datagrams, DNS through the
 //! cluster's DNS.
 mod intercept;
+mod kube_api;
 mod policy;
+mod rights;
 mod routes;
 mod tunnel;
 
@@ -91,6 +93,12 @@ enum Command {
             value_delimiter = ','
         )]
         node_ips: Vec<std::net::IpAddr>,
+        /// What taking a pod's inbound traffic asks of the developer's
+        /// Kubernetes identity, checked with the API server
+        /// (`patch-pod`, `patch-workload`), or proven by a port-forward
+        /// into the pod (`port-forward`).
+        #[arg(long, value_enum, default_value = "patch-pod")]
+        intercept_rights: rights::InterceptRights,
     },
 }
 
@@ -213,8 +221,19 @@ fn main() -> ExitCode {
             cluster_cidrs,
             allow_cidrs,
             node_ips,
+            intercept_rights,
         } => {
             let policy = Arc::new(policy::Policy::new(cluster_cidrs, allow_cidrs, node_ips));
+            let api = kube_api::Api::in_cluster();
+            if let Err(e) = &api {
+                if intercept_rights != rights::InterceptRights::PortForward {
+                    tracing::warn!("no API client, so no intercept can be checked: {e}");
+                }
+            }
+            let rights = Arc::new(rights::Rights {
+                mode: intercept_rights,
+                api,
+            });
             let creds = match tunnel::Credentials::generate(tunnel_listen) {
                 Ok(c) => Arc::new(c),
                 Err(e) => {
@@ -258,6 +277,7 @@ fn main() -> ExitCode {
                         cluster_dns,
                         std::time::Duration::from_secs(resume_window_s),
                         policy,
+                        rights,
                     )
                     .await {
                         tracing::error!("the tunnel endpoint failed: {e}");

@@ -16,7 +16,7 @@ use tpbpf_mux::{
 };
 use tracing::{debug, info, warn};
 
-use crate::policy::Policy;
+use crate::{policy::Policy, rights::Rights};
 
 /// How long dialing a destination may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -155,6 +155,7 @@ pub async fn serve(
     cluster_dns: Option<SocketAddr>,
     resume_window: Duration,
     policy: Arc<Policy>,
+    rights: Arc<Rights>,
 ) -> io::Result<()> {
     let config = Config {
         resume_window,
@@ -164,7 +165,13 @@ pub async fn serve(
     let acceptor = creds.identity.acceptor()?;
     tokio::spawn(async move {
         while let Some((session, peer)) = sessions.recv().await {
-            tokio::spawn(serve_session(session, peer, cluster_dns, policy.clone()));
+            tokio::spawn(serve_session(
+                session,
+                peer,
+                cluster_dns,
+                policy.clone(),
+                rights.clone(),
+            ));
         }
     });
     server.serve(listener, Some(acceptor)).await
@@ -175,10 +182,16 @@ async fn serve_session(
     peer: SocketAddr,
     cluster_dns: Option<SocketAddr>,
     policy: Arc<Policy>,
+    rights: Arc<Rights>,
 ) {
     let id = session.short_id();
     info!(%peer, session = %id, "tunnel session open");
-    let requests = tokio::spawn(serve_requests(session.clone(), cluster_dns, policy.clone()));
+    let requests = tokio::spawn(serve_requests(
+        session.clone(),
+        cluster_dns,
+        policy.clone(),
+        rights,
+    ));
     while let Some(stream) = session.accept().await {
         tokio::spawn(serve_stream(stream, policy.clone()));
     }
@@ -256,7 +269,12 @@ fn dns_server(given: Option<SocketAddr>) -> Option<SocketAddr> {
     })
 }
 
-async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, policy: Arc<Policy>) {
+async fn serve_requests(
+    session: Session,
+    cluster_dns: Option<SocketAddr>,
+    policy: Arc<Policy>,
+    rights: Arc<Rights>,
+) {
     let dns = dns_server(cluster_dns);
     let mut flows: HashMap<u32, Arc<UdpSocket>> = HashMap::new();
     // Emptied when the session ends: intercepts detach.
@@ -288,28 +306,37 @@ async fn serve_requests(session: Session, cluster_dns: Option<SocketAddr>, polic
                     continue;
                 };
                 let (session, intercepts) = (session.clone(), intercepts.clone());
-                let policy = policy.clone();
+                let (policy, rights) = (policy.clone(), rights.clone());
                 tokio::spawn(async move {
-                    // First the client proves it may port-forward into the
-                    // pod, through the API server; then the intercept, in
-                    // the namespace the check found.
-                    let result =
-                        match crate::intercept::check_access(&session, id, target, &policy).await {
-                            Err(e) => Err(e),
-                            Ok(ns) => {
-                                let s2 = session.clone();
-                                tokio::task::spawn_blocking(move || {
-                                    crate::intercept::start(&s2, id, target, &mode, ns)
-                                })
-                                .await
-                                .map_err(|e| e.to_string())
-                                .and_then(|r| r)
-                            }
-                        };
+                    // First the client's rights, asked of the API server
+                    // (or a port-forward into the pod); then the
+                    // intercept, in the namespace the check found.
+                    let checked =
+                        crate::intercept::check_access(&session, id, target, &policy, &rights)
+                            .await;
+                    let result = match checked {
+                        Err(e) => Err(e),
+                        Ok(access) => {
+                            let s2 = session.clone();
+                            let ns = access.netns;
+                            tokio::task::spawn_blocking(move || {
+                                crate::intercept::start(&s2, id, target, &mode, ns)
+                            })
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r)
+                            .map(|active| (active, access.env))
+                        }
+                    };
                     drop(permit);
                     match result {
-                        Ok(active) => {
-                            let environ = active.environ.clone();
+                        Ok((active, env)) => {
+                            // A withheld environment is one `#` note, which
+                            // no `KEY=VALUE` reader takes for a variable.
+                            let environ = match env {
+                                Ok(()) => active.environ.clone(),
+                                Err(why) => format!("#{}", why.replace(['=', '\0'], ":")),
+                            };
                             // Dropped outside the lock if it was stopped (or
                             // the session ended) while being checked.
                             let stopped = intercepts

@@ -679,17 +679,24 @@ impl LabGuard {
     /// `tpbpf install` into the lab, from the developer machine; returns
     /// once every node's agent is ready.
     pub fn install(&self) {
-        run(Command::new(tpbpf_bin()).args([
-            "--netns",
-            &self.dev_netns(),
-            "install",
-            "--kubeconfig",
-            &self.kubeconfig(),
-            "--resume-window-s",
-            "5",
-            "--timeout-s",
-            "60",
-        ]));
+        self.install_with(&[]);
+    }
+
+    /// `tpbpf install` with more flags (`--intercept-rights port-forward`).
+    pub fn install_with(&self, extra: &[&str]) {
+        run(Command::new(tpbpf_bin())
+            .args([
+                "--netns",
+                &self.dev_netns(),
+                "install",
+                "--kubeconfig",
+                &self.kubeconfig(),
+                "--resume-window-s",
+                "5",
+                "--timeout-s",
+                "60",
+            ])
+            .args(extra));
     }
 
     /// A lab as it starts: no tpbpf agent until `install`.

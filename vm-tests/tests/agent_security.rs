@@ -138,9 +138,11 @@ fn an_intercept_challenge_answered_through_the_tunnel_is_refused() {
     if !require_root() {
         return;
     }
-    let Some(lab) = LabGuard::up("tc") else {
+    // The relaxed rule, whose proof is a port-forward into the pod.
+    let Some(lab) = LabGuard::up_without_agent("tc") else {
         return;
     };
+    lab.install_with(&["--intercept-rights", "port-forward"]);
     let web_a = format!("{}-default-web-7d4b9c-a1", lab.name);
     as_developer(&lab, |client| async move {
         let (session, _) = session(&client, "tpbpf-agent-node1").await;
@@ -168,7 +170,7 @@ fn an_intercept_challenge_answered_through_the_tunnel_is_refused() {
                                 .await;
                             }
                         }
-                        Ok(())
+                        Ok(None)
                     }
                 },
             )
@@ -212,7 +214,7 @@ fn the_agent_itself_and_the_node_are_never_intercept_targets() {
                     target.parse().unwrap(),
                     InterceptMode::Steal,
                     Duration::from_secs(10),
-                    |_, _| async { Ok(()) },
+                    |_, _| async { Ok(None) },
                 )
                 .await;
             let e = got
@@ -267,9 +269,12 @@ fn an_intercept_stopped_during_its_access_check_is_never_attached() {
     if !require_root() {
         return;
     }
-    let Some(lab) = LabGuard::up("ts") else {
+    // The proof here is a port-forward (the relaxed rule): it takes a new
+    // connection through the API server, so it comes after the stop.
+    let Some(lab) = LabGuard::up_without_agent("ts") else {
         return;
     };
+    lab.install_with(&["--intercept-rights", "port-forward"]);
     let web_a = format!("{}-default-web-7d4b9c-a1", lab.name);
     let web_a2 = web_a.clone();
     let agent_log = format!("/run/tpbpf-lab/{}/agent-node1.log", lab.name);

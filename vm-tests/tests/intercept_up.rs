@@ -474,15 +474,16 @@ fn http_filtered_intercepts_and_mirrors() {
 }
 
 #[test]
-fn an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace() {
+fn an_intercept_needs_the_right_to_change_the_pod() {
     if !require_root() {
         return;
     }
     let Some(lab) = LabGuard::up("tr") else {
         return;
     };
-    // The lab's second identity may port-forward into `default` and
-    // `tpbpf-system` only, as a namespace-scoped RBAC role would allow.
+    // The lab's developer (a token) may patch pods in `default` and
+    // `tpbpf-system` only, as a namespace-scoped RBAC role would allow;
+    // the agent asks the API server, for that user.
     let restricted = format!("/run/tpbpf-lab/{}/kubeconfig-restricted", lab.name);
     let cg = TestCgroup::new();
     let instance = Instance(unique_name("ir"));
@@ -519,7 +520,7 @@ fn an_intercept_needs_the_right_to_port_forward_into_the_pods_namespace() {
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        err.contains("may not port-forward") && err.contains("cache"),
+        err.contains("lab-developer may not patch pods cache/redis-0"),
         "{err}"
     );
     let redis_ns = format!("{}-cache-redis-0", lab.name);

@@ -15,7 +15,9 @@ use k8s_openapi::{
             ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccount, TCPSocketAction,
             Toleration,
         },
-        rbac::v1::{ClusterRole, PolicyRule, Role},
+        rbac::v1::{
+            ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+        },
     },
     apimachinery::pkg::{
         api::resource::Quantity,
@@ -51,6 +53,9 @@ pub struct Settings {
     pub allow_cidrs: Vec<String>,
     /// Seconds a session whose developer is away keeps its intercepts.
     pub resume_window_s: u64,
+    /// What an intercept asks of a developer (the agent's
+    /// `--intercept-rights`: `patch-pod`, `patch-workload`, `port-forward`).
+    pub intercept_rights: String,
 }
 
 impl Default for Settings {
@@ -60,6 +65,7 @@ impl Default for Settings {
             cluster_cidrs: Vec::new(),
             allow_cidrs: Vec::new(),
             resume_window_s: 30,
+            intercept_rights: "patch-pod".into(),
         }
     }
 }
@@ -108,6 +114,8 @@ pub fn daemon_set(s: &Settings) -> DaemonSet {
         format!("0.0.0.0:{TUNNEL_PORT}"),
         "--resume-window-s".into(),
         s.resume_window_s.to_string(),
+        "--intercept-rights".into(),
+        s.intercept_rights.clone(),
     ];
     for c in &s.cluster_cidrs {
         args.extend(["--cluster-cidr".into(), c.clone()]);
@@ -225,8 +233,10 @@ pub fn daemon_set(s: &Settings) -> DaemonSet {
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(AGENT.into()),
-                    // The agent does not talk to the API server.
-                    automount_service_account_token: Some(false),
+                    // The agent asks the API server who a developer is and
+                    // what they may do (`agent_role`: reviews, pods, their
+                    // owners, the client CA; nothing else).
+                    automount_service_account_token: Some(true),
                     host_pid: Some(true),
                     host_network: Some(false),
                     security_context: Some(PodSecurityContext {
@@ -290,11 +300,69 @@ pub fn developer_role() -> ClusterRole {
             // The service range from the API server's answer to a dry-run
             // create with an invalid ClusterIP (nothing is created).
             rule(&[""], &["services"], &["create"]),
-            // The intercept access check: a port-forward into the pod.
+            // An intercept takes the right to change the pod (the
+            // default `--intercept-rights patch-pod`), or with
+            // `port-forward`, a port-forward into it.
+            rule(&[""], &["pods"], &["patch"]),
             rule(&[""], &["pods/portforward"], &["get", "create"]),
+            // Reading an intercepted pod's environment: exec (or `get` on
+            // every secret it references, bound separately).
+            rule(&[""], &["pods/exec"], &["create"]),
         ]),
         aggregation_rule: None,
     }
+}
+
+/// The agent's own rights: who a developer is (TokenReview) and what they
+/// may do (SubjectAccessReview), the pods it checks and their owners.
+pub fn agent_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(AGENT, None),
+        rules: Some(vec![
+            rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+            rule(
+                &["authorization.k8s.io"],
+                &["subjectaccessreviews"],
+                &["create"],
+            ),
+            rule(&[""], &["pods"], &["get"]),
+            rule(&["apps"], &["replicasets"], &["get"]),
+        ]),
+        aggregation_rule: None,
+    }
+}
+
+/// Binds [`agent_role`] to the agent's service account; and, in
+/// kube-system, Kubernetes' own `extension-apiserver-authentication-reader`
+/// (the cluster's client CA, which a client certificate is checked
+/// against, as an aggregated API server reads it).
+fn agent_bindings() -> (ClusterRoleBinding, RoleBinding) {
+    let subject = Subject {
+        kind: "ServiceAccount".into(),
+        name: AGENT.into(),
+        namespace: Some(NAMESPACE.into()),
+        ..Default::default()
+    };
+    (
+        ClusterRoleBinding {
+            metadata: meta(AGENT, None),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "ClusterRole".into(),
+                name: AGENT.into(),
+            },
+            subjects: Some(vec![subject.clone()]),
+        },
+        RoleBinding {
+            metadata: meta(AGENT, Some("kube-system")),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: "extension-apiserver-authentication-reader".into(),
+            },
+            subjects: Some(vec![subject]),
+        },
+    )
 }
 
 /// Opening a tunnel: a port-forward into an agent pod.
@@ -333,11 +401,15 @@ pub fn objects(s: &Settings) -> Vec<Value> {
         ..Default::default()
     };
     let to = |v: serde_json::Result<Value>| v.unwrap_or(Value::Null);
+    let bindings = agent_bindings();
     vec![
         to(serde_json::to_value(ns)),
         to(serde_json::to_value(sa)),
         to(serde_json::to_value(developer_role())),
         to(serde_json::to_value(tunnel_role())),
+        to(serde_json::to_value(agent_role())),
+        to(serde_json::to_value(&bindings.0)),
+        to(serde_json::to_value(&bindings.1)),
         to(serde_json::to_value(daemon_set(s))),
     ]
 }
@@ -363,6 +435,7 @@ pub fn helm_chart() -> Vec<(&'static str, String)> {
         cluster_cidrs: vec!["__TPBPF_RANGE_cluster-cidr_clusterCidrs__".into()],
         allow_cidrs: vec!["__TPBPF_RANGE_allow-cidr_allowCidrs__".into()],
         resume_window_s: 0,
+        intercept_rights: "patch-pod".into(),
     };
     let mut objs = objects(&settings);
     let ds = objs.last_mut().expect("the DaemonSet comes last");
@@ -376,6 +449,8 @@ pub fn helm_chart() -> Vec<(&'static str, String)> {
         for a in args.iter_mut() {
             if a == "0" {
                 *a = Value::from("__TPBPF_QUOTE_resumeWindowSeconds__");
+            } else if a == "patch-pod" {
+                *a = Value::from("__TPBPF_QUOTE_interceptRights__");
             }
         }
     }
@@ -408,6 +483,7 @@ pub fn helm_chart() -> Vec<(&'static str, String)> {
         "clusterCidrs": [],
         "allowCidrs": [],
         "resumeWindowSeconds": d.resume_window_s,
+        "interceptRights": d.intercept_rights,
         "tolerations": pod["tolerations"],
         "resources": pod["containers"][0]["resources"],
     });
@@ -462,6 +538,7 @@ mod tests {
             cluster_cidrs: vec!["10.96.0.0/12".into(), "10.244.0.0/16".into()],
             allow_cidrs: vec!["192.0.2.0/24".into()],
             resume_window_s: 30,
+            intercept_rights: "patch-pod".into(),
         }
     }
 
@@ -484,6 +561,9 @@ mod tests {
                 ("v1", "ServiceAccount"),
                 ("rbac.authorization.k8s.io/v1", "ClusterRole"),
                 ("rbac.authorization.k8s.io/v1", "Role"),
+                ("rbac.authorization.k8s.io/v1", "ClusterRole"),
+                ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+                ("rbac.authorization.k8s.io/v1", "RoleBinding"),
                 ("apps/v1", "DaemonSet"),
             ]
         );
@@ -567,7 +647,7 @@ mod tests {
         let yaml = to_yaml(&objects(&settings()));
         assert_eq!(
             yaml.matches("\n---\n").count() + usize::from(yaml.starts_with("---")),
-            4
+            7
         );
         assert!(yaml.contains("kind: DaemonSet"), "{yaml}");
     }

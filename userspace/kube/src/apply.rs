@@ -15,6 +15,8 @@ fn resource_of(
         "ServiceAccount" => ("serviceaccounts", true),
         "ClusterRole" => ("clusterroles", false),
         "Role" => ("roles", true),
+        "ClusterRoleBinding" => ("clusterrolebindings", false),
+        "RoleBinding" => ("rolebindings", true),
         "DaemonSet" => ("daemonsets", true),
         other => return Err(format!("tpbpf does not install {other} objects")),
     };

@@ -15,6 +15,8 @@ pub const WRITABLE: &[(&str, bool)] = &[
     ("serviceaccounts", true),
     ("clusterroles", false),
     ("roles", true),
+    ("clusterrolebindings", false),
+    ("rolebindings", true),
     ("daemonsets", true),
 ];
 

@@ -27,7 +27,9 @@ pub mod x509;
 pub use handshake::{same_token, Admission, Client, HandshakeError, Server};
 pub use session::{short_id, Flow, Intercept, Request, Session, Stats};
 pub use stream::Stream;
-pub use tpbpf_proto::{Credential, Destination, IdentityProof, InterceptMode, ResetReason};
+pub use tpbpf_proto::{
+    identity_message, Credential, Destination, IdentityProof, InterceptMode, ResetReason,
+};
 
 /// The largest piece of one stream's data sent in one turn.
 pub const CHUNK: usize = 16 * 1024;

@@ -35,6 +35,13 @@ pub struct InstallArgs {
     /// Seconds a disconnected developer's session keeps its intercepts.
     #[arg(long, default_value_t = 30)]
     resume_window_s: u64,
+    /// What taking a pod's traffic asks of a developer's Kubernetes
+    /// identity, which the agent checks with the API server: `patch-pod`
+    /// (the right to change the pod), `patch-workload` (to change its
+    /// Deployment, StatefulSet or DaemonSet, as a sidecar injection does),
+    /// or `port-forward` (relaxed: `pods/portforward` on the pod).
+    #[arg(long, value_enum, default_value_t = InterceptRights::PatchPod)]
+    intercept_rights: InterceptRights,
     /// Print what would be applied, apply nothing.
     #[arg(long)]
     dry_run: bool,
@@ -99,6 +106,7 @@ pub fn install(args: InstallArgs) -> Result<ExitCode> {
             cluster_cidrs: cidrs,
             allow_cidrs: args.allow_cidrs.iter().map(ToString::to_string).collect(),
             resume_window_s: args.resume_window_s,
+            intercept_rights: args.intercept_rights.as_arg().into(),
         };
         let objects = tpbpf_deploy::objects(&settings);
         if args.dry_run {
@@ -175,4 +183,22 @@ pub fn uninstall(args: UninstallArgs) -> Result<ExitCode> {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     })
+}
+
+/// `--intercept-rights`, as the agent's flag of the same name takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum InterceptRights {
+    PatchPod,
+    PatchWorkload,
+    PortForward,
+}
+
+impl InterceptRights {
+    fn as_arg(self) -> &'static str {
+        match self {
+            InterceptRights::PatchPod => "patch-pod",
+            InterceptRights::PatchWorkload => "patch-workload",
+            InterceptRights::PortForward => "port-forward",
+        }
+    }
 }

@@ -44,6 +44,22 @@ pub struct Live {
     pub store: Store,
 }
 
+impl Live {
+    /// `kube-system/extension-apiserver-authentication`: the cluster's
+    /// client CA, as kube-apiserver publishes it for aggregated servers
+    /// (and tpbpf's agent) to check client certificates against.
+    pub fn client_ca_configmap(&self) -> Vec<Value> {
+        let ca = std::fs::read_to_string(tpbpf_lab::Lab::new(&self.status.name).pki().ca_cert())
+            .unwrap_or_default();
+        vec![json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "extension-apiserver-authentication", "namespace": "kube-system",
+                         "uid": crate::objects::uid("ConfigMap", "kube-system", "extension-apiserver-authentication")},
+            "data": {"client-ca-file": ca},
+        })]
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
     /// The lab instance (its node namespaces are `<lab>-<node>`).

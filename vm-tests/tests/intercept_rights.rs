@@ -1,0 +1,169 @@
+//! An intercept takes the Kubernetes right it amounts to, checked by the
+//! agent with the API server (a TokenReview of a token, the cluster's
+//! client CA for a certificate, then SubjectAccessReviews): an identity
+//! with only `pods/portforward` on the pod cannot intercept it (nor so
+//! read its environment), nor can an unknown token or another CA's
+//! certificate; the lab's developer (a token, with `patch` and `exec` on
+//! pods) and its admin (a client certificate) can, and get the pod's
+//! environment. Through the lab, whose agent asks the lab's API server.
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tpbpf_kube::identity::Identity;
+use tpbpf_lab::{identity, pki, Lab};
+use tpbpf_mux::{transport::TlsConnector, Client, Config, InterceptMode};
+use tpbpf_vm_tests::*;
+
+const POD: &str = "web-7d4b9c-a1";
+
+/// The token of `user` in the lab's token file.
+fn token_of(lab: &LabGuard, user: &str) -> String {
+    let tokens = std::fs::read_to_string(lab.state_dir().join("tokens.csv")).unwrap();
+    tokens
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(',');
+            let (t, u) = (f.next()?, f.next()?);
+            (u == user).then(|| t.to_string())
+        })
+        .unwrap_or_else(|| panic!("no token for {user}"))
+}
+
+/// Tries to intercept pod `default/web-7d4b9c-a1` on node1, proving
+/// `who`; the pod's environment on success, the agent's refusal else.
+async fn intercept_as(session: &tpbpf_mux::Session, who: &Identity) -> Result<String, String> {
+    let target: SocketAddr = "10.244.1.10:80".parse().unwrap();
+    let who = who.clone();
+    let h = session
+        .intercept(
+            target,
+            InterceptMode::Steal,
+            Duration::from_secs(30),
+            move |port, nonce| {
+                let who = who.clone();
+                async move {
+                    assert_eq!(
+                        port, 0,
+                        "the agent asked for a port-forward, not an identity"
+                    );
+                    who.proof(&nonce, "default", POD).map(Some)
+                }
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let env = h.info().to_string();
+    drop(h);
+    Ok(env)
+}
+
+#[test]
+fn only_an_identity_with_the_right_to_change_the_pod_intercepts_it() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("tr") else {
+        return;
+    };
+    let l = Lab::new(&lab.name);
+    let now = SystemTime::now();
+    let admin = l
+        .pki()
+        .issue_client(
+            identity::ADMIN_USER,
+            &[identity::ADMIN_GROUP],
+            now,
+            now + Duration::from_secs(3600),
+        )
+        .unwrap();
+    let (_, forged) = pki::foreign_ca(identity::ADMIN_USER).unwrap();
+    let identities = [
+        (
+            "forwarder",
+            Identity::Token(token_of(&lab, identity::FORWARDER_USER)),
+        ),
+        ("unknown", Identity::Token("lab-not-a-token".into())),
+        (
+            "forged",
+            Identity::from_pem(forged.cert_pem.as_bytes(), forged.key_pem.as_bytes()).unwrap(),
+        ),
+        (
+            "developer",
+            Identity::Token(token_of(&lab, identity::DEVELOPER_USER)),
+        ),
+        (
+            "admin",
+            Identity::from_pem(admin.cert_pem.as_bytes(), admin.key_pem.as_bytes()).unwrap(),
+        ),
+    ];
+    let web_a = format!("{}-default-{POD}", lab.name);
+    let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
+    let results = std::thread::spawn(move || {
+        enter_netns(&dev).expect("entering the developer namespace");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (client, ..) = tpbpf_kube::client(Some(std::path::Path::new(&kubeconfig)), None)
+                .await
+                .expect("a client for the lab");
+            // The tunnel itself is anyone's; the identity is what counts.
+            let pod = "tpbpf-agent-node1";
+            let creds = tpbpf_kube::agent_credentials(&client, pod).await.unwrap();
+            let pf = tpbpf_kube::PortForward::new(&client, pod, creds.tunnel_port);
+            let tls = TlsConnector::over(Arc::new(pf), &creds.fingerprint).unwrap();
+            let session = Client::connect(
+                Arc::new(tls),
+                creds.token.as_bytes().to_vec(),
+                Config::default(),
+            )
+            .await
+            .unwrap();
+            let mut results = Vec::new();
+            for (name, who) in identities {
+                results.push((name, intercept_as(&session, &who).await));
+            }
+            results
+        })
+    })
+    .join()
+    .unwrap();
+    for (name, result) in &results {
+        println!("{name}: {result:?}");
+    }
+    let refused = |name: &str, why: &str| {
+        let (_, r) = results.iter().find(|(n, _)| *n == name).unwrap();
+        let e = r
+            .as_ref()
+            .expect_err(&format!("{name} intercepted the pod"));
+        assert!(e.contains(why), "{name}: `{why}` missing from: {e}");
+    };
+    refused(
+        "forwarder",
+        "lab-forwarder may not patch pods default/web-7d4b9c-a1",
+    );
+    refused("unknown", "does not know the session's token");
+    refused("forged", "not the cluster's");
+    for name in ["developer", "admin"] {
+        let (_, r) = results.iter().find(|(n, _)| *n == name).unwrap();
+        let env = r.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            env.contains("PATH=") && !env.starts_with('#'),
+            "{name}: the pod's environment was not given: {env}"
+        );
+    }
+    // Nothing is left attached in the pod, and it serves itself.
+    assert!(
+        wait_for(Duration::from_secs(5), || sk_lookup_links_in(&web_a)
+            .is_empty()),
+        "a program is left in the pod"
+    );
+    assert!(
+        curl_from(&format!("{}-cache-redis-0", lab.name), "http://10.96.0.20/")
+            .contains("served by nginx")
+    );
+}
