@@ -34,7 +34,7 @@ fn install_manifests_validate_against_several_kubernetes_versions() {
     ]));
     assert_eq!(
         out.matches("\nkind: ").count() + usize::from(out.starts_with("kind: ")),
-        5,
+        8,
         "{out}"
     );
     let file = std::env::temp_dir().join(format!("{}.yaml", unique_name("tpbpf-install")));
