@@ -60,6 +60,83 @@ async fn intercept_as(session: &tpbpf_mux::Session, who: &Identity) -> Result<St
     Ok(env)
 }
 
+/// Runs `f` with a session to node1's agent, opened with the admin's
+/// kubeconfig (the tunnel is anyone's: the identity is what counts).
+fn with_session<F, Fut, T>(lab: &LabGuard, f: F) -> T
+where
+    F: FnOnce(tpbpf_mux::Session) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
+    std::thread::spawn(move || {
+        enter_netns(&dev).expect("entering the developer namespace");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (client, ..) = tpbpf_kube::client(Some(std::path::Path::new(&kubeconfig)), None)
+                .await
+                .expect("a client for the lab");
+            let pod = "tpbpf-agent-node1";
+            let creds = tpbpf_kube::agent_credentials(&client, pod).await.unwrap();
+            let pf = tpbpf_kube::PortForward::new(&client, pod, creds.tunnel_port);
+            let tls = TlsConnector::over(Arc::new(pf), &creds.fingerprint).unwrap();
+            let session = Client::connect(
+                Arc::new(tls),
+                creds.token.as_bytes().to_vec(),
+                Config::default(),
+            )
+            .await
+            .unwrap();
+            f(session).await
+        })
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+fn admin_identity(lab: &LabGuard) -> Identity {
+    let now = SystemTime::now();
+    let admin = Lab::new(&lab.name)
+        .pki()
+        .issue_client(
+            identity::ADMIN_USER,
+            &[identity::ADMIN_GROUP],
+            now,
+            now + Duration::from_secs(3600),
+        )
+        .unwrap();
+    Identity::from_pem(admin.cert_pem.as_bytes(), admin.key_pem.as_bytes()).unwrap()
+}
+
+#[test]
+fn with_patch_workload_the_right_to_change_the_pod_is_not_enough() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up_without_agent("tw") else {
+        return;
+    };
+    lab.install_with(&["--intercept-rights", "patch-workload"]);
+    let developer = Identity::Token(token_of(&lab, identity::DEVELOPER_USER));
+    let admin = admin_identity(&lab);
+    let (dev, adm) = with_session(&lab, move |session| async move {
+        (
+            intercept_as(&session, &developer).await,
+            intercept_as(&session, &admin).await,
+        )
+    });
+    // The pod's controller is ReplicaSet web-7d4b9c, whose is Deployment web.
+    let e = dev.expect_err("the developer, who may patch the pod only, intercepted it");
+    assert!(
+        e.contains("lab-developer may not patch deployments default/web") && e.contains("workload"),
+        "{e}"
+    );
+    adm.expect("the admin may patch the Deployment");
+}
+
 #[test]
 fn only_an_identity_with_the_right_to_change_the_pod_intercepts_it() {
     if !require_root() {

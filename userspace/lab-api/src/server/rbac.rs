@@ -147,6 +147,10 @@ pub fn allowed(user: &User, restricted: &[String], a: &Attributes) -> bool {
                         | ("authorization.k8s.io", "subjectaccessreviews")
                 ))
                 || (core_pod && a.subresource.is_empty() && READ.contains(&a.verb.as_str()))
+                || (a.group == "apps"
+                    && a.resource == "replicasets"
+                    && a.subresource.is_empty()
+                    && a.verb == "get")
                 || (a.group.is_empty()
                     && a.resource == "configmaps"
                     && a.verb == "get"
