@@ -158,7 +158,16 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
     });
     let v = ask(&args.instance, &request)?;
     let env = v["env"].as_object().cloned().unwrap_or_default();
-    if let Some(path) = &args.env_file {
+    if let Some(why) = v["env_withheld"].as_str() {
+        // The intercept is in place; an empty file would pass for the
+        // pod's environment.
+        for path in args.env_file.iter().chain(&args.env_json) {
+            eprintln!(
+                "tpbpf: {why}; {} not written (ask for `create pods/exec` on the pod, or `get` on those secrets)",
+                path.display()
+            );
+        }
+    } else if let Some(path) = &args.env_file {
         let mut text = String::new();
         for (k, val) in &env {
             let val = val.as_str().unwrap_or("");
@@ -174,7 +183,7 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
         }
         write_private(path, text.as_bytes())?;
     }
-    if let Some(path) = &args.env_json {
+    if let Some(path) = args.env_json.as_ref().filter(|_| v["env_withheld"].is_null()) {
         write_private(path, serde_json::to_string_pretty(&env)?.as_bytes())?;
     }
     match args.output {

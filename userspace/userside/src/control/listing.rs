@@ -74,6 +74,12 @@ pub(super) fn listing(
 
 /// A process environment as the agent gives it (`KEY=VALUE` entries
 /// separated by NUL bytes), as a JSON object.
+/// Why the agent withheld the pod's environment (its answer is then one
+/// `#` note instead of `KEY=VALUE` entries).
+pub(super) fn withheld(info: &str) -> Option<String> {
+    info.strip_prefix('#').map(str::to_string)
+}
+
 pub(super) fn environ(info: &str) -> serde_json::Map<String, Value> {
     info.split('\0')
         .filter_map(|e| e.split_once('='))
@@ -93,6 +99,11 @@ mod tests {
             json!({"A": "1", "PATH": "/bin:/usr/bin", "EQ": "a=b"})
         );
         assert!(environ("").is_empty());
+        // A withheld environment is a note, not a variable.
+        let note = "#the environment of a/b is withheld: u may neither exec";
+        assert!(environ(note).is_empty());
+        assert_eq!(withheld(note).unwrap(), &note[1..]);
+        assert!(withheld("A=1").is_none());
     }
 
     // The listing.

@@ -158,6 +158,7 @@ impl Manager {
         let problems: Problems = Arc::new(Mutex::new(HashMap::new()));
         let held: Pods = Arc::new(Mutex::new(HashMap::new()));
         let mut env = serde_json::Map::new();
+        let mut env_withheld = None;
         for p in &pods {
             let target = SocketAddr::new(p.ip, remote);
             let attempt = async {
@@ -183,10 +184,11 @@ impl Manager {
                     return Err(e);
                 }
             };
-            if env.is_empty() {
+            if env.is_empty() && env_withheld.is_none() {
                 // The environment of the first pod's process (every
                 // replica has the same spec).
                 env = environ(h.info());
+                env_withheld = withheld(h.info());
             }
             self.start_hold(
                 &held,
@@ -238,7 +240,7 @@ impl Manager {
             ));
         }
         Ok(
-            json!({"name": name, "kind": workload.kind, "namespace": namespace, "workload": workload.name, "pods": pods, "env": env}),
+            json!({"name": name, "kind": workload.kind, "namespace": namespace, "workload": workload.name, "pods": pods, "env": env, "env_withheld": env_withheld}),
         )
     }
 
