@@ -183,7 +183,11 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
         }
         write_private(path, text.as_bytes())?;
     }
-    if let Some(path) = args.env_json.as_ref().filter(|_| v["env_withheld"].is_null()) {
+    if let Some(path) = args
+        .env_json
+        .as_ref()
+        .filter(|_| v["env_withheld"].is_null())
+    {
         write_private(path, serde_json::to_string_pretty(&env)?.as_bytes())?;
     }
     match args.output {
