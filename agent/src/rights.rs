@@ -260,11 +260,16 @@ pub async fn check(
             message(&pod)
         ));
     }
-    let ips: Vec<&str> = pod["status"]["podIPs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["ip"].as_str())
+    // `status.podIPs[]`, and `status.podIP`.
+    #[derive(serde::Deserialize)]
+    struct PodIp {
+        ip: String,
+    }
+    let listed: Vec<PodIp> =
+        serde_json::from_value(pod["status"]["podIPs"].clone()).unwrap_or_default();
+    let ips: Vec<&str> = listed
+        .iter()
+        .map(|p| p.ip.as_str())
         .chain(pod["status"]["podIP"].as_str())
         .collect();
     if !ips.iter().any(|a| a.parse::<IpAddr>().ok() == Some(ip)) {
