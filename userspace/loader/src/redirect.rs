@@ -20,7 +20,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use tpbpf_common::{action, flags, maps, programs, Config, OrigDst, SockKey, AF_INET, AF_INET6};
+use tpbpf_common::{action, flags, maps, programs, Config, OrigDst, AF_INET, AF_INET6};
 use tracing::debug;
 
 use crate::{
@@ -115,13 +115,13 @@ impl Redirector {
             name: programs::SOCK_RELEASE,
             source,
         })?;
-        let conn_orig = ebpf
-            .take_map(maps::CONN_ORIG)
+        let cookie_orig = ebpf
+            .take_map(maps::COOKIE_ORIG)
             .ok_or(LoadError::MissingMap {
-                name: maps::CONN_ORIG,
+                name: maps::COOKIE_ORIG,
             })?;
-        let conn_orig = HashMap::try_from(conn_orig).map_err(|source| LoadError::Map {
-            name: maps::CONN_ORIG,
+        let cookie_orig = HashMap::try_from(cookie_orig).map_err(|source| LoadError::Map {
+            name: maps::COOKIE_ORIG,
             source,
         })?;
         let bypass = ebpf
@@ -134,7 +134,7 @@ impl Redirector {
         let (udp_slots, udp6_last) = crate::udp::take_maps(&mut ebpf)?;
         Ok(Self {
             ebpf,
-            table: OrigDstTable(Arc::new(Mutex::new(conn_orig))),
+            table: OrigDstTable(Arc::new(cookie_orig)),
             bypass: Bypass(Arc::new(Mutex::new(bypass))),
             udp_slots,
             udp6_last,
@@ -408,25 +408,35 @@ fn forward_kernel_logs(ebpf: &mut Ebpf) {
     });
 }
 
-/// Where each redirected connection was going, keyed by what the listener
-/// sees: the accepted socket's peer address and network namespace.
+/// Where each redirected connection was going: `COOKIE_ORIG`, by the
+/// client socket's cookie. The listener finds that socket from the accepted
+/// connection's two addresses through the kernel's socket diagnostics
+/// (`sock_diag`), so an entry belongs to the one socket that dialled: a
+/// later connection from the same port (never redirected, or from another
+/// socket after the first was never accepted) finds nothing of it. A socket
+/// cookie is never reused.
 #[derive(Clone)]
-pub struct OrigDstTable(Arc<Mutex<HashMap<MapData, SockKey, OrigDst>>>);
+pub struct OrigDstTable(Arc<HashMap<MapData, u64, OrigDst>>);
 
 impl OrigDstTable {
-    /// The original destination of a connection accepted on tpbpfd's
-    /// listener, or `None` if it was not redirected by tpbpf. The entry is
-    /// removed: each connection is looked up once.
-    pub fn take<S: AsFd>(&self, accepted: &S, peer: SocketAddr) -> io::Result<Option<SocketAddr>> {
-        let key = sock_key(netns_cookie(accepted)?, peer);
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let orig = match map.get(&key, 0) {
-            Ok(v) => v,
-            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(io::Error::other(e)),
+    /// The original destination of a connection accepted on a listener of
+    /// this bridge, from its `peer` and `local` addresses, or `None` if the
+    /// socket at its other end was not redirected by tpbpf (or is gone).
+    /// The lookup is made in the calling thread's network namespace, which
+    /// must be the listener's: elsewhere it finds no redirected socket.
+    pub fn original_destination(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> io::Result<Option<SocketAddr>> {
+        let Some((cookie, _uid)) = tpbpf_sys::sockdiag::tcp_socket_of(peer, local)? else {
+            return Ok(None);
         };
-        let _ = map.remove(&key);
-        Ok(orig_to_socket_addr(&orig))
+        match self.0.get(&cookie, 0) {
+            Ok(orig) => Ok(orig_to_socket_addr(&orig)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(io::Error::other(e)),
+        }
     }
 }
 
@@ -476,32 +486,6 @@ fn socket_cookie<S: AsFd>(sock: &S) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
-}
-
-fn sock_key(netns_cookie: u64, peer: SocketAddr) -> SockKey {
-    // An IPv4 client on a dual-stack listener shows up as ::ffff:a.b.c.d.
-    let peer = match peer {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => peer,
-        },
-        v4 => v4,
-    };
-    let (ip_be, family) = match peer.ip() {
-        IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], AF_INET),
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            ([w(0), w(4), w(8), w(12)], AF_INET6)
-        }
-    };
-    SockKey {
-        netns_cookie,
-        ip_be,
-        port: peer.port(),
-        family,
-        _pad: 0,
-    }
 }
 
 pub(crate) fn orig_to_socket_addr(orig: &OrigDst) -> Option<SocketAddr> {
@@ -605,15 +589,6 @@ pub fn remove_leftover_tc_filter(iface: &str) -> std::io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mapped_ipv4_peer_keys_like_plain_ipv4() {
-        let a = sock_key(7, "127.0.0.1:40000".parse().unwrap());
-        let b = sock_key(7, "[::ffff:127.0.0.1]:40000".parse().unwrap());
-        assert_eq!(a, b);
-        assert_eq!(a.port, 40000);
-        assert_eq!(a.ip_be[0].to_ne_bytes(), [127, 0, 0, 1]);
-    }
 
     #[test]
     fn original_destination_round_trips_from_kernel_layout() {

@@ -105,6 +105,60 @@ fn query(msg: &[u8]) -> io::Result<Option<(u64, u32)>> {
     parse(&buf[..n as usize])
 }
 
+/// The cookie (and owner's uid) of the TCP socket whose own address is
+/// `local` and whose peer is `remote`, in the calling thread's network
+/// namespace; `None` if there is none. For a connection accepted from a
+/// local client, `local` is the accepted socket's peer address and
+/// `remote` its own: the answer is the client's socket, established,
+/// closing, or in TIME_WAIT (which keeps the socket's cookie).
+pub fn tcp_socket_of(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<(u64, u32)>> {
+    query(&tcp_request(local, remote))
+}
+
+/// The `SOCK_DIAG_BY_FAMILY` request for the TCP socket at `local`
+/// connected to `remote`: inet_diag finds a TCP socket by its own address
+/// as the source (a UDP one by the datagram's, see [`request`]). An
+/// IPv4-mapped pair is asked as IPv4, as the kernel hashes it.
+fn tcp_request(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+    let unmap = |a: SocketAddr| match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    };
+    let (local, remote) = (unmap(local), unmap(remote));
+    let words = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(ip) => {
+            let mut o = [0u8; 16];
+            o[..4].copy_from_slice(&ip.octets());
+            o
+        }
+        IpAddr::V6(ip) => ip.octets(),
+    };
+    let family = if local.is_ipv4() && remote.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let mut msg = Vec::with_capacity(NLMSG_HDR_LEN + REQ_LEN);
+    msg.extend_from_slice(&((NLMSG_HDR_LEN + REQ_LEN) as u32).to_ne_bytes());
+    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    msg.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    msg.extend_from_slice(&local.port().to_be_bytes());
+    msg.extend_from_slice(&remote.port().to_be_bytes());
+    msg.extend_from_slice(&words(local));
+    msg.extend_from_slice(&words(remote));
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // any interface
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes());
+    msg
+}
+
 fn parse(buf: &[u8]) -> io::Result<Option<(u64, u32)>> {
     let u32_at =
         |i: usize| -> Option<u32> { Some(u32::from_ne_bytes(buf.get(i..i + 4)?.try_into().ok()?)) };
@@ -167,5 +221,35 @@ mod tests {
         assert_eq!(v6[id + 19], 2);
         assert_eq!(v6[id + 35], 1, "the local address, ::1");
         assert_eq!(&v6[id + 36..id + 44], &[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn a_tcp_request_names_the_socket_itself_first_and_asks_a_mapped_pair_as_ipv4() {
+        let v4 = tcp_request(
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+        );
+        assert_eq!(v4.len(), NLMSG_HDR_LEN + REQ_LEN);
+        assert_eq!(
+            &v4[NLMSG_HDR_LEN..NLMSG_HDR_LEN + 2],
+            &[libc::AF_INET as u8, libc::IPPROTO_TCP as u8]
+        );
+        let id = NLMSG_HDR_LEN + 8;
+        assert_eq!(
+            &v4[id..id + 4],
+            &[0x9c, 0x40, 0x1f, 0x90],
+            "40000, then 8080"
+        );
+        let mapped = tcp_request(
+            "[::ffff:127.0.0.1]:40000".parse().unwrap(),
+            "[::ffff:127.0.0.1]:8080".parse().unwrap(),
+        );
+        assert_eq!(mapped, v4);
+        let v6 = tcp_request(
+            "[::1]:40000".parse().unwrap(),
+            "[::1]:8080".parse().unwrap(),
+        );
+        assert_eq!(v6[NLMSG_HDR_LEN], libc::AF_INET6 as u8);
+        assert_eq!(v6[id + 19], 1, "the socket's own address, ::1");
     }
 }

@@ -34,7 +34,16 @@ async fn handle(
     upstream: Arc<UserSide>,
     dns: Option<Arc<Dns>>,
 ) {
-    let orig = match table.take(&client, peer) {
+    let local = match client.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(%peer, "a redirected connection's own address: {e}");
+            return;
+        }
+    };
+    // The destination the socket at the other end dialled, if tpbpf
+    // redirected that socket (by its cookie: not whoever used its port).
+    let orig = match table.original_destination(peer, local) {
         Ok(Some(orig)) => orig,
         Ok(None) => {
             debug!(%peer, "connection not redirected by tpbpf: closing it");

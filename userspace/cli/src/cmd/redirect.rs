@@ -170,7 +170,7 @@ async fn answer(
     table: &OrigDstTable,
     out: Output,
 ) -> Result<()> {
-    let orig = table.take(&stream, peer)?;
+    let orig = table.original_destination(peer, stream.local_addr()?)?;
     let orig_text = orig.map(|o| o.to_string());
     emit(
         out,
