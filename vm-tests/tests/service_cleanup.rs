@@ -127,6 +127,23 @@ impl Drop for Stuck {
     }
 }
 
+/// A directory for the service's socket, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique_name(prefix));
+        std::fs::create_dir(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn connect(socket: &Path) -> OwnedFd {
     // SAFETY: plain socket(2); the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
@@ -188,9 +205,8 @@ fn tpbpfd_answers_while_the_cgroups_of_ended_runs_are_emptied() {
     };
     let ns = NetNs::new();
     let home = TestCgroup::new();
-    let dir = std::env::temp_dir().join(unique_name("tpbpf-svc"));
-    std::fs::create_dir(&dir).unwrap();
-    let socket = dir.join("tpbpfd.sock");
+    let dir = TempDir::new("tpbpf-svc");
+    let socket = dir.0.join("tpbpfd.sock");
     let _service = {
         let mut cmd = Command::new(tpbpf_bin());
         cmd.args([
@@ -275,5 +291,5 @@ fn tpbpfd_answers_while_the_cgroups_of_ended_runs_are_emptied() {
     );
     drop(commands);
     drop(fuse);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
 }
