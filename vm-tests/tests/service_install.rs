@@ -83,11 +83,13 @@ fn install_from_a_users_directory_runs_a_root_owned_copy() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // "PID START_TIME": the pid comes first.
     let pid: u32 = std::fs::read_to_string(PID_FILE)
         .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a pid in tpbpfd's pid file");
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe, Path::new(COPY), "tpbpfd runs {}", exe.display());
     let meta = std::fs::metadata(COPY).unwrap();
