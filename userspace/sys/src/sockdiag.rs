@@ -29,36 +29,41 @@ pub fn udp6_socket_of(local: SocketAddrV6, remote: SocketAddrV6) -> io::Result<O
 }
 
 /// The `SOCK_DIAG_BY_FAMILY` request for the UDP socket at `local` that
-/// `remote` sends to (both of one family).
+/// `remote` sends to (both of one family): the lookup is an incoming
+/// datagram's, source = remote, destination = local.
 fn request(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+    diag_request(libc::IPPROTO_UDP, remote, local)
+}
+
+/// A `SOCK_DIAG_BY_FAMILY` request for the `protocol` socket whose id is
+/// (`src`, `dst`), in every state, without a cookie.
+fn diag_request(protocol: i32, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     // inet_diag puts an IPv4 address in the first of four words.
-    let words = |ip: IpAddr| match ip {
-        IpAddr::V4(a) => {
+    let words = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(ip) => {
             let mut o = [0u8; 16];
-            o[..4].copy_from_slice(&a.octets());
+            o[..4].copy_from_slice(&ip.octets());
             o
         }
-        IpAddr::V6(a) => a.octets(),
+        IpAddr::V6(ip) => ip.octets(),
     };
-    let family = if local.is_ipv4() {
+    let family = if src.is_ipv4() && dst.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
-    let (lip, rip) = (words(local.ip()), words(remote.ip()));
     let mut msg = Vec::with_capacity(NLMSG_HDR_LEN + REQ_LEN);
     msg.extend_from_slice(&((NLMSG_HDR_LEN + REQ_LEN) as u32).to_ne_bytes());
     msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
     msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
     msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
     msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    msg.extend_from_slice(&[family as u8, libc::IPPROTO_UDP as u8, 0, 0]);
+    msg.extend_from_slice(&[family as u8, protocol as u8, 0, 0]);
     msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
-                                                    // The lookup is an incoming datagram's: source = remote, destination = local.
-    msg.extend_from_slice(&remote.port().to_be_bytes());
-    msg.extend_from_slice(&local.port().to_be_bytes());
-    msg.extend_from_slice(&rip);
-    msg.extend_from_slice(&lip);
+    msg.extend_from_slice(&src.port().to_be_bytes());
+    msg.extend_from_slice(&dst.port().to_be_bytes());
+    msg.extend_from_slice(&words(src));
+    msg.extend_from_slice(&words(dst));
     msg.extend_from_slice(&0u32.to_ne_bytes()); // any interface
     msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
     msg.extend_from_slice(&u32::MAX.to_ne_bytes());
@@ -127,36 +132,7 @@ fn tcp_request(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
         },
         v4 => v4,
     };
-    let (local, remote) = (unmap(local), unmap(remote));
-    let words = |a: SocketAddr| match a.ip() {
-        IpAddr::V4(ip) => {
-            let mut o = [0u8; 16];
-            o[..4].copy_from_slice(&ip.octets());
-            o
-        }
-        IpAddr::V6(ip) => ip.octets(),
-    };
-    let family = if local.is_ipv4() && remote.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let mut msg = Vec::with_capacity(NLMSG_HDR_LEN + REQ_LEN);
-    msg.extend_from_slice(&((NLMSG_HDR_LEN + REQ_LEN) as u32).to_ne_bytes());
-    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    msg.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
-    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
-    msg.extend_from_slice(&local.port().to_be_bytes());
-    msg.extend_from_slice(&remote.port().to_be_bytes());
-    msg.extend_from_slice(&words(local));
-    msg.extend_from_slice(&words(remote));
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // any interface
-    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
-    msg.extend_from_slice(&u32::MAX.to_ne_bytes());
-    msg
+    diag_request(libc::IPPROTO_TCP, unmap(local), unmap(remote))
 }
 
 fn parse(buf: &[u8]) -> io::Result<Option<(u64, u32)>> {
