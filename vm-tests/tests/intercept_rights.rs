@@ -145,17 +145,6 @@ fn only_an_identity_with_the_right_to_change_the_pod_intercepts_it() {
     let Some(lab) = LabGuard::up("tr") else {
         return;
     };
-    let l = Lab::new(&lab.name);
-    let now = SystemTime::now();
-    let admin = l
-        .pki()
-        .issue_client(
-            identity::ADMIN_USER,
-            &[identity::ADMIN_GROUP],
-            now,
-            now + Duration::from_secs(3600),
-        )
-        .unwrap();
     let (_, forged) = pki::foreign_ca(identity::ADMIN_USER).unwrap();
     let identities = [
         (
@@ -171,44 +160,16 @@ fn only_an_identity_with_the_right_to_change_the_pod_intercepts_it() {
             "developer",
             Identity::Token(token_of(&lab, identity::DEVELOPER_USER)),
         ),
-        (
-            "admin",
-            Identity::from_pem(admin.cert_pem.as_bytes(), admin.key_pem.as_bytes()).unwrap(),
-        ),
+        ("admin", admin_identity(&lab)),
     ];
     let web_a = format!("{}-default-{POD}", lab.name);
-    let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
-    let results = std::thread::spawn(move || {
-        enter_netns(&dev).expect("entering the developer namespace");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let (client, ..) = tpbpf_kube::client(Some(std::path::Path::new(&kubeconfig)), None)
-                .await
-                .expect("a client for the lab");
-            // The tunnel itself is anyone's; the identity is what counts.
-            let pod = "tpbpf-agent-node1";
-            let creds = tpbpf_kube::agent_credentials(&client, pod).await.unwrap();
-            let pf = tpbpf_kube::PortForward::new(&client, pod, creds.tunnel_port);
-            let tls = TlsConnector::over(Arc::new(pf), &creds.fingerprint).unwrap();
-            let session = Client::connect(
-                Arc::new(tls),
-                creds.token.as_bytes().to_vec(),
-                Config::default(),
-            )
-            .await
-            .unwrap();
-            let mut results = Vec::new();
-            for (name, who) in identities {
-                results.push((name, intercept_as(&session, &who).await));
-            }
-            results
-        })
-    })
-    .join()
-    .unwrap();
+    let results = with_session(&lab, move |session| async move {
+        let mut results = Vec::new();
+        for (name, who) in identities {
+            results.push((name, intercept_as(&session, &who).await));
+        }
+        results
+    });
     for (name, result) in &results {
         println!("{name}: {result:?}");
     }
