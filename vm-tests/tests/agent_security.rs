@@ -3,6 +3,8 @@
 //! metadata, the node's own addresses, anything outside the cluster), and
 //! its tunnel credentials are per session. Through the lab, from the
 //! developer machine's namespace, with tpbpf's own client code.
+mod common;
+
 use std::{future::Future, net::SocketAddr, process::Command, sync::Arc, time::Duration};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,22 +18,7 @@ where
     F: FnOnce(kube::Client) -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
-    let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
-    std::thread::spawn(move || {
-        enter_netns(&dev).expect("entering the developer namespace");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let (client, ..) = tpbpf_kube::client(Some(std::path::Path::new(&kubeconfig)), None)
-                .await
-                .expect("a client for the lab");
-            f(client).await
-        })
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    common::with_admin_client(lab, f)
 }
 
 /// Fresh credentials from `pod` and a session opened with them, over a

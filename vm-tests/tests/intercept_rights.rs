@@ -6,6 +6,8 @@
 //! certificate; the lab's developer (a token, with `patch` and `exec` on
 //! pods) and its admin (a client certificate) can, and get the pod's
 //! environment. Through the lab, whose agent asks the lab's API server.
+mod common;
+
 use std::{
     net::SocketAddr,
     sync::Arc,
@@ -68,33 +70,26 @@ where
     Fut: std::future::Future<Output = T>,
     T: Send + 'static,
 {
-    let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
-    std::thread::spawn(move || {
-        enter_netns(&dev).expect("entering the developer namespace");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let (client, ..) = tpbpf_kube::client(Some(std::path::Path::new(&kubeconfig)), None)
-                .await
-                .expect("a client for the lab");
-            let pod = "tpbpf-agent-node1";
-            let creds = tpbpf_kube::agent_credentials(&client, pod).await.unwrap();
-            let pf = tpbpf_kube::PortForward::new(&client, pod, creds.tunnel_port);
-            let tls = TlsConnector::over(Arc::new(pf), &creds.fingerprint).unwrap();
-            let session = Client::connect(
-                Arc::new(tls),
-                creds.token.as_bytes().to_vec(),
-                Config::default(),
-            )
-            .await
-            .unwrap();
-            f(session).await
-        })
+    common::with_admin_client(lab, |client| async move {
+        let pod = "tpbpf-agent-node1";
+        let creds = tpbpf_kube::agent_credentials(&client, pod).await.unwrap();
+        let pf = tpbpf_kube::PortForward::new(&client, pod, creds.tunnel_port);
+        let tls = TlsConnector::over(Arc::new(pf), &creds.fingerprint).unwrap();
+        let session = Client::connect(
+            Arc::new(tls),
+            creds.token.as_bytes().to_vec(),
+            Config::default(),
+        )
+        .await
+        .unwrap();
+        let out = f(session.clone()).await;
+        // Ended on purpose, so the agent drops the session's intercepts at
+        // once instead of keeping them through its resume window.
+        session
+            .close_flushed("test over", Duration::from_secs(2))
+            .await;
+        out
     })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 fn admin_identity(lab: &LabGuard) -> Identity {
