@@ -201,7 +201,94 @@ impl TestCgroup {
     }
 }
 
+impl TestCgroup {
+    /// A cgroup for one test below `parent`.
+    pub fn within(parent: &Path) -> Self {
+        let path = parent.join(unique_name("tpbpf-test"));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        Self { path }
+    }
+}
+
 impl Default for TestCgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A directory of the test's own under the temporary directory, removed
+/// on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique_name(prefix));
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A cgroup that stands for the whole machine. [`MachineCgroup::command`]
+/// runs a program in a cgroup namespace rooted here, with a cgroup v2 mount
+/// of its own (a private mount namespace), as tpbpfd runs in a container:
+/// a "whole-machine" bridge it makes attaches here, never at the real
+/// machine's root cgroup, and bridged processes go [`MachineCgroup::child`].
+pub struct MachineCgroup {
+    cgroup: TestCgroup,
+}
+
+impl MachineCgroup {
+    pub fn new() -> Self {
+        Self {
+            cgroup: TestCgroup::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.cgroup.path()
+    }
+
+    /// A cgroup of this "machine" (removed on drop).
+    pub fn child(&self) -> TestCgroup {
+        TestCgroup::within(self.path())
+    }
+
+    /// `cgroup`'s path as [`MachineCgroup::command`]'s programs see it.
+    pub fn seen(&self, cgroup: &TestCgroup) -> String {
+        let mount = tpbpf_cgroup_mount().expect("cgroup v2 mount");
+        let below = cgroup
+            .path()
+            .strip_prefix(self.path())
+            .expect("a cgroup of this machine");
+        mount.join(below).display().to_string()
+    }
+
+    /// `program` (arguments to add) run in this cgroup as the root of its
+    /// cgroup namespace. The process keeps its pid through each `exec`.
+    pub fn command(&self, program: &Path) -> Command {
+        let mount = tpbpf_cgroup_mount().expect("cgroup v2 mount");
+        let inner = format!(
+            "umount -l {m} && mount -t cgroup2 cgroup2 {m} && exec \"$0\" \"$@\"",
+            m = mount.display()
+        );
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec unshare --cgroup --mount --propagation private sh -c '{inner}' \"$0\" \"$@\"",
+                self.path().display()
+            ))
+            .arg(program);
+        cmd
+    }
+}
+
+impl Default for MachineCgroup {
     fn default() -> Self {
         Self::new()
     }

@@ -101,7 +101,7 @@ fn intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_bac
 
     // The pod's environment goes to --env-file; a symlink planted at that
     // path is replaced, never followed.
-    let env_dir = TempDir::new();
+    let env_dir = TempDir::new("tpbpf-env");
     let victim = env_dir.0.join("victim");
     std::fs::write(&victim, "untouched\n").unwrap();
     let env_file = env_dir.0.join("web.env");
@@ -535,23 +535,6 @@ fn an_intercept_needs_the_right_to_change_the_pod() {
     ]);
     let web_a = format!("{}-default-web-7d4b9c-a1", lab.name);
     assert_eq!(sk_lookup_links_in(&web_a).len(), 1);
-}
-
-/// A directory of the test's own, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(unique_name("tpbpf-env"));
-        std::fs::create_dir(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The agent's resident memory, KiB.

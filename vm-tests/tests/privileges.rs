@@ -224,7 +224,7 @@ fn a_member_of_group_tpbpf_bridges_and_intercepts_without_root() {
     let m = Members::start(&lab);
     let (dev, gid) = (m.dev.clone(), m.gid.clone());
     let (home, bin, socket) = (&m.home, &m.bin, &m.socket);
-    let cg = TestCgroup::new();
+    let cg = m.machine.child();
     std::os::unix::fs::chown(cg.path(), Some(65534), Some(65534)).unwrap();
     let bridge = NobodyBridge(unique_name("nb"));
     let nobody = |groups: &str, args: &[&str]| {
@@ -250,7 +250,7 @@ fn a_member_of_group_tpbpf_bridges_and_intercepts_without_root() {
         (out.status.success(), text)
     };
     let kubeconfig = home.kubeconfig().display().to_string();
-    let cgroup = cg.path().display().to_string();
+    let cgroup = m.machine.seen(&cg);
     let up = [
         "up",
         "--kubeconfig",
@@ -267,8 +267,8 @@ fn a_member_of_group_tpbpf_bridges_and_intercepts_without_root() {
     assert!(text.contains("group `tpbpf`"), "{text}");
 
     // In the group, but a cgroup that is not the user's: refused.
-    let theirs = TestCgroup::new();
-    let theirs_path = theirs.path().display().to_string();
+    let theirs = m.machine.child();
+    let theirs_path = m.machine.seen(&theirs);
     let mut not_mine = up;
     not_mine[6] = &theirs_path;
     let (ok, text) = nobody(&format!("--groups={gid}"), &not_mine);
@@ -383,7 +383,9 @@ ask(b'\xff\xff{')
     );
 
     // `tpbpf run` as that user: the command runs as the user, bridged.
-    let out = Command::new("ip")
+    let out = m
+        .machine
+        .command(std::path::Path::new("ip"))
         .args(["netns", "exec", &dev, "unshare", "-m", "sh", "-c"])
         .arg(format!(
             "mount --bind {} /etc/resolv.conf && exec setpriv --reuid=65534 --regid=65534 --groups={gid} {} run --kubeconfig {kubeconfig} -- sh -c 'id -u; curl -sS -m 5 http://web.default/'",
@@ -448,9 +450,17 @@ ask(b'\xff\xff{')
 }
 
 /// `tpbpf service run` for group `gid` on `socket` (in network namespace
-/// `netns`), once it serves.
-fn service(netns: Option<&str>, gid: &str, socket: &std::path::Path) -> Bg {
-    let mut cmd = Command::new(tpbpf_bin());
+/// `netns`, and with `machine` for the whole machine), once it serves.
+fn service(
+    machine: Option<&MachineCgroup>,
+    netns: Option<&str>,
+    gid: &str,
+    socket: &std::path::Path,
+) -> Bg {
+    let mut cmd = match machine {
+        Some(m) => m.command(&tpbpf_bin()),
+        None => Command::new(tpbpf_bin()),
+    };
     if let Some(ns) = netns {
         cmd.args(["--netns", ns]);
     }
@@ -466,8 +476,11 @@ fn service(netns: Option<&str>, gid: &str, socket: &std::path::Path) -> Bg {
 /// tpbpfd's service in the lab's developer namespace for a group of its
 /// own (a gid no group has), and how its member uid 65534 runs `tpbpf`
 /// there: a copy of the binary anyone may run, a home with the kubeconfig.
+/// Its "whole machine" is a [`MachineCgroup`]: the test's bridged
+/// processes run in `machine`'s cgroups.
 struct Members {
     service: Bg,
+    machine: MachineCgroup,
     gid: String,
     dev: String,
     bin: PublicCopy,
@@ -483,10 +496,12 @@ impl Members {
         let home = NobodyHome::new(&lab.kubeconfig());
         let bin = PublicCopy::of(&tpbpf_bin());
         let socket = bin.path().with_file_name("tpbpfd.sock");
-        let service = service(Some(&dev), &gid, &socket);
+        let machine = MachineCgroup::new();
+        let service = service(Some(&machine), Some(&dev), &gid, &socket);
         let kubeconfig = home.kubeconfig().display().to_string();
         Self {
             service,
+            machine,
             gid,
             dev,
             bin,
@@ -578,7 +593,7 @@ fn a_members_bridge_takes_only_cluster_ranges_and_carries_only_that_members_sock
 
     // The whole machine (no --cgroup): this member's sockets only.
     m.up(&bridge, &[]);
-    let elsewhere = TestCgroup::new();
+    let elsewhere = m.machine.child();
     let resolv = m.resolv("127.0.0.53");
     let curl = |who: &str, url: &str| {
         let script = format!("exec {who} curl -sS -m 3 {url}");
@@ -628,7 +643,7 @@ fn two_members_bridges_do_not_forward_dns_to_each_other() {
         m.up(b, &[]);
     }
     let before = m.fds();
-    let elsewhere = TestCgroup::new();
+    let elsewhere = m.machine.child();
     let resolv = m.resolv("192.0.2.1");
     for transport in ["+tcp", "+notcp"] {
         let script = format!(
@@ -645,6 +660,69 @@ fn two_members_bridges_do_not_forward_dns_to_each_other() {
     assert!(
         !grew,
         "tpbpfd went from {before} to {after} open descriptors after one query each way"
+    );
+}
+
+/// Root's two whole-machine bridges, each in a tpbpfd of its own (`sudo
+/// tpbpf up` for two clusters), and a DNS query to a resolver outside the
+/// cluster: each tpbpfd's forwarding socket is exempt in every bridge of
+/// the machine, not just its own, so neither hands the query to the other
+/// forever, and both tpbpfds' descriptors stay flat.
+#[test]
+fn roots_bridges_in_two_tpbpfds_do_not_forward_dns_to_each_other() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("pr") else {
+        return;
+    };
+    let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
+    let machine = MachineCgroup::new();
+    let instances = [Instance(unique_name("r1")), Instance(unique_name("r2"))];
+    let mut pids = Vec::new();
+    for instance in &instances {
+        let out = machine
+            .command(&tpbpf_bin())
+            .args(["--netns", &dev, "up", "--kubeconfig", &kubeconfig])
+            .args(["--instance", &instance.0])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "up {}: {}", instance.0, both(&out));
+        let state = std::path::Path::new("/run/tpbpf")
+            .join(&instance.0)
+            .join("state.json");
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(state).unwrap()).unwrap();
+        pids.push(state["pid"].as_u64().expect("tpbpfd's pid"));
+    }
+    let fds = || -> Vec<usize> {
+        pids.iter()
+            .map(|pid| {
+                std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .map(|d| d.count())
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let before = fds();
+    let elsewhere = machine.child();
+    let home = TempDir::new("tpbpf-resolv");
+    let resolv = home.0.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 192.0.2.1\n").unwrap();
+    for transport in ["+tcp", "+notcp"] {
+        let script = format!("exec dig {transport} +time=2 +tries=1 @192.0.2.1 example.org");
+        let _ = bridged_shell(elsewhere.path(), &dev, &resolv, &script)
+            .output()
+            .unwrap();
+    }
+    // A loop would still be growing: give it the time a query had.
+    let grew = wait_for(scaled(Duration::from_secs(3)), || {
+        fds().iter().zip(&before).any(|(now, was)| *now > was + 16)
+    });
+    let after = fds();
+    assert!(
+        !grew,
+        "the two tpbpfds went from {before:?} to {after:?} open descriptors after one query each way"
     );
 }
 
@@ -673,16 +751,16 @@ fn a_dns_flood_from_a_bridged_process_stays_within_tpbpfds_bounds() {
     ]));
     hole.wait_event(Duration::from_secs(10), |e| e["event"] == "ready")
         .expect("the silent resolver");
-    let cg = TestCgroup::new();
+    let cg = m.machine.child();
     std::os::unix::fs::chown(cg.path(), Some(65534), Some(65534)).unwrap();
     let (flooded, other) = (
         NobodyBridge(unique_name("f1")),
         NobodyBridge(unique_name("f2")),
     );
     m.up(&flooded, &[]);
-    m.up(&other, &["--cgroup", &cg.path().display().to_string()]);
+    m.up(&other, &["--cgroup", &m.machine.seen(&cg)]);
     let before = m.fds();
-    let elsewhere = TestCgroup::new();
+    let elsewhere = m.machine.child();
     let resolv = m.resolv("127.0.0.53");
     // In a file: bridged_shell quotes its script in single quotes.
     let flood_py = m.home.0.join("flood.py");
@@ -770,7 +848,7 @@ fn one_member_cannot_hold_every_connection_to_tpbpfd() {
     let gid = unused_gid().to_string();
     let bin = PublicCopy::of(&tpbpf_bin());
     let socket = bin.path().with_file_name("tpbpfd.sock");
-    let _service = service(None, &gid, &socket);
+    let _service = service(None, None, &gid, &socket);
     // Member 65534 opens 40 connections and keeps them, asking nothing;
     // then counts how many tpbpfd closed at once (read returns EOF).
     let hog = r#"

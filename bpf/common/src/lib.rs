@@ -16,10 +16,6 @@ pub mod maps {
     pub const CIDRS4: &str = "TPBPF_CIDRS4";
     /// `LpmTrie<[u32; 4] (addr, network order), u32 (action)>`: IPv6 ranges.
     pub const CIDRS6: &str = "TPBPF_CIDRS6";
-    /// `HashMap<u64 (socket cookie), u32>`: tpbpfd's own sockets, never
-    /// redirected. Only root can write a map, so no process in a bridged
-    /// cgroup can exempt itself.
-    pub const BYPASS: &str = "TPBPF_BYPASS";
     /// `LruHashMap<SlotKey (destination, socket), u32 (slot)>`: the UDP slot
     /// of each socket's destination.
     pub const UDP_SLOT_BY_DST: &str = "TPBPF_UDP_SLOT_BY_DST";
@@ -72,6 +68,17 @@ pub mod programs {
     pub const TC_INGRESS: &str = "tpbpf_tc_ingress";
     pub const SK_LOOKUP: &str = "tpbpf_sk_lookup";
 }
+
+/// The `SO_PRIORITY` of tpbpf's own sockets (DNS forwards, connections to
+/// the API server and the cluster): every bridge's programs, in whichever
+/// process loaded them, leave such a socket alone, so two bridges never
+/// hand each other's forwards back and forth. Setting a priority above 6
+/// takes `CAP_NET_ADMIN` (or `CAP_NET_RAW`) in the socket's network
+/// namespace, so a process can only exempt itself where it could leave
+/// the bridge anyway. Its low four bits are 0 (best effort, as a socket
+/// without a priority: the band and VLAN mappings use those bits) and its
+/// major number 0x7470 names no qdisc, so no qdisc classifies by it.
+pub const EXEMPT_PRIORITY: u32 = 0x7470_bf00;
 
 /// UDP datagrams are redirected to `127.100.S.S:<udp_port>`, where `S.S` is
 /// a slot number naming the original destination: tpbpfd's UDP socket reads

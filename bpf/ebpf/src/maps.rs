@@ -22,9 +22,6 @@ pub static CIDRS4: LpmTrie<u32, u32> =
 pub static CIDRS6: LpmTrie<[u32; 4], u32> =
     LpmTrie::with_max_entries(CIDR_MAP_ENTRIES, BPF_F_NO_PREALLOC);
 
-#[map(name = "TPBPF_BYPASS")]
-pub static BYPASS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
-
 #[map(name = "TPBPF_COOKIE_ORIG")]
 pub static COOKIE_ORIG: LruHashMap<u64, OrigDst> =
     LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);

@@ -23,12 +23,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tpbpf_common::{
-    action, flags, Config, OrigDst, SlotKey, SockKey, Udp6Dst, UdpSlot, AF_INET, AF_INET6, NO_SLOT,
-    UDP_SLOTS, UDP_SLOT_IDLE_NS, UDP_SLOT_NET, UDP_SLOT_PROBES,
+    action, flags, Config, OrigDst, SlotKey, SockKey, Udp6Dst, UdpSlot, AF_INET, AF_INET6,
+    EXEMPT_PRIORITY, NO_SLOT, UDP_SLOTS, UDP_SLOT_IDLE_NS, UDP_SLOT_NET, UDP_SLOT_PROBES,
 };
 
 use crate::maps::{
-    BYPASS, CIDRS4, CIDRS6, CONFIG, COOKIE_ORIG, COOKIE_SLOT, UDP6_LAST, UDP_NEXT, UDP_SLOTS_MAP,
+    CIDRS4, CIDRS6, CONFIG, COOKIE_ORIG, COOKIE_SLOT, UDP6_LAST, UDP_NEXT, UDP_SLOTS_MAP,
     UDP_SLOT_BY_DST,
 };
 
@@ -154,10 +154,15 @@ fn config_in(ctx: &SockAddrContext) -> Option<Config> {
     Some(cfg)
 }
 
+/// tpbpf's own socket (of any bridge's tpbpfd): see `EXEMPT_PRIORITY`.
 #[inline(always)]
-fn bypassed(cookie: u64) -> bool {
-    // SAFETY: only presence is checked.
-    unsafe { BYPASS.get(cookie).is_some() }
+fn exempt(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the kernel sets `sk` for every sock_addr program (a
+    // PTR_TO_SOCKET, never null); the field is read with one load.
+    unsafe {
+        let sk = (*sa(ctx)).__bindgen_anon_1.sk;
+        rd(&(*sk).priority) == EXEMPT_PRIORITY
+    }
 }
 
 #[inline(always)]
@@ -317,10 +322,10 @@ pub fn tpbpf_connect4(ctx: SockAddrContext) -> i32 {
     if !wanted4(&cfg, dst, port) {
         return ALLOW;
     }
-    let c = cookie(&ctx);
-    if bypassed(c) {
+    if exempt(&ctx) {
         return ALLOW;
     }
+    let c = cookie(&ctx);
     let orig = orig4(dst, port);
     match sock_type(&ctx) {
         SOCK_STREAM => {
@@ -367,10 +372,10 @@ pub fn tpbpf_connect6(ctx: SockAddrContext) -> i32 {
     if !wanted {
         return ALLOW;
     }
-    let c = cookie(&ctx);
-    if bypassed(c) {
+    if exempt(&ctx) {
         return ALLOW;
     }
+    let c = cookie(&ctx);
     let orig = if v4 {
         orig4(dst[3], port)
     } else {
@@ -421,10 +426,10 @@ pub fn tpbpf_sendmsg4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     let (dst, port) = (user_ip4(&ctx), user_port(&ctx));
-    let c = cookie(&ctx);
-    if !wanted4(&cfg, dst, port) || bypassed(c) {
+    if !wanted4(&cfg, dst, port) || exempt(&ctx) {
         return ALLOW;
     }
+    let c = cookie(&ctx);
     if let Some(slot) = udp_slot(&orig4(dst, port), c) {
         set_user_ip4(&ctx, slot_ip4_be(slot));
         set_user_port(&ctx, cfg.udp_port_be);
@@ -444,10 +449,10 @@ pub fn tpbpf_sendmsg6(ctx: SockAddrContext) -> i32 {
     } else {
         wanted6(&cfg, dst, port)
     };
-    let c = cookie(&ctx);
-    if !wanted || bypassed(c) {
+    if !wanted || exempt(&ctx) {
         return ALLOW;
     }
+    let c = cookie(&ctx);
     if !v4 {
         if cfg.flags & flags::UDP6 == 0 {
             return ALLOW;

@@ -45,6 +45,12 @@ pub enum CgroupError {
     },
     #[error("{path} names no cgroup v2 path for this process (no `0::` line)")]
     NotInCgroup2 { path: PathBuf },
+    #[error(
+        "{path} says the process is in cgroup {cgroup}, outside this cgroup namespace (tpbpf \
+         runs in a container or a namespace of its own): run it in tpbpfd's cgroup namespace, \
+         or name a cgroup inside it (--cgroup, --cgroup-parent)"
+    )]
+    OutsideNamespace { path: PathBuf, cgroup: String },
     #[error("reading {path}: {source}")]
     Read {
         path: PathBuf,
@@ -216,10 +222,29 @@ pub fn cgroup_of(pid: Option<u32>) -> Result<PathBuf> {
         path: path.clone(),
         source,
     })?;
-    text.lines()
+    cgroup_in(&text, path)
+}
+
+/// The `0::` line of a `/proc/PID/cgroup` text (read from `path`), as a
+/// path relative to the hierarchy's root.
+fn cgroup_in(text: &str, path: PathBuf) -> Result<PathBuf> {
+    let cgroup = text
+        .lines()
         .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| PathBuf::from(p.trim_start_matches('/')))
-        .ok_or(CgroupError::NotInCgroup2 { path })
+        .ok_or_else(|| CgroupError::NotInCgroup2 { path: path.clone() })?;
+    // A cgroup above the reader's cgroup namespace shows as `/..`: it is
+    // not below the mount, and joined to it would name a directory beside.
+    let relative = PathBuf::from(cgroup.trim_start_matches('/'));
+    if !relative
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(CgroupError::OutsideNamespace {
+            path,
+            cgroup: cgroup.to_string(),
+        });
+    }
+    Ok(relative)
 }
 
 /// The absolute path of the cgroup the calling process is in.
@@ -256,7 +281,17 @@ impl ChildCgroup {
     /// Creates `parent/name`. `parent` must be inside the cgroup v2 hierarchy.
     pub fn create(parent: &Path, name: &str) -> Result<Self> {
         let root = cgroup2_mount()?;
-        if !parent.starts_with(&root) {
+        // Component-wise, and without `..`: `ROOT/../x` starts with ROOT
+        // but is not below it.
+        let plain = |p: &Path| {
+            p.components()
+                .all(|c| !matches!(c, std::path::Component::ParentDir))
+        };
+        if !parent.starts_with(&root)
+            || !plain(parent)
+            || !plain(Path::new(name))
+            || name.contains('/')
+        {
             return Err(CgroupError::Outside {
                 path: parent.into(),
                 root,
@@ -308,6 +343,25 @@ impl Drop for ChildCgroup {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cgroup_outside_the_namespace_is_not_taken_for_one_below_the_mount() {
+        use super::{cgroup_in, CgroupError};
+        let p = || std::path::PathBuf::from("/proc/7/cgroup");
+        assert_eq!(
+            cgroup_in("0::/user.slice/a b\n", p()).unwrap(),
+            std::path::PathBuf::from("user.slice/a b")
+        );
+        assert_eq!(cgroup_in("0::/\n", p()).unwrap(), std::path::PathBuf::new());
+        for outside in ["0::/..\n", "0::/../../system.slice/x\n"] {
+            let e = cgroup_in(outside, p()).unwrap_err();
+            assert!(matches!(e, CgroupError::OutsideNamespace { .. }), "{e}");
+            assert!(
+                e.to_string().contains("outside this cgroup namespace"),
+                "{e}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

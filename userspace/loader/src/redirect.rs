@@ -6,7 +6,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use aya::{
@@ -124,18 +124,11 @@ impl Redirector {
             name: maps::COOKIE_ORIG,
             source,
         })?;
-        let bypass = ebpf
-            .take_map(maps::BYPASS)
-            .ok_or(LoadError::MissingMap { name: maps::BYPASS })?;
-        let bypass = HashMap::try_from(bypass).map_err(|source| LoadError::Map {
-            name: maps::BYPASS,
-            source,
-        })?;
         let (udp_slots, udp6_last) = crate::udp::take_maps(&mut ebpf)?;
         Ok(Self {
             ebpf,
             table: OrigDstTable(Arc::new(cookie_orig)),
-            bypass: Bypass(Arc::new(Mutex::new(bypass))),
+            bypass: Bypass,
             udp_slots,
             udp6_last,
             attached: AttachedIds::default(),
@@ -195,7 +188,7 @@ impl Redirector {
 
     /// A handle to exempt tpbpfd's own sockets from redirection.
     pub fn bypass(&self) -> Bypass {
-        self.bypass.clone()
+        self.bypass
     }
 
     /// A handle on the IPv6 UDP last-destination table, for the UDP proxy.
@@ -447,45 +440,38 @@ fn ip6_words(ip: &std::net::Ipv6Addr) -> [u32; 4] {
     [w(0), w(4), w(8), w(12)]
 }
 
-/// tpbpfd's own sockets: registered before they connect or send, so the
-/// programs leave them alone even when tpbpfd runs inside a bridged cgroup.
-#[derive(Clone)]
-pub struct Bypass(Arc<Mutex<HashMap<MapData, u64, u32>>>);
+/// tpbpf's own sockets: marked before they connect or send, so the
+/// programs leave them alone even when tpbpfd runs inside a bridged
+/// cgroup, and every other bridge of the machine does too, whichever
+/// process loaded it (see [`tpbpf_common::EXEMPT_PRIORITY`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Bypass;
 
 impl Bypass {
-    /// Exempts `sock` (by its cookie) from redirection. Returns the cookie,
-    /// for [`Bypass::forget`] when the socket closes.
-    pub fn register<S: AsFd>(&self, sock: &S) -> io::Result<u64> {
-        let cookie = socket_cookie(sock)?;
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(cookie, 1, 0).map_err(io::Error::other)?;
-        Ok(cookie)
+    /// Exempts `sock` from redirection by every bridge: sets its
+    /// `SO_PRIORITY` to [`tpbpf_common::EXEMPT_PRIORITY`] (which takes
+    /// `CAP_NET_ADMIN`, as loading the programs did).
+    pub fn register<S: AsFd>(&self, sock: &S) -> io::Result<()> {
+        let priority = tpbpf_common::EXEMPT_PRIORITY as libc::c_int;
+        // SAFETY: valid fd, and an int-sized value whose length is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PRIORITY,
+                (&priority as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("marking a socket as tpbpf's own (SO_PRIORITY): {e}"),
+            ));
+        }
+        Ok(())
     }
-
-    pub fn forget(&self, cookie: u64) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = map.remove(&cookie);
-    }
-}
-
-/// `SO_COOKIE`: the kernel's id of a socket, as the programs see it.
-fn socket_cookie<S: AsFd>(sock: &S) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, and a u64-sized out buffer whose length is passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
 
 pub(crate) fn orig_to_socket_addr(orig: &OrigDst) -> Option<SocketAddr> {

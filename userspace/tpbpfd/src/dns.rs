@@ -198,7 +198,7 @@ impl Dns {
                 Some(Protocol::UDP),
             )?;
             sock.set_nonblocking(true)?;
-            let cookie = self.bypass.register(&sock)?;
+            self.bypass.register(&sock)?;
             let sock = UdpSocket::from_std(sock.into())?;
             let r = async {
                 sock.connect(resolver).await?;
@@ -211,7 +211,6 @@ impl Dns {
                 Ok::<_, io::Error>(buf)
             }
             .await;
-            self.bypass.forget(cookie);
             r
         }
         .await;
@@ -235,8 +234,8 @@ impl Dns {
             Some(Protocol::TCP),
         )?;
         sock.set_nonblocking(true)?;
-        let cookie = self.bypass.register(&sock)?;
-        let r = async {
+        self.bypass.register(&sock)?;
+        async {
             let mut s = tokio::time::timeout(
                 FORWARD_TIMEOUT,
                 TcpSocket::from_std_stream(sock.into()).connect(resolver),
@@ -248,9 +247,7 @@ impl Dns {
                 .await?
                 .ok_or_else(|| io::Error::other("closed"))
         }
-        .await;
-        self.bypass.forget(cookie);
-        r
+        .await
     }
 
     /// DNS over TCP (RFC 7766): length-prefixed messages, several per connection.
