@@ -352,7 +352,9 @@ pub async fn check_access(
     let env = match listener {
         Some(listener) => {
             prove_port_forward(session, id, ip, listener, nonce).await?;
-            Ok(())
+            // A port-forward reaches the pod's listeners, not its
+            // environment: that asks what reading it would, as below.
+            env_after_port_forward(session, id, target, rights).await?
         }
         None => {
             let api = rights.api()?;
@@ -371,6 +373,46 @@ pub async fn check_access(
         netns: Arc::new(ns),
         env,
     })
+}
+
+/// Whether the client of an intercept that a port-forward let through may
+/// have the pod's environment: its identity, checked with the API server
+/// (see [`crate::rights::env_only`]). The inner `Err` says why it is
+/// withheld (no API client, no identity, not the right); the outer, that
+/// the session ended.
+async fn env_after_port_forward(
+    session: &Session,
+    id: u32,
+    target: SocketAddr,
+    rights: &Rights,
+) -> Result<Result<(), String>, String> {
+    let api = match rights.api() {
+        Ok(api) => api,
+        Err(e) => {
+            return Ok(Err(format!(
+                "the environment of {target}'s pod is withheld: {e}"
+            )))
+        }
+    };
+    let mut nonce = [0u8; 16];
+    getrandom::getrandom(&mut nonce).map_err(|e| e.to_string())?;
+    let proof = match session.intercept_identity(id, nonce, PROOF_TIMEOUT).await {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(e.to_string()),
+        Err(e) => {
+            return Ok(Err(format!(
+                "the environment of {target}'s pod is withheld: no identity from the client: {e}"
+            )))
+        }
+    };
+    Ok(
+        match crate::rights::env_only(api, &proof, &nonce, target.ip()).await {
+            Ok(env) => env,
+            Err(e) => Err(format!(
+                "the environment of {target}'s pod is withheld: {e}"
+            )),
+        },
+    )
 }
 
 /// The port-forward proof (`--intercept-rights port-forward`): the agent

@@ -236,16 +236,14 @@ fn env_secrets(pod: &Value) -> Vec<String> {
     names
 }
 
-/// Checks that the user `proof` names may intercept pod
-/// `proof.namespace/proof.pod`, which has address `ip`, under `rights`;
-/// and whether it may be given the pod's environment.
-pub async fn check(
+/// The user `proof` names, as the API server knows it, and the pod
+/// `proof.namespace/proof.pod` it names, which must have address `ip`.
+async fn identify(
     api: &Api,
-    rights: InterceptRights,
     proof: &IdentityProof,
     nonce: &[u8; 16],
     ip: IpAddr,
-) -> Result<Granted, String> {
+) -> Result<(UserInfo, Value), String> {
     let (ns, name) = (proof.namespace.as_str(), proof.pod.as_str());
     if !name_ok(ns) || !name_ok(name) {
         return Err(format!("{ns}/{name} is not a pod's name"));
@@ -277,6 +275,21 @@ pub async fn check(
             "pod {ns}/{name} does not have address {ip}: intercept refused"
         ));
     }
+    Ok((user, pod))
+}
+
+/// Checks that the user `proof` names may intercept pod
+/// `proof.namespace/proof.pod`, which has address `ip`, under `rights`;
+/// and whether it may be given the pod's environment.
+pub async fn check(
+    api: &Api,
+    rights: InterceptRights,
+    proof: &IdentityProof,
+    nonce: &[u8; 16],
+    ip: IpAddr,
+) -> Result<Granted, String> {
+    let (ns, name) = (proof.namespace.as_str(), proof.pod.as_str());
+    let (user, pod) = identify(api, proof, nonce, ip).await?;
     let who = &user.username;
     let (verb, target, what, kind_name) = match rights {
         InterceptRights::PatchPod | InterceptRights::PortForward => {
@@ -312,29 +325,60 @@ pub async fn check(
             "{who} may not {verb} {resource} {ns}/{kind_name}, which intercepting {ns}/{name} takes (the right to change {what}; `kubectl auth can-i {verb} {resource}/{kind_name} -n {ns}` says the same): ask for that right, or a cluster admin can change the rule with `tpbpf install --intercept-rights`"
         ));
     }
-    let env = if may(api, &user, "create", ("", "pods", "exec"), ns, name).await? {
-        Ok(())
-    } else {
-        let secrets = env_secrets(&pod);
-        let mut missing = Vec::new();
-        for s in &secrets {
-            if !may(api, &user, "get", ("", "secrets", ""), ns, s).await? {
-                missing.push(s.clone());
-            }
-        }
-        if missing.is_empty() {
+    Ok(Granted {
+        user: user.username.clone(),
+        env: env_right(api, &user, ns, name, &pod).await?,
+    })
+}
+
+/// Whether the user `proof` names may have the environment of the pod it
+/// names (address `ip`), when another proof (a port-forward) let the
+/// intercept itself through. The inner `Err` says why it is withheld; the
+/// outer, that the identity or the pod did not check out.
+pub async fn env_only(
+    api: &Api,
+    proof: &IdentityProof,
+    nonce: &[u8; 16],
+    ip: IpAddr,
+) -> Result<Result<(), String>, String> {
+    let (ns, name) = (proof.namespace.as_str(), proof.pod.as_str());
+    let (user, pod) = identify(api, proof, nonce, ip).await?;
+    env_right(api, &user, ns, name, &pod).await
+}
+
+/// What reading pod `ns/name`'s environment asks: `create pods/exec` on
+/// it, or `get` on every secret its containers' variables reference.
+/// The inner `Err` says why it is withheld; the outer, that the API
+/// server could not be asked.
+async fn env_right(
+    api: &Api,
+    user: &UserInfo,
+    ns: &str,
+    name: &str,
+    pod: &Value,
+) -> Result<Result<(), String>, String> {
+    let who = &user.username;
+    Ok(
+        if may(api, user, "create", ("", "pods", "exec"), ns, name).await? {
             Ok(())
         } else {
-            Err(format!(
+            let secrets = env_secrets(pod);
+            let mut missing = Vec::new();
+            for s in &secrets {
+                if !may(api, user, "get", ("", "secrets", ""), ns, s).await? {
+                    missing.push(s.clone());
+                }
+            }
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
                 "the environment of {ns}/{name} is withheld: {who} may neither exec into the pod (create pods/exec) nor get the secrets it references ({})",
                 missing.join(", ")
             ))
-        }
-    };
-    Ok(Granted {
-        user: who.clone(),
-        env,
-    })
+            }
+        },
+    )
 }
 
 #[cfg(test)]

@@ -836,3 +836,73 @@ fn the_control_socket_serves_only_its_owner_and_bounds_requests() {
     );
     assert!(exchange(huge_name.as_bytes()).contains("names are 1 to 253 bytes"));
 }
+
+/// Under the relaxed rule (`--intercept-rights port-forward`) a
+/// port-forward lets the intercept through, but the pod's environment
+/// still asks what reading it would: the web pods take `WEB_API_TOKEN`
+/// from Secret `web-api`, so the lab's forwarder (port-forward only)
+/// intercepts without it (told why, no env file written, the value
+/// nowhere), and the developer (`create pods/exec` in `default`) gets it.
+#[test]
+fn with_port_forward_rights_the_environment_still_asks_for_exec_or_its_secrets() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up_without_agent("tf") else {
+        return;
+    };
+    lab.install_with(&["--intercept-rights", "port-forward"]);
+    let secret = tpbpf_lab::spec::WEB_API_TOKEN;
+    let dir = TempDir::new("tpbpf-env");
+    let intercept_as = |kubeconfig: &str, env_file: &std::path::Path| {
+        let cg = TestCgroup::new();
+        let instance = Instance(unique_name("if"));
+        bring_up_as(&lab, kubeconfig, &cg, &instance);
+        let out = tpbpf(&[
+            "intercept",
+            "web",
+            "--port",
+            "80:18080",
+            "--instance",
+            &instance.0,
+            "-o",
+            "json",
+            "--env-file",
+            env_file.to_str().unwrap(),
+        ]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "intercept: {stderr}");
+        (stdout, stderr)
+    };
+    let forwarder = format!("/run/tpbpf-lab/{}/kubeconfig-forwarder", lab.name);
+    let env_file = dir.0.join("forwarder.env");
+    let (stdout, stderr) = intercept_as(&forwarder, &env_file);
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let why = v["env_withheld"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("lab-forwarder may neither exec into the pod") && why.contains(secret.secret),
+        "{v}"
+    );
+    assert!(
+        stderr.contains("not written") && !env_file.exists(),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains(secret.value) && !stderr.contains(secret.value),
+        "the secret's value reached the forwarder: {stdout}{stderr}"
+    );
+
+    let restricted = format!("/run/tpbpf-lab/{}/kubeconfig-restricted", lab.name);
+    let env_file = dir.0.join("developer.env");
+    let (stdout, _) = intercept_as(&restricted, &env_file);
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert!(v["env_withheld"].is_null(), "{v}");
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    assert!(
+        env.contains(&format!("{}={}", secret.name, secret.value)),
+        "{env}"
+    );
+}

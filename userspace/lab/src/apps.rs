@@ -320,6 +320,7 @@ fn app_cmd(pod: &Pod, netns: &str) -> Command {
         .env("PATH", IMAGE_PATH)
         .env("HOSTNAME", &pod.name)
         .envs(pod.env.iter().copied())
+        .envs(pod.secret_env.iter().map(|s| (s.name, s.value)))
         .args(["netns", "exec", netns]);
     cmd
 }

@@ -43,7 +43,28 @@ pub struct Pod {
     /// The owning workload (deployment or statefulset) name.
     pub workload: &'static str,
     pub env: &'static [(&'static str, &'static str)],
+    /// Variables from a Secret (`valueFrom.secretKeyRef`): the pod spec
+    /// names the secret and key, the process has the value.
+    pub secret_env: &'static [SecretEnv],
 }
+
+/// An environment variable a pod takes from a Secret's key.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SecretEnv {
+    pub name: &'static str,
+    pub secret: &'static str,
+    pub key: &'static str,
+    pub value: &'static str,
+}
+
+/// The web pods' API token, from Secret `default/web-api`: what a pod's
+/// environment must not give to someone who may not read it.
+pub const WEB_API_TOKEN: SecretEnv = SecretEnv {
+    name: "WEB_API_TOKEN",
+    secret: "web-api",
+    key: "token",
+    value: "lab-web-api-token-0f3c9a",
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Service {
@@ -84,6 +105,7 @@ pub fn pods() -> Vec<Pod> {
             label: "kube-dns",
             workload: "coredns",
             env: &[],
+            secret_env: &[],
         },
         Pod {
             name: "web-7d4b9c-a1".into(),
@@ -97,6 +119,7 @@ pub fn pods() -> Vec<Pod> {
                 ("WEB_GREETING", "hello from the lab"),
                 ("WEB_COLOR", "blue"),
             ],
+            secret_env: &[WEB_API_TOKEN],
         },
         Pod {
             name: "web-7d4b9c-b2".into(),
@@ -110,6 +133,7 @@ pub fn pods() -> Vec<Pod> {
                 ("WEB_GREETING", "hello from the lab"),
                 ("WEB_COLOR", "blue"),
             ],
+            secret_env: &[WEB_API_TOKEN],
         },
         Pod {
             name: "redis-0".into(),
@@ -120,6 +144,7 @@ pub fn pods() -> Vec<Pod> {
             label: "redis",
             workload: "redis",
             env: &[],
+            secret_env: &[],
         },
         Pod {
             name: "postgres-0".into(),
@@ -130,6 +155,7 @@ pub fn pods() -> Vec<Pod> {
             label: "postgres",
             workload: "postgres",
             env: &[("POSTGRES_USER", "lab"), ("POSTGRES_DB", "lab")],
+            secret_env: &[],
         },
     ]
 }

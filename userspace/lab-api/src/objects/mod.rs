@@ -19,7 +19,7 @@ use k8s_openapi::{
 };
 use tpbpf_lab::{spec, Status};
 
-pub use pods::{agent_pods, pods};
+pub use pods::{agent_pods, pods, secrets};
 pub use services::{endpoint_slices, service_cidrs, services};
 pub use workloads::{daemon_sets, deployments, replica_sets};
 

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::core::v1::{
         Container, ContainerPort, ContainerState, ContainerStateRunning, ContainerStateTerminated,
-        ContainerStateWaiting, ContainerStatus, EnvVar, Pod, PodCondition, PodIP, PodSpec,
-        PodStatus,
+        ContainerStateWaiting, ContainerStatus, EnvVar, EnvVarSource, Pod, PodCondition, PodIP,
+        PodSpec, PodStatus, SecretKeySelector,
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
     jiff::Timestamp,
@@ -233,6 +233,18 @@ fn workload_pods(live: &Status) -> Vec<Pod> {
                                     value: Some(v.to_string()),
                                     ..Default::default()
                                 })
+                                .chain(p.secret_env.iter().map(|s| EnvVar {
+                                    name: s.name.into(),
+                                    value_from: Some(EnvVarSource {
+                                        secret_key_ref: Some(SecretKeySelector {
+                                            name: s.secret.into(),
+                                            key: s.key.into(),
+                                            ..Default::default()
+                                        }),
+                                        ..Default::default()
+                                    }),
+                                    ..Default::default()
+                                }))
                                 .collect(),
                         ),
                         ..Default::default()
@@ -265,6 +277,30 @@ fn workload_pods(live: &Status) -> Vec<Pod> {
                     ..Default::default()
                 }),
             }
+        })
+        .collect()
+}
+
+/// The Secrets the lab's pods take variables from (`valueFrom.secretKeyRef`),
+/// one per name and namespace, holding each key the pods read.
+pub fn secrets() -> Vec<k8s_openapi::api::core::v1::Secret> {
+    use k8s_openapi::{api::core::v1::Secret, ByteString};
+    let mut by_name: BTreeMap<(&str, &str), BTreeMap<String, ByteString>> = BTreeMap::new();
+    for p in spec::pods() {
+        for s in p.secret_env {
+            by_name
+                .entry((p.namespace, s.secret))
+                .or_default()
+                .insert(s.key.into(), ByteString(s.value.as_bytes().to_vec()));
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|((namespace, name), data)| Secret {
+            metadata: meta(name, Some(namespace), &uid("Secret", namespace, name)),
+            data: Some(data),
+            type_: Some("Opaque".into()),
+            ..Default::default()
         })
         .collect()
 }

@@ -148,6 +148,15 @@ pub(super) fn kinds() -> Vec<Kind> {
             objects: |live| live.client_ca_configmap(),
         },
         Kind {
+            group: "",
+            version: "v1",
+            plural: "secrets",
+            kind: "Secret",
+            namespaced: true,
+            short: &[],
+            objects: |_| to_values(objects::secrets()),
+        },
+        Kind {
             group: "discovery.k8s.io",
             version: "v1",
             plural: "endpointslices",
