@@ -484,11 +484,14 @@ fn without_node_pod_cidrs_the_ranges_come_from_the_agents_and_overrides_win() {
     assert_eq!(v["cluster"]["dns"], "10.96.0.99", "{v}");
 }
 
-/// A connected namespace named like a top-level domain (`test`) does not
-/// take that domain's names: `local.test` still resolves through the
-/// application's own resolver, while cluster names resolve in the cluster.
+/// A plain `tpbpf up` (no `-n`) resolves `svc.ns` for every namespace of
+/// the cluster the user may list, as inside a pod: `redis.cache` and
+/// `postgres.db` work with real clients, bare names resolve in the
+/// context's namespace. A namespace named like a top-level domain (`test`)
+/// does not take that domain's names: `local.test` still resolves through
+/// the application's own resolver. `--mapped-namespaces` narrows the set.
 #[test]
-fn a_namespace_named_test_leaves_local_test_to_the_apps_resolver() {
+fn a_plain_up_resolves_names_in_every_namespace_and_leaves_local_test_to_the_apps_resolver() {
     if !require_root() {
         return;
     }
@@ -533,42 +536,70 @@ fn a_namespace_named_test_leaves_local_test_to_the_apps_resolver() {
         }),
         "dnsmasq did not bind 127.0.0.53:53"
     );
+    let resolv = TempDir::new("tpbpf-resolv");
+    let resolv = resolv.0.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+    let up = |cg: &TestCgroup, instance: &Instance, extra: &[&str]| {
+        let out = Command::new(tpbpf_bin())
+            .args(["--netns", &dev, "up", "--kubeconfig", &kubeconfig])
+            .args(["--instance", &instance.0])
+            .args(extra)
+            .arg("--cgroup")
+            .arg(cg.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
     let cg = TestCgroup::new();
     let instance = Instance(unique_name("tt"));
-    let out = Command::new(tpbpf_bin())
-        .args(["--netns", &dev, "up", "--kubeconfig", &kubeconfig])
-        .args(["--instance", &instance.0, "-n", "default", "-n", "test"])
-        .arg("--cgroup")
-        .arg(cg.path())
-        .output()
-        .unwrap();
+    up(&cg, &instance, &[]);
+    // The namespaces come from a watch that starts with the bridge: the
+    // first query may come before its first report.
+    let mut text = String::new();
+    let resolved = wait_for_every(Duration::from_secs(15), Duration::from_millis(300), || {
+        let got = in_cgroup_and_netns(
+            cg.path(),
+            &dev,
+            &resolv,
+            "redis-cli -h redis.cache ping; psql -h postgres.db -U lab -d lab -Atc \"select 41 + 1\"; \
+             getent hosts local.test; getent hosts web.default; getent hosts web",
+        );
+        text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&got.stdout),
+            String::from_utf8_lossy(&got.stderr)
+        );
+        text.contains("PONG") && text.lines().any(|l| l == "42")
+    });
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        resolved,
+        "redis.cache and postgres.db after a plain up: {text}"
     );
-    let resolv = std::env::temp_dir().join(format!("{}.resolv.conf", lab.name));
-    std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+    let has = |text: &str, ip: &str, name: &str| {
+        text.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [ip, name])
+    };
+    assert!(has(&text, "192.0.2.7", "local.test"), "{text}");
+    assert!(has(&text, "10.96.0.20", "web.default"), "{text}");
+    assert!(has(&text, "10.96.0.20", "web"), "{text}");
+    drop(instance);
+
+    // Narrowed to `default`: `redis.cache` is the app's resolver's again
+    // (which does not know it), `web.default` still the cluster's.
+    let cg = TestCgroup::new();
+    let instance = Instance(unique_name("tm"));
+    up(&cg, &instance, &["--mapped-namespaces", "default"]);
     let got = in_cgroup_and_netns(
         cg.path(),
         &dev,
         &resolv,
-        "getent hosts local.test; getent hosts web.default; getent hosts web",
+        "getent hosts redis.cache; echo rc=$?; getent hosts web.default",
     );
-    let _ = std::fs::remove_file(&resolv);
     let text = String::from_utf8_lossy(&got.stdout);
-    let _ = Command::new(tpbpf_bin())
-        .args(["down", "--instance", &instance.0])
-        .output();
-    let has = |ip: &str, name: &str| {
-        text.lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [ip, name])
-    };
-    assert!(
-        has("192.0.2.7", "local.test"),
-        "{text}{}",
-        String::from_utf8_lossy(&got.stderr)
-    );
-    assert!(has("10.96.0.20", "web.default"), "{text}");
-    assert!(has("10.96.0.20", "web"), "{text}");
+    assert!(text.contains("rc=2"), "redis.cache resolved: {text}");
+    assert!(has(&text, "10.96.0.20", "web.default"), "{text}");
 }

@@ -40,3 +40,6 @@ pub const MAX_RANGES: usize = 256;
 /// DNS suffixes and namespaces in one request.
 pub const MAX_DNS_SUFFIXES: usize = 16;
 pub const MAX_NAMESPACES: usize = 64;
+/// The cluster's namespaces a bridge's DNS knows (for `<svc>.<ns>` names):
+/// a report with more is refused whole, and the set before it kept.
+pub const MAX_MAPPED_NAMESPACES: usize = 10_000;

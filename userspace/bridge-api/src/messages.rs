@@ -15,6 +15,14 @@ pub enum ToService {
     /// the user's side to the API server) from this bridge's redirection,
     /// answered by [`FromService::Exempted`] with the same `id`.
     Exempt { id: u32 },
+    /// On a bridge's connection: the cluster's namespaces the user may
+    /// list, for the bridge's DNS (`<svc>.<ns>` names), one name per line
+    /// in the payload. A report larger than a frame comes in parts, each
+    /// but the last with `more`; the last replaces the set whole.
+    Namespaces {
+        #[serde(default)]
+        more: bool,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -31,7 +31,7 @@ pub use apply::{apply, delete};
 pub use client::{client, on_new_socket, SocketHookFuture};
 pub use discover::{discover, parse_range_error, pick_pod_ranges, ClusterInfo, Given};
 pub use error::KubeError;
-pub use follow::follow;
+pub use follow::{follow, follow_namespaces, Namespaces};
 pub use port_forward::{prove_port_forward, PortForward};
 pub use workload::{
     interceptable, label_selector, resolve_workload, workload_pods, workloads, Workload,

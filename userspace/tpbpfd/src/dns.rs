@@ -7,7 +7,10 @@
 //! - names under the cluster domain (`cluster.local` unless configured) or
 //!   an extra suffix;
 //! - `<svc>.<ns>` and `<svc>.<ns>.svc`, when `<ns>` is a connected
-//!   namespace: asked as `<svc>.<ns>.svc.<domain>`, like inside a pod;
+//!   namespace or one of the cluster's that the user may list (the user's
+//!   side keeps that set current): asked as `<svc>.<ns>.svc.<domain>`,
+//!   like inside a pod; `<svc>.<ns>` goes to the application's resolver
+//!   if the cluster does not know it;
 //! - a bare name (`api`): asked as `api.<first namespace>.svc.<domain>`;
 //!   if the cluster does not know it, it is forwarded as it was.
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
@@ -22,7 +25,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream, UdpSocket},
 };
-use tpbpf_bridge_api::limits::{MAX_DNS_FORWARDS, MAX_DNS_TCP};
+use tpbpf_bridge_api::limits::{MAX_DNS_FORWARDS, MAX_DNS_TCP, MAX_MAPPED_NAMESPACES};
 use tpbpf_loader::Bypass;
 use tracing::{debug, warn};
 
@@ -38,7 +41,14 @@ pub struct DnsConfig {
     pub suffixes: Vec<String>,
     /// Connected namespaces; the first is where bare names resolve.
     pub namespaces: Vec<String>,
+    /// The cluster's other namespaces, as the user's side reports them.
+    pub mapped: Mapped,
 }
+
+/// The namespaces whose `<svc>.<ns>` names are the cluster's besides the
+/// connected ones (lower case): replaced whole by each report of the
+/// user's side, at most [`MAX_MAPPED_NAMESPACES`].
+pub type Mapped = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
 
 impl Default for DnsConfig {
     fn default() -> Self {
@@ -46,6 +56,7 @@ impl Default for DnsConfig {
             cluster_domain: "cluster.local".into(),
             suffixes: Vec::new(),
             namespaces: vec!["default".into()],
+            mapped: Mapped::default(),
         }
     }
 }
@@ -76,7 +87,9 @@ fn route(cfg: &DnsConfig, qname: &str) -> Route {
         return Route::Cluster(format!("{name}."));
     }
     let labels: Vec<&str> = name.split('.').collect();
-    let is_ns = |l: &str| cfg.namespaces.iter().any(|n| n.eq_ignore_ascii_case(l));
+    let mapped = cfg.mapped.read().unwrap_or_else(|p| p.into_inner());
+    let is_ns =
+        |l: &str| cfg.namespaces.iter().any(|n| n.eq_ignore_ascii_case(l)) || mapped.contains(l);
     match labels.as_slice() {
         [_, .., ns, "svc"] if is_ns(ns) => Route::Cluster(format!("{name}.{domain}.")),
         // `svc.ns` as inside a pod, unless the cluster does not know it:
@@ -91,6 +104,54 @@ fn route(cfg: &DnsConfig, qname: &str) -> Route {
         },
         _ => Route::Forward,
     }
+}
+
+/// A report of the user's side, in parts: the namespaces so far, checked.
+#[derive(Debug, Default)]
+pub struct NamespaceReport {
+    names: std::collections::HashSet<String>,
+}
+
+impl NamespaceReport {
+    /// Takes one part (names one per line). `Ok(Some(set))` once the last
+    /// part came: the set to put in place. A name that is not a namespace
+    /// name, or more than [`MAX_MAPPED_NAMESPACES`], refuses the whole
+    /// report (the next starts afresh).
+    pub fn part(
+        &mut self,
+        text: &[u8],
+        more: bool,
+    ) -> Result<Option<std::collections::HashSet<String>>, String> {
+        let result = (|| {
+            let text =
+                std::str::from_utf8(text).map_err(|_| "namespace names that are not UTF-8")?;
+            for name in text.split('\n').filter(|n| !n.is_empty()) {
+                if !namespace_name(name) {
+                    return Err(format!("`{}` is not a namespace name", name.escape_debug()));
+                }
+                self.names.insert(name.to_string());
+                if self.names.len() > MAX_MAPPED_NAMESPACES {
+                    return Err(format!("more than {MAX_MAPPED_NAMESPACES} namespaces"));
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.names.clear();
+            return Err(e);
+        }
+        Ok((!more).then(|| std::mem::take(&mut self.names)))
+    }
+}
+
+/// A namespace's name: a DNS-1123 label (lower case letters, digits and
+/// `-`, at most 63, not starting or ending with `-`).
+fn namespace_name(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 pub struct Dns {
@@ -313,7 +374,46 @@ mod tests {
             cluster_domain: "cluster.local".into(),
             suffixes: vec!["corp.internal".into()],
             namespaces: vec!["default".into(), "db".into()],
+            mapped: Mapped::default(),
         }
+    }
+
+    #[test]
+    fn the_clusters_other_namespaces_resolve_once_reported() {
+        let cfg = cfg();
+        assert_eq!(route(&cfg, "redis.cache."), Route::Forward);
+        let mut report = NamespaceReport::default();
+        assert_eq!(report.part(b"cache\n", true).unwrap(), None);
+        let names = report.part(b"kube-system\n", false).unwrap().unwrap();
+        *cfg.mapped.write().unwrap() = names;
+        assert_eq!(
+            route(&cfg, "redis.cache."),
+            Route::ClusterThenForward("redis.cache.svc.cluster.local.".into())
+        );
+        assert_eq!(
+            route(&cfg, "redis.cache.svc"),
+            cluster("redis.cache.svc.cluster.local.")
+        );
+        assert_eq!(route(&cfg, "example.org."), Route::Forward);
+    }
+
+    #[test]
+    fn a_bad_namespace_report_is_refused_whole() {
+        let mut report = NamespaceReport::default();
+        for bad in [&b"Caps\n"[..], b"a.b\n", b"-x\n", b"\xff\n", &[b'a'; 64]] {
+            assert!(report.part(b"ok\n", true).is_ok());
+            assert!(report.part(bad, false).is_err(), "{bad:?}");
+            // The next report starts afresh: `ok` went with the refused one.
+            assert_eq!(
+                report.part(b"fine\n", false).unwrap().unwrap(),
+                ["fine".to_string()].into_iter().collect()
+            );
+        }
+        let many: String = (0..=MAX_MAPPED_NAMESPACES)
+            .map(|i| format!("n{i}\n"))
+            .collect();
+        let e = report.part(many.as_bytes(), false).unwrap_err();
+        assert!(e.contains("more than"), "{e}");
     }
 
     fn cluster(n: &str) -> Route {

@@ -72,6 +72,7 @@ pub struct Bridge {
     redirector: Redirector,
     tasks: Vec<JoinHandle<()>>,
     proxy: ProxyConfig,
+    mapped: Option<dns::Mapped>,
 }
 
 impl Bridge {
@@ -132,6 +133,7 @@ impl Bridge {
         };
         redirector.configure(proxy)?;
 
+        let mapped = options.dns.as_ref().map(|d| d.mapped.clone());
         let dns = options
             .dns
             .map(|cfg| Arc::new(dns::Dns::new(cfg, upstream.clone(), redirector.bypass())));
@@ -171,6 +173,7 @@ impl Bridge {
             redirector,
             tasks,
             proxy,
+            mapped,
         })
     }
 
@@ -198,6 +201,11 @@ impl Bridge {
 
     pub fn proxy(&self) -> ProxyConfig {
         self.proxy
+    }
+
+    /// The cluster's namespaces the bridge's DNS knows (`None`: no DNS).
+    pub fn mapped_namespaces(&self) -> Option<dns::Mapped> {
+        self.mapped.clone()
     }
 
     /// The handle that exempts tpbpfd's own sockets from its redirection.

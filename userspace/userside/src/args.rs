@@ -78,6 +78,11 @@ pub struct BridgeArgs {
     /// `default` without a cluster).
     #[arg(long = "namespace")]
     pub namespaces: Vec<String>,
+    /// Only these namespaces' `svc.NS` names go to the cluster (comma-
+    /// separated or repeated); default: every namespace the identity may
+    /// list, kept current by a watch.
+    #[arg(long = "mapped-namespaces", value_name = "NS", value_delimiter = ',')]
+    pub mapped_namespaces: Vec<String>,
     /// Do not capture DNS.
     #[arg(long)]
     pub no_dns: bool,

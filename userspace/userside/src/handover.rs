@@ -107,6 +107,29 @@ impl BridgeChannel {
         .await;
     }
 
+    /// Tells tpbpfd the cluster's namespaces, for the bridge's DNS: in
+    /// parts of at most a frame's payload, the last one without `more`.
+    pub async fn report_namespaces(&self, names: &[String]) -> io::Result<()> {
+        const PART: usize = 60 * 1024;
+        let mut parts: Vec<Vec<u8>> = vec![Vec::new()];
+        for n in names {
+            let part = parts.last_mut().expect("one part at least");
+            if !part.is_empty() && part.len() + n.len() + 1 > PART {
+                parts.push(Vec::new());
+            }
+            let part = parts.last_mut().expect("one part at least");
+            part.extend_from_slice(n.as_bytes());
+            part.push(b'\n');
+        }
+        let last = parts.len() - 1;
+        for (i, part) in parts.iter().enumerate() {
+            self.chan
+                .send(&ToService::Namespaces { more: i < last }, part, None)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn send_datagram(&self, header: Datagram, payload: &[u8]) -> io::Result<()> {
         self.chan.send_raw(&header.encode(), payload, None).await
     }

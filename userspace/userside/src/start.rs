@@ -151,6 +151,7 @@ pub fn start(mut args: BridgeArgs, mode: Mode, tpbpfd: Tpbpfd) -> Result<ExitCod
                 let (chan, ready) = client::up(at, request, None).await?;
                 let bridge = BridgeChannel::new(chan);
                 let _ = exempting.set(bridge.clone());
+                let _namespaces = report_namespaces(&bridge, cluster.as_ref(), &args);
                 let owner = if nix::unistd::geteuid().is_root() {
                     Invoker::from_sudo().ok().flatten().map(|i| i.uid)
                 } else {
@@ -182,6 +183,7 @@ pub fn start(mut args: BridgeArgs, mode: Mode, tpbpfd: Tpbpfd) -> Result<ExitCod
             } => {
                 run(
                     &args,
+                    cluster.as_ref(),
                     at,
                     &upstream,
                     &exempting,
@@ -204,6 +206,7 @@ pub fn start(mut args: BridgeArgs, mode: Mode, tpbpfd: Tpbpfd) -> Result<ExitCod
 #[allow(clippy::too_many_arguments)]
 async fn run(
     args: &BridgeArgs,
+    cluster: Option<&Cluster>,
     at: ServiceAt,
     upstream: &Arc<dyn Upstream>,
     exempting: &OnceLock<Arc<BridgeChannel>>,
@@ -242,6 +245,7 @@ async fn run(
     drop(pidfd);
     let bridge = BridgeChannel::new(chan);
     let _ = exempting.set(bridge.clone());
+    let _namespaces = report_namespaces(&bridge, cluster, args);
     args.ready_event(&ready, upstream.as_ref(), service, extra);
     {
         use std::io::Write;
@@ -256,6 +260,64 @@ async fn run(
         return Err(anyhow::Error::new(e).context("the bridge ended before the command"));
     }
     Ok(process::exit_code(status))
+}
+
+/// Keeps the bridge's DNS told which namespaces' `svc.NS` names are the
+/// cluster's: `--mapped-namespaces` once, else every namespace the identity
+/// may list, through a watch (listed again after errors). Without the right
+/// to list them only the connected namespaces resolve so, and the log says
+/// why, once. The task ends with the returned guard (or the bridge).
+fn report_namespaces(
+    bridge: &Arc<BridgeChannel>,
+    cluster: Option<&Cluster>,
+    args: &BridgeArgs,
+) -> Option<AbortOnDrop> {
+    let cluster = cluster.filter(|_| !args.no_dns)?;
+    let bridge = bridge.clone();
+    let fixed = args.mapped_namespaces.clone();
+    let client = cluster.client.clone();
+    Some(AbortOnDrop(tokio::spawn(async move {
+        if !fixed.is_empty() {
+            if let Err(e) = bridge.report_namespaces(&fixed).await {
+                tracing::warn!("telling tpbpfd the mapped namespaces: {e}");
+            }
+            return;
+        }
+        let mut seen = tpbpf_kube::follow_namespaces(&client);
+        let mut warned = false;
+        loop {
+            let now = seen.borrow_and_update().clone();
+            match &now.error {
+                Some(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(
+                        "listing the cluster's namespaces: {e}; `svc.NS` names resolve for the connected namespaces only (`tpbpf up -n NS` connects one)"
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    warned = false;
+                    let names: Vec<String> = now.names.into_iter().collect();
+                    if let Err(e) = bridge.report_namespaces(&names).await {
+                        tracing::debug!("telling tpbpfd the cluster's namespaces: {e}");
+                        return;
+                    }
+                }
+            }
+            if seen.changed().await.is_err() {
+                return;
+            }
+        }
+    })))
+}
+
+/// A task that ends when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Serves `tpbpf intercept`, `leave` and `list` on the control socket, for

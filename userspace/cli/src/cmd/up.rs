@@ -21,11 +21,16 @@ pub struct UpArgs {
     /// kubeconfig context (default: the current one).
     #[arg(long)]
     context: Option<String>,
-    /// A connected namespace (repeatable): `svc.NS` names resolve in the
-    /// cluster; bare names in the first (default: the context's namespace,
-    /// which is always connected).
+    /// A connected namespace (repeatable): bare names resolve in the first
+    /// (default: the context's namespace, which is always connected).
+    /// `svc.NS` names resolve for every namespace of the cluster you may
+    /// list, as inside a pod.
     #[arg(short, long = "namespace")]
     namespaces: Vec<String>,
+    /// Only these namespaces' `svc.NS` names go to the cluster (comma-
+    /// separated or repeated), instead of every namespace you may list.
+    #[arg(long = "mapped-namespaces", value_name = "NS", value_delimiter = ',')]
+    mapped_namespaces: Vec<String>,
     /// Where bridged traffic goes: `agent` (default), a tunnel to tpbpf's
     /// agent; `netns:NAME` dials from inside network namespace NAME (e.g. a
     /// lab node: `netns:tpbpf-lab-node1`), for debugging without a tunnel.
@@ -189,6 +194,9 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     }
     for ns in &args.namespaces {
         cmd.args(["--namespace", ns]);
+    }
+    for ns in &args.mapped_namespaces {
+        cmd.args(["--mapped-namespaces", ns]);
     }
     if let Some(cg) = &args.cgroup {
         cmd.arg("--cgroup").arg(cg);

@@ -172,9 +172,9 @@ impl Service {
                     Err(e) => refuse(e).await,
                 }
             }
-            ToService::Exempt { .. } => {
+            ToService::Exempt { .. } | ToService::Namespaces { .. } => {
                 refuse(
-                    "an exemption is asked on a bridge's own connection, for that bridge: this connection has none"
+                    "exemptions and namespaces are sent on a bridge's own connection, for that bridge: this connection has none"
                         .into(),
                 )
                 .await
@@ -244,6 +244,7 @@ impl Service {
             None
         };
         let bypass = bridge.bypass();
+        let mut dns = bridge.mapped_namespaces().map(|m| (m, Default::default()));
         let proxy = bridge.proxy();
         let ready = Ready {
             cgroup: PathBuf::from(&scope_name),
@@ -266,7 +267,7 @@ impl Service {
             .map_err(|e| e.to_string())?;
         loop {
             let ended = match chan.recv().await {
-                Ok(Some(frame)) => from_user(&user, &bypass, &chan, frame).await,
+                Ok(Some(frame)) => from_user(&user, &bypass, &mut dns, &chan, frame).await,
                 Ok(None) => break,
                 Err(e) => Err(e.to_string()),
             };
@@ -293,10 +294,12 @@ impl Service {
 }
 
 /// One frame from a bridge's user's side: a datagram or DNS answer, or an
-/// exemption of one of its own sockets.
+/// exemption of one of its own sockets, or a report of the cluster's
+/// namespaces (for `dns`: the bridge's set and the report in parts).
 async fn from_user(
     user: &UserSide,
     bypass: &tpbpf_loader::Bypass,
+    dns: &mut Option<(crate::dns::Mapped, crate::dns::NamespaceReport)>,
     chan: &Channel,
     frame: Frame,
 ) -> Result<(), String> {
@@ -316,6 +319,20 @@ async fn from_user(
             chan.send(&FromService::Exempted { id, error }, &[], None)
                 .await
                 .map_err(|e| e.to_string())
+        }
+        ToService::Namespaces { more } => {
+            // A bridge without DNS has nothing to do with them.
+            if let Some((mapped, report)) = dns {
+                match report.part(&frame.payload, more) {
+                    Ok(Some(names)) => {
+                        debug!(count = names.len(), "the cluster's namespaces, for DNS");
+                        *mapped.write().unwrap_or_else(|p| p.into_inner()) = names;
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!("a report of the cluster's namespaces refused: {e}"),
+                }
+            }
+            Ok(())
         }
         other => Err(format!("{other:?} on a bridge's connection")),
     }

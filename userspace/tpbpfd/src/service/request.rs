@@ -116,6 +116,7 @@ fn check(request: &UpRequest, uid: u32, own: &[std::net::IpAddr]) -> Result<Brid
                 cluster_domain: d.cluster_domain.clone(),
                 suffixes: d.suffixes.clone(),
                 namespaces: d.namespaces.clone(),
+                mapped: Default::default(),
             })
         }
     };
