@@ -111,6 +111,7 @@ pub fn dist(args: &Args) -> Result<Made> {
         ),
     )?;
     fs::copy(root_dir().join("README.md"), doc.join("README.md"))?;
+    shell_and_manual(&bin, &pkg)?;
     let dbg_doc = dbg.join("usr/share/doc");
     fs::create_dir_all(&dbg_doc)?;
     std::os::unix::fs::symlink("tpbpf", dbg_doc.join("tpbpf-dbgsym"))?;
@@ -239,6 +240,40 @@ if [ -d /run/systemd/system ]; then
 fi
 exit 0
 "#;
+
+/// The shell completions (bash, zsh, fish: `tpbpf completion SHELL`) and
+/// the manual pages (`tpbpf __man`, gzipped as Debian ships them), where
+/// each shell and `man` look in a package.
+fn shell_and_manual(bin: &Path, pkg: &Path) -> Result<()> {
+    step("shell completions (bash, zsh, fish) and manual pages");
+    for (shell, dir, file) in [
+        ("bash", "usr/share/bash-completion/completions", "tpbpf"),
+        ("zsh", "usr/share/zsh/vendor-completions", "_tpbpf"),
+        ("fish", "usr/share/fish/vendor_completions.d", "tpbpf.fish"),
+    ] {
+        let out = Command::new(bin)
+            .args(["completion", shell])
+            .output()
+            .with_context(|| format!("running tpbpf completion {shell}"))?;
+        if !out.status.success() || out.stdout.is_empty() {
+            bail!(
+                "tpbpf completion {shell} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        fs::create_dir_all(pkg.join(dir))?;
+        fs::write(pkg.join(dir).join(file), &out.stdout)?;
+    }
+    let man = pkg.join("usr/share/man/man1");
+    run(Command::new(bin).arg("__man").arg(&man))?;
+    run(Command::new("gzip").args(["-9", "-n", "-f"]).args(
+        fs::read_dir(&man)?
+            .flatten()
+            .map(|e| e.path())
+            .collect::<Vec<_>>(),
+    ))?;
+    Ok(())
+}
 
 fn write_script(path: &Path, text: &str) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;

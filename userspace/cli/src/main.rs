@@ -4,7 +4,7 @@ mod netns;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 pub use tpbpf_userside::Output;
 
 #[derive(Parser)]
@@ -66,9 +66,20 @@ enum Command {
     /// without sudo.
     #[command(subcommand)]
     Service(cmd::service::ServiceCommand),
+    /// This tpbpf's version and tunnel protocol, and the cluster's agent's.
+    Version(cmd::version::VersionArgs),
+    /// A shell completion script: `source <(tpbpf completion bash)`, or
+    /// into the shell's completion directory.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Debugging tools.
     #[command(subcommand)]
     Debug(DebugCommand),
+    /// Internal: writes the manual pages (tpbpf.1, tpbpf-up.1, ...) into DIR.
+    #[command(name = "__man", hide = true)]
+    Man { dir: std::path::PathBuf },
     /// Internal: removes a cgroup once its creator is gone.
     #[command(name = "__reap-cgroup", hide = true)]
     ReapCgroup { path: std::path::PathBuf },
@@ -115,6 +126,15 @@ fn main() -> ExitCode {
         Command::List(args) => cmd::intercept::list(args),
         Command::Service(c) => cmd::service::run(c),
         Command::Debug(DebugCommand::Redirect(args)) => cmd::redirect::run(args),
+        Command::Version(args) => cmd::version::run(args),
+        Command::Completion { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tpbpf", &mut script);
+            // A closed pipe (`| head`) is the reader's choice, not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => man_pages(&dir).map(|()| ExitCode::SUCCESS),
         Command::ReapCgroup { path } => tpbpf_cgroup::reaper::run_reaper(path)
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from),
@@ -168,4 +188,31 @@ fn error_chain(e: &anyhow::Error) -> String {
         }
     }
     out
+}
+
+/// The manual pages of `tpbpf` and each of its visible subcommands, one
+/// file each (`tpbpf.1`, `tpbpf-up.1`, `tpbpf-lab-up.1`...), into `dir`.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut stack = vec![("tpbpf".to_string(), cmd)];
+    while let Some((name, cmd)) = stack.pop() {
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            stack.push((format!("{name}-{}", sub.get_name()), sub.clone()));
+        }
+        let mut page = Vec::new();
+        // clap names are 'static; a few pages, once per process.
+        let title: &'static str = Box::leak(name.clone().into_boxed_str());
+        clap_mangen::Man::new(cmd.clone().name(title))
+            .render(&mut page)
+            .with_context(|| format!("rendering {name}'s manual page"))?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }

@@ -29,6 +29,7 @@ pub use session::{short_id, Flow, Intercept, Request, Session, Stats};
 pub use stream::Stream;
 pub use tpbpf_proto::{
     identity_message, Credential, Destination, IdentityProof, InterceptMode, ResetReason,
+    MIN_VERSION as MIN_PROTOCOL_VERSION, VERSION as PROTOCOL_VERSION,
 };
 
 /// The largest piece of one stream's data sent in one turn.

@@ -187,7 +187,7 @@ pub(super) fn write_job(
             fs::canonicalize(deb).with_context(|| format!("{}: no such package", deb.display()))?;
         writeln!(
             job,
-            "( set -x; dpkg -i {deb} && tpbpf --version && tpbpf doctor && tpbpf debug redirect --cidr 10.96.0.0/12 -- curl -sS --max-time 5 http://10.96.0.10/ ) > /vmout/deb.log 2>&1; echo $? > /vmout/deb.status",
+            "( set -x; dpkg -i {deb} && tpbpf --version && tpbpf doctor && test -s /usr/share/bash-completion/completions/tpbpf && test -s /usr/share/zsh/vendor-completions/_tpbpf && test -s /usr/share/fish/vendor_completions.d/tpbpf.fish && zcat /usr/share/man/man1/tpbpf-up.1.gz | grep -q tpbpf && tpbpf debug redirect --cidr 10.96.0.0/12 -- curl -sS --max-time 5 http://10.96.0.10/ ) > /vmout/deb.log 2>&1; echo $? > /vmout/deb.status",
             deb = shell_quote(&deb.to_string_lossy())
         )?;
     }

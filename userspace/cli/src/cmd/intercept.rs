@@ -70,6 +70,8 @@ pub struct LeaveArgs {
     name: String,
     #[arg(long, default_value = "default", value_parser = super::up::instance_name)]
     instance: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(clap::Args)]
@@ -191,7 +193,7 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
         write_private(path, serde_json::to_string_pretty(&env)?.as_bytes())?;
     }
     match args.output {
-        Output::Json => println!("{v}"),
+        o @ (Output::Json | Output::Yaml) => print!("{}", o.render(&v)),
         Output::Table => {
             println!(
                 "intercepting {} {}/{} port {remote}: new connections go to 127.0.0.1:{local} (name {name}; `tpbpf leave {name}` ends it)",
@@ -219,10 +221,16 @@ pub fn leave(args: LeaveArgs) -> Result<ExitCode> {
             name: args.name.clone(),
         },
     )?;
-    println!(
-        "intercept {} removed: the workload gets its connections again",
-        args.name
-    );
+    match args.output {
+        Output::Table => println!(
+            "intercept {} removed: the workload gets its connections again",
+            args.name
+        ),
+        o => print!(
+            "{}",
+            o.render(&serde_json::json!({"name": args.name, "removed": true}))
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -234,7 +242,7 @@ pub fn list(args: ListArgs) -> Result<ExitCode> {
         },
     )?;
     match args.output {
-        Output::Json => println!("{v}"),
+        o @ (Output::Json | Output::Yaml) => print!("{}", o.render(&v)),
         Output::Table => {
             println!(
                 "{:<12} {:<24} {:<9} INTERCEPTED",

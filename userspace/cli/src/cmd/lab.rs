@@ -169,9 +169,9 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         LabAction::Restart { pod, namespace } => {
             let new = lab.restart_pod(namespace.as_deref(), &pod)?;
             match args.output {
-                Output::Json => println!(
+                o @ (Output::Json | Output::Yaml) => print!(
                     "{}",
-                    serde_json::json!({"old": pod, "new": new.name, "namespace": new.namespace, "node": new.node, "pod_ip": new.ip})
+                    o.render(&serde_json::json!({"old": pod, "new": new.name, "namespace": new.namespace, "node": new.node, "pod_ip": new.ip}))
                 ),
                 Output::Table => println!(
                     "pod {}/{pod} replaced by {} on {} ({})",
@@ -184,6 +184,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
     };
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Output::Yaml => print!("{}", Output::Yaml.render(&serde_json::to_value(&status)?)),
         Output::Table => {
             println!(
                 "lab {}: {} (services {}, pods {}, domain {})",

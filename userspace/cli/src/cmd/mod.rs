@@ -7,3 +7,4 @@ mod recorded;
 pub mod redirect;
 pub mod service;
 pub mod up;
+pub mod version;

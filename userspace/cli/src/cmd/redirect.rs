@@ -215,8 +215,8 @@ fn emit(out: Output, event: serde_json::Value, text: String) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     let _ = match out {
-        Output::Json => writeln!(stdout, "{event}"),
         Output::Table => writeln!(stdout, "{text}"),
+        machine => write!(stdout, "{}", machine.render(&event)),
     };
     let _ = stdout.flush();
 }

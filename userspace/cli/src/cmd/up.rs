@@ -286,7 +286,7 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         serde_json::to_string_pretty(&state)?,
     )?;
     match args.output {
-        Output::Json => println!("{state}"),
+        o @ (Output::Json | Output::Yaml) => print!("{}", o.render(&state)),
         Output::Table => {
             println!("tpbpf is up: context {} ({})", info.context, info.server);
             println!("  bridged ranges: {}", cidrs.join(", "));
@@ -342,7 +342,12 @@ fn read_state(instance: &str) -> Option<Value> {
 pub fn status(args: StateArgs) -> Result<ExitCode> {
     let Some(mut state) = read_state(&args.instance) else {
         match args.output {
-            Output::Json => println!("{}", json!({"instance": args.instance, "up": false})),
+            o @ (Output::Json | Output::Yaml) => {
+                print!(
+                    "{}",
+                    o.render(&json!({"instance": args.instance, "up": false}))
+                )
+            }
             Output::Table => println!(
                 "tpbpf is down (bridge `{}`): `tpbpf up` starts it",
                 args.instance
@@ -359,7 +364,7 @@ pub fn status(args: StateArgs) -> Result<ExitCode> {
         state["live"] = live;
     }
     match args.output {
-        Output::Json => println!("{state}"),
+        o @ (Output::Json | Output::Yaml) => print!("{}", o.render(&state)),
         Output::Table => {
             if running {
                 println!(
@@ -438,7 +443,13 @@ pub fn status(args: StateArgs) -> Result<ExitCode> {
 
 pub fn down(args: StateArgs) -> Result<ExitCode> {
     let Some(state) = read_state(&args.instance) else {
-        println!("tpbpf is already down (bridge `{}`)", args.instance);
+        match args.output {
+            Output::Table => println!("tpbpf is already down (bridge `{}`)", args.instance),
+            o => print!(
+                "{}",
+                o.render(&json!({"instance": args.instance, "up": false, "stopped": false}))
+            ),
+        }
         return Ok(ExitCode::SUCCESS);
     };
     if let Some(pid) = state["pid"].as_i64().filter(|p| alive(*p)) {
@@ -467,8 +478,14 @@ pub fn down(args: StateArgs) -> Result<ExitCode> {
         }
     }
     let _ = std::fs::remove_dir_all(state_dir(&args.instance));
-    if args.output == Output::Table {
-        println!("tpbpf is down: tpbpfd stopped, everything it attached is detached");
+    match args.output {
+        Output::Table => {
+            println!("tpbpf is down: tpbpfd stopped, everything it attached is detached")
+        }
+        o => print!(
+            "{}",
+            o.render(&json!({"instance": args.instance, "up": false, "stopped": true}))
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
