@@ -66,6 +66,10 @@ enum Command {
     /// without sudo.
     #[command(subcommand)]
     Service(cmd::service::ServiceCommand),
+    /// One tarball for a bug report: the bridge's and tpbpfd's logs, the
+    /// agents' logs, status, doctor, version and the kubeconfig context,
+    /// with tokens, keys and certificates taken out.
+    GatherLogs(cmd::gather::GatherArgs),
     /// This tpbpf's version and tunnel protocol, and the cluster's agent's.
     Version(cmd::version::VersionArgs),
     /// A shell completion script: `source <(tpbpf completion bash)`, or
@@ -127,6 +131,7 @@ fn main() -> ExitCode {
         Command::Service(c) => cmd::service::run(c),
         Command::Debug(DebugCommand::Redirect(args)) => cmd::redirect::run(args),
         Command::Version(args) => cmd::version::run(args),
+        Command::GatherLogs(args) => cmd::gather::run(args),
         Command::Completion { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "tpbpf", &mut script);

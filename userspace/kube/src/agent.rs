@@ -259,6 +259,36 @@ pub async fn agents_ready(client: &Client) -> Result<(i32, i32, Vec<String>), St
     Ok((ready, status.desired_number_scheduled, waiting))
 }
 
+/// Each agent pod's name and its log (or why it could not be read).
+pub type AgentLogs = Vec<(String, Result<String, String>)>;
+
+/// The last `tail_lines` lines of every agent pod's log (`pods/log`), by
+/// pod name; an error for a pod whose log could not be read, or for all.
+pub async fn agent_logs(client: &Client, tail_lines: i64) -> Result<AgentLogs, String> {
+    use kube::api::LogParams;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    let list = pods
+        .list(&ListParams::default().labels(&agent_selector()))
+        .await
+        .map_err(|e| format!("listing the agents in {AGENT_NAMESPACE}: {e}"))?;
+    let mut out = Vec::new();
+    for p in list.items {
+        let Some(name) = p.metadata.name else {
+            continue;
+        };
+        let lp = LogParams {
+            tail_lines: Some(tail_lines),
+            ..LogParams::default()
+        };
+        let log = pods
+            .logs(&name, &lp)
+            .await
+            .map_err(|e| format!("reading {AGENT_NAMESPACE}/{name}'s log: {e}"));
+        out.push((name, log));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,8 +24,8 @@ use tpbpf_sys::Cidr;
 pub use kube::Client as KubeClient;
 
 pub use agent::{
-    agent_credentials, agents_ready, find_agent, find_agent_on, AgentCredentials, AgentInfo,
-    AGENT_DAEMONSET, AGENT_NAMESPACE, AGENT_PORT, NO_AGENT, NO_AGENT_EXIT,
+    agent_credentials, agent_logs, agents_ready, find_agent, find_agent_on, AgentCredentials,
+    AgentInfo, AgentLogs, AGENT_DAEMONSET, AGENT_NAMESPACE, AGENT_PORT, NO_AGENT, NO_AGENT_EXIT,
 };
 pub use apply::{apply, delete};
 pub use client::{client, on_new_socket, SocketHookFuture};

@@ -1,9 +1,11 @@
 pub mod bridge;
 pub mod doctor;
+pub mod gather;
 pub mod install;
 pub mod intercept;
 pub mod lab;
 mod recorded;
+pub mod redact;
 pub mod redirect;
 pub mod service;
 pub mod up;

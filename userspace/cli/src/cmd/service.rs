@@ -56,7 +56,7 @@ pub struct RunArgs {
 
 const UNIT_PATH: &str = "/etc/systemd/system/tpbpfd.service";
 const PID_FILE: &str = "/run/tpbpf/tpbpfd.pid";
-const LOG_FILE: &str = "/var/log/tpbpfd.log";
+pub const LOG_FILE: &str = "/var/log/tpbpfd.log";
 
 pub fn run(command: ServiceCommand) -> Result<ExitCode> {
     match command {

@@ -125,6 +125,17 @@ fn state_dir(instance: &str) -> PathBuf {
     tpbpf_userside::control::state_dir(instance)
 }
 
+/// Where bridge `instance` keeps its state (see `state_dir`).
+pub fn state_dir_of(instance: &str) -> PathBuf {
+    state_dir(instance)
+}
+
+/// Bridge `instance`'s recorded state, if it is up (or was, and its
+/// tpbpfd died).
+pub fn read_state_of(instance: &str) -> Option<Value> {
+    read_state(instance)
+}
+
 fn alive(pid: i64) -> bool {
     tpbpf_lab::alive(pid as i32)
 }
@@ -150,7 +161,13 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     let made_dir = !dir.exists();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join("tpbpfd.log");
-    let log = std::fs::File::create(&log_path)?;
+    // Appending (O_APPEND): whatever else writes to the log (a note, a
+    // second writer) lands after tpbpfd's lines instead of under them.
+    let _ = std::fs::remove_file(&log_path);
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log_path)?;
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     if let Some(ns) = netns {
@@ -280,6 +297,10 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         "upstream": upstream,
         "bridge": ready,
         "log": log_path,
+        // Where its identity comes from (paths, no credentials), for
+        // `gather-logs`.
+        "kubeconfig": args.kubeconfig,
+        "context": args.context,
     });
     std::fs::write(
         dir.join("state.json"),
@@ -477,6 +498,7 @@ pub fn down(args: StateArgs) -> Result<ExitCode> {
             let _ = process.signal(libc::SIGKILL);
         }
     }
+    keep_last_log(&args.instance);
     let _ = std::fs::remove_dir_all(state_dir(&args.instance));
     match args.output {
         Output::Table => {
@@ -488,4 +510,20 @@ pub fn down(args: StateArgs) -> Result<ExitCode> {
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where `down` keeps bridge `instance`'s last log (beside its state
+/// directory, which goes), for `gather-logs` and a look after the fact.
+pub fn last_log(instance: &str) -> PathBuf {
+    let dir = state_dir(instance);
+    dir.with_file_name(format!("{instance}.last.log"))
+}
+
+fn keep_last_log(instance: &str) {
+    let log = state_dir(instance).join("tpbpfd.log");
+    if log.exists() {
+        if let Err(e) = std::fs::rename(&log, last_log(instance)) {
+            tracing::debug!("keeping {}: {e}", log.display());
+        }
+    }
 }

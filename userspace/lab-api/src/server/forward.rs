@@ -5,7 +5,7 @@
 use axum::{
     extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade},
     http::{HeaderMap, StatusCode, Uri},
-    response::Response,
+    response::{IntoResponse, Response},
 };
 
 use super::{
@@ -68,6 +68,45 @@ pub(super) fn portforward(
             StatusCode::BAD_REQUEST,
             "BadRequest",
             "Upgrade request required".into(),
+        ),
+    }
+}
+
+/// `GET pods/NAME/log` (`?tailLines=N`): an agent pod's log, as the
+/// kubelet stand-in keeps it (the lab's servers log elsewhere: their pods
+/// answer that they have none here).
+pub(super) fn pod_log(cfg: &ApiConfig, user: &User, ns: &str, name: &str, uri: &Uri) -> Response {
+    let attrs = Attributes::new("get", "", "pods")
+        .sub("log")
+        .ns(ns)
+        .named(name);
+    if !rbac::allowed(user, &cfg.restricted_namespaces, &attrs) {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "pods \"{name}\" is forbidden: {}",
+                attrs.forbidden(&user.name)
+            ),
+        );
+    }
+    let tail = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("tailLines="))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(usize::MAX)
+        .min(100_000);
+    let node = name
+        .strip_prefix("tpbpf-agent-")
+        .filter(|_| ns == objects::AGENT_NAMESPACE);
+    match node.and_then(|n| tpbpf_lab::Lab::new(&cfg.lab).agent_log(n, tail)) {
+        Some(log) => (StatusCode::OK, format!("{log}\n")).into_response(),
+        None => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("pods \"{name}\" has no log in the lab"),
         ),
     }
 }

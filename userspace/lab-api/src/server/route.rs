@@ -117,6 +117,9 @@ pub(super) async fn handle(
     if let ["api", "v1", "namespaces", ns, "pods", name, "portforward"] = segs.as_slice() {
         return forward::portforward(&cfg, &user, ns, name, &uri, &headers, ws, spdy);
     }
+    if let ["api", "v1", "namespaces", ns, "pods", name, "log"] = segs.as_slice() {
+        return forward::pod_log(&cfg, &user, ns, name, &uri);
+    }
     let writing = method != Method::GET;
     // /api/v1/... or /apis/<g>/<v>/...
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {

@@ -169,7 +169,7 @@ impl Lab {
                             "runc could not start the agent on {} ({status}); the end of {}:\n{}",
                             node.name,
                             log.display(),
-                            log_tail(&log)
+                            log_tail(&log, 5).unwrap_or_default()
                         )));
                     }
                     if Instant::now() > deadline {
@@ -300,13 +300,19 @@ impl Lab {
 
     /// The last lines of the agent's log on `node`.
     pub fn agent_log_tail(&self, node: &str) -> String {
-        log_tail(&self.state.join(format!("agent-{node}.log")))
+        log_tail(&self.state.join(format!("agent-{node}.log")), 5).unwrap_or_default()
+    }
+
+    /// The agent's log on `node`, its last `lines` lines (what `pods/log`
+    /// of its pod answers); `None` where it has none.
+    pub fn agent_log(&self, node: &str, lines: usize) -> Option<String> {
+        log_tail(&self.state.join(format!("agent-{node}.log")), lines)
     }
 }
 
-/// The last few lines of a log file, without terminal colours.
-fn log_tail(path: &std::path::Path) -> String {
-    let raw = fs::read_to_string(path).unwrap_or_default();
+/// The last `n` lines of a log file, without terminal colours.
+fn log_tail(path: &std::path::Path, n: usize) -> Option<String> {
+    let raw = fs::read_to_string(path).ok()?;
     let mut text = String::with_capacity(raw.len());
     let mut chars = raw.chars();
     while let Some(c) = chars.next() {
@@ -322,5 +328,5 @@ fn log_tail(path: &std::path::Path) -> String {
         }
     }
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(5)..].join("\n")
+    Some(lines[lines.len().saturating_sub(n)..].join("\n"))
 }
