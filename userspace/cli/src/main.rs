@@ -70,6 +70,10 @@ enum Command {
     /// agents' logs, status, doctor, version and the kubeconfig context,
     /// with tokens, keys and certificates taken out.
     GatherLogs(cmd::gather::GatherArgs),
+    /// The project file (tpbpf.yaml) and kubeconfig extension: `show` the
+    /// settings in force and where each comes from, `check` them, the
+    /// `schema`.
+    Config(cmd::config::ConfigArgs),
     /// This tpbpf's version and tunnel protocol, and the cluster's agent's.
     Version(cmd::version::VersionArgs),
     /// A shell completion script: `source <(tpbpf completion bash)`, or
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
         Command::Service(c) => cmd::service::run(c),
         Command::Debug(DebugCommand::Redirect(args)) => cmd::redirect::run(args),
         Command::Version(args) => cmd::version::run(args),
+        Command::Config(args) => cmd::config::run(args),
         Command::GatherLogs(args) => cmd::gather::run(args),
         Command::Completion { shell } => {
             let mut script = Vec::new();

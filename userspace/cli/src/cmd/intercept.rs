@@ -56,6 +56,9 @@ pub struct InterceptArgs {
     instance: String,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Print nothing (an intercept `up` starts from the configuration).
+    #[arg(skip)]
+    quiet: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -107,6 +110,34 @@ fn ask(instance: &str, request: &Request) -> Result<Value> {
             bail!("{e}");
         }
         Ok(v)
+    })
+}
+
+/// Starts an intercept that the configuration names, on bridge `instance`
+/// (what `tpbpf intercept` would with the same settings).
+pub fn from_config(
+    instance: &str,
+    spec: &super::config::InterceptSpec,
+    output: Output,
+) -> Result<ExitCode> {
+    use super::config::InterceptMode;
+    intercept(InterceptArgs {
+        workload: spec.workload.clone(),
+        port: spec.port.clone(),
+        namespace: spec.namespace.clone(),
+        name: spec.name.clone(),
+        mode: match spec.mode {
+            Some(InterceptMode::Mirror) => Mode::Mirror,
+            _ => Mode::Steal,
+        },
+        http_header: spec.http_header.clone(),
+        http_path_prefix: spec.http_path_prefix.clone(),
+        env_file: spec.env_file.clone(),
+        env_json: None,
+        instance: instance.to_string(),
+        output,
+        // A table's lines go with `up`'s; JSON and YAML say only the bridge.
+        quiet: output != Output::Table,
     })
 }
 
@@ -193,6 +224,7 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
         write_private(path, serde_json::to_string_pretty(&env)?.as_bytes())?;
     }
     match args.output {
+        _ if args.quiet => {}
         o @ (Output::Json | Output::Yaml) => print!("{}", o.render(&v)),
         Output::Table => {
             println!(

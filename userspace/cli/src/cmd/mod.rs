@@ -1,4 +1,5 @@
 pub mod bridge;
+pub mod config;
 pub mod doctor;
 pub mod gather;
 pub mod install;

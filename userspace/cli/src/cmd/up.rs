@@ -38,8 +38,9 @@ pub struct UpArgs {
     upstream: String,
     /// How the tunnel reaches the agent: `portforward` through the API
     /// server, or `direct` TLS to the agent's node.
-    #[arg(long, default_value = "portforward")]
-    transport: String,
+    /// (default: portforward)
+    #[arg(long)]
+    transport: Option<String>,
     /// With --transport direct: the agent's tunnel address.
     #[arg(long)]
     agent_address: Option<String>,
@@ -60,9 +61,14 @@ pub struct UpArgs {
     /// A range never to bridge (repeatable).
     #[arg(long = "never-proxy")]
     never_proxy: Vec<Cidr>,
-    /// The cluster domain.
-    #[arg(long, default_value = "cluster.local")]
-    cluster_domain: String,
+    /// The cluster domain (default: cluster.local).
+    #[arg(long)]
+    cluster_domain: Option<String>,
+    /// The project file (default: tpbpf.yaml here or in a parent
+    /// directory): its settings apply where no flag gives them, and its
+    /// intercepts start once the bridge is up.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Also bridge TCP connections arriving on this interface from another
     /// network namespace (a container's veth; tc ingress). Repeatable; root.
     #[arg(long = "attach-iface", value_name = "IFACE")]
@@ -140,7 +146,54 @@ fn alive(pid: i64) -> bool {
     tpbpf_lab::alive(pid as i32)
 }
 
-pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
+/// Fills what no flag gave from the project file, the environment and the
+/// kubeconfig extension (`super::config`); returns the intercepts to start.
+fn with_config(args: &mut UpArgs) -> Result<Vec<super::config::InterceptSpec>> {
+    use super::config::{Flags, Settings, Transport};
+    let cidrs = |v: &[Cidr]| (!v.is_empty()).then(|| v.iter().map(ToString::to_string).collect());
+    let flags = Flags {
+        config: args.config.clone(),
+        settings: Settings {
+            context: args.context.clone(),
+            kubeconfig: args.kubeconfig.clone(),
+            namespaces: (!args.namespaces.is_empty()).then(|| args.namespaces.clone()),
+            mapped_namespaces: (!args.mapped_namespaces.is_empty())
+                .then(|| args.mapped_namespaces.clone()),
+            also_proxy: cidrs(&args.also_proxy),
+            never_proxy: cidrs(&args.never_proxy),
+            cluster_domain: args.cluster_domain.clone(),
+            transport: match args.transport.as_deref() {
+                None => None,
+                Some("direct") => Some(Transport::Direct),
+                Some("portforward") => Some(Transport::Portforward),
+                Some(other) => bail!("--transport {other}: portforward or direct"),
+            },
+            intercepts: None,
+        },
+    };
+    let s = super::config::resolve(&flags)?.settings;
+    let parse = |v: Option<Vec<String>>, what: &str| -> Result<Vec<Cidr>> {
+        v.unwrap_or_default()
+            .iter()
+            .map(|c| {
+                c.parse()
+                    .map_err(|e| anyhow::anyhow!("{what} `{c}` is not a range: {e}"))
+            })
+            .collect()
+    };
+    args.context = s.context;
+    args.kubeconfig = s.kubeconfig;
+    args.namespaces = s.namespaces.unwrap_or_default();
+    args.mapped_namespaces = s.mapped_namespaces.unwrap_or_default();
+    args.also_proxy = parse(s.also_proxy, "also-proxy")?;
+    args.never_proxy = parse(s.never_proxy, "never-proxy")?;
+    args.cluster_domain = s.cluster_domain;
+    args.transport = s.transport.map(|t| t.as_str().to_string());
+    Ok(s.intercepts.unwrap_or_default())
+}
+
+pub fn up(mut args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
+    let intercepts = with_config(&mut args)?;
     // As a user, tpbpfd (the service) loads and attaches; it makes this
     // user's state directory and says early if this user may not use it.
     if !nix::unistd::geteuid().is_root() {
@@ -180,9 +233,9 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         "--upstream",
         &upstream,
         "--transport",
-        &args.transport,
+        args.transport.as_deref().unwrap_or("portforward"),
         "--cluster-domain",
-        &args.cluster_domain,
+        args.cluster_domain.as_deref().unwrap_or("cluster.local"),
         "--discover",
         "--check-routes",
     ]);
@@ -306,6 +359,14 @@ pub fn up(args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         dir.join("state.json"),
         serde_json::to_string_pretty(&state)?,
     )?;
+    for spec in &intercepts {
+        super::intercept::from_config(&args.instance, spec, args.output).with_context(|| {
+            format!(
+                "the bridge is up, but the intercept of {} from the configuration failed (`tpbpf down` ends the bridge)",
+                spec.workload
+            )
+        })?;
+    }
     match args.output {
         o @ (Output::Json | Output::Yaml) => print!("{}", o.render(&state)),
         Output::Table => {

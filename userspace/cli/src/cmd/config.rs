@@ -1,0 +1,403 @@
+//! Settings from a project file (`tpbpf.yaml`, found upward from the
+//! current directory, or `--config FILE`) and from a kubeconfig context's
+//! extension (`extensions: - name: tpbpf`), and `tpbpf config
+//! show|check|schema`.
+//!
+//! Precedence, per setting: a flag, then the environment (`TPBPF_CONTEXT`,
+//! `TPBPF_NAMESPACES`, `TPBPF_MAPPED_NAMESPACES`, `TPBPF_TRANSPORT`), then
+//! the project file, then the kubeconfig extension, then what `up`
+//! discovers. Unknown keys and bad values are refused with the file, line
+//! and key.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::Output;
+
+/// The project file's name.
+pub const FILE_NAME: &str = "tpbpf.yaml";
+
+/// What a project file (or a kubeconfig extension) may set.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// The kubeconfig context (default: the kubeconfig's current one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// The kubeconfig file, relative to the project file (project file
+    /// only; default: $KUBECONFIG or ~/.kube/config).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Connected namespaces; bare names resolve in the first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
+    /// Only these namespaces' `svc.NS` names go to the cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapped_namespaces: Option<Vec<String>>,
+    /// More ranges to bridge (CIDR).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub also_proxy: Option<Vec<String>>,
+    /// Ranges never to bridge (CIDR).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub never_proxy: Option<Vec<String>>,
+    /// The cluster domain (default `cluster.local`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_domain: Option<String>,
+    /// How the tunnel reaches the agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
+    /// Intercepts that `up` starts (and `down` ends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intercepts: Option<Vec<InterceptSpec>>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Through the API server's port-forward.
+    Portforward,
+    /// TLS straight to the agent's node.
+    Direct,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Portforward => "portforward",
+            Transport::Direct => "direct",
+        }
+    }
+}
+
+/// One intercept `up` starts, as `tpbpf intercept` takes it.
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct InterceptSpec {
+    /// A deployment, statefulset, daemonset, replicaset or pod (or KIND/NAME).
+    pub workload: String,
+    /// REMOTE[:LOCAL]: the workload's port and the local one.
+    pub port: String,
+    /// The workload's namespace (default: the first connected one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The intercept's name (default: WORKLOAD-REMOTE).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `steal` (default) or `mirror`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<InterceptMode>,
+    /// Only HTTP requests with this header (NAME=VALUE).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_header: Option<String>,
+    /// Only HTTP requests whose path starts with this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_path_prefix: Option<String>,
+    /// Where to write the pod's environment (relative to the project file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InterceptMode {
+    Steal,
+    Mirror,
+}
+
+/// Where a setting's value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Flag,
+    Env(&'static str),
+    Project(PathBuf),
+    Kubeconfig(PathBuf, String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Flag => write!(f, "flag"),
+            Source::Env(v) => write!(f, "environment ({v})"),
+            Source::Project(p) => write!(f, "project file {}", p.display()),
+            Source::Kubeconfig(p, c) => {
+                write!(
+                    f,
+                    "kubeconfig {} (context {c}, extension tpbpf)",
+                    p.display()
+                )
+            }
+        }
+    }
+}
+
+/// The project file: `explicit`, else `tpbpf.yaml` in the current
+/// directory or the nearest parent that has one.
+pub fn find_project(explicit: Option<&Path>) -> Result<Option<PathBuf>> {
+    if let Some(p) = explicit {
+        if !p.is_file() {
+            bail!("--config {}: no such file", p.display());
+        }
+        return Ok(Some(p.to_path_buf()));
+    }
+    let mut dir = std::env::current_dir().ok();
+    while let Some(d) = dir {
+        let candidate = d.join(FILE_NAME);
+        if candidate.is_file() {
+            return Ok(Some(candidate));
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    Ok(None)
+}
+
+/// Reads a project file; paths in it become relative to its directory.
+pub fn read_project(path: &Path) -> Result<Settings> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut s: Settings =
+        serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    if let Some(k) = &s.kubeconfig {
+        s.kubeconfig = Some(base.join(k));
+    }
+    for i in s.intercepts.iter_mut().flatten() {
+        if let Some(f) = &i.env_file {
+            i.env_file = Some(base.join(f));
+        }
+    }
+    Ok(s)
+}
+
+/// The kubeconfig file that will be read: `given`, else the first of
+/// $KUBECONFIG, else ~/.kube/config.
+fn kubeconfig_file(given: Option<&Path>) -> Option<PathBuf> {
+    given.map(Path::to_path_buf).or_else(|| {
+        std::env::var_os("KUBECONFIG")
+            .filter(|k| !k.is_empty())
+            .and_then(|k| std::env::split_paths(&k).next())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
+    })
+}
+
+/// The `tpbpf` extension of kubeconfig `file`'s context `context` (its
+/// current one if `None`): the context's name and its settings.
+fn read_extension(file: &Path, context: Option<&str>) -> Result<Option<(String, Settings)>> {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return Ok(None);
+    };
+    let kc: Value = serde_saphyr::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", file.display()))?;
+    let Some(name) = context
+        .map(str::to_string)
+        .or_else(|| kc["current-context"].as_str().map(str::to_string))
+    else {
+        return Ok(None);
+    };
+    let ctx = kc["contexts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"].as_str() == Some(&name));
+    let ext = ctx
+        .and_then(|c| c["context"]["extensions"].as_array())
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "tpbpf");
+    let Some(ext) = ext else {
+        return Ok(None);
+    };
+    let mut s: Settings = serde_json::from_value(ext["extension"].clone()).map_err(|e| {
+        anyhow::anyhow!(
+            "kubeconfig {}, context {name}, extension tpbpf: {e}",
+            file.display()
+        )
+    })?;
+    // A kubeconfig does not name another kubeconfig.
+    s.kubeconfig = None;
+    Ok(Some((name, s)))
+}
+
+/// The flags `up` was given, as settings (what the command line sets).
+#[derive(Clone, Debug, Default)]
+pub struct Flags {
+    pub config: Option<PathBuf>,
+    pub settings: Settings,
+}
+
+/// Every setting in force, with where it came from.
+#[derive(Debug, Default)]
+pub struct Resolved {
+    pub settings: Settings,
+    pub sources: BTreeMap<&'static str, Source>,
+    pub project: Option<PathBuf>,
+}
+
+fn env_list(var: &str) -> Option<Vec<String>> {
+    let v = std::env::var(var).ok().filter(|v| !v.is_empty())?;
+    Some(v.split(',').map(|s| s.trim().to_string()).collect())
+}
+
+/// Merges the sources, highest first: flags, environment, project file,
+/// kubeconfig extension.
+pub fn resolve(flags: &Flags) -> Result<Resolved> {
+    let project_path = find_project(flags.config.as_deref())?;
+    let project = match &project_path {
+        Some(p) => Some(read_project(p)?),
+        None => None,
+    };
+    let env = Settings {
+        context: std::env::var("TPBPF_CONTEXT")
+            .ok()
+            .filter(|v| !v.is_empty()),
+        namespaces: env_list("TPBPF_NAMESPACES"),
+        mapped_namespaces: env_list("TPBPF_MAPPED_NAMESPACES"),
+        transport: match std::env::var("TPBPF_TRANSPORT").ok().as_deref() {
+            None | Some("") => None,
+            Some("portforward") => Some(Transport::Portforward),
+            Some("direct") => Some(Transport::Direct),
+            Some(other) => bail!("TPBPF_TRANSPORT={other}: portforward or direct"),
+        },
+        ..Settings::default()
+    };
+    let mut r = Resolved {
+        project: project_path.clone(),
+        ..Resolved::default()
+    };
+    let mut layers: Vec<(Source, Settings)> = vec![
+        (Source::Flag, flags.settings.clone()),
+        (Source::Env("TPBPF_*"), env),
+    ];
+    if let (Some(p), Some(s)) = (&project_path, project) {
+        layers.push((Source::Project(p.clone()), s));
+    }
+    // The kubeconfig and context the layers above chose pick the extension.
+    let kubeconfig = layers.iter().find_map(|(_, s)| s.kubeconfig.clone());
+    let context = layers.iter().find_map(|(_, s)| s.context.clone());
+    if let Some(file) = kubeconfig_file(kubeconfig.as_deref()) {
+        if let Some((name, s)) = read_extension(&file, context.as_deref())? {
+            layers.push((Source::Kubeconfig(file, name), s));
+        }
+    }
+    macro_rules! take {
+        ($($field:ident => $key:literal),* $(,)?) => {$(
+            for (src, s) in &layers {
+                if let Some(v) = &s.$field {
+                    r.settings.$field = Some(v.clone());
+                    let src = match src {
+                        Source::Env(_) => Source::Env(env_name($key)),
+                        other => other.clone(),
+                    };
+                    r.sources.insert($key, src);
+                    break;
+                }
+            }
+        )*};
+    }
+    take!(
+        context => "context",
+        kubeconfig => "kubeconfig",
+        namespaces => "namespaces",
+        mapped_namespaces => "mapped-namespaces",
+        also_proxy => "also-proxy",
+        never_proxy => "never-proxy",
+        cluster_domain => "cluster-domain",
+        transport => "transport",
+        intercepts => "intercepts",
+    );
+    Ok(r)
+}
+
+fn env_name(key: &str) -> &'static str {
+    match key {
+        "context" => "TPBPF_CONTEXT",
+        "namespaces" => "TPBPF_NAMESPACES",
+        "mapped-namespaces" => "TPBPF_MAPPED_NAMESPACES",
+        "transport" => "TPBPF_TRANSPORT",
+        _ => "TPBPF_*",
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    action: ConfigAction,
+    /// The project file (default: tpbpf.yaml here or in a parent directory).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::Subcommand)]
+enum ConfigAction {
+    /// The settings `up` would use, and where each comes from.
+    Show,
+    /// Check the project file (and the kubeconfig extension): unknown keys
+    /// and bad values, with file, line and key.
+    Check,
+    /// The project file's JSON Schema (for editors: `# yaml-language-server:
+    /// $schema=...`).
+    Schema,
+}
+
+pub fn run(args: ConfigArgs) -> Result<ExitCode> {
+    let flags = Flags {
+        config: args.config.clone(),
+        settings: Settings::default(),
+    };
+    match args.action {
+        ConfigAction::Schema => {
+            let schema = schemars::schema_for!(Settings);
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+        }
+        ConfigAction::Check => {
+            let r = resolve(&flags)?;
+            let what = match &r.project {
+                Some(p) => format!("{} is valid", p.display()),
+                None => format!("no {FILE_NAME} here or above (settings from flags, the environment and the kubeconfig only)"),
+            };
+            match args.output {
+                Output::Table => println!("{what}"),
+                o => print!(
+                    "{}",
+                    o.render(&json!({"project": r.project, "valid": true}))
+                ),
+            }
+        }
+        ConfigAction::Show => {
+            let r = resolve(&flags)?;
+            let values = serde_json::to_value(&r.settings)?;
+            match args.output {
+                Output::Table => {
+                    println!("{:<18} {:<40} FROM", "SETTING", "VALUE");
+                    for (key, src) in &r.sources {
+                        let field = key.replace('-', "_");
+                        let v = &values[key.to_string()];
+                        let v = if v.is_null() { &values[&field] } else { v };
+                        println!("{key:<18} {:<40} {src}", v.to_string());
+                    }
+                    if r.sources.is_empty() {
+                        println!("(nothing set: `up` discovers everything)");
+                    }
+                }
+                o => {
+                    let sources: BTreeMap<&str, String> =
+                        r.sources.iter().map(|(k, s)| (*k, s.to_string())).collect();
+                    print!(
+                        "{}",
+                        o.render(
+                            &json!({"project": r.project, "settings": values, "sources": sources})
+                        )
+                    )
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
