@@ -232,7 +232,22 @@ pub fn run() -> Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Ready once it listens (a loaded machine may take seconds to start it).
+    let listening = || {
+        Command::new("ip")
+            .args(["netns", "exec", &dev, "ss", "-Hltn", "sport = :8080"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("127.0.0.1:8080"))
+            .unwrap_or(false)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !listening() {
+        if std::time::Instant::now() > deadline {
+            let _ = server.kill();
+            bail!("the developer's server (socat on 127.0.0.1:8080) did not start listening");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let client_pod = format!("{lab}-cache-redis-0");
     let from_pod = || -> Result<String> {
         let out = Command::new("ip")
