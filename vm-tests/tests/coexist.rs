@@ -723,8 +723,30 @@ const TC_ACT_OK: u32 = 0;
 /// Another tc ingress program on an interface of the client namespace.
 struct OtherTc {
     other: Other,
-    /// Where the program is pinned for `tc filter ... object-pinned`.
-    pin: Option<PathBuf>,
+    /// Where the program is pinned for `tc filter ... object-pinned`: a
+    /// bpffs of the test's own (a machine need not have one mounted).
+    pin: Option<(BpfFs, PathBuf)>,
+}
+
+/// A bpffs mounted for one test in a directory of its own, unmounted and
+/// removed on drop.
+struct BpfFs(PathBuf);
+
+impl BpfFs {
+    fn mount() -> Self {
+        let dir = std::env::temp_dir().join(unique_name("tpbpf-bpffs"));
+        std::fs::create_dir(&dir).unwrap();
+        let fs = Self(dir);
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&fs.0));
+        fs
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
 
 impl OtherTc {
@@ -772,7 +794,8 @@ impl OtherTc {
     /// with iproute2, at `pref`: as agents on kernels without tcx attach.
     /// Netlink stays inside the namespace (`ip netns exec`).
     fn attach_filter(&mut self, netns: &str, iface: &str, pref: u16) {
-        let pin = PathBuf::from("/sys/fs/bpf").join(unique_name("tpbpf-coexist-tc"));
+        let fs = BpfFs::mount();
+        let pin = fs.0.join("other_tc");
         let p: &mut SchedClassifier = self
             .other
             .ebpf
@@ -781,7 +804,7 @@ impl OtherTc {
             .try_into()
             .unwrap();
         p.pin(&pin).expect("pinning other_tc");
-        self.pin = Some(pin.clone());
+        self.pin = Some((fs, pin.clone()));
         let _ = tc_in(netns)
             .args(["qdisc", "add", "dev", iface, "clsact"])
             .output();
@@ -806,7 +829,7 @@ impl OtherTc {
 
 impl Drop for OtherTc {
     fn drop(&mut self) {
-        if let Some(pin) = &self.pin {
+        if let Some((_, pin)) = &self.pin {
             let _ = std::fs::remove_file(pin);
         }
     }
