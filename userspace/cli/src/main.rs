@@ -119,6 +119,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    if matches!(
+        cli.command,
+        Command::Doctor { .. }
+            | Command::Status(_)
+            | Command::List(_)
+            | Command::Version(_)
+            | Command::Config(_)
+            | Command::Completion { .. }
+    ) {
+        // A command that only prints ends quietly when its reader goes
+        // (`tpbpf config schema | head`), as other Unix tools do.
+        // SAFETY: before any thread; restores the default disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Doctor { output } => Ok(cmd::doctor::run(output)),
         Command::Up(args) => cmd::up::up(args, cli.netns.as_deref()),

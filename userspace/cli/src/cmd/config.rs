@@ -35,19 +35,39 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubeconfig: Option<PathBuf>,
     /// Connected namespaces; bare names resolve in the first.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "namespaces"
+    )]
     pub namespaces: Option<Vec<String>>,
     /// Only these namespaces' `svc.NS` names go to the cluster.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "namespaces"
+    )]
     pub mapped_namespaces: Option<Vec<String>>,
     /// More ranges to bridge (CIDR).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "ranges"
+    )]
     pub also_proxy: Option<Vec<String>>,
     /// Ranges never to bridge (CIDR).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "ranges"
+    )]
     pub never_proxy: Option<Vec<String>>,
     /// The cluster domain (default `cluster.local`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "domain"
+    )]
     pub cluster_domain: Option<String>,
     /// How the tunnel reaches the agent.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -82,9 +102,14 @@ pub struct InterceptSpec {
     /// A deployment, statefulset, daemonset, replicaset or pod (or KIND/NAME).
     pub workload: String,
     /// REMOTE[:LOCAL]: the workload's port and the local one.
+    #[serde(deserialize_with = "port")]
     pub port: String,
     /// The workload's namespace (default: the first connected one).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "namespace"
+    )]
     pub namespace: Option<String>,
     /// The intercept's name (default: WORKLOAD-REMOTE).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -108,6 +133,90 @@ pub struct InterceptSpec {
 pub enum InterceptMode {
     Steal,
     Mirror,
+}
+
+/// A DNS-1123 label, as Kubernetes names namespaces.
+fn is_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn check_namespace<E: serde::de::Error>(n: &str) -> Result<(), E> {
+    if is_label(n) {
+        Ok(())
+    } else {
+        Err(E::custom(format!(
+            "`{n}` is not a namespace name (lower case letters, digits and `-`, at most 63)"
+        )))
+    }
+}
+
+/// A namespace name, checked where it is read (so an error points at it).
+struct Namespace(String);
+
+impl<'de> Deserialize<'de> for Namespace {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = String::deserialize(d)?;
+        check_namespace(&n)?;
+        Ok(Self(n))
+    }
+}
+
+/// A CIDR range, checked where it is read.
+struct Range(String);
+
+impl<'de> Deserialize<'de> for Range {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let c = String::deserialize(d)?;
+        c.parse::<tpbpf_sys::Cidr>()
+            .map_err(serde::de::Error::custom)?;
+        Ok(Self(c))
+    }
+}
+
+fn namespaces<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let v: Option<Vec<Namespace>> = Option::deserialize(d)?;
+    Ok(v.map(|v| v.into_iter().map(|n| n.0).collect()))
+}
+
+fn namespace<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v: Option<Namespace> = Option::deserialize(d)?;
+    Ok(v.map(|n| n.0))
+}
+
+fn ranges<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let v: Option<Vec<Range>> = Option::deserialize(d)?;
+    Ok(v.map(|v| v.into_iter().map(|r| r.0).collect()))
+}
+
+fn domain<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v: Option<String> = Option::deserialize(d)?;
+    if let Some(n) = &v {
+        if n.len() > 253 || !n.split('.').all(is_label) {
+            return Err(serde::de::Error::custom(format!(
+                "`{n}` is not a DNS domain (labels of lower case letters, digits and `-`)"
+            )));
+        }
+    }
+    Ok(v)
+}
+
+fn port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let v = String::deserialize(d)?;
+    let ok = |p: &str| p.parse::<u16>().is_ok_and(|p| p > 0);
+    let good = match v.split_once(':') {
+        Some((r, l)) => ok(r) && ok(l),
+        None => ok(&v),
+    };
+    if !good {
+        return Err(serde::de::Error::custom(format!(
+            "port `{v}` is not REMOTE[:LOCAL] (e.g. \"80:8080\")"
+        )));
+    }
+    Ok(v)
 }
 
 /// Where a setting's value came from.
@@ -160,8 +269,16 @@ pub fn find_project(explicit: Option<&Path>) -> Result<Option<PathBuf>> {
 pub fn read_project(path: &Path) -> Result<Settings> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut s: Settings =
-        serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut s: Settings = serde_saphyr::from_str(&text).map_err(|e| {
+        // The parser says `error:` and `<input>`; the file is the input.
+        let e = e.to_string();
+        let e = e.strip_prefix("error: ").unwrap_or(&e);
+        anyhow::anyhow!(
+            "{}: {}",
+            path.display(),
+            e.replace("<input>", &path.display().to_string())
+        )
+    })?;
     let base = path.parent().unwrap_or(Path::new("."));
     if let Some(k) = &s.kubeconfig {
         s.kubeconfig = Some(base.join(k));
