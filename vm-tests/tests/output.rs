@@ -73,7 +73,7 @@ fn yaml_says_what_json_says_for_every_reporting_command() {
     let cg = TestCgroup::new();
     let instance = Instance(unique_name("oy"));
     let cgroup = cg.path().display().to_string();
-    let up = report(
+    let mut up = report(
         &[
             "--netns",
             &dev,
@@ -86,6 +86,21 @@ fn yaml_says_what_json_says_for_every_reporting_command() {
             &cgroup,
         ],
         "yaml",
+    );
+    // Beside the state: the steps `up` took, each with its time.
+    let steps = up.as_object_mut().and_then(|o| o.remove("steps"));
+    let names: Vec<&str> = steps
+        .as_ref()
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|s| s["seconds"].is_number())
+        .filter_map(|s| s["step"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"opening the tunnel")
+            && names.contains(&"attaching the eBPF programs (tpbpfd)"),
+        "{steps:?}"
     );
     // What `up` reports is the bridge's recorded state.
     let state: Value = serde_json::from_str(
@@ -195,4 +210,88 @@ fn completions_for_three_shells_and_a_manual_page_per_command() {
             .unwrap_or_else(|e| panic!("{page}.1: {e}"));
         assert!(text.contains(".TH"), "{page}.1 is not a manual page");
     }
+}
+
+/// `up` says each step: one plain line per step in a log, a spinner with
+/// the step on a terminal, and the time each took at the end.
+#[test]
+fn up_shows_its_steps_in_a_log_and_on_a_terminal() {
+    if !require_root() {
+        return;
+    }
+    let Some(lab) = LabGuard::up("op") else {
+        return;
+    };
+    let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
+    let cg = TestCgroup::new();
+    let cgroup = cg.path().display().to_string();
+    let up_args = |instance: &str| -> Vec<String> {
+        [
+            "--netns",
+            &dev,
+            "up",
+            "--kubeconfig",
+            &kubeconfig,
+            "--instance",
+            instance,
+            "--cgroup",
+            &cgroup,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    // A log: stderr is a pipe.
+    let instance = Instance(unique_name("op"));
+    let out = Command::new(tpbpf_bin())
+        .args(up_args(&instance.0))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for line in [
+        "tpbpf up: reading the settings",
+        "tpbpf up: reading the kubeconfig",
+        "tpbpf up: discovering the cluster's ranges and DNS",
+        "tpbpf up: opening the tunnel",
+        "tpbpf up: attaching the eBPF programs (tpbpfd)",
+    ] {
+        assert!(err.lines().any(|l| l == line), "no `{line}` in:\n{err}");
+    }
+    let done = err
+        .lines()
+        .find(|l| l.starts_with("tpbpf up: done in "))
+        .unwrap_or_else(|| panic!("no summary in:\n{err}"));
+    assert!(
+        done.contains("opening the tunnel ") && done.contains(" s"),
+        "{done}"
+    );
+    assert!(
+        !err.contains('\r') && !err.contains('\u{1b}'),
+        "terminal codes in a log:\n{err:?}"
+    );
+    drop(instance);
+
+    // A terminal (script(1) gives one): the spinner redraws the step in
+    // place, and the summary stays.
+    let instance = Instance(unique_name("op"));
+    let mut line = format!("{}", tpbpf_bin().display());
+    for a in up_args(&instance.0) {
+        line.push(' ');
+        line.push_str(&a);
+    }
+    let out = Command::new("script")
+        .args(["-qefc", &line, "/dev/null"])
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(tty.contains("up: opening the tunnel"), "{tty:?}");
+    assert!(
+        tty.contains('\r') || tty.contains("\u{1b}["),
+        "no redraw: {tty:?}"
+    );
+    assert!(tty.contains("tpbpf up: done in "), "{tty:?}");
+    assert!(tty.contains("tpbpf is up"), "{tty:?}");
 }

@@ -1,6 +1,7 @@
 //! `tpbpf`: the command line.
 mod cmd;
 mod netns;
+mod progress;
 
 use std::process::ExitCode;
 

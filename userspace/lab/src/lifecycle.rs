@@ -19,6 +19,11 @@ use crate::{
 impl Lab {
     /// Brings the lab up; a lab that is already fully up is left as it is.
     pub fn up(&self) -> Result<Status> {
+        self.up_with(&mut |_| {})
+    }
+
+    /// [`Lab::up`], saying each step to `step` as it starts.
+    pub fn up_with(&self, step: &mut dyn FnMut(&str)) -> Result<Status> {
         // A lab never pretends: without its agent, it does not come up.
         match &self.agent {
             Some(a) if a.is_file() => {}
@@ -40,13 +45,18 @@ impl Lab {
             return Err(LabError::RuncMissing);
         }
         // Half up (a crash, an interrupted run): start from a clean slate.
+        step("clearing what an earlier run left");
         self.down()?;
+        step("building the network (namespaces, links, routes, DNAT)");
         self.build_network()?;
         write(&self.state.join("agent-runtime"), runtime.as_str())?;
         for pod in self.pods() {
+            step(&format!("starting pod {}/{}", pod.namespace, pod.name));
             self.start_app(&pod)?;
         }
+        step("starting the API server and the agents");
         self.start_api()?;
+        step("waiting for the API server and the pods");
         self.wait_ready(Duration::from_secs(30))?;
         let status = self.status();
         if !status.up {

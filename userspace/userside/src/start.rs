@@ -18,12 +18,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 use crate::{
-    args::{BridgeArgs, Cluster},
+    args::{emit, BridgeArgs, Cluster},
     client::{self, ServiceAt},
     control,
     handover::{self, BridgeChannel},
     process::{self, Forwarded, Invoker},
     upstream::{BoxFuture, Upstream},
+    Output,
 };
 
 /// How long ending a bridge waits for tpbpfd to have detached it.
@@ -118,21 +119,40 @@ fn exempt_kube_sockets() -> Arc<OnceLock<Arc<BridgeChannel>>> {
 pub fn start(mut args: BridgeArgs, mode: Mode, tpbpfd: Tpbpfd) -> Result<ExitCode> {
     args.refuse_root_only()?;
     let in_process = tpbpfd.in_process();
+    // Behind `tpbpf up` (a daemon with machine output) each step is an
+    // event, which `up` shows as progress.
+    let steps = matches!(mode, Mode::Daemon { .. }) && args.output != Output::Table;
+    let output = args.output;
+    let step = move |what: &str| {
+        if steps {
+            emit(
+                output,
+                serde_json::json!({"event": "step", "step": what}),
+                String::new(),
+            );
+        }
+    };
     runtime()?.block_on(async move {
         let exempting = exempt_kube_sockets();
+        step("reading the kubeconfig");
         let cluster = args.cluster().await?;
+        step("discovering the cluster's ranges and DNS");
         let info = args.discover_if_needed(cluster.as_ref()).await?;
         if args.check_routes {
             let ranges: Vec<_> = args.cidrs.iter().chain(&args.also_proxy).copied().collect();
             crate::routes::refuse_overlaps(&ranges, &args.never_proxy)?;
         }
         let agent = match (&cluster, args.discover, args.upstream.as_str()) {
-            (Some(c), true, "agent") => Some(tpbpf_kube::find_agent(&c.client).await),
+            (Some(c), true, "agent") => {
+                step("finding tpbpf's agent");
+                Some(tpbpf_kube::find_agent(&c.client).await)
+            }
             _ => None,
         };
         if matches!(agent, Some(Ok(None))) {
             return Err(anyhow::Error::new(control::NoAgent));
         }
+        step("opening the tunnel");
         let upstream = args.upstream(cluster.as_ref()).await?;
         args.write_status(upstream.clone());
         let extra = serde_json::json!({
@@ -148,6 +168,7 @@ pub fn start(mut args: BridgeArgs, mode: Mode, tpbpfd: Tpbpfd) -> Result<ExitCod
             } => {
                 let instance = instance_of(control_socket.as_deref());
                 let request = args.up_request(&instance, cgroup, false)?;
+                step("attaching the eBPF programs (tpbpfd)");
                 let (chan, ready) = client::up(at, request, None).await?;
                 let bridge = BridgeChannel::new(chan);
                 let _ = exempting.set(bridge.clone());

@@ -67,10 +67,40 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Progress, when there is any to show.
+struct Steps(Option<crate::progress::Progress>);
+
+impl Steps {
+    fn step(&mut self, what: &str) {
+        if let Some(p) = &mut self.0 {
+            p.step(what);
+        }
+    }
+
+    fn say(&self, line: &str) {
+        match &self.0 {
+            Some(p) => p.say(line),
+            None => println!("{line}"),
+        }
+    }
+
+    fn println(&self, line: &str) {
+        match &self.0 {
+            Some(p) => p.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
 pub fn install(args: InstallArgs) -> Result<ExitCode> {
+    // A dry run only prints the manifests.
+    let mut progress = Steps(
+        (!args.dry_run).then(|| crate::progress::Progress::new("install", crate::Output::Table)),
+    );
     runtime()?.block_on(async move {
         let mut cidrs: Vec<String> = args.cluster_cidrs.iter().map(ToString::to_string).collect();
         let client = if cidrs.is_empty() || !args.dry_run {
+            progress.step("reading the kubeconfig");
             let (client, ctx, server, ns) =
                 tpbpf_kube::client(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
             if cidrs.is_empty() {
@@ -78,17 +108,18 @@ pub fn install(args: InstallArgs) -> Result<ExitCode> {
                     ranges: false,
                     dns: true,
                 };
+                progress.step("discovering the cluster's ranges");
                 let info = tpbpf_kube::discover(&client, &ctx, &server, &ns, "cluster.local", given)
                     .await
                     .context("finding the cluster's ranges (or give them with --cluster-cidr)")?;
                 for w in &info.warnings {
-                    eprintln!("tpbpf: warning: {w}");
+                    progress.println(&format!("tpbpf: warning: {w}"));
                 }
-                eprintln!(
+                progress.println(&format!(
                     "tpbpf: the agents may dial {} (pod ranges from {}); give them with --cluster-cidr otherwise",
                     info.service_cidrs.iter().chain(&info.pod_cidrs).cloned().collect::<Vec<_>>().join(", "),
                     info.pod_ranges_from
-                );
+                ));
                 cidrs = info.service_cidrs.into_iter().chain(info.pod_cidrs).collect();
                 if cidrs.is_empty() {
                     bail!("found no service or pod range in the cluster: give them with --cluster-cidr");
@@ -125,6 +156,7 @@ pub fn install(args: InstallArgs) -> Result<ExitCode> {
             tpbpf_deploy::DEVELOPER_ROLE,
             tpbpf_deploy::TUNNEL_ROLE
         );
+        progress.step("applying the agent's objects");
         tpbpf_kube::apply(&client, &objects)
             .await
             .map_err(|e| anyhow::anyhow!("{e} (installing takes cluster-admin rights)"))?;
@@ -136,10 +168,14 @@ pub fn install(args: InstallArgs) -> Result<ExitCode> {
                 .map_err(anyhow::Error::msg)?;
             let line = format!("agents ready: {ready}/{desired}");
             if line != last {
-                println!("{line}");
+                progress.step(&format!("waiting for the agents ({ready}/{desired} ready)"));
+                progress.say(&line);
                 last = line;
             }
             if desired > 0 && ready == desired {
+                if let Some(p) = progress.0.take() {
+                    p.finish();
+                }
                 println!("installed: `tpbpf up` can open tunnels now");
                 return Ok(ExitCode::SUCCESS);
             }

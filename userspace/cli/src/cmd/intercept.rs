@@ -59,6 +59,9 @@ pub struct InterceptArgs {
     /// Print nothing (an intercept `up` starts from the configuration).
     #[arg(skip)]
     quiet: bool,
+    /// Started by `up`, whose progress shows it.
+    #[arg(skip)]
+    from_up: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -138,6 +141,7 @@ pub fn from_config(
         output,
         // A table's lines go with `up`'s; JSON and YAML say only the bridge.
         quiet: output != Output::Table,
+        from_up: true,
     })
 }
 
@@ -189,7 +193,15 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
         local,
         mode,
     });
+    let mut progress =
+        (!args.from_up).then(|| crate::progress::Progress::new("intercept", args.output));
+    if let Some(p) = &mut progress {
+        p.step(format!("asking the agents of {}'s pods", args.workload));
+    }
     let v = ask(&args.instance, &request)?;
+    if let Some(p) = progress {
+        p.finish();
+    }
     let env = v["env"].as_object().cloned().unwrap_or_default();
     if let Some(why) = v["env_withheld"].as_str() {
         // The intercept is in place; an empty file would pass for the

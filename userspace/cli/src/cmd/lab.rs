@@ -150,7 +150,9 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         LabAction::Up {
             no_node_pod_cidrs, ..
         } => {
-            lab.up()?;
+            let mut progress = crate::progress::Progress::new("lab up", args.output);
+            lab.up_with(&mut |s| progress.step(s))?;
+            progress.finish();
             lab.set_node_pod_cidrs(!no_node_pod_cidrs)?;
             lab.status()
         }

@@ -4,7 +4,7 @@ use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Command, ExitCode, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -193,6 +193,8 @@ fn with_config(args: &mut UpArgs) -> Result<Vec<super::config::InterceptSpec>> {
 }
 
 pub fn up(mut args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
+    let mut progress = crate::progress::Progress::new("up", args.output);
+    progress.step("reading the settings");
     let intercepts = with_config(&mut args)?;
     // As a user, tpbpfd (the service) loads and attaches; it makes this
     // user's state directory and says early if this user may not use it.
@@ -277,15 +279,41 @@ pub fn up(mut args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     for n in &args.attach_netns {
         cmd.args(["--attach-netns", n]);
     }
+    progress.step("starting tpbpfd");
     let (mut child, stdout) = spawn_in_background(&mut cmd, log)?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
+        // Step events, then the ready event (at most 64 lines are read).
+        let mut lines = BufReader::new(stdout);
+        for _ in 0..64 {
+            let mut line = String::new();
+            let last = !matches!(lines.read_line(&mut line), Ok(n) if n > 0);
+            let step = !last && line.contains("\"event\":\"step\"");
+            if tx.send(line).is_err() || !step {
+                break;
+            }
+        }
     });
-    let ready: Value = match rx.recv_timeout(Duration::from_secs(90)) {
-        Ok(line) if !line.is_empty() => {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut line = String::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        line = rx.recv_timeout(left).unwrap_or_default();
+        match serde_json::from_str::<Value>(&line) {
+            Ok(v) if v["event"] == "step" => {
+                progress.step(
+                    v["step"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .chars()
+                        .take(80)
+                        .collect::<String>(),
+                );
+            }
+            _ => break,
+        }
+    }
+    let ready: Value = match line {
+        line if !line.is_empty() => {
             serde_json::from_str(&line).context("the bridge's ready event")?
         }
         _ => {
@@ -311,7 +339,7 @@ pub fn up(mut args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     let info: tpbpf_kube::ClusterInfo = serde_json::from_value(ready["cluster"].clone())
         .context("the bridge's ready event has no cluster")?;
     for w in &info.warnings {
-        eprintln!("tpbpf: warning: {w}");
+        progress.println(&format!("tpbpf: warning: {w}"));
     }
     let cidrs: Vec<String> = ready["cidrs"]
         .as_array()
@@ -360,6 +388,7 @@ pub fn up(mut args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         serde_json::to_string_pretty(&state)?,
     )?;
     for spec in &intercepts {
+        progress.step(format!("intercepting {} port {}", spec.workload, spec.port));
         super::intercept::from_config(&args.instance, spec, args.output).with_context(|| {
             format!(
                 "the bridge is up, but the intercept of {} from the configuration failed (`tpbpf down` ends the bridge)",
@@ -367,6 +396,9 @@ pub fn up(mut args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
             )
         })?;
     }
+    let mut state = state;
+    state["steps"] = progress.steps();
+    progress.finish();
     match args.output {
         o @ (Output::Json | Output::Yaml) => print!("{}", o.render(&state)),
         Output::Table => {
