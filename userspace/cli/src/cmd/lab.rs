@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use tpbpf_lab::Lab;
 
+use super::lab_shell::Identity;
 use crate::Output;
 
 #[derive(clap::Args)]
@@ -61,6 +62,26 @@ enum LabAction {
         /// Its namespace (default: wherever a pod of that name is).
         #[arg(short, long)]
         namespace: Option<String>,
+    },
+    /// A shell as on the developer machine: in its network namespace, with
+    /// KUBECONFIG set to the lab's, and a cgroup of its own that a plain
+    /// `tpbpf up` in it bridges. Cluster names resolve only through tpbpf.
+    /// With COMMAND, runs that instead and passes its exit status on.
+    Shell {
+        /// Whose kubeconfig.
+        #[arg(long, value_enum, default_value_t = Identity::Admin)]
+        identity: Identity,
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Print the lab's kubeconfig (as `kind get kubeconfig` does).
+    Kubeconfig {
+        /// Whose kubeconfig.
+        #[arg(long, value_enum, default_value_t = Identity::Admin)]
+        identity: Identity,
+        /// Print where it is instead.
+        #[arg(long)]
+        path: bool,
     },
     /// Internal: serve the lab's Kubernetes API endpoint over HTTPS
     /// (started by `up`; the TLS and token flags are kube-apiserver's).
@@ -147,6 +168,12 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         agent.display().to_string(),
     ]);
     let status = match args.action {
+        LabAction::Shell { identity, command } => {
+            return super::lab_shell::shell(&lab, identity, &command)
+        }
+        LabAction::Kubeconfig { identity, path } => {
+            return super::lab_shell::kubeconfig(&lab, identity, path)
+        }
         LabAction::Up {
             no_node_pod_cidrs, ..
         } => {

@@ -5,6 +5,7 @@ pub mod gather;
 pub mod install;
 pub mod intercept;
 pub mod lab;
+pub mod lab_shell;
 mod recorded;
 pub mod redact;
 pub mod redirect;

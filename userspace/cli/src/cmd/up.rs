@@ -45,7 +45,7 @@ pub struct UpArgs {
     #[arg(long)]
     agent_address: Option<String>,
     /// Bridge this cgroup subtree (default: the whole machine).
-    #[arg(long)]
+    #[arg(long, env = "TPBPF_CGROUP")]
     cgroup: Option<PathBuf>,
     /// The ranges to bridge (repeatable), instead of the service and pod
     /// ranges discovery finds.
@@ -134,6 +134,25 @@ fn state_dir(instance: &str) -> PathBuf {
 /// Where bridge `instance` keeps its state (see `state_dir`).
 pub fn state_dir_of(instance: &str) -> PathBuf {
     state_dir(instance)
+}
+
+/// The bridges of this user whose scope is cgroup `cgroup`.
+pub fn instances_bridging(cgroup: &std::path::Path) -> Vec<String> {
+    let Some(dir) = state_dir("x").parent().map(std::path::Path::to_path_buf) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| {
+            read_state(name).is_some_and(|s| {
+                s["bridge"]["cgroup"].as_str().map(std::path::Path::new) == Some(cgroup)
+            })
+        })
+        .collect()
 }
 
 /// Bridge `instance`'s recorded state, if it is up (or was, and its
