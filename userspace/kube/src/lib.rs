@@ -34,6 +34,6 @@ pub use error::KubeError;
 pub use follow::{follow, follow_namespaces, Namespaces};
 pub use port_forward::{prove_port_forward, PortForward};
 pub use workload::{
-    interceptable, label_selector, resolve_workload, workload_pods, workloads, Workload,
-    WorkloadPod,
+    interceptable, label_selector, resolve_port, resolve_workload, workload_pods, workloads,
+    PortRef, Workload, WorkloadPod,
 };

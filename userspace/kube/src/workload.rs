@@ -2,9 +2,12 @@
 //! selector, and the pods of it an intercept takes.
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::{
+    api::core::v1::{Pod, Service, ServicePort},
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+};
 use kube::{api::ListParams, Api, Client};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A pod of a workload: where it runs.
 #[derive(Clone, Debug, Serialize)]
@@ -47,13 +50,132 @@ pub fn label_selector(
 /// A workload `tpbpf intercept` takes, and how to find its pods.
 #[derive(Clone, Debug, Serialize)]
 pub struct Workload {
-    /// deployment, statefulset, daemonset, replicaset or pod.
+    /// deployment, statefulset, daemonset, replicaset, pod or service.
     pub kind: &'static str,
     pub name: String,
     pub namespace: String,
     /// Its pods' label selector (`labelSelector` syntax); none for a bare
     /// pod, which is found by name.
     pub selector: Option<String>,
+    /// A service's ports (its port numbers and names map to its pods'
+    /// target ports).
+    #[serde(skip)]
+    pub service_ports: Vec<ServicePort>,
+}
+
+/// A port as a user names it: its number, or its name (a container port's
+/// name, or a service port's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+impl std::fmt::Display for PortRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortRef::Number(n) => write!(f, "{n}"),
+            PortRef::Name(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl PortRef {
+    /// A port name as Kubernetes takes one (IANA_SVC_NAME: at most 15
+    /// lower case letters, digits and `-`, with a letter, no `--`, not at
+    /// either end).
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            PortRef::Number(0) => Err("port 0 is no port".into()),
+            PortRef::Number(_) => Ok(()),
+            PortRef::Name(n) => {
+                let ok = (1..=15).contains(&n.len())
+                    && n.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && n.bytes().any(|b| b.is_ascii_lowercase())
+                    && !n.starts_with('-')
+                    && !n.ends_with('-')
+                    && !n.contains("--");
+                if ok {
+                    Ok(())
+                } else {
+                    Err(format!("`{n}` is not a port number or a port name (lower case letters, digits and `-`, at most 15)"))
+                }
+            }
+        }
+    }
+}
+
+/// The port of `w`'s pods that `port` names: for a service, its port (by
+/// number or name) mapped to its target port; otherwise the number itself,
+/// or the container port of that name in `w`'s pods.
+pub async fn resolve_port(client: &Client, w: &Workload, port: &PortRef) -> Result<u16, String> {
+    port.check()?;
+    let target = if w.kind == "service" {
+        let sp = w
+            .service_ports
+            .iter()
+            .find(|sp| match port {
+                PortRef::Number(n) => sp.port == i32::from(*n),
+                PortRef::Name(name) => sp.name.as_deref() == Some(name),
+            })
+            .ok_or_else(|| {
+                let have: Vec<String> = w
+                    .service_ports
+                    .iter()
+                    .map(|sp| match &sp.name {
+                        Some(n) => format!("{n} ({})", sp.port),
+                        None => sp.port.to_string(),
+                    })
+                    .collect();
+                format!(
+                    "service {}/{} has no port {port} (it has {})",
+                    w.namespace,
+                    w.name,
+                    have.join(", ")
+                )
+            })?;
+        match &sp.target_port {
+            None => PortRef::Number(u16::try_from(sp.port).map_err(|_| "a bad port".to_string())?),
+            Some(IntOrString::Int(n)) => PortRef::Number(
+                u16::try_from(*n).map_err(|_| format!("service {}: target port {n}", w.name))?,
+            ),
+            Some(IntOrString::String(name)) => match name.parse::<u16>() {
+                Ok(n) => PortRef::Number(n),
+                Err(_) => PortRef::Name(name.clone()),
+            },
+        }
+    } else {
+        port.clone()
+    };
+    match target {
+        PortRef::Number(n) => Ok(n),
+        PortRef::Name(name) => container_port(client, w, &name).await,
+    }
+}
+
+/// The container port named `name` in `w`'s pods (the first pod that
+/// declares it; every replica has the same spec).
+async fn container_port(client: &Client, w: &Workload, name: &str) -> Result<u16, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &w.namespace);
+    let list = pods
+        .list(&w.list_params().limit(20))
+        .await
+        .map_err(|e| format!("listing the pods of {} {}: {e}", w.kind, w.name))?;
+    list.items
+        .iter()
+        .filter_map(|p| p.spec.as_ref())
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(name))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .ok_or_else(|| {
+            format!(
+                "no container of {} {}/{} has a port named {name} (`kubectl get pods -n {} -o yaml` shows their ports)",
+                w.kind, w.namespace, w.name, w.namespace
+            )
+        })
 }
 
 impl Workload {
@@ -75,12 +197,14 @@ impl Workload {
 
 /// The kinds `tpbpf intercept` takes, in the order a bare name is looked
 /// up, with the names `KIND/NAME` may use for them.
-const WORKLOAD_KINDS: [(&str, &[&str]); 5] = [
+const WORKLOAD_KINDS: [(&str, &[&str]); 6] = [
     ("deployment", &["deployment", "deployments", "deploy"]),
     ("statefulset", &["statefulset", "statefulsets", "sts"]),
     ("daemonset", &["daemonset", "daemonsets", "ds"]),
     ("replicaset", &["replicaset", "replicasets", "rs"]),
     ("pod", &["pod", "pods", "po"]),
+    // Last: a bare name is a workload's before a service's of that name.
+    ("service", &["service", "services", "svc"]),
 ];
 
 /// Finds `target` in `namespace`: `KIND/NAME`, or a bare name tried as a
@@ -99,7 +223,7 @@ pub async fn resolve_workload(
                 .find(|(_, names)| names.contains(&k.as_str()))
             else {
                 return Err(format!(
-                    "`{target}`: tpbpf intercepts deployments, statefulsets, daemonsets, replicasets and pods, not `{k}`"
+                    "`{target}`: tpbpf intercepts deployments, statefulsets, daemonsets, replicasets, pods and services (their selectors' pods), not `{k}`"
                 ));
             };
             (vec![*kind], n)
@@ -107,6 +231,7 @@ pub async fn resolve_workload(
         None => (WORKLOAD_KINDS.iter().map(|(k, _)| *k).collect(), target),
     };
     let c = client.clone();
+    let mut service_ports = Vec::new();
     for kind in kinds {
         let get_err = |e: kube::Error| format!("getting {kind} {namespace}/{name}: {e}");
         let selector = match kind {
@@ -130,6 +255,22 @@ pub async fn resolve_workload(
                 .await
                 .map_err(get_err)?
                 .map(|o| o.spec.map(|s| s.selector)),
+            "service" => Api::<Service>::namespaced(c.clone(), namespace)
+                .get_opt(name)
+                .await
+                .map_err(get_err)?
+                .map(|o| {
+                    let spec = o.spec.unwrap_or_default();
+                    service_ports = spec.ports.unwrap_or_default();
+                    // A service without a selector (its endpoints kept by
+                    // hand) selects no pod: refused below.
+                    spec.selector
+                        .filter(|m| !m.is_empty())
+                        .map(|m| LabelSelector {
+                            match_labels: Some(m),
+                            match_expressions: None,
+                        })
+                }),
             _ => {
                 if Api::<Pod>::namespaced(c.clone(), namespace)
                     .get_opt(name)
@@ -142,6 +283,7 @@ pub async fn resolve_workload(
                         name: name.to_string(),
                         namespace: namespace.to_string(),
                         selector: None,
+                        service_ports: Vec::new(),
                     });
                 }
                 None
@@ -155,11 +297,12 @@ pub async fn resolve_workload(
                 name: name.to_string(),
                 namespace: namespace.to_string(),
                 selector: Some(selector),
+                service_ports,
             });
         }
     }
     Err(format!(
-        "no deployment, statefulset, daemonset, replicaset or pod named {name} in namespace {namespace} (`tpbpf list -n {namespace}` lists them)"
+        "no deployment, statefulset, daemonset, replicaset, pod or service named {name} in namespace {namespace} (`tpbpf list -n {namespace}` lists them)"
     ))
 }
 

@@ -77,6 +77,20 @@ pub struct Service {
     pub selector: &'static str,
 }
 
+/// The name a port of the lab's services and containers goes by, as their
+/// charts name them (CoreDNS's `dns` and `dns-tcp`, `http`, `redis`,
+/// `postgres`): services refer to their pods' ports by these names.
+pub fn port_name(port: u16, proto: &str) -> &'static str {
+    match (port, proto.to_ascii_lowercase().as_str()) {
+        (53, "udp") => "dns",
+        (53, _) => "dns-tcp",
+        (80, _) => "http",
+        (6379, _) => "redis",
+        (5432, _) => "postgres",
+        _ => "port",
+    }
+}
+
 pub fn nodes() -> Vec<Node> {
     vec![
         Node {

@@ -101,9 +101,10 @@ impl Transport {
 pub struct InterceptSpec {
     /// A deployment, statefulset, daemonset, replicaset or pod (or KIND/NAME).
     pub workload: String,
-    /// REMOTE[:LOCAL]: the workload's port and the local one.
-    #[serde(deserialize_with = "port")]
-    pub port: String,
+    /// REMOTE[:LOCAL]: the workload's port (number or name) and the local
+    /// one; or a list of them, one intercept each.
+    #[serde(alias = "ports")]
+    pub port: Ports,
     /// The workload's namespace (default: the first connected one).
     #[serde(
         default,
@@ -204,19 +205,71 @@ fn domain<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::E
     Ok(v)
 }
 
-fn port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let v = String::deserialize(d)?;
-    let ok = |p: &str| p.parse::<u16>().is_ok_and(|p| p > 0);
-    let good = match v.split_once(':') {
-        Some((r, l)) => ok(r) && ok(l),
-        None => ok(&v),
-    };
-    if !good {
-        return Err(serde::de::Error::custom(format!(
-            "port `{v}` is not REMOTE[:LOCAL] (e.g. \"80:8080\")"
-        )));
+/// One port (`"80:8080"`) or several (`["80:8080", "https:8443"]`).
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum Ports {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Ports {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Ports::One(p) => vec![p],
+            Ports::Many(v) => v,
+        }
     }
-    Ok(v)
+}
+
+/// A port, checked where it is read.
+struct Port(String);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = String::deserialize(d)?;
+        super::intercept::parse_port(&v)
+            .map_err(|e| serde::de::Error::custom(format!("{e:#}").replace("--port ", "port ")))?;
+        Ok(Self(v))
+    }
+}
+
+impl<'de> Deserialize<'de> for Ports {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Ports;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a port (\"80:8080\") or a list of ports")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Ports, E> {
+                let p = Port::deserialize(serde::de::value::StrDeserializer::<E>::new(v))?;
+                Ok(Ports::One(p.0))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Ports, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Ports, A::Error> {
+                let mut all = Vec::new();
+                while let Some(p) = seq.next_element::<Port>()? {
+                    if all.len() == 16 {
+                        return Err(serde::de::Error::custom(
+                            "at most 16 ports in one intercept",
+                        ));
+                    }
+                    all.push(p.0);
+                }
+                if all.is_empty() {
+                    return Err(serde::de::Error::custom("an empty list of ports"));
+                }
+                Ok(Ports::Many(all))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// Where a setting's value came from.

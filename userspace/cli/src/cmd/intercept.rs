@@ -15,21 +15,26 @@ use tokio::{
 
 use crate::Output;
 
+use tpbpf_kube::PortRef;
 pub use tpbpf_userside::control::control_socket;
 use tpbpf_userside::control::{InterceptRequest, ModeRequest, Request};
 
 #[derive(clap::Args)]
 pub struct InterceptArgs {
-    /// The workload: a deployment, a statefulset or a pod.
+    /// The workload: a deployment, statefulset, daemonset, replicaset or
+    /// pod, or a service (its selector's pods), as NAME or KIND/NAME.
     workload: String,
-    /// REMOTE[:LOCAL]: the workload's port, and the local port its
-    /// connections go to (default: the same number).
-    #[arg(long)]
-    port: String,
+    /// REMOTE[:LOCAL]: the workload's port (a number, or a container's or
+    /// the service's port name, e.g. `http`), and the local port its
+    /// connections go to (default: the same number). Repeatable: one
+    /// intercept per port (`--port 80:8080 --port 443:8443`).
+    #[arg(long, required = true)]
+    port: Vec<String>,
     /// The workload's namespace (default: the bridge's first namespace).
     #[arg(short, long)]
     namespace: Option<String>,
-    /// Name of the intercept, for `tpbpf leave` (default: WORKLOAD-REMOTE).
+    /// Name of the intercept, for `tpbpf leave` (default: WORKLOAD-REMOTE;
+    /// with several ports each is WORKLOAD-REMOTE).
     #[arg(long)]
     name: Option<String>,
     /// steal: every new connection comes to you; mirror: the workload
@@ -126,7 +131,7 @@ pub fn from_config(
     use super::config::InterceptMode;
     intercept(InterceptArgs {
         workload: spec.workload.clone(),
-        port: spec.port.clone(),
+        port: spec.port.clone().into_vec(),
         namespace: spec.namespace.clone(),
         name: spec.name.clone(),
         mode: match spec.mode {
@@ -145,21 +150,44 @@ pub fn from_config(
     })
 }
 
+/// `REMOTE[:LOCAL]`: REMOTE a port number or name, LOCAL a number.
+pub fn parse_port(port: &str) -> Result<(PortRef, Option<u16>)> {
+    let (r, l) = match port.split_once(':') {
+        Some((r, l)) => (r, Some(l)),
+        None => (port, None),
+    };
+    let remote = match r.parse::<u16>() {
+        Ok(n) => PortRef::Number(n),
+        Err(_) if !r.is_empty() && !r.bytes().all(|b| b.is_ascii_digit()) => {
+            PortRef::Name(r.to_string())
+        }
+        Err(_) => bail!("--port `{port}` is not REMOTE[:LOCAL] (e.g. 80:8080 or http:8080)"),
+    };
+    remote
+        .check()
+        .map_err(|e| anyhow::anyhow!("--port `{port}`: {e}"))?;
+    let local = match l {
+        None => None,
+        Some(l) => match l.parse::<u16>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => bail!("--port `{port}`: the local port `{l}` is not a port number"),
+        },
+    };
+    Ok((remote, local))
+}
+
 pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
-    let (remote, local) = match args.port.split_once(':') {
-        Some((r, l)) => (r.parse::<u16>(), l.parse::<u16>()),
-        None => (args.port.parse(), args.port.parse()),
-    };
-    let (Ok(remote), Ok(local)) = (remote, local) else {
-        bail!(
-            "--port `{}` is not REMOTE[:LOCAL] (e.g. 80:8080)",
-            args.port
-        );
-    };
-    let name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("{}-{remote}", args.workload.replace('/', "-")));
+    let ports = args
+        .port
+        .iter()
+        .map(|p| parse_port(p))
+        .collect::<Result<Vec<_>>>()?;
+    if ports.len() > 1 && args.name.is_some() {
+        bail!("--name names one intercept: with several --port each is named WORKLOAD-PORT");
+    }
+    if ports.len() > 16 {
+        bail!("at most 16 --port in one intercept command");
+    }
     let mut mode = if args.mode == Mode::Mirror {
         ModeRequest::Mirror
     } else {
@@ -185,23 +213,45 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
         }
         mode = ModeRequest::Path { prefix: p.clone() };
     }
-    let request = Request::Intercept(InterceptRequest {
-        name: name.clone(),
-        workload: args.workload.clone(),
-        namespace: args.namespace.clone(),
-        remote,
-        local,
-        mode,
-    });
     let mut progress =
         (!args.from_up).then(|| crate::progress::Progress::new("intercept", args.output));
-    if let Some(p) = &mut progress {
-        p.step(format!("asking the agents of {}'s pods", args.workload));
+    let mut answers: Vec<Value> = Vec::new();
+    for (remote, local) in ports {
+        let name = args
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}-{remote}", args.workload.replace('/', "-")));
+        let request = Request::Intercept(InterceptRequest {
+            name: name.clone(),
+            workload: args.workload.clone(),
+            namespace: args.namespace.clone(),
+            remote: remote.clone(),
+            local,
+            mode: mode.clone(),
+        });
+        if let Some(p) = &mut progress {
+            p.step(format!(
+                "asking the agents of {}'s pods for port {remote}",
+                args.workload
+            ));
+        }
+        match ask(&args.instance, &request) {
+            Ok(v) => answers.push(v),
+            Err(e) => {
+                // All of them or none: the ones already made go.
+                for done in &answers {
+                    if let Some(n) = done["name"].as_str() {
+                        let _ = ask(&args.instance, &Request::Leave { name: n.into() });
+                    }
+                }
+                return Err(e.context(format!("port {remote}")));
+            }
+        }
     }
-    let v = ask(&args.instance, &request)?;
     if let Some(p) = progress {
         p.finish();
     }
+    let v = answers.first().cloned().unwrap_or_default();
     let env = v["env"].as_object().cloned().unwrap_or_default();
     if let Some(why) = v["env_withheld"].as_str() {
         // The intercept is in place; an empty file would pass for the
@@ -237,21 +287,28 @@ pub fn intercept(args: InterceptArgs) -> Result<ExitCode> {
     }
     match args.output {
         _ if args.quiet => {}
-        o @ (Output::Json | Output::Yaml) => print!("{}", o.render(&v)),
+        // One port: its intercept; several: the list of them.
+        o @ (Output::Json | Output::Yaml) if answers.len() == 1 => print!("{}", o.render(&v)),
+        o @ (Output::Json | Output::Yaml) => print!("{}", o.render(&Value::Array(answers))),
         Output::Table => {
-            println!(
-                "intercepting {} {}/{} port {remote}: new connections go to 127.0.0.1:{local} (name {name}; `tpbpf leave {name}` ends it)",
-                v["kind"].as_str().unwrap_or("workload"),
-                v["namespace"].as_str().unwrap_or("?"),
-                args.workload
-            );
-            for p in v["pods"].as_array().into_iter().flatten() {
+            for v in &answers {
+                let name = v["name"].as_str().unwrap_or("?");
                 println!(
-                    "  pod {} ({}) on {}",
-                    p["name"].as_str().unwrap_or("?"),
-                    p["pod_ip"].as_str().unwrap_or("?"),
-                    p["node"].as_str().unwrap_or("?")
+                    "intercepting {} {}/{} port {}: new connections go to 127.0.0.1:{} (name {name}; `tpbpf leave {name}` ends it)",
+                    v["kind"].as_str().unwrap_or("workload"),
+                    v["namespace"].as_str().unwrap_or("?"),
+                    args.workload,
+                    v["remote"],
+                    v["local"],
                 );
+                for p in v["pods"].as_array().into_iter().flatten() {
+                    println!(
+                        "  pod {} ({}) on {}",
+                        p["name"].as_str().unwrap_or("?"),
+                        p["pod_ip"].as_str().unwrap_or("?"),
+                        p["node"].as_str().unwrap_or("?")
+                    );
+                }
             }
         }
     }

@@ -148,7 +148,7 @@ pub fn shell(lab: &Lab, identity: Identity, command: &[String]) -> Result<ExitCo
     cmd.args(&args)
         .env("KUBECONFIG", &kubeconfig)
         .env("TPBPF_CGROUP", &cgroup)
-        .env("TPBPF_LAB", &lab.name())
+        .env("TPBPF_LAB", lab.name())
         .env("PS1", format!("(lab {}) \\u@\\h:\\w\\$ ", lab.name()));
     // `tpbpf` in the shell is this one.
     if let (Some(dir), Ok(path)) = (exe.parent(), std::env::var("PATH")) {

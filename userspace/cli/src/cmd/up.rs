@@ -407,7 +407,11 @@ pub fn up(mut args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
         serde_json::to_string_pretty(&state)?,
     )?;
     for spec in &intercepts {
-        progress.step(format!("intercepting {} port {}", spec.workload, spec.port));
+        progress.step(format!(
+            "intercepting {} port {}",
+            spec.workload,
+            spec.port.clone().into_vec().join(", ")
+        ));
         super::intercept::from_config(&args.instance, spec, args.output).with_context(|| {
             format!(
                 "the bridge is up, but the intercept of {} from the configuration failed (`tpbpf down` ends the bridge)",

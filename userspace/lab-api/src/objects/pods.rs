@@ -27,13 +27,24 @@ fn image(app: App) -> &'static str {
     }
 }
 
-fn port(app: App) -> (i32, &'static str) {
-    match app {
-        App::Dns => (53, "UDP"),
-        App::Nginx => (80, "TCP"),
-        App::Redis => (6379, "TCP"),
-        App::Postgres => (5432, "TCP"),
-    }
+/// The ports an app's container declares (each named, as its service's
+/// `targetPort` names it).
+fn ports(app: App) -> Vec<ContainerPort> {
+    let ports: &[(u16, &str)] = match app {
+        App::Dns => &[(53, "UDP"), (53, "TCP")],
+        App::Nginx => &[(80, "TCP")],
+        App::Redis => &[(6379, "TCP")],
+        App::Postgres => &[(5432, "TCP")],
+    };
+    ports
+        .iter()
+        .map(|(port, proto)| ContainerPort {
+            name: Some(spec::port_name(*port, proto).into()),
+            container_port: i32::from(*port),
+            protocol: Some((*proto).into()),
+            ..Default::default()
+        })
+        .collect()
 }
 
 fn time(secs: u64) -> Time {
@@ -195,7 +206,6 @@ fn workload_pods(live: &Status) -> Vec<Pod> {
         .filter(|p| running(live, p.namespace, &p.name))
         .map(|p| {
             let rs = replicaset_name(p.workload);
-            let (port, proto) = port(p.app);
             Pod {
                 metadata: ObjectMeta {
                     labels: Some(labels(&[("app", p.label)])),
@@ -220,11 +230,7 @@ fn workload_pods(live: &Status) -> Vec<Pod> {
                     containers: vec![Container {
                         name: p.label.into(),
                         image: Some(image(p.app).into()),
-                        ports: Some(vec![ContainerPort {
-                            container_port: port,
-                            protocol: Some(proto.into()),
-                            ..Default::default()
-                        }]),
+                        ports: Some(ports(p.app)),
                         env: Some(
                             p.env
                                 .iter()

@@ -5,7 +5,7 @@ use k8s_openapi::{
         core::v1::{Service, ServicePort, ServiceSpec},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use tpbpf_lab::{spec, Status};
 
@@ -29,9 +29,13 @@ pub fn services() -> Vec<Service> {
                     s.ports
                         .iter()
                         .map(|(port, proto)| ServicePort {
-                            name: Some(format!("{}-{port}", proto)),
+                            name: Some(spec::port_name(*port, proto).into()),
                             port: i32::from(*port),
                             protocol: Some(proto.to_uppercase()),
+                            // By the container port's name, as charts do.
+                            target_port: Some(IntOrString::String(
+                                spec::port_name(*port, proto).into(),
+                            )),
                             ..Default::default()
                         })
                         .collect(),
@@ -74,7 +78,7 @@ pub fn endpoint_slices(live: &Status) -> Vec<EndpointSlice> {
                     s.ports
                         .iter()
                         .map(|(port, proto)| EndpointPort {
-                            name: Some(format!("{}-{port}", proto)),
+                            name: Some(spec::port_name(*port, proto).into()),
                             port: Some(i32::from(*port)),
                             protocol: Some(proto.to_uppercase()),
                             ..Default::default()

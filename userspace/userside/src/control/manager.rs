@@ -119,12 +119,7 @@ impl Manager {
         req: &InterceptRequest,
     ) -> Result<Value, String> {
         req.check()?;
-        let (name, target, remote, local) = (
-            req.name.clone(),
-            req.workload.clone(),
-            req.remote,
-            req.local,
-        );
+        let (name, target) = (req.name.clone(), req.workload.clone());
         let namespace = req
             .namespace
             .clone()
@@ -134,6 +129,8 @@ impl Manager {
         // second request with this name is refused meanwhile.
         let reservation = self.active.reserve(&name)?;
         let workload = tpbpf_kube::resolve_workload(&self.client, &namespace, &target).await?;
+        let remote = tpbpf_kube::resolve_port(&self.client, &workload, &req.remote).await?;
+        let local = req.local.unwrap_or(remote);
         // Follow the workload from before the first list: a pod that comes
         // while the first ones are being intercepted is not missed.
         let mut follow = tpbpf_kube::follow(&self.client, workload.clone());
@@ -240,7 +237,7 @@ impl Manager {
             ));
         }
         Ok(
-            json!({"name": name, "kind": workload.kind, "namespace": namespace, "workload": workload.name, "pods": pods, "env": env, "env_withheld": env_withheld}),
+            json!({"name": name, "kind": workload.kind, "namespace": namespace, "workload": workload.name, "remote": remote, "local": local, "pods": pods, "env": env, "env_withheld": env_withheld}),
         )
     }
 

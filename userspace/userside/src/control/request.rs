@@ -22,8 +22,12 @@ pub struct InterceptRequest {
     pub workload: String,
     #[serde(default)]
     pub namespace: Option<String>,
-    pub remote: u16,
-    pub local: u16,
+    /// The workload's port: a number, or a container's (a service's) port
+    /// name.
+    pub remote: tpbpf_kube::PortRef,
+    /// The local port (default: the number `remote` resolves to).
+    #[serde(default)]
+    pub local: Option<u16>,
     #[serde(flatten)]
     pub mode: ModeRequest,
 }
@@ -76,6 +80,10 @@ impl InterceptRequest {
                 n.chars().take(40).collect::<String>()
             ));
         }
+        self.remote.check()?;
+        if self.local == Some(0) {
+            return Err("local port 0 is no port".into());
+        }
         match &self.mode {
             ModeRequest::Header { value, .. } if value.len() > 4096 => {
                 Err("the header value is over 4 KiB".into())
@@ -121,8 +129,8 @@ mod tests {
             name: "dev".into(),
             workload: "deployment/web".into(),
             namespace: None,
-            remote: 80,
-            local: 8080,
+            remote: tpbpf_kube::PortRef::Number(80),
+            local: Some(8080),
             mode,
         }
     }
@@ -130,12 +138,45 @@ mod tests {
     // Requests.
 
     #[test]
+    fn a_port_is_a_number_or_a_kubernetes_port_name() {
+        let r = request(r#"{"op":"intercept","name":"dev","workload":"svc/web","remote":"http","mode":"steal"}"#).unwrap();
+        let Request::Intercept(i) = r else {
+            panic!("not an intercept")
+        };
+        assert_eq!(i.remote, tpbpf_kube::PortRef::Name("http".into()));
+        assert_eq!(i.local, None);
+        assert_eq!(i.check(), Ok(()));
+        for bad in [
+            "HTTP",
+            "-http",
+            "a--b",
+            "1234",
+            "sixteen-letters-",
+            "",
+            "h/t",
+        ] {
+            let mut i = intercept_request(ModeRequest::Steal);
+            i.remote = tpbpf_kube::PortRef::Name(bad.into());
+            assert!(i.check().is_err(), "{bad:?} taken as a port name");
+        }
+        let mut i = intercept_request(ModeRequest::Steal);
+        i.local = Some(0);
+        assert!(i.check().is_err());
+        i.local = None;
+        i.remote = tpbpf_kube::PortRef::Number(0);
+        assert!(i.check().is_err());
+    }
+
+    #[test]
     fn each_request_parses_from_its_json_line() {
         let r = request(r#"{"op":"intercept","name":"dev","workload":"web","remote":80,"local":8080,"mode":"steal"}"#).unwrap();
         match r {
             Request::Intercept(i) => {
                 assert_eq!((i.name.as_str(), i.workload.as_str()), ("dev", "web"));
-                assert_eq!((i.remote, i.local, i.namespace), (80, 8080, None));
+                assert_eq!(
+                    (i.remote, i.local, i.namespace),
+                    (tpbpf_kube::PortRef::Number(80), Some(8080), None)
+                );
                 assert_eq!(i.mode.to_mode(), InterceptMode::Steal);
             }
             other => panic!("{other:?}"),
