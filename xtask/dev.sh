@@ -8,13 +8,14 @@
 #   bash xtask/dev.sh fuzz         a short fuzz run of the tunnel protocol decoder
 #   sudo bash xtask/dev.sh image   the agent's image, an OCI archive (target/image)
 #   sudo bash xtask/dev.sh vm-test --kernel 6.1   the privileged suite on Debian's 6.1 under qemu
+#   bash xtask/dev.sh book         the docs as a book (mdBook) in target/book
 #   sudo bash xtask/dev.sh dist    the release artifacts: the .deb and the agent image (target/dist)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-}" in
-    demo|test|lint|bench|fuzz|image|vm-test|dist) ;;
-    *) echo "usage: sudo bash xtask/dev.sh demo|test|lint|bench|fuzz|image|vm-test|dist" >&2; exit 2 ;;
+    demo|test|lint|bench|fuzz|image|vm-test|dist|book) ;;
+    *) echo "usage: sudo bash xtask/dev.sh demo|test|lint|bench|fuzz|image|vm-test|dist|book" >&2; exit 2 ;;
 esac
 
 bash xtask/setup.sh "$1"

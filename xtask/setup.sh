@@ -109,6 +109,16 @@ else
     bpf_linker_ok || die "bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH"
 fi
 
+# mdBook (crates.io): `cargo xtask book` builds docs/ into target/book.
+MDBOOK_VERSION=0.5.4
+if command -v mdbook >/dev/null && mdbook --version 2>/dev/null | grep -q "v$MDBOOK_VERSION"; then
+    say "mdbook $MDBOOK_VERSION present"
+else
+    say "building mdbook $MDBOOK_VERSION from crates.io (the docs as a book; about two minutes)"
+    cargo install mdbook --version "$MDBOOK_VERSION" --locked --no-default-features --features search \
+        || die "building mdbook failed: see the output above"
+fi
+
 # kubernetes-validate (PyPI): the tests check `tpbpf install`'s manifests
 # against the Kubernetes JSON schemas of several versions.
 # The tests run it as `python3 -m kubernetes_validate` (no PATH or pyenv

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod book;
 mod demo;
 mod dist;
 mod image;
@@ -38,6 +39,9 @@ enum Task {
     Layering,
     /// The main job: `tpbpf doctor`, then a real redirected connection.
     Demo,
+    /// The docs as a book (mdBook) in target/book, with the reference pages
+    /// generated from tpbpf itself.
+    Book,
     /// Benchmarks (release build): the cost tpbpf's hooks add to connect(),
     /// the tunnel multiplexer against plain TCP, yamux and h2, and the lab
     /// end to end against the direct route, socat and sshuttle.
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
         Task::Lint => lint(),
         Task::Layering => layering::check_workspace(),
         Task::Demo => demo::run(),
+        Task::Book => book::build(),
         Task::Bench { which } => bench(which.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Image { release, out } => image::build_and_check(release, out),
@@ -326,6 +331,8 @@ fn test() -> Result<()> {
 
     step("unit tests");
     run(cargo().args(["test", "--workspace", "--exclude", "tpbpf-vm-tests"]))?;
+
+    book::build()?;
 
     step("privileged tests (vm-tests: real programs in this kernel, cgroups, network namespaces)");
     if !is_root() {

@@ -2,6 +2,7 @@
 mod cmd;
 mod netns;
 mod progress;
+mod reference;
 
 use std::process::ExitCode;
 
@@ -89,6 +90,9 @@ enum Command {
     /// Internal: writes the manual pages (tpbpf.1, tpbpf-up.1, ...) into DIR.
     #[command(name = "__man", hide = true)]
     Man { dir: std::path::PathBuf },
+    /// Internal: writes the book's generated reference pages into DIR.
+    #[command(name = "__reference", hide = true)]
+    Reference { dir: std::path::PathBuf },
     /// Internal: removes a cgroup once its creator is gone.
     #[command(name = "__reap-cgroup", hide = true)]
     ReapCgroup { path: std::path::PathBuf },
@@ -160,6 +164,10 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { dir } => man_pages(&dir).map(|()| ExitCode::SUCCESS),
+        Command::Reference { dir } => {
+            reference::write(Cli::command(), &cmd::config::schema(), &dir)
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::ReapCgroup { path } => tpbpf_cgroup::reaper::run_reaper(path)
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from),

@@ -99,7 +99,8 @@ impl Transport {
 #[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct InterceptSpec {
-    /// A deployment, statefulset, daemonset, replicaset or pod (or KIND/NAME).
+    /// A deployment, statefulset, daemonset, replicaset or pod, or
+    /// `svc/NAME` (a service's selector's pods); NAME or KIND/NAME.
     pub workload: String,
     /// REMOTE[:LOCAL]: the workload's port (number or name) and the local
     /// one; or a list of them, one intercept each.
@@ -516,16 +517,18 @@ enum ConfigAction {
     Schema,
 }
 
+/// The project file's JSON Schema, from the types `up` reads.
+pub fn schema() -> Value {
+    serde_json::to_value(schemars::schema_for!(Settings)).unwrap_or_default()
+}
+
 pub fn run(args: ConfigArgs) -> Result<ExitCode> {
     let flags = Flags {
         config: args.config.clone(),
         settings: Settings::default(),
     };
     match args.action {
-        ConfigAction::Schema => {
-            let schema = schemars::schema_for!(Settings);
-            println!("{}", serde_json::to_string_pretty(&schema)?);
-        }
+        ConfigAction::Schema => println!("{}", serde_json::to_string_pretty(&schema())?),
         ConfigAction::Check => {
             let r = resolve(&flags)?;
             let what = match &r.project {

@@ -12,7 +12,7 @@ pub struct LabArgs {
     #[command(subcommand)]
     action: LabAction,
     /// Lab instance name (prefix of its network namespaces).
-    #[arg(long, global = true, default_value = "tpbpf-lab")]
+    #[arg(long, global = true, env = "TPBPF_LAB", default_value = "tpbpf-lab")]
     name: String,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
