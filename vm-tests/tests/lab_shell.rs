@@ -26,6 +26,8 @@ tpbpf up --instance {i} >/dev/null
 curl -sS -m 10 http://web.default/
 kubectl get pods -n default -o name
 redis-cli -h redis.cache ping
+sleep 300 >/dev/null 2>&1 &
+echo left=$!
 exit 7",
         i = instance.0
     );
@@ -52,7 +54,24 @@ exit 7",
         cgroup.contains(&format!("tpbpf-lab-{}-shell-", lab.name)),
         "{cgroup}"
     );
-    // Its end took the bridge, the cgroup and the resolv.conf.
+    // Its end took what it left running, the bridge, the cgroup and the
+    // resolv.conf.
+    let left_pid: i32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("left="))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the background process's pid");
+    // Gone, or dead and waiting for its new parent to reap it.
+    let dead = || match std::fs::read_to_string(format!("/proc/{left_pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    };
+    assert!(
+        wait_for(std::time::Duration::from_secs(2), dead),
+        "the shell's background process {left_pid} outlived it"
+    );
     assert!(
         !std::path::Path::new("/run/tpbpf")
             .join(&instance.0)

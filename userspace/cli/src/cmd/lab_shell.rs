@@ -82,6 +82,17 @@ impl Drop for ShellScope {
                 .stdout(std::process::Stdio::null())
                 .status();
         }
+        // What the shell left running in its cgroup (a server started with
+        // `&`) ends with it, as a systemd scope's processes do.
+        let kill = self.cgroup.path().join("cgroup.kill");
+        if kill.exists() && std::fs::write(&kill, "1").is_ok() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while tpbpf_cgroup::procs(self.cgroup.path()).is_ok_and(|p| !p.is_empty())
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         // The cgroup goes after this (a field).
         let _ = std::fs::remove_file(&self.resolv);
     }
