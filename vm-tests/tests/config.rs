@@ -84,7 +84,7 @@ fn settings_come_from_flags_the_environment_the_project_file_and_the_kubeconfig_
     let project = root.0.join("tpbpf.yaml");
     std::fs::write(
         &project,
-        "kubeconfig: kube/config\nnamespaces: [default, cache]\ntransport: portforward\ncluster-domain: cluster.local\n",
+        "kubeconfig: kube/config\nnamespaces: [default, cache]\ntransport: portforward\ncluster-domain: cluster.local\ndns-suffixes: [corp.internal]\n",
     )
     .unwrap();
     let deep = root.0.join("src/deep/er");
@@ -109,7 +109,18 @@ fn settings_come_from_flags_the_environment_the_project_file_and_the_kubeconfig_
         "a path in the file is relative to the file: {v}"
     );
     let project_src = format!("project file {}", project.display());
-    for key in ["namespaces", "transport", "cluster-domain", "kubeconfig"] {
+    assert_eq!(
+        s["dns-suffixes"],
+        serde_json::json!(["corp.internal"]),
+        "{v}"
+    );
+    for key in [
+        "namespaces",
+        "transport",
+        "cluster-domain",
+        "dns-suffixes",
+        "kubeconfig",
+    ] {
         assert_eq!(from[key], project_src.as_str(), "{key}: {v}");
     }
     // What the project file leaves unset, the kubeconfig's context gives.

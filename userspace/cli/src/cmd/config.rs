@@ -69,6 +69,13 @@ pub struct Settings {
         deserialize_with = "domain"
     )]
     pub cluster_domain: Option<String>,
+    /// More DNS suffixes the cluster answers (beside the cluster domain).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "domains"
+    )]
+    pub dns_suffixes: Option<Vec<String>>,
     /// How the tunnel reaches the agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
@@ -194,16 +201,29 @@ fn ranges<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>,
     Ok(v.map(|v| v.into_iter().map(|r| r.0).collect()))
 }
 
-fn domain<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    let v: Option<String> = Option::deserialize(d)?;
-    if let Some(n) = &v {
+/// A DNS domain, checked where it is read.
+struct Domain(String);
+
+impl<'de> Deserialize<'de> for Domain {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = String::deserialize(d)?;
         if n.len() > 253 || !n.split('.').all(is_label) {
             return Err(serde::de::Error::custom(format!(
                 "`{n}` is not a DNS domain (labels of lower case letters, digits and `-`)"
             )));
         }
+        Ok(Self(n))
     }
-    Ok(v)
+}
+
+fn domain<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v: Option<Domain> = Option::deserialize(d)?;
+    Ok(v.map(|n| n.0))
+}
+
+fn domains<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let v: Option<Vec<Domain>> = Option::deserialize(d)?;
+    Ok(v.map(|v| v.into_iter().map(|n| n.0).collect()))
 }
 
 /// One port (`"80:8080"`) or several (`["80:8080", "https:8443"]`).
@@ -478,6 +498,7 @@ pub fn resolve(flags: &Flags) -> Result<Resolved> {
         also_proxy => "also-proxy",
         never_proxy => "never-proxy",
         cluster_domain => "cluster-domain",
+        dns_suffixes => "dns-suffixes",
         transport => "transport",
         intercepts => "intercepts",
     );

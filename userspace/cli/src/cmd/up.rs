@@ -64,6 +64,9 @@ pub struct UpArgs {
     /// The cluster domain (default: cluster.local).
     #[arg(long)]
     cluster_domain: Option<String>,
+    /// Another DNS suffix the cluster answers (repeatable).
+    #[arg(long = "dns-suffix", value_name = "SUFFIX")]
+    dns_suffixes: Vec<String>,
     /// The project file (default: tpbpf.yaml here or in a parent
     /// directory): its settings apply where no flag gives them, and its
     /// intercepts start once the bridge is up.
@@ -181,6 +184,7 @@ fn with_config(args: &mut UpArgs) -> Result<Vec<super::config::InterceptSpec>> {
             also_proxy: cidrs(&args.also_proxy),
             never_proxy: cidrs(&args.never_proxy),
             cluster_domain: args.cluster_domain.clone(),
+            dns_suffixes: (!args.dns_suffixes.is_empty()).then(|| args.dns_suffixes.clone()),
             transport: match args.transport.as_deref() {
                 None => None,
                 Some("direct") => Some(Transport::Direct),
@@ -207,6 +211,7 @@ fn with_config(args: &mut UpArgs) -> Result<Vec<super::config::InterceptSpec>> {
     args.also_proxy = parse(s.also_proxy, "also-proxy")?;
     args.never_proxy = parse(s.never_proxy, "never-proxy")?;
     args.cluster_domain = s.cluster_domain;
+    args.dns_suffixes = s.dns_suffixes.unwrap_or_default();
     args.transport = s.transport.map(|t| t.as_str().to_string());
     Ok(s.intercepts.unwrap_or_default())
 }
@@ -285,6 +290,9 @@ pub fn up(mut args: UpArgs, netns: Option<&str>) -> Result<ExitCode> {
     }
     for ns in &args.namespaces {
         cmd.args(["--namespace", ns]);
+    }
+    for d in &args.dns_suffixes {
+        cmd.args(["--dns-suffix", d]);
     }
     for ns in &args.mapped_namespaces {
         cmd.args(["--mapped-namespaces", ns]);
