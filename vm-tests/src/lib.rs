@@ -788,6 +788,11 @@ impl LabGuard {
 
     /// A lab as it starts: no tpbpf agent until `install`.
     pub fn up_without_agent(prefix: &str) -> Option<Self> {
+        Self::up_with(prefix, &[])
+    }
+
+    /// [`LabGuard::up_without_agent`] with more `lab up` flags (`--link`).
+    pub fn up_with(prefix: &str, extra: &[&str]) -> Option<Self> {
         if Command::new("redis-server")
             .arg("--version")
             .output()
@@ -801,8 +806,9 @@ impl LabGuard {
             name: unique_name(prefix),
             status: serde_json::Value::Null,
         };
-        let out =
-            run(Command::new(tpbpf_bin()).args(["lab", "up", "--name", &guard.name, "-o", "json"]));
+        let out = run(Command::new(tpbpf_bin())
+            .args(["lab", "up", "--name", &guard.name, "-o", "json"])
+            .args(extra));
         guard.status = serde_json::from_str(&out).expect("lab status JSON");
         Some(guard)
     }

@@ -24,6 +24,7 @@ mod api;
 mod apps;
 pub mod kubeconfig;
 mod lifecycle;
+pub mod link;
 mod netns;
 mod network;
 pub mod oci;
@@ -93,6 +94,10 @@ pub struct Lab {
     /// The node agent binary, started in every node (hostNetwork). `up`
     /// needs it; `status` and `down` do not.
     agent: Option<PathBuf>,
+    /// A WAN between the developer machine and the cluster (`up` only),
+    /// and how to start the process that is it (argv; the link's spec and
+    /// interfaces are appended).
+    link: Option<(link::LinkSpec, Vec<String>)>,
     /// How `up` makes the lab run the agent (default: runc where it is
     /// installed).
     agent_runtime: Option<agent::AgentRuntime>,
@@ -167,7 +172,21 @@ impl Lab {
             api_command: None,
             agent: None,
             agent_runtime: None,
+            link: None,
         }
+    }
+
+    /// A link with `spec`'s delay, rate and loss between the developer
+    /// machine and the cluster, run by `argv` (in the WAN namespace).
+    pub fn with_link(mut self, spec: link::LinkSpec, argv: Vec<String>) -> Self {
+        self.link = Some((spec, argv));
+        self
+    }
+
+    /// The namespace between the developer machine and the fabric, when
+    /// the lab has a link.
+    pub fn wan_netns(&self) -> String {
+        format!("{}-wan", self.name)
     }
 
     /// How the lab runs the agent (`up` only; fixed for the lab's life).

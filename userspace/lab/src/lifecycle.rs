@@ -35,6 +35,16 @@ impl Lab {
         }
         let status = self.status();
         if status.up {
+            let wanted = self.link.as_ref().map(|(l, _)| l.to_string());
+            if wanted.is_some() && status.link != wanted {
+                return Err(LabError::NotReady(format!(
+                    "lab {} is up with link {}: `tpbpf lab down --name {}` first to give it link {}",
+                    self.name,
+                    status.link.as_deref().unwrap_or("none"),
+                    self.name,
+                    wanted.unwrap_or_default()
+                )));
+            }
             info!(lab = self.name, "lab already up");
             return Ok(status);
         }
@@ -49,6 +59,12 @@ impl Lab {
         self.down()?;
         step("building the network (namespaces, links, routes, DNAT)");
         self.build_network()?;
+        if let Some((spec, _)) = &self.link {
+            step(&format!(
+                "starting the link between the developer machine and the cluster ({spec})"
+            ));
+            self.start_link()?;
+        }
         write(&self.state.join("agent-runtime"), runtime.as_str())?;
         for pod in self.pods() {
             step(&format!("starting pod {}/{}", pod.namespace, pod.name));
@@ -125,6 +141,13 @@ impl Lab {
         for node in spec::nodes() {
             netns_del(&self.agent_netns(node.name));
         }
+        if let Some(pid) = std::fs::read_to_string(self.state.join("link.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            stop_pid(pid);
+        }
+        netns_del(&self.wan_netns());
         netns_del(&self.dev_netns());
         for node in spec::nodes() {
             netns_del(&self.node_netns(node.name));

@@ -8,6 +8,37 @@ use crate::{
 };
 
 impl Lab {
+    /// Segmentation and receive offloads off on `iface` in `netns`, so
+    /// frames through the link are at most the MTU.
+    fn no_offloads(&self, netns: &str, iface: &str) -> Result<()> {
+        let i = iface.to_string();
+        // None: the namespace could not be entered.
+        crate::netns::in_netns(netns, move || Some(crate::link::disable_offloads(&i)))
+            .unwrap_or_else(|| Err(std::io::Error::other("cannot enter the namespace")))
+            .map_err(|source| crate::LabError::Io {
+                what: format!("turning offloads off on {iface} in {netns}"),
+                source,
+            })
+    }
+
+    /// Starts the link process (pid file `link.pid`), if the lab has one.
+    pub(crate) fn start_link(&self) -> Result<()> {
+        let Some((spec, argv)) = &self.link else {
+            return Ok(());
+        };
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .arg(spec.to_string())
+            .args(["w0", "w1"]);
+        let pid = crate::process::spawn_detached(
+            &mut cmd,
+            &self.state.join("link.log"),
+            "the lab's link",
+        )?;
+        crate::process::write(&self.state.join("link.pid"), &pid.to_string())?;
+        crate::process::write(&self.state.join("link"), &spec.to_string())
+    }
+
     pub(crate) fn build_network(&self) -> Result<()> {
         mkdir(&self.state)?;
         let fabric = self.fabric_netns();
@@ -28,10 +59,34 @@ impl Lab {
         // endpoint, with no route to pods or services.
         let dev = self.dev_netns();
         netns_add(&dev)?;
-        ip(&[
-            "link", "add", "eth0", "netns", &dev, "type", "veth", "peer", "name", "dev0", "netns",
-            &fabric,
-        ])?;
+        match &self.link {
+            None => ip(&[
+                "link", "add", "eth0", "netns", &dev, "type", "veth", "peer", "name", "dev0",
+                "netns", &fabric,
+            ])?,
+            // The developer machine's cable goes through the WAN: eth0 to
+            // w0, w1 to the fabric's dev0, the link process between.
+            Some(_) => {
+                let wan = self.wan_netns();
+                netns_add(&wan)?;
+                ip(&[
+                    "link", "add", "eth0", "netns", &dev, "type", "veth", "peer", "name", "w0",
+                    "netns", &wan,
+                ])?;
+                ip(&[
+                    "link", "add", "w1", "netns", &wan, "type", "veth", "peer", "name", "dev0",
+                    "netns", &fabric,
+                ])?;
+                for end in ["w0", "w1"] {
+                    ip(&["-n", &wan, "link", "set", end, "up"])?;
+                }
+                self.no_offloads(&dev, "eth0")?;
+                self.no_offloads(&fabric, "dev0")?;
+                for end in ["w0", "w1"] {
+                    self.no_offloads(&wan, end)?;
+                }
+            }
+        }
         ip(&["-n", &fabric, "link", "set", "dev0", "master", "lab0", "up"])?;
         ip(&[
             "-n",

@@ -73,6 +73,10 @@ pub struct Status {
     /// cluster-pool or EKS's VPC CNI.
     pub node_pod_cidrs: bool,
     pub cluster_domain: &'static str,
+    /// The link between the developer machine and the cluster
+    /// (DELAY,RATE,LOSS), if the lab has one, and whether it runs.
+    pub link: Option<String>,
+    pub link_running: bool,
 }
 
 impl Lab {
@@ -143,6 +147,11 @@ impl Lab {
             pod_cidr: spec::POD_CIDR,
             node_pod_cidrs: !self.state.join("no-node-pod-cidrs").exists(),
             cluster_domain: spec::CLUSTER_DOMAIN,
+            link: std::fs::read_to_string(self.state.join("link")).ok(),
+            link_running: std::fs::read_to_string(self.state.join("link.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .is_some_and(alive),
         }
     }
 }

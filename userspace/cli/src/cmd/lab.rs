@@ -47,6 +47,20 @@ enum LabAction {
         /// network namespace), or `auto`: runc where it is installed.
         #[arg(long, value_enum, default_value_t = AgentRuntimeArg::Auto)]
         agent_runtime: AgentRuntimeArg,
+        /// A WAN between the developer machine and the cluster:
+        /// DELAY[,RATE[,LOSS]] each way (`20ms,1gbit,1%`). This kernel has
+        /// no netem, so the lab runs the link itself (a process between two
+        /// interfaces of namespace NAME-wan).
+        #[arg(long, value_name = "DELAY,RATE,LOSS")]
+        link: Option<tpbpf_lab::link::LinkSpec>,
+    },
+    /// Internal: the link process (started by `up --link`), between two
+    /// interfaces of this network namespace.
+    #[command(name = "__link", hide = true)]
+    Link {
+        spec: tpbpf_lab::link::LinkSpec,
+        a: String,
+        b: String,
     },
     /// Stop the lab's servers and remove everything it made.
     Down,
@@ -141,6 +155,10 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         })?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let LabAction::Link { spec, a, b } = &args.action {
+        tpbpf_lab::link::run(*spec, a, b).context("the lab's link")?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let exe_path = std::env::current_exe()?;
     let exe = exe_path.display().to_string();
     let agent = match &args.action {
@@ -148,6 +166,24 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         _ => exe_path.with_file_name("tpbpf-agent"),
     };
     let mut lab = Lab::new(&args.name).with_agent(agent.clone());
+    if let LabAction::Up {
+        link: Some(spec), ..
+    } = &args.action
+    {
+        let probe = Lab::new(&args.name);
+        lab = lab.with_link(
+            *spec,
+            vec![
+                exe_path.display().to_string(),
+                "--netns".into(),
+                probe.wan_netns(),
+                "lab".into(),
+                "--name".into(),
+                args.name.clone(),
+                "__link".into(),
+            ],
+        );
+    }
     if let LabAction::Up { agent_runtime, .. } = &args.action {
         use tpbpf_lab::agent::AgentRuntime;
         lab = lab.with_agent_runtime(match agent_runtime {
@@ -209,7 +245,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        LabAction::Api { .. } => unreachable!("handled above"),
+        LabAction::Api { .. } | LabAction::Link { .. } => unreachable!("handled above"),
     };
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
