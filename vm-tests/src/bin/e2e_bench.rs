@@ -35,10 +35,85 @@ struct Target {
     redis: (String, u16),
     /// The cgroup a bridged client runs in (tpbpf), if any.
     cgroup: Option<PathBuf>,
+    /// The processes that carry the path's bytes, by role, whose CPU the
+    /// single stream is charged with (the client's is measured apart).
+    meters: Vec<(&'static str, Vec<u32>)>,
+    /// nginx's address for the time to first byte, and whether the path
+    /// takes a new connection to it (socat's relays go to iperf and redis
+    /// only).
+    ttfb: (String, bool),
+    /// Whether the path carries UDP (socat's and sshuttle's do not here).
+    udp: bool,
+}
+
+/// CPU seconds (user + system) of process `root` and its live
+/// descendants, with what their reaped children used: each process counted
+/// once (a reaped one in its reaper's c-times).
+fn tree_cpu(root: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut procs: Vec<(u32, u32, f64)> = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command's `)`: state is field 3, so field n is
+        // rest[n - 3]: ppid 4, utime 14, stime 15, cutime 16, cstime 17.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let ppid = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        procs.push((pid, ppid, (num(11) + num(12) + num(13) + num(14)) / tick));
+    }
+    let mut tree = vec![root];
+    let mut total = 0.0;
+    while let Some(p) = tree.pop() {
+        for (pid, ppid, cpu) in &procs {
+            if *pid == p {
+                total += cpu;
+            }
+            if *ppid == p {
+                tree.push(*pid);
+            }
+        }
+    }
+    total
+}
+
+/// CPU seconds of this process's waited-for children, all of them.
+fn children_cpu() -> f64 {
+    // SAFETY: a zeroed rusage is valid, and getrusage only writes it.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `r` is a valid rusage to write.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut r) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(r.ru_utime) + t(r.ru_stime)
+}
+
+/// The lab's agents' processes.
+fn agent_pids(lab: &str) -> Vec<u32> {
+    ["node1", "node2"]
+        .iter()
+        .filter_map(|n| std::fs::read_to_string(format!("/run/tpbpf-lab/{lab}/agent-{n}.pid")).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
 }
 
 #[derive(Default, Clone)]
 struct Row {
+    /// A new connection's time to the first byte of nginx's answer, the
+    /// median of [`TTFB_RUNS`] (ms).
+    ttfb_ms: Option<f64>,
+    /// iperf3 -u at [`UDP_OFFERED`]: the share of datagrams lost (%).
+    udp_lost: Option<f64>,
+    /// The single stream's gigabytes, and each role's CPU-seconds per GB.
+    gb: Option<f64>,
+    cpu: Vec<(&'static str, f64)>,
     iperf1: Option<f64>,
     iperf4: Option<f64>,
     ping1: Option<f64>,
@@ -82,8 +157,8 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-/// Gbit/s received, iperf3 with `streams` parallel streams.
-fn iperf(dev: &str, t: &Target, streams: u32, secs: u32) -> Option<f64> {
+/// Gbit/s received and the bytes, iperf3 with `streams` parallel streams.
+fn iperf(dev: &str, t: &Target, streams: u32, secs: u32) -> Option<(f64, f64)> {
     let out = in_dev(
         dev,
         t.cgroup.as_deref(),
@@ -101,9 +176,11 @@ fn iperf(dev: &str, t: &Target, streams: u32, secs: u32) -> Option<f64> {
         ]),
     )?;
     let v: Value = serde_json::from_str(&out).ok()?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
+    let sum = &v["end"]["sum_received"];
+    Some((
+        sum["bits_per_second"].as_f64()? / 1e9,
+        sum["bytes"].as_f64()?,
+    ))
 }
 
 /// redis-benchmark: (requests/s, p50 ms) of `test` with `clients` connections.
@@ -139,15 +216,102 @@ fn redis(dev: &str, t: &Target, test: &str, clients: u32, n: u32) -> Option<(f64
     Some((*f.first()?, *f.get(3)?))
 }
 
+/// New connections timed, each its own curl.
+const TTFB_RUNS: usize = 15;
+/// The UDP rate offered, as Telepresence's bulk-UDP test offers it.
+const UDP_OFFERED: &str = "200M";
+
+/// The median time to the first byte of a new connection's answer (ms):
+/// curl to nginx on pod web-a1, port 80, each run a new connection.
+fn ttfb(dev: &str, t: &Target) -> Option<f64> {
+    let mut times: Vec<f64> = (0..TTFB_RUNS)
+        .filter_map(|_| {
+            in_dev(
+                dev,
+                t.cgroup.as_deref(),
+                &strings(&[
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-m",
+                    "10",
+                    "-w",
+                    "%{time_starttransfer}",
+                    &format!("http://{}/", t.ttfb.0),
+                ]),
+            )?
+            .trim()
+            .parse::<f64>()
+            .ok()
+        })
+        .collect();
+    if times.len() < TTFB_RUNS / 2 {
+        return None;
+    }
+    times.sort_by(f64::total_cmp);
+    Some(times[times.len() / 2] * 1000.0)
+}
+
+/// iperf3 -u at [`UDP_OFFERED`] for `secs`: the share lost (%).
+fn udp_lost(dev: &str, t: &Target, secs: u32) -> Option<f64> {
+    let out = in_dev(
+        dev,
+        t.cgroup.as_deref(),
+        &strings(&[
+            "iperf3",
+            "-u",
+            "-b",
+            UDP_OFFERED,
+            "-c",
+            &t.iperf.0,
+            "-p",
+            &t.iperf.1.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ]),
+    )?;
+    let v: Value = serde_json::from_str(&out).ok()?;
+    v["end"]["sum"]["lost_percent"].as_f64()
+}
+
 fn measure(dev: &str, t: &Target, secs: u32) -> Row {
-    let iperf1 = iperf(dev, t, 1, secs);
-    let iperf4 = iperf(dev, t, 4, secs);
+    // The single stream, with what each process spent carrying it.
+    let cpu_now = || -> Vec<f64> {
+        std::iter::once(children_cpu())
+            .chain(
+                t.meters
+                    .iter()
+                    .map(|(_, pids)| pids.iter().map(|p| tree_cpu(*p)).sum()),
+            )
+            .collect()
+    };
+    let before = cpu_now();
+    let single = iperf(dev, t, 1, secs);
+    let after = cpu_now();
+    let gb = single.map(|s| s.1 / 1e9);
+    let cpu = match gb {
+        Some(gb) if gb > 0.0 => std::iter::once("client")
+            .chain(t.meters.iter().map(|(n, _)| *n))
+            .zip(after.iter().zip(&before).map(|(a, b)| (a - b) / gb))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let iperf1 = single.map(|s| s.0);
+    let ttfb_ms = (t.ttfb.1).then(|| ttfb(dev, t)).flatten();
+    let udp = (t.udp).then(|| udp_lost(dev, t, secs)).flatten();
+    let iperf4 = iperf(dev, t, 4, secs).map(|s| s.0);
     let ping = redis(dev, t, "ping_mbulk", 1, setting("TPBPF_E2E_PINGS", 20000));
     let get20 = redis(dev, t, "get", 20, setting("TPBPF_E2E_GETS", 100000)).map(|p| p.0);
     eprintln!(
         "  iperf3 {iperf1:?} / -P 4 {iperf4:?} Gbit/s, PING c=1 {ping:?}, GET c=20 {get20:?}"
     );
     Row {
+        ttfb_ms,
+        udp_lost: udp,
+        gb,
+        cpu,
         iperf1,
         iperf4,
         ping1: ping.map(|p| p.0),
@@ -203,14 +367,27 @@ fn main() {
     }
     let secs = setting("TPBPF_E2E_SECONDS", 4);
     let _stop = stop_on_signals();
-    let Some(lab) = LabGuard::up("e2e") else {
+    // TPBPF_E2E_LINK=20ms,1gbit,1%: every path over the lab's WAN link.
+    let link = std::env::var("TPBPF_E2E_LINK")
+        .ok()
+        .filter(|l| !l.is_empty());
+    let extra: Vec<&str> = link.iter().flat_map(|l| ["--link", l.as_str()]).collect();
+    let Some(lab) = LabGuard::up_with("e2e", &extra) else {
         return;
     };
+    lab.install();
     let dev = lab.dev_netns();
     let kubeconfig = lab.kubeconfig();
     let pod = |name: &str| format!("{}-{name}", lab.name);
     let web_a1 = pod("default-web-7d4b9c-a1");
-    let _iperf = bg_in(&web_a1, &["iperf3", "-s", "-p", "5201"]);
+    let iperf_server = bg_in(&web_a1, &["iperf3", "-s", "-p", "5201"]);
+    let server = ("server", vec![iperf_server.pid()]);
+    let agents = ("agents", agent_pids(&lab.name));
+    let api: Vec<u32> = std::fs::read_to_string(lab.state_dir().join("api.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .into_iter()
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut rows: Vec<(String, Row)> = Vec::new();
     let mut wrk_rows: Vec<(String, Option<f64>)> = Vec::new();
@@ -248,6 +425,9 @@ fn main() {
         iperf: (WEB_A1.into(), 5201),
         redis: (REDIS.into(), 6379),
         cgroup: None,
+        meters: vec![server.clone()],
+        ttfb: (WEB_A1.into(), true),
+        udp: true,
     };
     let direct = measure(&dev, &t, secs);
     route("del", "10.244.1.0/24", NODE1);
@@ -278,10 +458,32 @@ fn main() {
             continue;
         }
         std::thread::sleep(Duration::from_millis(1500));
+        // Root's bridge: tpbpfd and the user's side are one process.
+        let bridge: Vec<u32> =
+            std::fs::read_to_string(Path::new("/run/tpbpf").join(&instance.0).join("state.json"))
+                .ok()
+                .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+                .and_then(|s| s["pid"].as_u64())
+                .map(|p| vec![p as u32])
+                .unwrap_or_default();
         let t = Target {
             iperf: (WEB_A1.into(), 5201),
             redis: (REDIS.into(), 6379),
             cgroup: Some(cg.path().to_path_buf()),
+            // Through port-forward, the API server relays every byte (the
+            // lab's stands for kube-apiserver and the kubelet).
+            meters: if transport == "portforward" {
+                vec![
+                    server.clone(),
+                    ("tpbpfd", bridge),
+                    agents.clone(),
+                    ("api server", api.clone()),
+                ]
+            } else {
+                vec![server.clone(), ("tpbpfd", bridge), agents.clone()]
+            },
+            ttfb: (WEB_A1.into(), true),
+            udp: true,
         };
         let mut row = measure(&dev, &t, secs);
         let status = tpbpf(&["status", "--instance", &instance.0, "-o", "json"])
@@ -314,7 +516,7 @@ fn main() {
     // socat, two hops: the developer side, then the pod's node.
     {
         eprintln!("socat two-hop relay");
-        let _n1 = bg_in(
+        let n1 = bg_in(
             &pod("node1"),
             &[
                 "socat",
@@ -322,7 +524,7 @@ fn main() {
                 &format!("TCP:{WEB_A1}:5201"),
             ],
         );
-        let _n2 = bg_in(
+        let n2 = bg_in(
             &pod("node2"),
             &[
                 "socat",
@@ -330,7 +532,7 @@ fn main() {
                 &format!("TCP:{REDIS}:6379"),
             ],
         );
-        let _d1 = bg_in(
+        let d1 = bg_in(
             &dev,
             &[
                 "socat",
@@ -338,7 +540,7 @@ fn main() {
                 &format!("TCP:{NODE1}:16000"),
             ],
         );
-        let _d2 = bg_in(
+        let d2 = bg_in(
             &dev,
             &[
                 "socat",
@@ -351,6 +553,15 @@ fn main() {
             iperf: ("127.0.0.1".into(), 16001),
             redis: ("127.0.0.1".into(), 16002),
             cgroup: None,
+            meters: vec![
+                server.clone(),
+                (
+                    "relays",
+                    [&n1, &n2, &d1, &d2].iter().map(|b| b.pid()).collect(),
+                ),
+            ],
+            ttfb: (String::new(), false),
+            udp: false,
         };
         rows.push(("socat two-hop relay".into(), measure(&dev, &t, secs)));
     }
@@ -359,7 +570,7 @@ fn main() {
     eprintln!("sshuttle");
     rows.push((
         "sshuttle (Debian's, ssh to a node)".into(),
-        sshuttle(&dev, &pod("node1"), &scratch, secs),
+        sshuttle(&dev, &pod("node1"), &scratch, secs, &server),
     ));
 
     let _ = std::fs::remove_dir_all(&scratch);
@@ -367,7 +578,13 @@ fn main() {
 }
 
 /// sshuttle from the developer namespace through an sshd in `node`.
-fn sshuttle(dev: &str, node: &str, scratch: &Path, secs: u32) -> Row {
+fn sshuttle(
+    dev: &str,
+    node: &str,
+    scratch: &Path,
+    secs: u32,
+    server: &(&'static str, Vec<u32>),
+) -> Row {
     let failed = |why: &str| Row {
         note: format!("not measured: {why}"),
         ..Row::default()
@@ -394,7 +611,7 @@ fn sshuttle(dev: &str, node: &str, scratch: &Path, secs: u32) -> Row {
     )
     .unwrap();
     let _ = std::fs::create_dir_all("/run/sshd");
-    let _sshd = bg_in(
+    let sshd = bg_in(
         node,
         &[
             "/usr/sbin/sshd",
@@ -427,6 +644,9 @@ fn sshuttle(dev: &str, node: &str, scratch: &Path, secs: u32) -> Row {
         iperf: (WEB_A1.into(), 5201),
         redis: (REDIS.into(), 6379),
         cgroup: None,
+        meters: vec![server.clone(), ("relays", vec![tunnel.pid(), sshd.pid()])],
+        ttfb: (WEB_A1.into(), true),
+        udp: false,
     };
     let up = wait_for(Duration::from_secs(15), || {
         Command::new("ip")
@@ -464,20 +684,66 @@ fn report(direct: &Row, rows: &[(String, Row)], wrk_rows: &[(String, Option<f64>
             .trim()
     );
     println!(
-        "| path | iperf3 1 stream | iperf3 -P 4 | redis PING c=1 | PING p50 | redis GET c=20 | |"
+        "link between the developer machine and the cluster: {}",
+        std::env::var("TPBPF_E2E_LINK")
+            .unwrap_or_else(|_| "none (TPBPF_E2E_LINK=DELAY,RATE,LOSS)".into())
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| path | iperf3 1 stream | iperf3 -P 4 | redis PING c=1 | PING p50 | redis GET c=20 | new connection, first byte | UDP {UDP_OFFERED}bit/s offered: lost | |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     let all = std::iter::once(("direct route (the limit)".to_string(), direct.clone()))
         .chain(rows.iter().cloned());
     for (name, r) in all {
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
             cell(r.iperf1, direct.iperf1, " Gbit/s"),
             cell(r.iperf4, direct.iperf4, " Gbit/s"),
             cell(r.ping1, direct.ping1, " rps"),
             r.ping1_p50.map_or("-".into(), |p| format!("{p:.3} ms")),
             cell(r.get20, direct.get20, " rps"),
+            cell(r.ttfb_ms, direct.ttfb_ms, " ms"),
+            r.udp_lost.map_or("-".into(), |l| format!("{l:.1}%")),
             r.note
+        );
+    }
+    // What carrying the single stream cost, per gigabyte, by role.
+    let roles = [
+        "client",
+        "server",
+        "tpbpfd",
+        "agents",
+        "api server",
+        "relays",
+    ];
+    println!();
+    println!("| CPU-seconds per GB, iperf3 1 stream | GB | client | server | tpbpfd | agents | API server | relays | all | ratio |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let total =
+        |r: &Row| -> Option<f64> { (!r.cpu.is_empty()).then(|| r.cpu.iter().map(|c| c.1).sum()) };
+    let direct_total = total(direct);
+    let all =
+        std::iter::once(("direct route".to_string(), direct.clone())).chain(rows.iter().cloned());
+    for (name, r) in all {
+        let cells: Vec<String> = roles
+            .iter()
+            .map(|role| {
+                r.cpu
+                    .iter()
+                    .find(|c| c.0 == *role)
+                    .map_or("-".into(), |c| format!("{:.2}", c.1))
+            })
+            .collect();
+        let t = total(&r);
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            r.gb.map_or("-".into(), |g| format!("{g:.2}")),
+            cells.join(" | "),
+            t.map_or("-".into(), |t| format!("{t:.2}")),
+            match (t, direct_total) {
+                (Some(t), Some(d)) if d > 0.0 => format!("{:.2}x", t / d),
+                _ => "-".into(),
+            }
         );
     }
     let base = wrk_rows.first().and_then(|r| r.1);
@@ -487,5 +753,5 @@ fn report(direct: &Row, rows: &[(String, Row)], wrk_rows: &[(String, Option<f64>
     for (name, v) in wrk_rows {
         println!("| {name} | {} |", cell(*v, base, ""));
     }
-    println!("reproduce: sudo bash xtask/dev.sh bench (or cargo xtask bench e2e); TPBPF_E2E_SECONDS, TPBPF_E2E_PINGS, TPBPF_E2E_GETS");
+    println!("reproduce: sudo bash xtask/dev.sh bench (or cargo xtask bench e2e); TPBPF_E2E_SECONDS, TPBPF_E2E_PINGS, TPBPF_E2E_GETS, TPBPF_E2E_LINK");
 }
