@@ -27,6 +27,24 @@ fn doctor_as_root_meets_every_requirement() {
     );
     assert_eq!(report["ok"], true);
     assert!(out.status.success());
+    // Kernel TLS: available exactly when the kernel lists the ULP (the
+    // probe, as root, may have loaded its module).
+    let ktls = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "kernel TLS (TCP ULP tls)")
+        .cloned()
+        .expect("a kernel TLS row");
+    let listed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|u| u == "tls");
+    assert_eq!(
+        ktls["status"],
+        if listed { "ok" } else { "warn" },
+        "{ktls} (tcp_available_ulp lists tls: {listed})"
+    );
     // The probes really ran: one row per program type the design uses.
     let names: Vec<&str> = report["checks"]
         .as_array()
