@@ -827,6 +827,24 @@ impl LabGuard {
             .to_string()
     }
 
+    /// `tpbpf` arguments that bring bridge `instance` up for `cgroup` in
+    /// the developer namespace, with the lab's kubeconfig.
+    pub fn up_args(&self, instance: &str, cgroup: &Path) -> Vec<String> {
+        [
+            "--netns",
+            &self.dev_netns(),
+            "up",
+            "--kubeconfig",
+            &self.kubeconfig(),
+            "--instance",
+            instance,
+            "--cgroup",
+            &cgroup.display().to_string(),
+        ]
+        .map(str::to_string)
+        .to_vec()
+    }
+
     /// The lab's state directory (`/run/tpbpf-lab/NAME`).
     pub fn state_dir(&self) -> PathBuf {
         Path::new(&self.kubeconfig())
@@ -938,15 +956,31 @@ pub fn curl_from(netns: &str, url: &str) -> String {
     )
 }
 
-/// A TCP connection made inside `netns` (usable from any thread after).
-pub fn connect_in(netns: &str, addr: &str) -> std::net::TcpStream {
-    let (netns, addr) = (netns.to_string(), addr.to_string());
+/// `f` on a thread of its own in network namespace `netns`.
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let netns = netns.to_string();
     std::thread::spawn(move || {
-        enter_netns(&netns).unwrap();
-        std::net::TcpStream::connect(addr).unwrap()
+        enter_netns(&netns).unwrap_or_else(|e| panic!("entering netns {netns}: {e}"));
+        f()
     })
     .join()
     .unwrap()
+}
+
+/// A TCP connection made inside `netns` (usable from any thread after).
+pub fn connect_in(netns: &str, addr: &str) -> std::net::TcpStream {
+    let addr = addr.to_string();
+    in_netns(netns, move || std::net::TcpStream::connect(addr).unwrap())
+}
+
+/// Whether process `pid` is gone, or dead and waiting to be reaped.
+pub fn process_gone(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
 }
 
 /// One `GET /` on a keep-alive connection; the first read of the answer.

@@ -15,21 +15,6 @@ use tpbpf_vm_tests::*;
 
 const NODE1: &str = "172.31.0.11";
 
-/// `f` on a thread in network namespace `netns`.
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{netns}");
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let ns = std::fs::File::open(&path).unwrap();
-        // SAFETY: a valid namespace fd; only this thread moves.
-        let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(entered, 0, "entering {path}");
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
 #[test]
 fn a_lab_link_delays_limits_and_loses_as_asked() {
     if !require_root() {
@@ -170,15 +155,8 @@ fn a_lab_link_is_refused_when_malformed_and_goes_with_the_lab() {
     let name = lab.name.clone();
     drop(lab);
     assert!(!std::path::Path::new(&wan).exists(), "{name}-wan left");
-    // Gone, or dead and waiting to be reaped.
-    let dead = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-    };
     assert!(
-        wait_for(Duration::from_secs(2), dead),
+        wait_for(Duration::from_secs(2), || process_gone(pid)),
         "the link process {pid} outlived its lab"
     );
 }

@@ -61,15 +61,8 @@ exit 7",
         .find_map(|l| l.strip_prefix("left="))
         .and_then(|p| p.trim().parse().ok())
         .expect("the background process's pid");
-    // Gone, or dead and waiting for its new parent to reap it.
-    let dead = || match std::fs::read_to_string(format!("/proc/{left_pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-    };
     assert!(
-        wait_for(std::time::Duration::from_secs(2), dead),
+        wait_for(std::time::Duration::from_secs(2), || process_gone(left_pid)),
         "the shell's background process {left_pid} outlived it"
     );
     assert!(

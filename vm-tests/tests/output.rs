@@ -69,22 +69,11 @@ fn yaml_says_what_json_says_for_every_reporting_command() {
         return;
     };
     same(&["lab", "--name", &lab.name, "status"]);
-    let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
     let cg = TestCgroup::new();
     let instance = Instance(unique_name("oy"));
-    let cgroup = cg.path().display().to_string();
+    let up_args = lab.up_args(&instance.0, cg.path());
     let mut up = report(
-        &[
-            "--netns",
-            &dev,
-            "up",
-            "--kubeconfig",
-            &kubeconfig,
-            "--instance",
-            &instance.0,
-            "--cgroup",
-            &cgroup,
-        ],
+        &up_args.iter().map(String::as_str).collect::<Vec<_>>(),
         "yaml",
     );
     // Beside the state: the steps `up` took, each with its time.
@@ -113,7 +102,13 @@ fn yaml_says_what_json_says_for_every_reporting_command() {
     )
     .unwrap();
     assert_eq!(up, state);
-    let agent = same(&["--netns", &dev, "version", "--kubeconfig", &kubeconfig]);
+    let agent = same(&[
+        "--netns",
+        &lab.dev_netns(),
+        "version",
+        "--kubeconfig",
+        &lab.kubeconfig(),
+    ]);
     assert!(agent["agent"]["version"].is_string(), "{agent}");
     same(&["list", "--instance", &instance.0]);
 
@@ -222,25 +217,8 @@ fn up_shows_its_steps_in_a_log_and_on_a_terminal() {
     let Some(lab) = LabGuard::up("op") else {
         return;
     };
-    let (dev, kubeconfig) = (lab.dev_netns(), lab.kubeconfig());
     let cg = TestCgroup::new();
-    let cgroup = cg.path().display().to_string();
-    let up_args = |instance: &str| -> Vec<String> {
-        [
-            "--netns",
-            &dev,
-            "up",
-            "--kubeconfig",
-            &kubeconfig,
-            "--instance",
-            instance,
-            "--cgroup",
-            &cgroup,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let up_args = |instance: &str| lab.up_args(instance, cg.path());
 
     // A log: stderr is a pipe.
     let instance = Instance(unique_name("op"));

@@ -126,7 +126,7 @@ impl NamespaceReport {
             let text =
                 std::str::from_utf8(text).map_err(|_| "namespace names that are not UTF-8")?;
             for name in text.split('\n').filter(|n| !n.is_empty()) {
-                if !namespace_name(name) {
+                if !tpbpf_sys::is_dns_label(name) {
                     return Err(format!("`{}` is not a namespace name", name.escape_debug()));
                 }
                 self.names.insert(name.to_string());
@@ -142,16 +142,6 @@ impl NamespaceReport {
         }
         Ok((!more).then(|| std::mem::take(&mut self.names)))
     }
-}
-
-/// A namespace's name: a DNS-1123 label (lower case letters, digits and
-/// `-`, at most 63, not starting or ending with `-`).
-fn namespace_name(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 pub struct Dns {

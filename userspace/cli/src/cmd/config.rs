@@ -144,17 +144,8 @@ pub enum InterceptMode {
     Mirror,
 }
 
-/// A DNS-1123 label, as Kubernetes names namespaces.
-fn is_label(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 fn check_namespace<E: serde::de::Error>(n: &str) -> Result<(), E> {
-    if is_label(n) {
+    if tpbpf_sys::is_dns_label(n) {
         Ok(())
     } else {
         Err(E::custom(format!(
@@ -207,7 +198,7 @@ struct Domain(String);
 impl<'de> Deserialize<'de> for Domain {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let n = String::deserialize(d)?;
-        if n.len() > 253 || !n.split('.').all(is_label) {
+        if n.len() > 253 || !n.split('.').all(tpbpf_sys::is_dns_label) {
             return Err(serde::de::Error::custom(format!(
                 "`{n}` is not a DNS domain (labels of lower case letters, digits and `-`)"
             )));

@@ -141,10 +141,7 @@ pub fn state_dir_of(instance: &str) -> PathBuf {
 
 /// The bridges of this user whose scope is cgroup `cgroup`.
 pub fn instances_bridging(cgroup: &std::path::Path) -> Vec<String> {
-    let Some(dir) = state_dir("x").parent().map(std::path::Path::to_path_buf) else {
-        return Vec::new();
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    let Ok(entries) = std::fs::read_dir(tpbpf_userside::control::states_dir()) else {
         return Vec::new();
     };
     entries

@@ -43,11 +43,17 @@ pub fn control_socket(instance: &str) -> PathBuf {
 /// root's in `/run/tpbpf/NAME`, a user's in `/run/tpbpf/uid-UID/NAME`
 /// (made by tpbpfd, the user's, 0700).
 pub fn state_dir(instance: &str) -> PathBuf {
+    states_dir().join(instance)
+}
+
+/// Where the bridges of the user running this keep their states, one
+/// directory each: `/run/tpbpf` for root, `/run/tpbpf/uid-UID` for a user.
+pub fn states_dir() -> PathBuf {
     let uid = nix::unistd::geteuid().as_raw();
     if uid == 0 {
-        PathBuf::from("/run/tpbpf").join(instance)
+        PathBuf::from(tpbpf_bridge_api::RUN_DIR)
     } else {
-        tpbpf_bridge_api::user_dir(uid).join(instance)
+        tpbpf_bridge_api::user_dir(uid)
     }
 }
 

@@ -8,15 +8,19 @@
 //!   pod's node);
 //! - sshuttle (Debian's), over ssh to the pod's node.
 //!
-//! Clients: iperf3 (one stream and -P 4) to pod web-a1, redis-benchmark
-//! (PING on one connection, GET on 20) to the redis pod; and, the other way,
-//! wrk from a lab pod to `web` while a steal intercept sends its requests to
-//! an nginx on the developer side, against the same wrk on that nginx
-//! directly.
+//! Clients ([`clients`]): iperf3 (one stream, -P 4, and UDP at 200 Mbit/s
+//! offered) to pod web-a1, redis-benchmark (PING on one connection, GET on
+//! 20) to the redis pod, curl's time to first byte of a new connection and
+//! Telepresence's ten-worker workload (wrk) to web-a1's nginx; and, the
+//! other way, wrk from a lab pod to `web` while a steal intercept sends its
+//! requests to an nginx on the developer side, against the same wrk on that
+//! nginx directly.
 //!
-//! Run: `sudo bash xtask/dev.sh bench` (or `cargo xtask bench e2e`).
+//! Run: `sudo bash xtask/dev.sh bench` (or `cargo xtask bench e2e`);
+//! `TPBPF_E2E_LINK=DELAY,RATE,LOSS` runs it over the lab's WAN link,
+//! `TPBPF_E2E_PATHS=direct,portforward` only those paths beside the route.
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -24,27 +28,12 @@ use std::{
 use serde_json::Value;
 use tpbpf_vm_tests::*;
 
-const WEB_A1: &str = "10.244.1.10";
-const REDIS: &str = "10.244.2.20";
+mod clients;
+
+use clients::{wrk, Target, Workload, REDIS, THINK_MS, UDP_OFFERED, WEB_A1, WORKERS};
+
 const NODE1: &str = "172.31.0.11";
 const NODE2: &str = "172.31.0.12";
-
-/// How a client reaches its server on one path.
-struct Target {
-    iperf: (String, u16),
-    redis: (String, u16),
-    /// The cgroup a bridged client runs in (tpbpf), if any.
-    cgroup: Option<PathBuf>,
-    /// The processes that carry the path's bytes, by role, whose CPU the
-    /// single stream is charged with (the client's is measured apart).
-    meters: Vec<(&'static str, Vec<u32>)>,
-    /// nginx's address for the time to first byte, and whether the path
-    /// takes a new connection to it (socat's relays go to iperf and redis
-    /// only).
-    ttfb: (String, bool),
-    /// Whether the path carries UDP (socat's and sshuttle's do not here).
-    udp: bool,
-}
 
 /// CPU seconds (user + system) of process `root` and its live
 /// descendants, with what their reaped children used: each process counted
@@ -119,6 +108,8 @@ struct Row {
     ping1: Option<f64>,
     ping1_p50: Option<f64>,
     get20: Option<f64>,
+    /// Telepresence's ten-worker workload.
+    workload: Option<Workload>,
     note: String,
 }
 
@@ -129,154 +120,8 @@ fn setting(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// `argv` in the developer namespace (in `cgroup` if given): its stdout.
-fn in_dev(dev: &str, cgroup: Option<&Path>, argv: &[String]) -> Option<String> {
-    let mut cmd = Command::new("sh");
-    let quoted: Vec<String> = argv.iter().map(|a| format!("'{a}'")).collect();
-    let enter = cgroup
-        .map(|c| format!("echo $$ > {}/cgroup.procs && ", c.display()))
-        .unwrap_or_default();
-    // Bounded: a client that cannot connect must not hold the run.
-    cmd.arg("-c").arg(format!(
-        "{enter}exec timeout -s KILL 120 ip netns exec {dev} {}",
-        quoted.join(" ")
-    ));
-    let out = cmd.stderr(Stdio::piped()).output().ok()?;
-    if !out.status.success() {
-        eprintln!(
-            "  {}: {}",
-            argv.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        return None;
-    }
-    Some(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
-/// Gbit/s received and the bytes, iperf3 with `streams` parallel streams.
-fn iperf(dev: &str, t: &Target, streams: u32, secs: u32) -> Option<(f64, f64)> {
-    let out = in_dev(
-        dev,
-        t.cgroup.as_deref(),
-        &strings(&[
-            "iperf3",
-            "-c",
-            &t.iperf.0,
-            "-p",
-            &t.iperf.1.to_string(),
-            "-t",
-            &secs.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ]),
-    )?;
-    let v: Value = serde_json::from_str(&out).ok()?;
-    let sum = &v["end"]["sum_received"];
-    Some((
-        sum["bits_per_second"].as_f64()? / 1e9,
-        sum["bytes"].as_f64()?,
-    ))
-}
-
-/// redis-benchmark: (requests/s, p50 ms) of `test` with `clients` connections.
-fn redis(dev: &str, t: &Target, test: &str, clients: u32, n: u32) -> Option<(f64, f64)> {
-    let out = in_dev(
-        dev,
-        t.cgroup.as_deref(),
-        &strings(&[
-            "redis-benchmark",
-            "-h",
-            &t.redis.0,
-            "-p",
-            &t.redis.1.to_string(),
-            "-c",
-            &clients.to_string(),
-            "-n",
-            &n.to_string(),
-            "-t",
-            test,
-            "--csv",
-        ]),
-    )?;
-    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",...
-    let line = out
-        .lines()
-        .rfind(|l| !l.starts_with("\"test\""))?
-        .to_string();
-    let f: Vec<f64> = line
-        .split(',')
-        .skip(1)
-        .filter_map(|x| x.trim_matches('"').parse().ok())
-        .collect();
-    Some((*f.first()?, *f.get(3)?))
-}
-
-/// New connections timed, each its own curl.
-const TTFB_RUNS: usize = 15;
-/// The UDP rate offered, as Telepresence's bulk-UDP test offers it.
-const UDP_OFFERED: &str = "200M";
-
-/// The median time to the first byte of a new connection's answer (ms):
-/// curl to nginx on pod web-a1, port 80, each run a new connection.
-fn ttfb(dev: &str, t: &Target) -> Option<f64> {
-    let mut times: Vec<f64> = (0..TTFB_RUNS)
-        .filter_map(|_| {
-            in_dev(
-                dev,
-                t.cgroup.as_deref(),
-                &strings(&[
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-m",
-                    "10",
-                    "-w",
-                    "%{time_starttransfer}",
-                    &format!("http://{}/", t.ttfb.0),
-                ]),
-            )?
-            .trim()
-            .parse::<f64>()
-            .ok()
-        })
-        .collect();
-    if times.len() < TTFB_RUNS / 2 {
-        return None;
-    }
-    times.sort_by(f64::total_cmp);
-    Some(times[times.len() / 2] * 1000.0)
-}
-
-/// iperf3 -u at [`UDP_OFFERED`] for `secs`: the share lost (%).
-fn udp_lost(dev: &str, t: &Target, secs: u32) -> Option<f64> {
-    let out = in_dev(
-        dev,
-        t.cgroup.as_deref(),
-        &strings(&[
-            "iperf3",
-            "-u",
-            "-b",
-            UDP_OFFERED,
-            "-c",
-            &t.iperf.0,
-            "-p",
-            &t.iperf.1.to_string(),
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ]),
-    )?;
-    let v: Value = serde_json::from_str(&out).ok()?;
-    v["end"]["sum"]["lost_percent"].as_f64()
-}
-
-fn measure(dev: &str, t: &Target, secs: u32) -> Row {
+/// Every client over path `t`; `scratch` holds what they need written.
+fn measure(dev: &str, t: &Target, scratch: &Path, secs: u32) -> Row {
     // The single stream, with what each process spent carrying it.
     let cpu_now = || -> Vec<f64> {
         std::iter::once(children_cpu())
@@ -288,7 +133,7 @@ fn measure(dev: &str, t: &Target, secs: u32) -> Row {
             .collect()
     };
     let before = cpu_now();
-    let single = iperf(dev, t, 1, secs);
+    let single = t.tcp(dev, 1, secs);
     let after = cpu_now();
     let gb = single.map(|s| s.1 / 1e9);
     let cpu = match gb {
@@ -299,13 +144,18 @@ fn measure(dev: &str, t: &Target, secs: u32) -> Row {
         _ => Vec::new(),
     };
     let iperf1 = single.map(|s| s.0);
-    let ttfb_ms = (t.ttfb.1).then(|| ttfb(dev, t)).flatten();
-    let udp = (t.udp).then(|| udp_lost(dev, t, secs)).flatten();
-    let iperf4 = iperf(dev, t, 4, secs).map(|s| s.0);
-    let ping = redis(dev, t, "ping_mbulk", 1, setting("TPBPF_E2E_PINGS", 20000));
-    let get20 = redis(dev, t, "get", 20, setting("TPBPF_E2E_GETS", 100000)).map(|p| p.0);
+    let ttfb_ms = (t.web.1).then(|| t.ttfb(dev)).flatten();
+    let workload = (t.web.1)
+        .then(|| t.workload(dev, scratch, setting("TPBPF_E2E_WORKLOAD_SECONDS", 10)))
+        .flatten();
+    let udp = (t.udp).then(|| t.udp_lost(dev, secs)).flatten();
+    let iperf4 = t.tcp(dev, 4, secs).map(|s| s.0);
+    let ping = t.redis(dev, "ping_mbulk", 1, setting("TPBPF_E2E_PINGS", 20000));
+    let get20 = t
+        .redis(dev, "get", 20, setting("TPBPF_E2E_GETS", 100000))
+        .map(|p| p.0);
     eprintln!(
-        "  iperf3 {iperf1:?} / -P 4 {iperf4:?} Gbit/s, PING c=1 {ping:?}, GET c=20 {get20:?}"
+        "  iperf3 {iperf1:?} / -P 4 {iperf4:?} Gbit/s, PING c=1 {ping:?}, GET c=20 {get20:?}, workload {workload:?}"
     );
     Row {
         ttfb_ms,
@@ -317,6 +167,7 @@ fn measure(dev: &str, t: &Target, secs: u32) -> Row {
         ping1: ping.map(|p| p.0),
         ping1_p50: ping.map(|p| p.1),
         get20,
+        workload,
         note: String::new(),
     }
 }
@@ -332,22 +183,6 @@ fn tpbpf(args: &[&str]) -> Option<String> {
         return None;
     }
     Some(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// wrk's requests/s, run inside network namespace `netns`.
-fn wrk(netns: &str, url: &str, secs: u32) -> Option<f64> {
-    let out = Command::new("timeout")
-        .args([
-            "-s", "KILL", "120", "ip", "netns", "exec", netns, "wrk", "-t2", "-c16",
-        ])
-        .arg(format!("-d{secs}s"))
-        .arg(url)
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A background process in a network namespace.
@@ -372,6 +207,9 @@ fn main() {
         .ok()
         .filter(|l| !l.is_empty());
     let extra: Vec<&str> = link.iter().flat_map(|l| ["--link", l.as_str()]).collect();
+    // TPBPF_E2E_PATHS=direct,portforward: the paths besides the route.
+    let paths = std::env::var("TPBPF_E2E_PATHS").unwrap_or_default();
+    let wanted = |path: &str| paths.is_empty() || paths.split(',').any(|p| p.trim() == path);
     let Some(lab) = LabGuard::up_with("e2e", &extra) else {
         return;
     };
@@ -421,20 +259,17 @@ fn main() {
     };
     route("add", "10.244.1.0/24", NODE1);
     route("add", "10.244.2.0/24", NODE2);
-    let t = Target {
-        iperf: (WEB_A1.into(), 5201),
-        redis: (REDIS.into(), 6379),
-        cgroup: None,
-        meters: vec![server.clone()],
-        ttfb: (WEB_A1.into(), true),
-        udp: true,
-    };
-    let direct = measure(&dev, &t, secs);
+    let direct = measure(
+        &dev,
+        &Target::pods(None, vec![server.clone()], true),
+        &scratch,
+        secs,
+    );
     route("del", "10.244.1.0/24", NODE1);
     route("del", "10.244.2.0/24", NODE2);
 
     // tpbpf, both transports.
-    for transport in ["direct", "portforward"] {
+    for transport in ["direct", "portforward"].into_iter().filter(|t| wanted(t)) {
         eprintln!("tpbpf, --transport {transport}");
         let cg = TestCgroup::new();
         let instance = Instance(unique_name("e2e"));
@@ -466,26 +301,20 @@ fn main() {
                 .and_then(|s| s["pid"].as_u64())
                 .map(|p| vec![p as u32])
                 .unwrap_or_default();
-        let t = Target {
-            iperf: (WEB_A1.into(), 5201),
-            redis: (REDIS.into(), 6379),
-            cgroup: Some(cg.path().to_path_buf()),
-            // Through port-forward, the API server relays every byte (the
-            // lab's stands for kube-apiserver and the kubelet).
-            meters: if transport == "portforward" {
-                vec![
-                    server.clone(),
-                    ("tpbpfd", bridge),
-                    agents.clone(),
-                    ("api server", api.clone()),
-                ]
-            } else {
-                vec![server.clone(), ("tpbpfd", bridge), agents.clone()]
-            },
-            ttfb: (WEB_A1.into(), true),
-            udp: true,
+        // Through port-forward, the API server relays every byte (the
+        // lab's stands for kube-apiserver and the kubelet).
+        let meters = if transport == "portforward" {
+            vec![
+                server.clone(),
+                ("tpbpfd", bridge),
+                agents.clone(),
+                ("api server", api.clone()),
+            ]
+        } else {
+            vec![server.clone(), ("tpbpfd", bridge), agents.clone()]
         };
-        let mut row = measure(&dev, &t, secs);
+        let t = Target::pods(Some(cg.path().to_path_buf()), meters, true);
+        let mut row = measure(&dev, &t, &scratch, secs);
         let status = tpbpf(&["status", "--instance", &instance.0, "-o", "json"])
             .and_then(|s| serde_json::from_str::<Value>(&s).ok());
         if let Some(rtt) = status
@@ -514,7 +343,7 @@ fn main() {
     }
 
     // socat, two hops: the developer side, then the pod's node.
-    {
+    if wanted("socat") {
         eprintln!("socat two-hop relay");
         let n1 = bg_in(
             &pod("node1"),
@@ -560,18 +389,23 @@ fn main() {
                     [&n1, &n2, &d1, &d2].iter().map(|b| b.pid()).collect(),
                 ),
             ],
-            ttfb: (String::new(), false),
+            web: (String::new(), false),
             udp: false,
         };
-        rows.push(("socat two-hop relay".into(), measure(&dev, &t, secs)));
+        rows.push((
+            "socat two-hop relay".into(),
+            measure(&dev, &t, &scratch, secs),
+        ));
     }
 
     // sshuttle, over ssh to node1 (an sshd of the benchmark's own there).
-    eprintln!("sshuttle");
-    rows.push((
-        "sshuttle (Debian's, ssh to a node)".into(),
-        sshuttle(&dev, &pod("node1"), &scratch, secs, &server),
-    ));
+    if wanted("sshuttle") {
+        eprintln!("sshuttle");
+        rows.push((
+            "sshuttle (Debian's, ssh to a node)".into(),
+            sshuttle(&dev, &pod("node1"), &scratch, secs, &server),
+        ));
+    }
 
     let _ = std::fs::remove_dir_all(&scratch);
     report(&direct, &rows, &wrk_rows);
@@ -640,14 +474,11 @@ fn sshuttle(
             .args(["-e", &ssh, "10.244.0.0/16"])
             .stderr(std::fs::File::create(&log).unwrap()),
     );
-    let t = Target {
-        iperf: (WEB_A1.into(), 5201),
-        redis: (REDIS.into(), 6379),
-        cgroup: None,
-        meters: vec![server.clone(), ("relays", vec![tunnel.pid(), sshd.pid()])],
-        ttfb: (WEB_A1.into(), true),
-        udp: false,
-    };
+    let t = Target::pods(
+        None,
+        vec![server.clone(), ("relays", vec![tunnel.pid(), sshd.pid()])],
+        false,
+    );
     let up = wait_for(Duration::from_secs(15), || {
         Command::new("ip")
             .args(["netns", "exec", dev, "redis-cli", "-h", REDIS, "ping"])
@@ -655,7 +486,7 @@ fn sshuttle(
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
     });
     let row = if up {
-        measure(dev, &t, secs)
+        measure(dev, &t, scratch, secs)
     } else {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         eprintln!("  sshuttle's log:\n{text}");
@@ -746,6 +577,26 @@ fn report(direct: &Row, rows: &[(String, Row)], wrk_rows: &[(String, Option<f64>
             }
         );
     }
+    println!();
+    println!(
+        "| Telepresence's workload: {WORKERS} workers, 8 KiB reads, {THINK_MS} ms think time | p50 | p95 | p95 ratio | requests | errors |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let base95 = direct.workload.map(|w| w.p95_ms);
+    let all =
+        std::iter::once(("direct route".to_string(), direct.clone())).chain(rows.iter().cloned());
+    for (name, r) in all {
+        if let Some(w) = r.workload {
+            println!(
+                "| {name} | {:.1} ms | {:.1} ms | {} | {} | {} |",
+                w.p50_ms,
+                w.p95_ms,
+                base95.map_or("-".into(), |b| format!("{:.2}x", w.p95_ms / b)),
+                w.requests,
+                w.errors
+            );
+        }
+    }
     let base = wrk_rows.first().and_then(|r| r.1);
     println!();
     println!("| wrk -t2 -c16 from a lab pod | requests/s |");
@@ -753,5 +604,5 @@ fn report(direct: &Row, rows: &[(String, Row)], wrk_rows: &[(String, Option<f64>
     for (name, v) in wrk_rows {
         println!("| {name} | {} |", cell(*v, base, ""));
     }
-    println!("reproduce: sudo bash xtask/dev.sh bench (or cargo xtask bench e2e); TPBPF_E2E_SECONDS, TPBPF_E2E_PINGS, TPBPF_E2E_GETS, TPBPF_E2E_LINK");
+    println!("reproduce: sudo bash xtask/dev.sh bench (or cargo xtask bench e2e); TPBPF_E2E_SECONDS, TPBPF_E2E_PINGS, TPBPF_E2E_GETS, TPBPF_E2E_LINK, TPBPF_E2E_PATHS, TPBPF_E2E_WORKLOAD_SECONDS");
 }
