@@ -192,15 +192,13 @@ async fn a_hundred_thousand_refused_opens_end_the_session_instead_of_growing() {
     );
     assert!(ended.contains("does not read the refusals"), "{ended:?}");
     // The refusals piled up to the bound (the opens were read and refused)
-    // and no further.
+    // and no further: 1 MiB of control beyond the 4 MiB datagrams may fill.
+    let bound = 5 * 1024 * 1024;
     assert!(
-        queued >= 1024 * 1024,
+        queued >= bound,
         "only {queued} bytes of refusals: the opens were not refused"
     );
-    assert!(
-        queued <= 1024 * 1024 + 4096,
-        "refusals piled up: {queued} bytes"
-    );
+    assert!(queued <= bound + 4096, "refusals piled up: {queued} bytes");
     // The flooding transport is closed; the server serves other sessions.
     let mut reader = RawReader::new();
     tokio::time::timeout(TIMEOUT, async {

@@ -4,7 +4,12 @@
 use bytes::Bytes;
 use tpbpf_proto::{Destination, Frame, ResetReason, INITIAL_WINDOW};
 
-use super::{requests::Request, schedule::MAX_CONTROL, streams::StreamState, Inner};
+use super::{
+    requests::Request,
+    schedule::{MAX_CONTROL, MAX_LOSSY},
+    streams::StreamState,
+    Inner,
+};
 use crate::Config;
 
 impl Inner {
@@ -161,8 +166,9 @@ impl Inner {
     /// Refuses a stream the peer opened, with a reset that says why.
     pub(super) fn refuse_open(&mut self, stream: u32, message: String) -> Result<bool, String> {
         // Refusals pile up only while the peer does not read:
-        // past the bound, the session ends instead of growing.
-        if self.control.len() >= MAX_CONTROL {
+        // past the bound (beyond what datagrams may fill), the session
+        // ends instead of growing.
+        if self.control.len() >= MAX_LOSSY + MAX_CONTROL {
             return Err(format!(
                 "the peer opens streams and does not read the refusals ({} bytes waiting)",
                 self.control.len()
@@ -230,7 +236,7 @@ mod tests {
     use tpbpf_proto::{Frame, ResetReason, INITIAL_WINDOW};
 
     use super::super::{
-        schedule::MAX_CONTROL,
+        schedule::{MAX_CONTROL, MAX_LOSSY},
         testing::{data, dst, open, read, sent, server, shared},
     };
     use crate::Config;
@@ -434,9 +440,26 @@ mod tests {
             assert!(id < 1_000_000, "refusals grew without bound");
         };
         assert!(e.contains("does not read the refusals"), "{e}");
-        assert!(inner.control.len() >= MAX_CONTROL);
-        assert!(inner.control.len() < MAX_CONTROL + 256);
+        assert!(inner.control.len() >= MAX_LOSSY + MAX_CONTROL);
+        assert!(inner.control.len() < MAX_LOSSY + MAX_CONTROL + 256);
         assert!(inner.streams.is_empty());
+    }
+
+    #[test]
+    fn a_datagram_flood_to_its_bound_does_not_make_a_refusal_end_the_session() {
+        let config = Config {
+            max_streams: 0,
+            ..Config::default()
+        };
+        let (mut inner, _) = server();
+        let big = Frame::DnsAnswer {
+            id: 1,
+            answer: vec![0; 60_000],
+        };
+        while inner.push_lossy(&big) {}
+        assert!(inner.control.len() >= MAX_LOSSY);
+        assert_eq!(inner.on_frame(open(1, b""), &config), Ok(true));
+        assert!(inner.ended.is_none());
     }
 
     #[test]
