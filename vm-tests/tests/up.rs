@@ -243,6 +243,16 @@ fn run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing() {
         ready["upstream"].as_str().unwrap_or("") == "agent via direct TLS",
         "not through the tunnel: {ready}"
     );
+    // The kernel does the tunnel's TLS where it can; elsewhere tpbpf says
+    // it does not, and why.
+    let tls = ready["tls"].as_str().unwrap_or_default();
+    match tpbpf_sys::kernel_tls_probe() {
+        Ok(()) => assert_eq!(tls, "kernel", "{ready}"),
+        Err(e) => {
+            println!("kernel TLS unavailable ({e}): the tunnel says {tls:?}");
+            assert!(tls.starts_with("rustls (setting TCP_ULP tls failed"), "{ready}");
+        }
+    }
     assert_eq!(
         ready["cidrs"],
         serde_json::json!(["10.96.0.0/12", "10.244.1.0/24", "10.244.2.0/24"]),

@@ -50,29 +50,7 @@ pub fn run() -> Report {
 /// (loopback, this process's own), as the tunnel would set it.
 fn ktls() -> Check {
     let name = "kernel TLS (TCP ULP tls)";
-    let probe = || -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let c = std::net::TcpStream::connect(l.local_addr()?)?;
-        let _peer = l.accept()?;
-        let ulp = b"tls";
-        // SAFETY: ulp lives for the call; the kernel reads len bytes.
-        let r = unsafe {
-            libc::setsockopt(
-                c.as_raw_fd(),
-                libc::SOL_TCP,
-                libc::TCP_ULP,
-                ulp.as_ptr().cast(),
-                ulp.len() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    };
-    match probe() {
+    match tpbpf_sys::kernel_tls_probe() {
         Ok(()) => Check::ok(name, "available"),
         Err(e) => Check::warn(
             name,

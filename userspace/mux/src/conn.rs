@@ -19,6 +19,9 @@ use crate::{session::Shared, transport::BoxIo};
 pub(crate) enum Ended {
     /// It failed or was cut: resume on another one.
     Lost(io::Error),
+    /// It wrote [`crate::Config::rekey_records`] TLS records: resume on a
+    /// new one, with new keys.
+    Rekey(u64),
     /// The peer broke the protocol: the session is over.
     Protocol(String),
     /// The session was closed by either side.
@@ -42,6 +45,7 @@ pub(crate) async fn run(
         Err(e) => return Ended::Protocol(e),
     };
     let config = &shared.config;
+    shared.lock().kernel_tls = crate::transport::is_kernel_tls(&*io);
     let (mut rd, mut wr) = tokio::io::split(io);
     let start = Instant::now();
     let last_rx = AtomicU64::new(0);
@@ -112,8 +116,9 @@ pub(crate) async fn run(
     };
 
     let writer = async {
+        let mut records = 0u64;
         for chunk in replay {
-            if let Err(e) = wr.write_all(&chunk).await {
+            if let Err(e) = write_counted(&mut wr, &chunk, &mut records).await {
                 return Ended::Lost(e);
             }
         }
@@ -128,14 +133,20 @@ pub(crate) async fn run(
                 continue;
             };
             if !unreliable.is_empty() {
-                if let Err(e) = wr.write_all(&unreliable).await {
+                if let Err(e) = write_counted(&mut wr, &unreliable, &mut records).await {
                     return Ended::Lost(e);
                 }
             }
             if !reliable.is_empty() {
-                if let Err(e) = wr.write_all(&reliable).await {
+                if let Err(e) = write_counted(&mut wr, &reliable, &mut records).await {
                     return Ended::Lost(e);
                 }
+            }
+            if records >= config.rekey_records {
+                // What this batch wrote is kept for replay until the peer
+                // acknowledges it: nothing is lost with the transport.
+                let _ = wr.flush().await;
+                return Ended::Rekey(records);
             }
         }
     };
@@ -189,4 +200,27 @@ pub(crate) async fn run(
         Ended::Lost(_) if inner.ended.is_some() => Ended::Closed,
         e => e,
     }
+}
+
+/// TLS records one write can make at most: one per 16 KiB of plaintext,
+/// one more for the remainder, one more for a record the kernel left open.
+fn records_for(n: usize) -> u64 {
+    2 + (n / (16 * 1024)) as u64
+}
+
+/// `write_all`, counting the TLS records it can have made into `records`.
+async fn write_counted<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut buf: &[u8],
+    records: &mut u64,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = wr.write(buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        *records += records_for(n);
+        buf = &buf[n..];
+    }
+    Ok(())
 }

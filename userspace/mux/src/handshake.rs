@@ -235,9 +235,15 @@ async fn client_driver(
                 shared.lock().end(ResetReason::ProtocolError, m);
                 break;
             }
-            Ended::Lost(e) => e,
+            Ended::Lost(e) => {
+                warn!(error = %e, "tunnel transport lost; resuming");
+                e
+            }
+            Ended::Rekey(records) => {
+                info!("tunnel transport replaced after {records} TLS records, for new keys");
+                io::Error::other("replaced for new keys")
+            }
         };
-        warn!(error = %lost, "tunnel transport lost; resuming");
         shared.lock().last_error = Some(format!("transport lost: {lost}"));
         let deadline = Instant::now() + config.resume_window;
         let mut backoff = Duration::from_millis(20);
@@ -370,11 +376,17 @@ impl Server {
                     Some(tls) => {
                         match tokio::time::timeout(
                             server.inner.config.handshake_timeout,
-                            tls.accept(tcp),
+                            tls.accept(crate::ktls::RecordReads::new(tcp)),
                         )
                         .await
                         {
-                            Ok(Ok(s)) => Box::new(s),
+                            Ok(Ok(s)) => match crate::ktls::offload(s) {
+                                Ok(io) => io,
+                                Err(e) => {
+                                    warn!(%peer, "tunnel connection lost after its TLS handshake: {e}");
+                                    return;
+                                }
+                            },
                             // Connected and closed without a byte: the
                             // kubelet's tcpSocket probe, every period.
                             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -582,8 +594,12 @@ async fn server_driver(
                 shared.lock().end(ResetReason::ProtocolError, m);
                 return;
             }
-            Some(Ended::Lost(e)) => {
-                debug!("tunnel transport lost ({e}); waiting for the client to resume");
+            Some(lost @ (Ended::Lost(_) | Ended::Rekey(_))) => {
+                if let Ended::Rekey(records) = lost {
+                    info!("tunnel transport closed after {records} TLS records, for new keys; waiting for the client to resume");
+                } else if let Ended::Lost(e) = lost {
+                    debug!("tunnel transport lost ({e}); waiting for the client to resume");
+                }
                 shared.lock().connected = false;
                 match tokio::time::timeout(config.resume_window, resumes.recv()).await {
                     Ok(Some(t)) => next = Some(t),

@@ -17,6 +17,7 @@
 //! - Transports ([`transport`]): TCP, and TCP with TLS and a token.
 mod conn;
 mod handshake;
+mod ktls;
 mod session;
 mod stream;
 pub mod transport;
@@ -78,6 +79,11 @@ pub struct Config {
     /// Server: handshakes in progress at once; a connection beyond it is
     /// closed at once.
     pub max_handshakes: usize,
+    /// A transport that wrote this many TLS records (counted from above:
+    /// one per write, one more per 16 KiB) is replaced by a new one through
+    /// resume, with new keys: an AES-GCM key is good for 2^24.5 records
+    /// (RFC 8446 5.5), and the kernel's TLS does no key update.
+    pub rekey_records: u64,
 }
 
 impl Default for Config {
@@ -93,6 +99,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             max_sessions: 1024,
             max_handshakes: 128,
+            rekey_records: 1 << 23,
         }
     }
 }

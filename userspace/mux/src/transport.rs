@@ -5,7 +5,9 @@
 //! - [`TlsConnector`]: TCP with TLS (rustls). The agent generates its key
 //!   material ([`TlsIdentity`]) and hands out the certificate's SHA-256
 //!   fingerprint with the session token; the client pins that fingerprint,
-//!   so no CA is involved.
+//!   so no CA is involved. Over a TCP connection of its own (`--transport
+//!   direct`), and on the server's side, the keys go to the kernel after the
+//!   handshake where it has TLS (`crate::ktls`).
 use std::{fmt::Write as _, future::Future, io, net::SocketAddr, pin::Pin, sync::Arc};
 
 use rustls::{
@@ -20,8 +22,15 @@ use tokio::{
 };
 
 /// Anything that carries bytes both ways.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + std::any::Any {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+pub use crate::ktls::{kernel_tls_fallback, kernel_tls_transports};
+
+/// Whether the kernel does this transport's TLS.
+pub fn is_kernel_tls(io: &dyn Io) -> bool {
+    (io as &dyn std::any::Any).is::<crate::ktls::KernelTls>()
+}
 pub type BoxIo = Box<dyn Io>;
 
 pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = io::Result<BoxIo>> + Send + 'a>>;
@@ -109,12 +118,17 @@ impl TlsIdentity {
     /// The server side's TLS acceptor.
     pub fn acceptor(&self) -> io::Result<tokio_rustls::TlsAcceptor> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()));
-        let config = rustls::ServerConfig::builder_with_provider(provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(io::Error::other)?
             .with_no_client_auth()
             .with_single_cert(vec![self.cert.clone()], key)
             .map_err(|e| io::Error::other(format!("the TLS key material is unusable: {e}")))?;
+        // The keys may go to the kernel after the handshake (kTLS), which
+        // takes application data only: no tickets after the handshake
+        // (a client resumes sessions, not TLS).
+        config.enable_secret_extraction = true;
+        config.send_tls13_tickets = 0;
         Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
     }
 }
@@ -133,30 +147,37 @@ pub fn fingerprint(cert: &[u8]) -> String {
 pub struct TlsConnector {
     inner: Arc<dyn Connector>,
     connector: tokio_rustls::TlsConnector,
+    /// Dialed here, over TCP of its own: the keys may go to the kernel.
+    kernel: Option<SocketAddr>,
 }
 
 impl TlsConnector {
     /// TLS over TCP to `addr`. `fingerprint`: the SHA-256 of the server's
     /// certificate, hex, as [`TlsIdentity::fingerprint`] gives it.
+    /// Where the kernel has TLS, it takes the keys after each handshake.
     pub fn pinned(addr: SocketAddr, fingerprint: &str) -> io::Result<TlsConnector> {
-        Self::over(Arc::new(TcpConnector { addr }), fingerprint)
+        let mut c = Self::over(Arc::new(TcpConnector { addr }), fingerprint)?;
+        c.kernel = Some(addr);
+        Ok(c)
     }
 
-    /// TLS over what `inner` dials.
+    /// TLS over what `inner` dials, in rustls.
     pub fn over(inner: Arc<dyn Connector>, fingerprint: &str) -> io::Result<TlsConnector> {
         let verifier = Arc::new(Pinned {
             fingerprint: fingerprint.to_ascii_lowercase(),
             provider: provider(),
         });
-        let config = rustls::ClientConfig::builder_with_provider(provider())
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(io::Error::other)?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
+        config.enable_secret_extraction = true;
         Ok(TlsConnector {
             inner,
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            kernel: None,
         })
     }
 }
@@ -164,8 +185,17 @@ impl TlsConnector {
 impl Connector for TlsConnector {
     fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {
-            let io = self.inner.connect().await?;
             let name = ServerName::try_from("tpbpf-agent").map_err(io::Error::other)?;
+            if let Some(addr) = self.kernel {
+                let tcp = TcpStream::connect(addr).await?;
+                tune(&tcp)?;
+                let tls = self
+                    .connector
+                    .connect(name, crate::ktls::RecordReads::new(tcp))
+                    .await?;
+                return crate::ktls::offload(tls);
+            }
+            let io = self.inner.connect().await?;
             let tls = self.connector.connect(name, io).await?;
             Ok(Box::new(tls) as BoxIo)
         })

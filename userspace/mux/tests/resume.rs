@@ -13,7 +13,10 @@ use std::{
 use common::*;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tpbpf_mux::{transport::TcpConnector, Client, Config, Destination};
+use tpbpf_mux::{
+    transport::{Connector, TcpConnector, TlsConnector, TlsIdentity},
+    Client, Config, Destination,
+};
 
 const GIB: u64 = 1 << 30;
 
@@ -28,10 +31,72 @@ fn dst() -> Destination {
 /// receiver's SHA-256 matches, and neither application sees an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gib_survives_ten_transport_kills() {
+    let stats = bulk_through_cuts(Transport::Tcp, GIB, 10, Config::default()).await;
+    assert!(!stats.kernel_tls);
+}
+
+/// The same over TLS, as `--transport direct` dials it: where the kernel
+/// has TLS, every transport (and there are at least eleven) runs in it,
+/// on both ends; where it has none, each stays in rustls and tpbpf says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gib_over_tls_survives_ten_transport_kills_in_the_kernel_where_it_can() {
+    let before = tpbpf_mux::transport::kernel_tls_transports();
+    let stats = bulk_through_cuts(Transport::Tls, GIB, 10, Config::default()).await;
+    let offloaded = tpbpf_mux::transport::kernel_tls_transports() - before;
+    match tpbpf_sys::kernel_tls_probe() {
+        Ok(()) => {
+            println!("kernel TLS: {offloaded} transports (both ends) handed to the kernel");
+            assert!(stats.kernel_tls, "the last transport is not in the kernel's TLS");
+            // Client and server: two per transport.
+            assert!(offloaded >= 22, "only {offloaded} transports went to the kernel's TLS");
+        }
+        Err(e) => {
+            println!("kernel TLS unavailable here ({e}): the transports ran over rustls");
+            assert!(!stats.kernel_tls);
+            assert_eq!(offloaded, 0);
+            let why = tpbpf_mux::transport::kernel_tls_fallback().expect("a reason for rustls");
+            assert!(why.contains("TCP_ULP"), "{why}");
+        }
+    }
+}
+
+/// A transport that has written `rekey_records` TLS records is replaced,
+/// through resume, by one with new keys: 64 MiB with a bound of 1,000
+/// records makes several, and every byte arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transports_are_replaced_for_new_keys_before_the_record_bound() {
+    let config = Config {
+        rekey_records: 1000,
+        ..Config::default()
+    };
+    let stats = bulk_through_cuts(Transport::Tls, 64 << 20, 0, config).await;
+    // 64 MiB is at least 4,096 records of 16 KiB from the client alone.
+    assert!(stats.resumes >= 4, "only {} resumes", stats.resumes);
+}
+
+enum Transport {
+    Tcp,
+    Tls,
+}
+
+/// `total` bytes through one stream while the transport is cut `cuts`
+/// times, evenly: the receiver's SHA-256 matches, neither application
+/// sees an error, and every cut was resumed from.
+async fn bulk_through_cuts(
+    transport: Transport,
+    total: u64,
+    cuts: u32,
+    config: Config,
+) -> tpbpf_mux::Stats {
     let received = Arc::new(AtomicU64::new(0));
     let r2 = received.clone();
+    let identity = TlsIdentity::generate().unwrap();
+    let acceptor = match transport {
+        Transport::Tcp => None,
+        Transport::Tls => Some(identity.acceptor().unwrap()),
+    };
     // The server hashes what arrives and answers with the digest.
-    let srv = server(Config::default(), move |mut s| {
+    let srv = server_with_tls(config.clone(), acceptor, move |mut s| {
         let received = r2.clone();
         async move {
             let mut h = Sha256::new();
@@ -53,31 +118,33 @@ async fn a_gib_survives_ten_transport_kills() {
     })
     .await;
     let proxy = CutProxy::start(srv.addr).await;
-    let session = Client::connect(
-        Arc::new(TcpConnector { addr: proxy.addr }),
-        TOKEN.to_vec(),
-        Config::default(),
-    )
-    .await
-    .unwrap();
+    let connector: Arc<dyn Connector> = match transport {
+        Transport::Tcp => Arc::new(TcpConnector { addr: proxy.addr }),
+        Transport::Tls => {
+            Arc::new(TlsConnector::pinned(proxy.addr, &identity.fingerprint()).unwrap())
+        }
+    };
+    let session = Client::connect(connector, TOKEN.to_vec(), config)
+        .await
+        .unwrap();
 
-    // Cut at every 1/11th of the way.
+    // Cut at every 1/(cuts + 1)th of the way.
     let cutter = {
         let received = received.clone();
         let proxy_cut = Arc::new(proxy);
         let p = proxy_cut.clone();
         (
             tokio::spawn(async move {
-                let mut cuts = 0u32;
-                while cuts < 10 {
-                    let next = GIB / 11 * u64::from(cuts + 1);
+                let mut done = 0u32;
+                while done < cuts {
+                    let next = total / u64::from(cuts + 1) * u64::from(done + 1);
                     if received.load(Ordering::Relaxed) >= next {
                         p.cut();
-                        cuts += 1;
+                        done += 1;
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                cuts
+                done
             }),
             proxy_cut,
         )
@@ -89,7 +156,7 @@ async fn a_gib_survives_ten_transport_kills() {
     let mut src = Bytes(0x5eed);
     let mut buf = vec![0u8; 256 * 1024];
     let mut sent = 0u64;
-    while sent < GIB {
+    while sent < total {
         src.fill(&mut buf);
         h.update(&buf);
         s.write_all(&buf)
@@ -100,27 +167,32 @@ async fn a_gib_survives_ten_transport_kills() {
     s.shutdown().await.expect("client shutdown");
     let mut digest = Vec::new();
     s.read_to_end(&mut digest).await.expect("client read");
-    let cuts = cutter.0.await.unwrap();
+    let done = cutter.0.await.unwrap();
     let stats = session.stats();
     println!(
-        "1 GiB in {:?} with {cuts} transport kills, {} resumes, {} KiB replayed by the client, {} connections through the proxy",
+        "{} MiB in {:?} with {done} transport kills, {} resumes, {} KiB replayed by the client, {} connections through the proxy, kernel TLS: {}",
+        total >> 20,
         started.elapsed(),
         stats.resumes,
         stats.replayed >> 10,
-        cutter.1.accepted.load(Ordering::SeqCst)
+        cutter.1.accepted.load(Ordering::SeqCst),
+        stats.kernel_tls
     );
     assert_eq!(
         digest.as_slice(),
         h.finalize().as_slice(),
         "SHA-256 differs"
     );
-    assert_eq!(received.load(Ordering::Relaxed), GIB);
-    assert_eq!(cuts, 10);
-    assert!(stats.resumes >= 10, "only {} resumes", stats.resumes);
-    assert!(
-        stats.replayed > 0,
-        "nothing was replayed: the cuts lost nothing?"
-    );
+    assert_eq!(received.load(Ordering::Relaxed), total);
+    assert_eq!(done, cuts);
+    assert!(stats.resumes >= u64::from(cuts), "only {} resumes", stats.resumes);
+    if cuts > 0 {
+        assert!(
+            stats.replayed > 0,
+            "nothing was replayed: the cuts lost nothing?"
+        );
+    }
+    stats
 }
 
 /// A transport down for longer than the resume window: the application

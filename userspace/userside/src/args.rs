@@ -332,6 +332,8 @@ impl BridgeArgs {
             "pid": std::process::id(),
             "cgroup": ready.cgroup,
             "upstream": upstream.describe(),
+            // The tunnel's TLS: in the kernel, or in rustls and why.
+            "tls": upstream.status()["tls"],
             "cidrs": cidrs,
             "never_proxy": self.never_proxy.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "dns": !self.no_dns,

@@ -202,6 +202,16 @@ impl Upstream for TunnelUpstream {
             "connected": stats.as_ref().is_some_and(|s| s.connected),
             "session": session.as_ref().map(Session::short_id),
             "transport": state.transport,
+            "tls": stats.as_ref().filter(|s| s.connected).map(|s| {
+                if s.kernel_tls {
+                    "kernel".to_string()
+                } else {
+                    match tpbpf_mux::transport::kernel_tls_fallback() {
+                        Some(why) => format!("rustls ({why})"),
+                        None => "rustls".to_string(),
+                    }
+                }
+            }),
             "problem": state.problem,
             "since": state.since,
             "sessions": state.sessions,

@@ -545,6 +545,9 @@ pub fn status(args: StateArgs) -> Result<ExitCode> {
                     "  tunnel: {health}, via {}",
                     t["transport"].as_str().unwrap_or("?")
                 );
+                if let Some(tls) = t["tls"].as_str() {
+                    println!("  tunnel TLS: {tls}");
+                }
                 println!(
                     "  session {}: rtt {}, {} streams, {} bytes sent, {} received, {} resumes, {} sessions since up",
                     t["session"].as_str().unwrap_or("?"),

@@ -54,6 +54,8 @@ pub fn short_id(id: &[u8; 16]) -> String {
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub connected: bool,
+    /// The kernel does the current transport's TLS (kTLS).
+    pub kernel_tls: bool,
     pub rtt: Option<Duration>,
     pub streams: usize,
     /// Application bytes written into and read out of streams.
@@ -227,6 +229,7 @@ impl Session {
         Stats {
             queued_control: inner.control.len() + 32 * inner.unreliable.len(),
             connected: inner.connected,
+            kernel_tls: inner.kernel_tls,
             rtt: inner.rtt,
             streams: inner.streams.len(),
             bytes_sent: inner.bytes_sent,

@@ -93,6 +93,8 @@ pub(crate) struct Inner {
     pub(crate) ack_sent: u64,
     // Stats.
     pub(crate) connected: bool,
+    /// The kernel does the current transport's TLS.
+    pub(crate) kernel_tls: bool,
     pub(crate) rtt: Option<Duration>,
     pub(crate) resumes: u64,
     pub(crate) replayed: u64,
@@ -166,6 +168,7 @@ impl Inner {
             acked_seq: 0,
             ack_sent: 0,
             connected: true,
+            kernel_tls: false,
             rtt: None,
             resumes: 0,
             replayed: 0,

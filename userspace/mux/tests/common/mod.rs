@@ -43,6 +43,19 @@ where
     F: Fn(Stream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    server_with_tls(config, None, handler).await
+}
+
+/// [`server`], with TLS when `tls` is given.
+pub async fn server_with_tls<F, Fut>(
+    config: Config,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: F,
+) -> TestServer
+where
+    F: Fn(Stream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (server, mut new) = Server::new(config, TOKEN.to_vec());
@@ -50,7 +63,7 @@ where
     let handler = Arc::new(handler);
     let s2 = server.clone();
     let serve = tokio::spawn(async move {
-        let _ = s2.serve(listener, None).await;
+        let _ = s2.serve(listener, tls).await;
     });
     let sess = sessions.clone();
     let accept = tokio::spawn(async move {

@@ -22,7 +22,7 @@ use tokio::{
 };
 use tpbpf_kube::KubeClient;
 use tpbpf_mux::{
-    transport::{Connector, TcpConnector, TlsConnector},
+    transport::{Connector, TlsConnector},
     Client, Config as MuxConfig, Intercept, InterceptMode, Session,
 };
 use tracing::{debug, info, warn};
@@ -105,12 +105,16 @@ pub async fn connect_agent(
             ),
         })?;
     let creds = tpbpf_kube::agent_credentials(client, &agent.pod).await?;
-    let inner: Arc<dyn Connector> = match transport {
-        Transport::Portforward => Arc::new(tpbpf_kube::PortForward::new(
-            client,
-            &agent.pod,
-            creds.tunnel_port,
-        )),
+    let fingerprint = &creds.fingerprint;
+    let tls = match transport {
+        Transport::Portforward => TlsConnector::over(
+            Arc::new(tpbpf_kube::PortForward::new(
+                client,
+                &agent.pod,
+                creds.tunnel_port,
+            )),
+            fingerprint,
+        ),
         Transport::Direct => {
             let addr = match agent_address.filter(|_| node.is_none()) {
                 Some(a) => a,
@@ -128,10 +132,11 @@ pub async fn connect_agent(
                     (ip, agent.host_port.unwrap_or(creds.tunnel_port)).into()
                 }
             };
-            Arc::new(TcpConnector { addr })
+            // Over TCP of its own: the kernel may take the TLS keys.
+            TlsConnector::pinned(addr, fingerprint)
         }
-    };
-    let tls = TlsConnector::over(inner, &creds.fingerprint).map_err(|e| e.to_string())?;
+    }
+    .map_err(|e| e.to_string())?;
     let describe = format!("{} (agent {} on {})", tls.describe(), agent.pod, agent.node);
     let session = Client::connect(
         Arc::new(tls),
