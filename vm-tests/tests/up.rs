@@ -250,7 +250,10 @@ fn run_discovers_the_cluster_from_the_kubeconfig_and_leaves_nothing() {
         Ok(()) => assert_eq!(tls, "kernel", "{ready}"),
         Err(e) => {
             println!("kernel TLS unavailable ({e}): the tunnel says {tls:?}");
-            assert!(tls.starts_with("rustls (setting TCP_ULP tls failed"), "{ready}");
+            assert!(
+                tls.starts_with("rustls (setting TCP_ULP tls failed"),
+                "{ready}"
+            );
         }
     }
     assert_eq!(

@@ -376,17 +376,11 @@ impl Server {
                     Some(tls) => {
                         match tokio::time::timeout(
                             server.inner.config.handshake_timeout,
-                            tls.accept(crate::ktls::RecordReads::new(tcp)),
+                            crate::ktls::accept(&tls, tcp),
                         )
                         .await
                         {
-                            Ok(Ok(s)) => match crate::ktls::offload(s) {
-                                Ok(io) => io,
-                                Err(e) => {
-                                    warn!(%peer, "tunnel connection lost after its TLS handshake: {e}");
-                                    return;
-                                }
-                            },
+                            Ok(Ok(io)) => io,
                             // Connected and closed without a byte: the
                             // kubelet's tcpSocket probe, every period.
                             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {

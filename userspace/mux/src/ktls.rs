@@ -3,12 +3,15 @@
 //! and decrypts from there on, so the transport is a plain socket to the
 //! multiplexer: no TLS record copies in user space, and `splice` works.
 //!
-//! - During the handshake the socket is read one TLS record at a time
-//!   ([`RecordReads`]), so rustls never holds a record past the handshake:
-//!   whatever the peer sends next stays in the kernel, for kTLS to decrypt.
-//! - Where the kernel has no TLS ULP (no CONFIG_TLS, or the module cannot
-//!   load), the connection stays in rustls, and tpbpf says so once per
-//!   process; `tpbpf doctor` has a row for it.
+//! - The ULP goes on the connected socket before the handshake; where the
+//!   kernel has none (no CONFIG_TLS, or the module cannot load), the
+//!   connection is TLS in rustls (tokio-rustls) as before, and tpbpf says so
+//!   once per process; `tpbpf doctor` has a row for it.
+//! - Otherwise the handshake runs here, on rustls' connection directly,
+//!   reading one whole TLS record at a time and stopping the moment it is
+//!   done: rustls never holds a byte past the handshake (tokio-rustls reads
+//!   on while it can, and would swallow the peer's first record), so what
+//!   the peer sends next stays in the kernel, which decrypts it.
 //! - Only TLS 1.3 (which both ends of a tpbpf tunnel speak) goes to the
 //!   kernel; the server sends no session tickets, and neither end sends a
 //!   key update: keys are replaced by replacing the transport (resume),
@@ -24,9 +27,9 @@ use std::{
     task::{Context, Poll},
 };
 
-use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion};
+use rustls::{pki_types::ServerName, ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
 use tracing::{info, warn};
@@ -40,80 +43,6 @@ const TLS_1_3_VERSION: u16 = 0x0304;
 const TLS_CIPHER_AES_GCM_128: u16 = 51;
 const TLS_CIPHER_AES_GCM_256: u16 = 52;
 const TLS_CIPHER_CHACHA20_POLY1305: u16 = 54;
-
-/// A TCP socket read one TLS record at a time while `corked`: its header,
-/// then at most its body, never a byte of the next record.
-pub(crate) struct RecordReads {
-    tcp: TcpStream,
-    corked: bool,
-    header: [u8; 5],
-    header_len: usize,
-    body_left: usize,
-}
-
-impl RecordReads {
-    pub(crate) fn new(tcp: TcpStream) -> RecordReads {
-        RecordReads {
-            tcp,
-            corked: true,
-            header: [0; 5],
-            header_len: 0,
-            body_left: 0,
-        }
-    }
-}
-
-impl AsyncRead for RecordReads {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let me = self.get_mut();
-        if !me.corked {
-            return Pin::new(&mut me.tcp).poll_read(cx, buf);
-        }
-        let in_header = me.body_left == 0;
-        let want = if in_header {
-            5 - me.header_len
-        } else {
-            me.body_left
-        };
-        let mut limited = buf.take(want);
-        std::task::ready!(Pin::new(&mut me.tcp).poll_read(cx, &mut limited))?;
-        let got = limited.filled().len();
-        if in_header {
-            me.header[me.header_len..me.header_len + got].copy_from_slice(limited.filled());
-            me.header_len += got;
-            if me.header_len == 5 {
-                me.header_len = 0;
-                me.body_left = usize::from(u16::from_be_bytes([me.header[3], me.header[4]]));
-            }
-        } else {
-            me.body_left -= got;
-        }
-        // SAFETY: `take` filled `got` bytes of `buf`'s unfilled part.
-        unsafe { buf.assume_init(got) };
-        buf.advance(got);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for RecordReads {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, data)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
-    }
-}
 
 /// A transport whose TLS the kernel does: to the multiplexer, a socket.
 pub(crate) struct KernelTls(pub(crate) TcpStream);
@@ -183,63 +112,125 @@ fn fall_back(reason: String) {
     *last = Some(reason);
 }
 
-/// A finished rustls handshake over [`RecordReads`]: what [`offload`]
-/// needs of the client's and the server's streams alike.
-pub(crate) trait Handshaken: crate::transport::Io + Sized {
-    fn tcp(&self) -> &TcpStream;
-    fn version(&self) -> Option<ProtocolVersion>;
-    fn uncork(&mut self);
-    fn into_parts(self) -> (TcpStream, Result<ExtractedSecrets, rustls::Error>);
-}
-
-macro_rules! handshaken {
-    ($stream:ty) => {
-        impl Handshaken for $stream {
-            fn tcp(&self) -> &TcpStream {
-                &self.get_ref().0.tcp
-            }
-            fn version(&self) -> Option<ProtocolVersion> {
-                self.get_ref().1.protocol_version()
-            }
-            fn uncork(&mut self) {
-                self.get_mut().0.corked = false;
-            }
-            fn into_parts(self) -> (TcpStream, Result<ExtractedSecrets, rustls::Error>) {
-                let (io, conn) = self.into_inner();
-                (
-                    io.tcp,
-                    conn.dangerous_extract_secrets(),
-                )
-            }
-        }
-    };
-}
-handshaken!(tokio_rustls::client::TlsStream<RecordReads>);
-handshaken!(tokio_rustls::server::TlsStream<RecordReads>);
-
-/// Hands `tls`'s keys to the kernel, or keeps it in rustls and says why.
-/// An error only where the kernel took the ULP and then refused the keys
-/// (the connection cannot go back to rustls then): this transport is lost,
-/// and the next ones of this process stay in rustls.
-pub(crate) fn offload<T: Handshaken>(mut tls: T) -> io::Result<BoxIo> {
-    let reason = if REFUSED.load(Ordering::Relaxed) {
-        Some("the kernel refused the keys of an earlier transport".to_string())
-    } else if tls.version() != Some(ProtocolVersion::TLSv1_3) {
-        Some(format!("the peer negotiated {:?}, not TLS 1.3", tls.version()))
-    } else {
-        set_ulp(tls.tcp())
-            .err()
-            .map(|e| format!("setting TCP_ULP tls failed ({e})"))
-    };
-    if let Some(reason) = reason {
-        fall_back(reason);
-        tls.uncork();
-        return Ok(Box::new(tls));
+/// Why this transport cannot go to the kernel, if it cannot: the ULP is
+/// set here, on the connected socket, before the handshake.
+fn kernel_ready(tcp: &TcpStream) -> Result<(), String> {
+    if REFUSED.load(Ordering::Relaxed) {
+        return Err("the kernel refused the keys of an earlier transport".to_string());
     }
-    let (tcp, secrets) = tls.into_parts();
-    let installed = secrets
-        .map_err(|e| io::Error::other(format!("rustls gave no keys for the kernel: {e}")))
-        .and_then(|s| install(&tcp, s));
+    set_ulp(tcp).map_err(|e| format!("setting TCP_ULP tls failed ({e})"))
+}
+
+/// The client's TLS over `tcp`: in the kernel where it can be.
+pub(crate) async fn connect(
+    connector: &tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+    mut tcp: TcpStream,
+) -> io::Result<BoxIo> {
+    if let Err(reason) = kernel_ready(&tcp) {
+        fall_back(reason);
+        return Ok(Box::new(connector.connect(name, tcp).await?));
+    }
+    let mut conn =
+        rustls::ClientConnection::new(connector.config().clone(), name).map_err(tls_error)?;
+    handshake(&mut tcp, &mut conn).await?;
+    let version = conn.protocol_version();
+    into_kernel(tcp, version, conn.dangerous_extract_secrets())
+}
+
+/// The server's TLS over an accepted `tcp`: in the kernel where it can be.
+pub(crate) async fn accept(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    mut tcp: TcpStream,
+) -> io::Result<BoxIo> {
+    if let Err(reason) = kernel_ready(&tcp) {
+        fall_back(reason);
+        return Ok(Box::new(acceptor.accept(tcp).await?));
+    }
+    let mut conn = rustls::ServerConnection::new(acceptor.config().clone()).map_err(tls_error)?;
+    handshake(&mut tcp, &mut conn).await?;
+    let version = conn.protocol_version();
+    into_kernel(tcp, version, conn.dangerous_extract_secrets())
+}
+
+/// A TLS failure as tokio-rustls reports one (InvalidData), so a refused
+/// certificate reads the same on either path.
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// The largest TLS record a peer may send (RFC 8446 5.2: 2^14 + 256 for
+/// TLS 1.3; TLS 1.2 allows 2^14 + 2048).
+const MAX_RECORD: usize = 16 * 1024 + 2048;
+
+/// Runs the handshake on `conn` over `tcp`, one whole record read at a
+/// time, until it is done and what it has to send is sent; reads nothing
+/// beyond.
+async fn handshake<D>(
+    tcp: &mut TcpStream,
+    conn: &mut rustls::ConnectionCommon<D>,
+) -> io::Result<()> {
+    loop {
+        while conn.wants_write() {
+            let mut out = Vec::new();
+            conn.write_tls(&mut out)?;
+            tcp.write_all(&out).await?;
+        }
+        if !conn.is_handshaking() {
+            return Ok(());
+        }
+        let mut header = [0u8; 5];
+        tcp.read_exact(&mut header).await?;
+        // A record's type (change_cipher_spec .. heartbeat) and legacy
+        // version 3.x: anything else is not TLS (a plain hello, a probe).
+        if !(20..=24).contains(&header[0]) || header[1] != 3 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the peer did not speak TLS (no TLS record header)",
+            ));
+        }
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if len > MAX_RECORD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the TLS peer sent a record of {len} bytes, more than TLS allows"),
+            ));
+        }
+        let mut record = vec![0u8; 5 + len];
+        record[..5].copy_from_slice(&header);
+        tcp.read_exact(&mut record[5..]).await?;
+        let mut rest = &record[..];
+        while !rest.is_empty() {
+            conn.read_tls(&mut rest)?;
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // The alert rustls queued tells the peer why.
+            let mut out = Vec::new();
+            let _ = conn.write_tls(&mut out);
+            let _ = tcp.write_all(&out).await;
+            return Err(tls_error(e));
+        }
+    }
+}
+
+/// Hands the finished handshake's keys to the kernel. An error where the
+/// kernel took the ULP and then refused the keys (the connection cannot go
+/// back to rustls then): this transport is lost, and the next ones of this
+/// process stay in rustls.
+fn into_kernel(
+    tcp: TcpStream,
+    version: Option<ProtocolVersion>,
+    secrets: Result<ExtractedSecrets, rustls::Error>,
+) -> io::Result<BoxIo> {
+    let installed = if version != Some(ProtocolVersion::TLSv1_3) {
+        Err(io::Error::other(format!(
+            "the peer negotiated {version:?}, not TLS 1.3"
+        )))
+    } else {
+        secrets
+            .map_err(|e| io::Error::other(format!("rustls gave no keys for the kernel: {e}")))
+            .and_then(|s| install(&tcp, s))
+    };
     match installed {
         Ok(()) => {
             if OFFLOADED.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -297,7 +288,11 @@ fn crypto_info(seq: u64, secrets: &ConnectionTrafficSecrets) -> io::Result<Vec<u
         ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
             (TLS_CIPHER_CHACHA20_POLY1305, key, iv, 0)
         }
-        _ => return Err(io::Error::other("a cipher suite kernel TLS has no mapping for")),
+        _ => {
+            return Err(io::Error::other(
+                "a cipher suite kernel TLS has no mapping for",
+            ))
+        }
     };
     let iv = iv.as_ref();
     let mut v = Vec::with_capacity(60);

@@ -189,11 +189,7 @@ impl Connector for TlsConnector {
             if let Some(addr) = self.kernel {
                 let tcp = TcpStream::connect(addr).await?;
                 tune(&tcp)?;
-                let tls = self
-                    .connector
-                    .connect(name, crate::ktls::RecordReads::new(tcp))
-                    .await?;
-                return crate::ktls::offload(tls);
+                return crate::ktls::connect(&self.connector, name, tcp).await;
             }
             let io = self.inner.connect().await?;
             let tls = self.connector.connect(name, io).await?;

@@ -46,9 +46,15 @@ async fn a_gib_over_tls_survives_ten_transport_kills_in_the_kernel_where_it_can(
     match tpbpf_sys::kernel_tls_probe() {
         Ok(()) => {
             println!("kernel TLS: {offloaded} transports (both ends) handed to the kernel");
-            assert!(stats.kernel_tls, "the last transport is not in the kernel's TLS");
+            assert!(
+                stats.kernel_tls,
+                "the last transport is not in the kernel's TLS"
+            );
             // Client and server: two per transport.
-            assert!(offloaded >= 22, "only {offloaded} transports went to the kernel's TLS");
+            assert!(
+                offloaded >= 22,
+                "only {offloaded} transports went to the kernel's TLS"
+            );
         }
         Err(e) => {
             println!("kernel TLS unavailable here ({e}): the transports ran over rustls");
@@ -185,7 +191,11 @@ async fn bulk_through_cuts(
     );
     assert_eq!(received.load(Ordering::Relaxed), total);
     assert_eq!(done, cuts);
-    assert!(stats.resumes >= u64::from(cuts), "only {} resumes", stats.resumes);
+    assert!(
+        stats.resumes >= u64::from(cuts),
+        "only {} resumes",
+        stats.resumes
+    );
     if cuts > 0 {
         assert!(
             stats.replayed > 0,

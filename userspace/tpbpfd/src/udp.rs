@@ -43,6 +43,7 @@ impl UdpProxy {
         sock.bind_device(Some(b"lo"))?;
         sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
         setsockopt(&sock, sockopt::Ipv4PacketInfo, &true).map_err(std::io::Error::from)?;
+        burst_buffer(&sock);
         sock.set_nonblocking(true)?;
         let port = sock
             .local_addr()?
@@ -123,6 +124,33 @@ impl UdpProxy {
                     });
                 }
             }
+        }
+    }
+}
+
+/// The proxy socket's receive buffer: every bridged application's
+/// datagrams queue here while tpbpfd is off the CPU. With the default
+/// (212,992 bytes, about 90 datagrams of 1400 bytes), iperf3 -u at 200
+/// Mbit/s lost 8.7% here (RcvbufErrors) on two busy CPUs.
+pub(crate) const RECV_BUFFER: usize = 4 << 20;
+
+/// Sets [`RECV_BUFFER`], past `net.core.rmem_max` where tpbpfd may
+/// (SO_RCVBUFFORCE takes CAP_NET_ADMIN), else as far as the limit allows.
+fn burst_buffer(sock: &Socket) {
+    let v = RECV_BUFFER as libc::c_int;
+    // SAFETY: a valid socket and a c_int of the right size.
+    let forced = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if forced != 0 {
+        if let Err(e) = sock.set_recv_buffer_size(RECV_BUFFER) {
+            debug!("the UDP proxy keeps its default receive buffer: {e}");
         }
     }
 }

@@ -240,8 +240,12 @@ struct TestBinary {
 }
 
 /// Test binaries of other crates that also run in the guest, under the
-/// name given here: the tunnel's resume tests, for the kernel's TLS.
-const OTHER_BINARIES: &[(&str, &str, &str)] = &[("tpbpf-mux", "resume", "mux_resume")];
+/// name given here: the tunnel's resume and authentication tests, for the
+/// kernel's TLS.
+const OTHER_BINARIES: &[(&str, &str, &str)] = &[
+    ("tpbpf-mux", "resume", "mux_resume"),
+    ("tpbpf-mux", "auth", "mux_auth"),
+];
 
 fn build_suite() -> Result<Vec<TestBinary>> {
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
