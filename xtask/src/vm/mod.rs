@@ -33,7 +33,8 @@ use kernel::*;
 use results::*;
 
 /// A subset that runs in CI on 6.1, inside its time box: the datapath,
-/// `run`, next to other eBPF, `up` and an intercept through the lab. Each entry is a test
+/// `run`, next to other eBPF, `up`, an intercept through the lab, and the
+/// tunnel over kernel TLS. Each entry is a test
 /// binary and the test-name filters passed to it (empty: all of it).
 const CI_SUBSET: &[(&str, &[&str])] = &[
     ("doctor", &["doctor_as_root_meets_every_requirement"]),
@@ -55,6 +56,9 @@ const CI_SUBSET: &[(&str, &[&str])] = &[
         "intercept_up",
         &["intercept_sends_a_deployments_connections_to_the_developer_and_gives_them_back"],
     ),
+    // The tunnel's TLS in the kernel (this machine's kernel has none).
+    ("mux_resume", &["over_tls", "replaced_for_new_keys"]),
+    ("mux_auth", &["tls_with_a_pinned_certificate"]),
 ];
 
 #[derive(clap::Args)]
