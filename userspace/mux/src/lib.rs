@@ -56,7 +56,8 @@ where
 /// limits that the other end relies on (windows).
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The largest receive window a stream grows to.
+    /// The largest receive window a stream grows to: 16 MiB, so one
+    /// stream fills 1 Gbit/s at a 130 ms round trip.
     pub max_window: u32,
     /// Streams open at once on a session, in both directions.
     pub max_streams: usize,
@@ -89,7 +90,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            max_window: 4 * 1024 * 1024,
+            max_window: 16 * 1024 * 1024,
             max_streams: 16 * 1024,
             max_buffered: 1024 * 1024 * 1024,
             resume_window: Duration::from_secs(30),

@@ -22,8 +22,10 @@ use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 use tpbpf_loader::{SlotInfo, Udp6Last, UdpSlots};
 use tracing::{debug, warn};
 
-use tpbpf_bridge_api::limits::{FLOW_IDLE, FLOW_QUEUE, MAX_FLOWS};
-use tpbpf_sys::flows::{Delivery, Flows};
+use tpbpf_bridge_api::limits::{
+    FLOWS_QUEUED_BYTES, FLOW_IDLE, FLOW_QUEUE, FLOW_QUEUE_BYTES, MAX_FLOWS,
+};
+use tpbpf_sys::flows::{Delivery, FlowBounds, FlowRx, Flows};
 
 use crate::{dns::Dns, service::UserSide};
 
@@ -195,7 +197,12 @@ struct Table<K> {
 impl<K: Hash + Eq + Clone> Table<K> {
     fn new() -> Self {
         Self {
-            flows: Flows::new(MAX_FLOWS, FLOW_QUEUE),
+            flows: Flows::new(FlowBounds {
+                flows: MAX_FLOWS,
+                queue: FLOW_QUEUE,
+                flow_bytes: FLOW_QUEUE_BYTES,
+                total_bytes: FLOWS_QUEUED_BYTES,
+            }),
             owners: HashMap::new(),
         }
     }
@@ -204,7 +211,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
         self.owners.get(key).copied()
     }
 
-    fn open(&mut self, key: K, owner: u64) -> Option<mpsc::Receiver<Vec<u8>>> {
+    fn open(&mut self, key: K, owner: u64) -> Option<FlowRx> {
         let rx = self.flows.open(key.clone())?;
         self.owners.insert(key, owner);
         Some(rx)
@@ -380,7 +387,7 @@ async fn run_flow(
     reply: ReplyPath,
     upstream: Arc<UserSide>,
     orig: SocketAddr,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: FlowRx,
     owner: Owner,
 ) {
     use tokio::time::Instant;

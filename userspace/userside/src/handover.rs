@@ -19,13 +19,13 @@ use tokio::{
 };
 use tpbpf_bridge_api::{
     limits::{
-        DNS_TIMEOUT, FLOW_IDLE, FLOW_QUEUE, MAX_DNS_IN_FLIGHT, MAX_EXEMPTIONS_IN_FLIGHT, MAX_FLOWS,
-        REQUEST_TIMEOUT,
+        DNS_TIMEOUT, FLOWS_QUEUED_BYTES, FLOW_IDLE, FLOW_QUEUE, FLOW_QUEUE_BYTES,
+        MAX_DNS_IN_FLIGHT, MAX_EXEMPTIONS_IN_FLIGHT, MAX_FLOWS, REQUEST_TIMEOUT,
     },
     Datagram, FromService, ToService,
 };
 use tpbpf_sys::{
-    flows::{Delivery, Flows},
+    flows::{Delivery, FlowBounds, FlowRx, Flows},
     seqpacket::{Channel, Frame, MAX_PAYLOAD},
 };
 use tracing::{debug, warn};
@@ -138,7 +138,12 @@ impl BridgeChannel {
 /// Carries what tpbpfd hands over through `upstream` until tpbpfd ends the
 /// connection (returns why).
 pub async fn serve(bridge: Arc<BridgeChannel>, upstream: Arc<dyn Upstream>) -> io::Error {
-    let mut flows = Flows::new(MAX_FLOWS, FLOW_QUEUE);
+    let mut flows = Flows::new(FlowBounds {
+        flows: MAX_FLOWS,
+        queue: FLOW_QUEUE,
+        flow_bytes: FLOW_QUEUE_BYTES,
+        total_bytes: FLOWS_QUEUED_BYTES,
+    });
     let (closed_tx, mut closed_rx) = mpsc::unbounded_channel::<u32>();
     let dns_slots = Arc::new(Semaphore::new(MAX_DNS_IN_FLIGHT));
     loop {
@@ -246,7 +251,7 @@ async fn user_flow(
     upstream: Arc<dyn Upstream>,
     id: u32,
     dst: SocketAddr,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: FlowRx,
 ) {
     let flow = match upstream.udp(dst).await {
         Ok(f) => f,

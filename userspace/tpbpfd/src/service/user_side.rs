@@ -18,7 +18,7 @@ use tokio::{
     sync::{mpsc, oneshot, Semaphore},
 };
 use tpbpf_bridge_api::{
-    limits::{DNS_TIMEOUT, FLOW_QUEUE, MAX_DNS_IN_FLIGHT, MAX_FLOWS, MAX_PENDING_HANDOVERS},
+    limits::{ANSWER_QUEUE, DNS_TIMEOUT, MAX_DNS_IN_FLIGHT, MAX_FLOWS, MAX_PENDING_HANDOVERS},
     Datagram, FromService,
 };
 use tpbpf_sys::seqpacket::{Channel, Frame};
@@ -113,7 +113,7 @@ impl UserSide {
     /// Opens a datagram flow to `dst` on the user's side.
     pub async fn udp(self: &Arc<Self>, dst: SocketAddr) -> io::Result<RemoteFlow> {
         let id = self.id();
-        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+        let (tx, rx) = mpsc::channel(ANSWER_QUEUE);
         {
             let mut flows = lock(&self.flows);
             if flows.len() >= MAX_FLOWS {
