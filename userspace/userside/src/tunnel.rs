@@ -220,6 +220,7 @@ impl Upstream for TunnelUpstream {
             "bytes_sent": stats.as_ref().map(|s| s.bytes_sent),
             "bytes_received": stats.as_ref().map(|s| s.bytes_received),
             "resumes": stats.as_ref().map(|s| s.resumes),
+            "datagrams_dropped": stats.as_ref().map(|s| s.datagrams_dropped),
             "last_error": stats.as_ref().and_then(|s| s.last_error.clone()),
         })
     }

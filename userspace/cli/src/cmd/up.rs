@@ -558,6 +558,11 @@ pub fn status(args: StateArgs) -> Result<ExitCode> {
                     t["resumes"],
                     t["sessions"]
                 );
+                if let Some(n) = t["datagrams_dropped"].as_u64().filter(|n| *n > 0) {
+                    println!(
+                        "  datagrams dropped at full queues on this side of the tunnel: {n} (UDP may drop; a steady count means the tunnel is the bottleneck)"
+                    );
+                }
             }
             match state["agent"].as_object() {
                 Some(a) => println!(

@@ -25,6 +25,7 @@ impl Inner {
             if f.queue.len() >= MAX_FLOW_QUEUE {
                 f.queue.pop_front();
                 f.dropped += 1;
+                self.datagrams_dropped += 1;
             }
             f.queue.push_back(data);
             if let Some(w) = f.waker.take() {
@@ -163,6 +164,7 @@ mod tests {
         }
         let f = &inner.flows[&flow.id];
         assert_eq!((f.queue.len(), f.dropped), (MAX_FLOW_QUEUE, 3));
+        assert_eq!(inner.datagrams_dropped, 3, "the session's count");
         assert_eq!(f.queue.front(), Some(&3u32.to_be_bytes().to_vec()));
         // A datagram on a flow the peer opened is a request; one on a flow
         // of ours that is gone is dropped.

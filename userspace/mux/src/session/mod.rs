@@ -71,6 +71,9 @@ pub struct Stats {
     pub replayed: u64,
     /// While the transport is down: why the last attempt to resume failed.
     pub last_error: Option<String>,
+    /// Datagrams and DNS messages this side dropped at a full queue: its
+    /// lossy send queue, a flow's answers unread, requests unserved.
+    pub datagrams_dropped: u64,
     /// Control bytes and unreliable frames waiting to go out (bounded).
     pub queued_control: usize,
 }
@@ -230,6 +233,7 @@ impl Session {
             queued_control: inner.control.len() + 32 * inner.unreliable.len(),
             connected: inner.connected,
             kernel_tls: inner.kernel_tls,
+            datagrams_dropped: inner.datagrams_dropped,
             rtt: inner.rtt,
             streams: inner.streams.len(),
             bytes_sent: inner.bytes_sent,

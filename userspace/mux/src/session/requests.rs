@@ -44,6 +44,8 @@ impl Inner {
         // are dropped; their senders retry.
         if self.requests.len() < MAX_REQUESTS {
             self.requests.push_back(r);
+        } else {
+            self.datagrams_dropped += 1;
         }
         if let Some(w) = self.request_waker.take() {
             w.wake();

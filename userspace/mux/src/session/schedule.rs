@@ -38,6 +38,7 @@ impl Inner {
     /// Queues a datagram-like frame unless the control queue is full.
     pub(super) fn push_lossy(&mut self, frame: &Frame) -> bool {
         if self.control.len() >= MAX_LOSSY {
+            self.datagrams_dropped += 1;
             return false;
         }
         self.push_control(frame);
@@ -233,6 +234,7 @@ mod tests {
             answer: vec![0; 60_000],
         };
         while inner.push_lossy(&big) {}
+        assert_eq!(inner.datagrams_dropped, 1, "the refused one is counted");
         assert!(inner.control.len() >= MAX_LOSSY);
         assert!(
             inner.control.len() < MAX_LOSSY + 60_100,

@@ -95,6 +95,8 @@ pub(crate) struct Inner {
     pub(crate) connected: bool,
     /// The kernel does the current transport's TLS.
     pub(crate) kernel_tls: bool,
+    /// Datagrams and DNS messages dropped at a full queue, both ways.
+    pub(crate) datagrams_dropped: u64,
     pub(crate) rtt: Option<Duration>,
     pub(crate) resumes: u64,
     pub(crate) replayed: u64,
@@ -169,6 +171,7 @@ impl Inner {
             ack_sent: 0,
             connected: true,
             kernel_tls: false,
+            datagrams_dropped: 0,
             rtt: None,
             resumes: 0,
             replayed: 0,
