@@ -139,18 +139,7 @@ pub(crate) const RECV_BUFFER: usize = 4 << 20;
 /// Sets [`RECV_BUFFER`], past `net.core.rmem_max` where tpbpfd may
 /// (SO_RCVBUFFORCE takes CAP_NET_ADMIN), else as far as the limit allows.
 fn burst_buffer(sock: &Socket) {
-    let v = RECV_BUFFER as libc::c_int;
-    // SAFETY: a valid socket and a c_int of the right size.
-    let forced = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if forced != 0 {
+    if setsockopt(sock, sockopt::RcvBufForce, &RECV_BUFFER).is_err() {
         if let Err(e) = sock.set_recv_buffer_size(RECV_BUFFER) {
             debug!("the UDP proxy keeps its default receive buffer: {e}");
         }
